@@ -1,0 +1,155 @@
+"""Every architecture fact kvedit relies on, as one table of data.
+
+Module paths are relative: `layers` from the model root, per-layer paths from layer `i`.
+To support a new family, add one `Architecture` row to `ARCHITECTURES` (keyed by the
+config's `model_type`) and a tiny config for it in `tests/tiny_models.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers import PretrainedConfig
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family has no row in the architecture table."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the FFN key-value memories and their neighbours live in one model family.
+
+    keys: key modules by role, e.g. ``{"key": "mlp.c_fc"}`` or
+        ``{"gate": "mlp.gate_proj", "up": "mlp.up_proj"}`` (gated FFN).
+    values: the values (second FFN) module; its input is the memory coefficient vector.
+    attn_out: the attention output projection.
+    transposed: weights are stored `[in, out]` (GPT-2's `Conv1D`) instead of `[out, in]`.
+    activation_attr: config attribute naming the FFN activation.
+    parallel: attention and FFN read the same layer input (GPT-J); a config attribute
+        name in `parallel_attr` overrides it per checkpoint (GPT-NeoX).
+    objective: "causal" (next-token LM) or "masked" (BERT-style MLM head).
+    """
+
+    family: str
+    layers: str
+    keys: dict[str, str]
+    values: str
+    attn_out: str
+    final_norm: str
+    unembed: str
+    embed: str
+    activation_attr: str
+    transposed: bool = False
+    parallel: bool = False
+    parallel_attr: str | None = None
+    objective: Literal["causal", "masked"] = "causal"
+
+    @property
+    def gated(self) -> bool:
+        return "gate" in self.keys
+
+    def is_parallel(self, config: PretrainedConfig) -> bool:
+        if self.parallel_attr is not None:
+            return bool(getattr(config, self.parallel_attr, self.parallel))
+        return self.parallel
+
+    def activation(self, config: PretrainedConfig) -> str:
+        return str(getattr(config, self.activation_attr))
+
+
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    keys={"gate": "mlp.gate_proj", "up": "mlp.up_proj"},
+    values="mlp.down_proj",
+    attn_out="self_attn.o_proj",
+    final_norm="model.norm",
+    unembed="lm_head",
+    embed="model.embed_tokens",
+    activation_attr="hidden_act",
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": Architecture(
+        family="GPT-2",
+        layers="transformer.h",
+        keys={"key": "mlp.c_fc"},
+        values="mlp.c_proj",
+        attn_out="attn.c_proj",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        embed="transformer.wte",
+        activation_attr="activation_function",
+        transposed=True,
+    ),
+    "gptj": Architecture(
+        family="GPT-J",
+        layers="transformer.h",
+        keys={"key": "mlp.fc_in"},
+        values="mlp.fc_out",
+        attn_out="attn.out_proj",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        embed="transformer.wte",
+        activation_attr="activation_function",
+        parallel=True,
+    ),
+    "gpt_neox": Architecture(
+        family="GPT-NeoX / Pythia",
+        layers="gpt_neox.layers",
+        keys={"key": "mlp.dense_h_to_4h"},
+        values="mlp.dense_4h_to_h",
+        attn_out="attention.dense",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="lm_head",
+        embed="gpt_neox.embed_in",
+        activation_attr="hidden_act",
+        parallel=True,
+        parallel_attr="use_parallel_residual",
+    ),
+    "llama": Architecture(family="Llama / SmolLM2", **_LLAMA_LIKE),
+    "mistral": Architecture(family="Mistral", **_LLAMA_LIKE),
+    "qwen2": Architecture(family="Qwen2", **_LLAMA_LIKE),
+    "qwen3": Architecture(family="Qwen3", **_LLAMA_LIKE),
+    "opt": Architecture(
+        family="OPT",
+        layers="model.decoder.layers",
+        keys={"key": "fc1"},
+        values="fc2",
+        attn_out="self_attn.out_proj",
+        final_norm="model.decoder.final_layer_norm",
+        unembed="lm_head",
+        embed="model.decoder.embed_tokens",
+        activation_attr="activation_function",
+    ),
+    "bert": Architecture(
+        family="BERT (masked LM)",
+        layers="bert.encoder.layer",
+        keys={"key": "intermediate.dense"},
+        values="output.dense",
+        attn_out="attention.output.dense",
+        final_norm="cls.predictions.transform",
+        unembed="cls.predictions.decoder",
+        embed="bert.embeddings.word_embeddings",
+        activation_attr="hidden_act",
+        objective="masked",
+    ),
+}
+
+
+def supported_families() -> list[str]:
+    """`model_type (family)` strings, for messages and `kvedit models`."""
+    return [f"{key} ({arch.family})" for key, arch in ARCHITECTURES.items()]
+
+
+def architecture_for(config: PretrainedConfig) -> Architecture:
+    """The table row for a model config; raise `UnsupportedModelError` if there is none."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported. Supported: {', '.join(supported_families())}. "
+        "To add a family, add an Architecture row (module paths of keys, values, attention output, "
+        "final norm, unembedding) to ARCHITECTURES in kvedit/models/architectures.py."
+    )

@@ -1,0 +1,103 @@
+"""`LM`: a model, its tokenizer and its architecture row, with module look-ups by role."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .architectures import Architecture, architecture_for
+
+
+@dataclass
+class LM:
+    """A loaded language model that kvedit can inspect and edit.
+
+    Build one with `kvedit.load_model(...)` or `LM.wrap(model, tokenizer)`.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    arch: Architecture
+    name: str = ""
+
+    @classmethod
+    def wrap(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "") -> "LM":
+        """Wrap an already loaded model (eval mode; a pad token is set if missing)."""
+        arch = architecture_for(model.config)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        model.eval()
+        return cls(model=model, tokenizer=tokenizer, arch=arch, name=name or model.config.name_or_path)
+
+    # ---- shape facts -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.module(self.arch.layers))
+
+    @property
+    def d_model(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    # ---- module look-ups ---------------------------------------------------------------------
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
+    def layer_path(self, layer: int, rel: str) -> str:
+        """Full dotted name of module `rel` in layer `layer` (negative layers count from the end)."""
+        return f"{self.arch.layers}.{self.check_layer(layer)}.{rel}"
+
+    def check_layer(self, layer: int) -> int:
+        n = self.num_layers
+        if not isinstance(layer, int) or not -n <= layer < n:
+            raise ValueError(f"layer {layer!r} is out of range; this model has layers 0..{n - 1}")
+        return layer % n
+
+    def layer_module(self, layer: int, rel: str) -> nn.Module:
+        return self.module(self.layer_path(layer, rel))
+
+    def key_paths(self, layer: int, roles: tuple[str, ...] | None = None) -> dict[str, str]:
+        """Full names of the key modules of `layer` by role ("key", or "gate"/"up")."""
+        roles = tuple(self.arch.keys) if roles is None else roles
+        unknown = [r for r in roles if r not in self.arch.keys]
+        if unknown:
+            raise ValueError(
+                f"{self.arch.family} has no key module {unknown}; its keys are {sorted(self.arch.keys)}"
+            )
+        return {role: self.layer_path(layer, self.arch.keys[role]) for role in roles}
+
+    def values_path(self, layer: int) -> str:
+        return self.layer_path(layer, self.arch.values)
+
+    def attn_out_path(self, layer: int) -> str:
+        return self.layer_path(layer, self.arch.attn_out)
+
+    # ---- identity ----------------------------------------------------------------------------
+    def fingerprint(self, samples_per_tensor: int = 1024) -> str:
+        """A short hash of the architecture and a strided sample of every weight.
+
+        Cheap (well under a second for 135M parameters) and changes when any edited matrix changes.
+        """
+        h = hashlib.blake2b(digest_size=12)
+        cfg = self.model.config
+        essentials = {
+            k: getattr(cfg, k, None)
+            for k in ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer")
+        }
+        h.update(json.dumps(essentials, sort_keys=True).encode())
+        with torch.no_grad():
+            for name, p in self.model.state_dict().items():
+                flat = p.detach().reshape(-1)
+                step = max(1, flat.numel() // samples_per_tensor)
+                h.update(name.encode())
+                h.update(str(tuple(p.shape)).encode())
+                h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+        return h.hexdigest()

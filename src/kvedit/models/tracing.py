@@ -1,0 +1,145 @@
+"""Read and add to hidden states at chosen layers and token positions during a forward pass.
+
+Sites name what to touch, as `(kind, layer)`:
+
+- ``"residual"``      output of the whole layer (the residual stream after it), `[B, T, d_model]`
+- ``"attn_out"``      output of the attention output projection, `[B, T, d_model]`
+- ``"ffn_out"``       output of the values module (what the FFN writes), `[B, T, d_model]`
+- ``"coefficients"``  input of the values module: memory coefficients `m = f(h·Kᵀ)`, `[B, T, d_ff]`
+- ``"key:<role>"``    output of a key module (`h·Kᵀ` before the activation), `[B, T, d_ff]`
+
+Example::
+
+    with Trace(lm, read=[("coefficients", 3)], add={("ffn_out", 5): Addition(delta, positions)}) as tr:
+        lm.model(**batch)
+    m = tr["coefficients", 3]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .lm import LM
+
+Site = tuple[str, int]
+
+
+class StopForward(Exception):
+    """Raised inside the forward pass once every requested site has been read (`stop=True`)."""
+
+
+@dataclass
+class Addition:
+    """A vector to add to a site's output.
+
+    delta: `[d]` (same for every sequence), `[B, d]` (one per sequence) or `[B, T, d]` (everywhere).
+    positions: `[B]` token index per sequence; None adds at every position (`delta` broadcast).
+    """
+
+    delta: torch.Tensor
+    positions: torch.Tensor | None = None
+
+    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        delta = self.delta.to(hidden.dtype)
+        if self.positions is None:
+            return hidden + delta
+        batch = torch.arange(hidden.shape[0], device=hidden.device)
+        if delta.dim() == 1:
+            delta = delta.expand(hidden.shape[0], -1)
+        # out-of-place so autograd sees the addition
+        return hidden.index_put((batch, self.positions.to(hidden.device)), delta, accumulate=True)
+
+
+def _resolve(lm: LM, site: Site) -> tuple[nn.Module, str]:
+    """The module to hook for a site, and whether its input ("pre") or output ("post") is meant."""
+    kind, layer = site
+    if kind == "residual":
+        return lm.module(f"{lm.arch.layers}.{lm.check_layer(layer)}"), "post"
+    if kind == "attn_out":
+        return lm.module(lm.attn_out_path(layer)), "post"
+    if kind == "ffn_out":
+        return lm.module(lm.values_path(layer)), "post"
+    if kind == "coefficients":
+        return lm.module(lm.values_path(layer)), "pre"
+    if kind.startswith("key:"):
+        role = kind.split(":", 1)[1]
+        return lm.module(lm.key_paths(layer, (role,))[role]), "post"
+    raise ValueError(
+        f"unknown site kind {kind!r}; expected residual, attn_out, ffn_out, coefficients or key:<role>"
+    )
+
+
+class Trace:
+    """Context manager hooking the requested sites; read results with `trace[kind, layer]`.
+
+    read: sites whose tensor is kept (full `[B, T, d]`, or `[B, d]` when `positions` is given).
+    add: site -> `Addition` applied to that site's tensor before the rest of the model sees it.
+    positions: `[B]` token index per sequence to keep for reads (None keeps every position).
+    detach: keep read tensors out of the autograd graph (default). Set False to backprop through them.
+    stop: end the forward pass (raise `StopForward`, swallowed on exit) once every read is done.
+    """
+
+    def __init__(
+        self,
+        lm: LM,
+        read: Iterable[Site] = (),
+        add: Mapping[Site, Addition] | None = None,
+        positions: torch.Tensor | None = None,
+        detach: bool = True,
+        stop: bool = False,
+    ) -> None:
+        self.lm = lm
+        self.reads = [(str(k), lm.check_layer(l)) for k, l in read]
+        self.adds = {(str(k), lm.check_layer(l)): a for (k, l), a in (add or {}).items()}
+        self.positions = positions
+        self.detach = detach
+        self.stop = stop
+        self.values: dict[Site, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __getitem__(self, site: Site) -> torch.Tensor:
+        kind, layer = site
+        return self.values[(kind, self.lm.check_layer(layer))]
+
+    def _keep(self, site: Site, hidden: torch.Tensor) -> None:
+        if self.positions is not None:
+            batch = torch.arange(hidden.shape[0], device=hidden.device)
+            hidden = hidden[batch, self.positions.to(hidden.device)]
+        self.values[site] = hidden.detach() if self.detach else hidden
+        if self.stop and len(self.values) == len(self.reads):
+            raise StopForward
+
+    def _transform(self, site: Site, hidden: torch.Tensor) -> torch.Tensor:
+        if site in self.adds:
+            hidden = self.adds[site].apply(hidden)
+        if site in self.reads:
+            self._keep(site, hidden)
+        return hidden
+
+    def __enter__(self) -> "Trace":
+        for site in dict.fromkeys([*self.reads, *self.adds]):
+            module, where = _resolve(self.lm, site)
+            if where == "pre":
+                def pre_hook(mod, args, kwargs, site=site):
+                    return (self._transform(site, args[0]), *args[1:]), kwargs
+
+                self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            else:
+                def post_hook(mod, args, output, site=site):
+                    if isinstance(output, tuple):
+                        return (self._transform(site, output[0]), *output[1:])
+                    return self._transform(site, output)
+
+                self._handles.append(module.register_forward_hook(post_hook))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return exc_type is StopForward
