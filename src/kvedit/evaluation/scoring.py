@@ -40,8 +40,8 @@ def encode_target(lm: LM, prompt: str, target: str) -> EncodedTarget:
     special = set(tok.all_special_ids)
     if lm.arch.objective == "masked":
         target_ids = tok(target.strip(), add_special_tokens=False)["input_ids"]
-        body = tok(prompt, add_special_tokens=False)["input_ids"] + [tok.mask_token_id] * len(target_ids)
-        input_ids = tok.build_inputs_with_special_tokens(body)
+        masks = " ".join([tok.mask_token] * len(target_ids))
+        input_ids = tok(f"{prompt} {masks}")["input_ids"]
         positions = [i for i, t in enumerate(input_ids) if t == tok.mask_token_id][-len(target_ids) :]
         return EncodedTarget(tuple(input_ids), tuple(positions), tuple(target_ids))
 

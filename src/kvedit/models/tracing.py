@@ -101,6 +101,7 @@ class Trace:
         self.stop = stop
         self.values: dict[Site, torch.Tensor] = {}
         self._handles: list[Any] = []
+        self._batch_shape: tuple[int, ...] = ()
 
     def __getitem__(self, site: Site) -> torch.Tensor:
         kind, layer = site
@@ -115,14 +116,25 @@ class Trace:
             raise StopForward
 
     def _transform(self, site: Site, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.dim() == 2  # some FFNs (OPT) see tokens flattened to [B*T, d]
+        if flat:
+            hidden = hidden.view(*self._batch_shape, hidden.shape[-1])
         if site in self.adds:
             hidden = self.adds[site].apply(hidden)
         if site in self.reads:
             self._keep(site, hidden)
-        return hidden
+        return hidden.reshape(-1, hidden.shape[-1]) if flat else hidden
+
+    def _record_batch_shape(self, mod, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._batch_shape = tuple(hidden.shape[:2])
 
     def __enter__(self) -> "Trace":
-        for site in dict.fromkeys([*self.reads, *self.adds]):
+        sites = list(dict.fromkeys([*self.reads, *self.adds]))
+        for layer in sorted({layer for _, layer in sites}):
+            block = self.lm.module(f"{self.lm.arch.layers}.{layer}")
+            self._handles.append(block.register_forward_pre_hook(self._record_batch_shape, with_kwargs=True))
+        for site in sites:
             module, where = _resolve(self.lm, site)
             if where == "pre":
                 def pre_hook(mod, args, kwargs, site=site):

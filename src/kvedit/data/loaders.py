@@ -1,0 +1,322 @@
+"""Load edit datasets (CounterFact, EasyEdit CounterFact, MEND zsRE, kvedit) as `EditRequest`s.
+
+Every loader takes a path to a JSON list of records or a JSON Lines file (one record per
+line) and returns ``list[EditRequest]``. Anything wrong with the file or a record raises
+`DatasetError` naming the file, the record index (and case_id if any) and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from .requests import EditRequest, RequestError
+
+__all__ = [
+    "DatasetError",
+    "SUPPORTED_FORMATS",
+    "load_counterfact",
+    "load_easyedit_counterfact",
+    "load_zsre",
+    "load_requests",
+]
+
+PathLike = str | os.PathLike[str]
+SUPPORTED_FORMATS: tuple[str, ...] = ("counterfact", "easyedit", "zsre", "kvedit")
+
+
+class DatasetError(ValueError):
+    """A dataset file, or a record in it, that cannot be read as edit requests."""
+
+
+class _RecordProblem(Exception):
+    """Raised inside a record converter; the caller adds file / record context."""
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _read_records(path: Path, limit: int | None) -> list[Any]:
+    """Parse a JSON list or JSON Lines file; stop after `limit` records."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file; expected a dataset as a JSON list or JSON Lines")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read the file as UTF-8 text ({e})") from e
+    if not text.strip():
+        raise DatasetError(f"{path}: file is empty; expected a JSON list of records or JSON Lines")
+    if text.lstrip().startswith("["):
+        return _parse_json_list(path, text, limit)
+    return _parse_json_lines(path, text, limit)
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _parse_json_list(path: Path, text: str, limit: int | None) -> list[Any]:
+    """Parse ``[rec, rec, ...]`` record by record so errors can name the record."""
+    decoder = json.JSONDecoder()
+    records: list[Any] = []
+    i = _skip_ws(text, 0) + 1  # past '['
+    i = _skip_ws(text, i)
+    if i < len(text) and text[i] == "]":
+        return records
+    while limit is None or len(records) < limit:
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DatasetError(
+                f"{path} record {len(records)}: invalid JSON at line {e.lineno} column {e.colno}: "
+                f"{e.msg} (truncated file?)"
+            ) from None
+        records.append(record)
+        i = _skip_ws(text, i)
+        if i >= len(text):
+            raise DatasetError(
+                f"{path} record {len(records) - 1}: file ends after this record; expected ',' or ']' "
+                "(truncated JSON?)"
+            )
+        if text[i] == "]":
+            if _skip_ws(text, i + 1) < len(text):
+                raise DatasetError(f"{path}: unexpected data after the closing ']' of the record list")
+            break
+        if text[i] != ",":
+            raise DatasetError(
+                f"{path} record {len(records) - 1}: expected ',' or ']' after the record, "
+                f"got {text[i]!r} (invalid JSON)"
+            )
+        i = _skip_ws(text, i + 1)
+    return records
+
+
+def _parse_json_lines(path: Path, text: str, limit: int | None) -> list[Any]:
+    """Parse JSON Lines: one record per non-blank line."""
+    records: list[Any] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if limit is not None and len(records) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DatasetError(
+                f"{path} record {len(records)} (line {lineno}): invalid JSON: {e.msg} at column {e.colno}; "
+                "expected a JSON list of records or JSON Lines (one JSON object per line)"
+            ) from None
+    return records
+
+
+# ---------------------------------------------------------------- record helpers
+
+
+def _get(record: Mapping[str, Any], dotted: str, kind: type | tuple[type, ...] = str) -> Any:
+    """`record["a"]["b"]` for ``dotted="a.b"``, checked to be of type `kind`."""
+    value: Any = record
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(value, dict):
+            parent = ".".join(parts[:depth])
+            raise _RecordProblem(f"key {parent!r} should be an object, got {type(value).__name__}")
+        if part not in value:
+            raise _RecordProblem(f"missing key {'.'.join(parts[: depth + 1])!r}")
+        value = value[part]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise _RecordProblem(f"key {dotted!r} should be {names}, got {type(value).__name__} {value!r:.80}")
+    return value
+
+
+def _get_strs(record: Mapping[str, Any], dotted: str) -> tuple[str, ...]:
+    """A list of strings under `dotted`."""
+    value = _get(record, dotted, list)
+    for j, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _RecordProblem(f"key {dotted!r} item {j} should be str, got {type(item).__name__}")
+    return tuple(value)
+
+
+def _template(text: str, subject: str, field: str) -> str:
+    """`text` with the first occurrence of `subject` replaced by ``{}``."""
+    if not subject.strip():
+        raise _RecordProblem("key 'subject' is empty; expected the entity to edit")
+    if subject not in text:
+        raise _RecordProblem(f"subject {subject!r} does not occur in {field} {text!r}; cannot build the template")
+    return text.replace(subject, "{}", 1)
+
+
+def _convert_all(
+    path: Path,
+    records: list[Any],
+    convert: Callable[[Mapping[str, Any], int], EditRequest],
+    skip_invalid: bool,
+) -> list[EditRequest]:
+    """Apply `convert` to each record, turning problems into `DatasetError`s with context."""
+    requests: list[EditRequest] = []
+    skipped: list[int] = []
+    for index, record in enumerate(records):
+        where = f"{path} record {index}"
+        if isinstance(record, dict) and record.get("case_id") is not None:
+            where += f" (case_id {record['case_id']})"
+        try:
+            if not isinstance(record, dict):
+                raise _RecordProblem(f"expected a JSON object, got {type(record).__name__}")
+            requests.append(convert(record, index))
+        except _RecordProblem as e:
+            raise DatasetError(f"{where}: {e}") from None
+        except RequestError as e:
+            if not skip_invalid:
+                raise DatasetError(f"{where}: invalid edit request: {e}") from e
+            skipped.append(index)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        warnings.warn(
+            f"{path}: skipped {len(skipped)} record(s) that fail EditRequest validation: {shown}",
+            stacklevel=3,
+        )
+    return requests
+
+
+# ---------------------------------------------------------------- record converters
+
+
+def _from_counterfact(record: Mapping[str, Any], index: int) -> EditRequest:
+    return EditRequest(
+        prompt=_get(record, "requested_rewrite.prompt"),
+        subject=_get(record, "requested_rewrite.subject"),
+        target_new=_get(record, "requested_rewrite.target_new.str"),
+        target_true=_get(record, "requested_rewrite.target_true.str"),
+        paraphrase_prompts=_get_strs(record, "paraphrase_prompts"),
+        neighborhood_prompts=_get_strs(record, "neighborhood_prompts"),
+        generation_prompts=_get_strs(record, "generation_prompts"),
+        case_id=_get(record, "case_id", (int, str)),
+    )
+
+
+def _from_easyedit(record: Mapping[str, Any], index: int) -> EditRequest:
+    subject = _get(record, "subject")
+    ground_truth = _get(record, "ground_truth")
+    locality_truth = _get(record, "locality_ground_truth")
+    return EditRequest(
+        prompt=_template(_get(record, "prompt"), subject, "prompt"),
+        subject=subject,
+        target_new=_get(record, "target_new"),
+        target_true=ground_truth,
+        paraphrase_prompts=(_get(record, "rephrase_prompt"),),
+        neighborhood_prompts=(_get(record, "locality_prompt"),),
+        neighborhood_target=locality_truth,
+        case_id=_get(record, "case_id", (int, str)),
+    )
+
+
+def _from_zsre(record: Mapping[str, Any], index: int) -> EditRequest:
+    subject = _get(record, "subject")
+    answers = _get_strs(record, "answers")
+    if not answers:
+        raise _RecordProblem("key 'answers' is empty; expected at least one answer")
+    return EditRequest(
+        prompt=_template(_get(record, "src"), subject, "src"),
+        subject=subject,
+        target_new=answers[0],
+        target_true=None,
+        paraphrase_prompts=(_get(record, "rephrase"),),
+        neighborhood_prompts=(_get(record, "loc") + "?",),
+        neighborhood_target=_get(record, "loc_ans"),
+        case_id=index,
+    )
+
+
+_KVEDIT_FIELDS = frozenset(EditRequest.__dataclass_fields__)
+_KVEDIT_REQUIRED = ("prompt", "subject", "target_new")
+
+
+def _from_kvedit(record: Mapping[str, Any], index: int) -> EditRequest:
+    for key in _KVEDIT_REQUIRED:
+        _get(record, key)
+    extra = set(record) - _KVEDIT_FIELDS
+    if extra:
+        raise _RecordProblem(f"unknown key(s) {sorted(extra)}; expected EditRequest fields {sorted(_KVEDIT_FIELDS)}")
+    try:
+        return EditRequest.from_dict(dict(record))
+    except (TypeError, AttributeError) as e:
+        raise _RecordProblem(f"a field has the wrong type ({e})") from None
+
+
+_CONVERTERS: Mapping[str, Callable[[Mapping[str, Any], int], EditRequest]] = MappingProxyType(
+    {"counterfact": _from_counterfact, "easyedit": _from_easyedit, "zsre": _from_zsre, "kvedit": _from_kvedit}
+)
+
+
+# ---------------------------------------------------------------- public loaders
+
+
+def _load(path: PathLike, fmt: str, limit: int | None, skip_invalid: bool) -> list[EditRequest]:
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+    path = Path(path)
+    records = _read_records(path, limit)
+    if fmt == "auto":
+        if not records:
+            return []
+        fmt = _detect_format(path, records[0])
+    return _convert_all(path, records, _CONVERTERS[fmt], skip_invalid)
+
+
+def _detect_format(path: Path, first: Any) -> str:
+    """Name the format from the keys of the first record."""
+    if not isinstance(first, dict):
+        raise DatasetError(f"{path} record 0: expected a JSON object, got {type(first).__name__}")
+    keys = set(first)
+    if "requested_rewrite" in keys:
+        return "counterfact"
+    if {"src", "answers", "loc"} <= keys:
+        return "zsre"
+    if {"rephrase_prompt", "ground_truth"} <= keys:
+        return "easyedit"
+    if set(_KVEDIT_REQUIRED) <= keys <= _KVEDIT_FIELDS:
+        return "kvedit"
+    raise DatasetError(
+        f"{path} record 0: cannot tell the dataset format from its keys {sorted(keys)}; supported formats: "
+        "'counterfact' (key 'requested_rewrite'), 'zsre' (keys 'src', 'answers', 'loc'), "
+        "'easyedit' (keys 'rephrase_prompt', 'ground_truth'), "
+        f"'kvedit' (EditRequest fields, at least {list(_KVEDIT_REQUIRED)}); pass format= to force one"
+    )
+
+
+def load_counterfact(path: PathLike, limit: int | None = None, *, skip_invalid: bool = False) -> list[EditRequest]:
+    """Load ROME/MEMIT CounterFact (`counterfact.json`, `multi_counterfact.json`).
+
+    `attribute_prompts`, `pararel_idx` and `relation_id` have no EditRequest field and are ignored.
+    With `skip_invalid`, records failing `EditRequest` validation are skipped with a warning.
+    """
+    return _load(path, "counterfact", limit, skip_invalid)
+
+
+def load_easyedit_counterfact(
+    path: PathLike, limit: int | None = None, *, skip_invalid: bool = False
+) -> list[EditRequest]:
+    """Load EasyEdit's CounterFact JSON (prompt with the subject written out)."""
+    return _load(path, "easyedit", limit, skip_invalid)
+
+
+def load_zsre(path: PathLike, limit: int | None = None, *, skip_invalid: bool = False) -> list[EditRequest]:
+    """Load MEND zsRE the way the MEMIT reference does (target_new = answers[0], case_id = index)."""
+    return _load(path, "zsre", limit, skip_invalid)
+
+
+def load_requests(
+    path: PathLike, format: str = "auto", limit: int | None = None, *, skip_invalid: bool = False
+) -> list[EditRequest]:
+    """Load any supported dataset; `format` is "auto" (from the first record's keys) or one of
+    `SUPPORTED_FORMATS`. An empty record list gives ``[]``."""
+    if format != "auto" and format not in _CONVERTERS:
+        raise DatasetError(f"unknown format {format!r}; expected 'auto' or one of {list(SUPPORTED_FORMATS)}")
+    return _load(path, format, limit, skip_invalid)

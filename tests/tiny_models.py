@@ -1,0 +1,92 @@
+"""Tiny random models of every supported family, built from configs, with a word-level tokenizer."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    BertConfig,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from kvedit.models import LM, ARCHITECTURES
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+WORDS = (
+    "the eiffel tower colosseum louvre big ben is located in city of paris rome london berlin madrid "
+    "capital france italy germany spain language spoken speaks french italian german english a an "
+    "and to was born which where it its famous landmark stands lies official country"
+).split()
+
+
+def tiny_tokenizer(masked: bool = False) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over a fixed vocabulary; BERT-style `[CLS] … [SEP]` when `masked`."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.normalizer = None
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    if masked:
+        core.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    return tok
+
+
+def _lower(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    from tokenizers import normalizers
+
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    return tok
+
+
+VOCAB = len(SPECIALS) + len(WORDS)
+SMALL = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=5, eos_token_id=6)
+LLAMA_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64)
+
+TINY_CONFIGS: dict[str, PretrainedConfig] = {
+    "gpt2": GPT2Config(n_embd=32, n_layer=4, n_head=4, n_inner=64, n_positions=64, **SMALL),
+    "gptj": GPTJConfig(n_embd=32, n_layer=4, n_head=4, n_inner=64, rotary_dim=4, n_positions=64, **SMALL),
+    "gpt_neox": GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              max_position_embeddings=64, **SMALL),
+    "llama": LlamaConfig(**LLAMA_SIZES, **SMALL),
+    "mistral": MistralConfig(**LLAMA_SIZES, **SMALL),
+    "qwen2": Qwen2Config(**LLAMA_SIZES, **SMALL),
+    "qwen3": Qwen3Config(**LLAMA_SIZES, head_dim=8, **SMALL),
+    "opt": OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=32,
+                     max_position_embeddings=64, **SMALL),
+    "bert": BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       max_position_embeddings=64, **SMALL),
+}
+assert set(TINY_CONFIGS) == set(ARCHITECTURES), "every architecture row needs a tiny config"
+
+
+def tiny_lm(model_type: str, seed: int = 0) -> LM:
+    """A randomly initialised tiny model of `model_type`, wrapped as an `LM` (float32, eval mode)."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[model_type]
+    masked = ARCHITECTURES[model_type].objective == "masked"
+    auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32)
+    return LM.wrap(model, _lower(tiny_tokenizer(masked)), name=f"tiny-{model_type}")
