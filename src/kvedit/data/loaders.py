@@ -212,7 +212,7 @@ def _from_easyedit(record: Mapping[str, Any], index: int) -> EditRequest:
         target_true=ground_truth,
         paraphrase_prompts=(_get(record, "rephrase_prompt"),),
         neighborhood_prompts=(_get(record, "locality_prompt"),),
-        neighborhood_target=locality_truth,
+        neighborhood_target=None if locality_truth.strip() == ground_truth.strip() else locality_truth,
         case_id=_get(record, "case_id", (int, str)),
     )
 
