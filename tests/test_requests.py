@@ -1,0 +1,50 @@
+"""Edit request validation: each bad input is a clear error naming what is wrong."""
+
+import pytest
+
+from kvedit import EditRequest, RequestError
+
+
+def make(**kw):
+    base = dict(prompt="{} is located in the city of", subject="Eiffel Tower", target_new="Rome", target_true="Paris")
+    return EditRequest(**(base | kw))
+
+
+def test_valid_request_fills_the_template():
+    r = make(paraphrase_prompts="The Eiffel Tower stands in")
+    assert r.rewrite_prompt == "Eiffel Tower is located in the city of"
+    assert r.paraphrase_prompts == ("The Eiffel Tower stands in",)
+    assert EditRequest.from_dict(r.to_dict()) == r
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(prompt="Eiffel Tower is located in the city of"), r"exactly one '\{\}'"),
+        (dict(prompt="{} and {} are in"), r"exactly one '\{\}'"),
+        (dict(subject="  "), "subject is empty"),
+        (dict(target_new=""), "target_new is empty"),
+        (dict(target_true=" "), "target_true is empty"),
+        (dict(target_new="Paris"), "target_new equals target_true"),
+        (dict(prompt="{}, a tower in Paris, is located in the city of"), "already contains target_true 'Paris'"),
+        (dict(prompt="{} is in Rome, the city of"), "already contains target_new 'Rome'"),
+    ],
+)
+def test_invalid_requests_raise_clear_errors(change, message):
+    with pytest.raises(RequestError, match=message):
+        make(**change)
+
+
+def test_target_inside_subject_is_allowed():
+    """CounterFact has subjects that contain the true object (Toyota Camry -> Toyota)."""
+    r = EditRequest("{} is produced by", "Toyota Camry", target_new="Honda", target_true="Toyota")
+    assert r.rewrite_prompt == "Toyota Camry is produced by"
+
+
+def test_target_as_part_of_a_word_is_not_containment():
+    make(prompt="{} is a Parisian landmark in the city of")  # "Parisian" is not "Paris"
+
+
+def test_unknown_fields_are_named():
+    with pytest.raises(RequestError, match="unknown request field"):
+        EditRequest.from_dict({"prompt": "{} is in", "subject": "X", "target_new": "Y", "colour": "red"})
