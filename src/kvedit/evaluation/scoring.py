@@ -115,9 +115,16 @@ class TokenScores:
 def score_batch(lm: LM, batch: TargetBatch) -> TokenScores:
     """Forward `batch` and gather the target tokens' log-probabilities (keeps the autograd graph)."""
     batch = batch.to(lm.device)
-    logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
-    picked = logits[rows, batch.positions].float()  # [N, L, vocab]
+    rows = torch.arange(batch.input_ids.shape[0], device=lm.device)[:, None]
+    if lm.arch.objective == "causal":
+        # unembed only the scored positions: [N, L, vocab] instead of [N, T, vocab]
+        hidden = lm.model.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+        picked = lm.model.get_output_embeddings()(hidden[rows, batch.positions]).float()
+    else:
+        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        picked = logits[rows, batch.positions].float()  # [N, L, vocab]
     logprobs = F.log_softmax(picked, dim=-1).gather(-1, batch.target_ids[..., None])[..., 0]
     argmax_hit = picked.argmax(-1) == batch.target_ids
     return TokenScores(logprobs * batch.target_mask, argmax_hit, batch.target_mask)

@@ -1,0 +1,82 @@
+"""The command line on a tiny model saved to a folder: models, edit --json, apply/revert round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kvedit.cli import main
+from tiny_models import tiny_lm
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    lm = tiny_lm("llama")
+    folder = tmp_path / "tiny-llama"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_lists_every_family(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    for model_type in ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "opt", "bert"):
+        assert f"\n{model_type} " in "\n" + out
+
+
+def test_edit_json_then_apply_and_revert(capsys, tiny_folder, tmp_path):
+    patch = tmp_path / "patch.safetensors"
+    code, out, _ = run(
+        capsys, "edit", "--model", str(tiny_folder), "--method", "ft-values", "--prompt", "{} is located in the city of",
+        "--subject", "the eiffel tower", "--new", "rome", "--true", "paris", "--lr", "0.01", "--steps", "40",
+        "--neighborhood", "the louvre is located in the city of", "--save", str(patch), "--json",
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert set(result["before"]) == {"target_new", "target_true"}
+    assert result["after"]["target_new"] > result["after"]["target_true"]
+    assert result["after"]["target_new"] > result["before"]["target_new"]
+    assert result["steps"] >= 1 and result["time_s"] > 0 and len(result["neighborhood"]["after"]) == 1
+    assert patch.is_file() and patch.with_suffix(".json").is_file()
+
+    edited, restored = tmp_path / "edited", tmp_path / "restored"
+    assert run(capsys, "apply", str(patch), "--model", str(tiny_folder), "--out", str(edited))[0] == 0
+    assert run(capsys, "revert", str(patch), "--model", str(edited), "--out", str(restored))[0] == 0
+    original = AutoModelForCausalLM.from_pretrained(tiny_folder).state_dict()
+    changed = AutoModelForCausalLM.from_pretrained(edited).state_dict()
+    back = AutoModelForCausalLM.from_pretrained(restored).state_dict()
+    diff = [n for n in original if not torch.equal(original[n], changed[n])]
+    assert diff == ["model.layers.0.mlp.down_proj.weight"]
+    assert all(torch.equal(original[n], back[n]) for n in original)
+
+    code, _, err = run(capsys, "apply", str(patch), "--model", str(edited), "--out", str(tmp_path / "twice"))
+    assert code == 2 and "differs from the unedited weights" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "no placeholder", "--subject", "x", "--new", "rome", "--true", "paris"], "exactly one"),
+        (["--prompt", "{} is in", "--subject", "x", "--new", "rome", "--true", "rome"], "equals target_true"),
+        (["--prompt", "{} is in", "--subject", "x", "--new", "rome", "--true", "paris", "--layers", "9"], "out of range"),
+    ],
+)
+def test_edit_input_errors_exit_2_with_a_message(capsys, tiny_folder, args, message):
+    code, _, err = run(capsys, "edit", "--model", str(tiny_folder), *args)
+    assert code == 2 and message in err
+
+
+def test_bad_layer_list_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["edit", "--prompt", "{} x", "--subject", "a", "--new", "b", "--layers", "three"])
+    assert "comma-separated layer numbers" in capsys.readouterr().err
