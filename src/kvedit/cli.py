@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--paraphrase", action="append", default=[], help="a paraphrase prompt (repeatable)")
     e.add_argument("--neighborhood", action="append", default=[], help="a prompt whose answer must stay --true (repeatable)")
     e.add_argument("--layers", type=_layers, default=None, help="edit layers, e.g. 3 or 2,3")
-    e.add_argument("--preset", default="default", help="hyperparameter preset (ft: default, qiu2024, ft-l)")
+    e.add_argument("--preset", default=None, help="hyperparameter preset (ft: default, qiu2024, ft-l; rome/memit/pmet: per family, default: the model's)")
     e.add_argument("--lr", type=float, default=None)
     e.add_argument("--steps", type=int, default=None, dest="max_steps", help="step limit")
     e.add_argument("--save", type=Path, default=None, help="write the patch (.safetensors + .json)")

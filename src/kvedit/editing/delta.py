@@ -46,6 +46,8 @@ class WeightDelta:
     before: dict[str, torch.Tensor]
     after: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: in-memory diagnostics of the editor (e.g. MEMIT's per-layer residuals); never saved
+    records: Any = field(default=None, repr=False, compare=False)
 
     @property
     def names(self) -> list[str]:

@@ -11,11 +11,18 @@ from ..data.requests import EditRequest
 from ..models.lm import LM
 from .delta import WeightDelta
 from .finetune import FTHyperParams, finetune_edit
+from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit
+from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit
+from .presets import make_hparams
+from .rome import ROME_PRESETS, ROMEHyperParams, rome_edit
 
 
 @dataclass(frozen=True)
 class EditMethod:
-    """A named editor: `make_hparams(**overrides)` builds its settings, `run` edits in place."""
+    """A named editor: `make_hparams(lm, **overrides)` builds its settings, `run` edits in place.
+
+    Common overrides every method accepts: preset, layers, lr, max_steps.
+    """
 
     name: str
     summary: str
@@ -24,10 +31,22 @@ class EditMethod:
 
 
 def _finetune(name: str, target: str, summary: str) -> EditMethod:
-    def make(preset: str = "default", **overrides: Any) -> FTHyperParams:
-        return FTHyperParams.from_preset(preset, target=target, **overrides)
+    def make(lm: LM | None, preset: str | None = None, **overrides: Any) -> FTHyperParams:
+        return FTHyperParams.from_preset(preset or "default", target=target, **overrides)
 
-    return EditMethod(name=name, summary=summary, make_hparams=make, run=finetune_edit)
+    return EditMethod(name, summary, make, finetune_edit)
+
+
+def _closed_form(name: str, cls: type, presets: dict, run: Callable, summary: str, **fixed: Any) -> EditMethod:
+    def make(lm: LM | None, preset: str | None = None, max_steps: int | None = None, **overrides: Any) -> Any:
+        if cls is ROMEHyperParams and overrides.get("layers") is not None:
+            layers = tuple(overrides.pop("layers"))
+            if len(layers) != 1:
+                raise ValueError(f"ROME edits one layer; got layers {layers}")
+            overrides["layer"] = layers[0]
+        return make_hparams(cls, presets, preset, lm, steps=max_steps, **overrides, **fixed)
+
+    return EditMethod(name, summary, make, run)
 
 
 METHODS: Mapping[str, EditMethod] = MappingProxyType(
@@ -38,6 +57,16 @@ METHODS: Mapping[str, EditMethod] = MappingProxyType(
             _finetune("ft-key-gate", "key:gate", "fine-tune only the gate keys (gated FFNs)"),
             _finetune("ft-key-up", "key:up", "fine-tune only the up keys (gated FFNs)"),
             _finetune("ft-values", "values", "fine-tune the FFN values (down projection)"),
+            _closed_form("rome", ROMEHyperParams, ROME_PRESETS, rome_edit, "rank-one update of one layer's values"),
+            _closed_form("memit", MEMITHyperParams, MEMIT_PRESETS, memit_edit, "batch update spread over layers"),
+            _closed_form("pmet", PMETHyperParams, PMET_PRESETS, pmet_edit,
+                         "attention+FFN targets, FFN-only update, √ spread"),
+            _closed_form("pmet-no-attn-delta", PMETHyperParams, PMET_PRESETS, pmet_edit,
+                         "PMET ablation: optimise the FFN delta alone", attn_delta=False),
+            _closed_form("pmet-update-attn", PMETHyperParams, PMET_PRESETS, pmet_edit,
+                         "PMET ablation: also update the attention output weights", update_attn=True),
+            _closed_form("pmet-even-spread", PMETHyperParams, PMET_PRESETS, pmet_edit,
+                         "PMET ablation: MEMIT's even spread", spread="even"),
         )
     }
 )
@@ -58,10 +87,11 @@ def edit(
 ) -> WeightDelta:
     """Edit `requests` into `lm` in place with `method`; return the exact, reversible `WeightDelta`.
 
-    hparams: a ready settings object; otherwise the method's preset (`preset=...`) with `overrides`.
+    hparams: a ready settings object; otherwise the method's preset (`preset=...`, default: the
+    one for the model's family) with `overrides`.
     """
     chosen = get_method(method)
     if isinstance(requests, EditRequest):
         requests = [requests]
-    settings = hparams if hparams is not None else chosen.make_hparams(**overrides)
+    settings = hparams if hparams is not None else chosen.make_hparams(lm, **overrides)
     return chosen.run(lm, list(requests), settings)

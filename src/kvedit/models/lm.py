@@ -24,6 +24,7 @@ class LM:
     tokenizer: PreTrainedTokenizerBase
     arch: Architecture
     name: str = ""
+    base_fingerprint: str = ""  # fingerprint when wrapped: keys caches that outlive edits (statistics)
 
     @classmethod
     def wrap(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "") -> "LM":
@@ -32,7 +33,9 @@ class LM:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         model.eval()
-        return cls(model=model, tokenizer=tokenizer, arch=arch, name=name or model.config.name_or_path)
+        lm = cls(model=model, tokenizer=tokenizer, arch=arch, name=name or model.config.name_or_path)
+        lm.base_fingerprint = lm.fingerprint()
+        return lm
 
     # ---- shape facts -------------------------------------------------------------------------
     @property

@@ -7,6 +7,7 @@ Sites name what to touch, as `(kind, layer)`:
 - ``"ffn_out"``       output of the values module (what the FFN writes), `[B, T, d_model]`
 - ``"coefficients"``  input of the values module: memory coefficients `m = f(h·Kᵀ)`, `[B, T, d_ff]`
 - ``"key:<role>"``    output of a key module (`h·Kᵀ` before the activation), `[B, T, d_ff]`
+- ``"attn_heads"``    input of the attention output projection (concatenated heads), `[B, T, d_attn]`
 
 Example::
 
@@ -66,11 +67,13 @@ def _resolve(lm: LM, site: Site) -> tuple[nn.Module, str]:
         return lm.module(lm.values_path(layer)), "post"
     if kind == "coefficients":
         return lm.module(lm.values_path(layer)), "pre"
+    if kind == "attn_heads":
+        return lm.module(lm.attn_out_path(layer)), "pre"
     if kind.startswith("key:"):
         role = kind.split(":", 1)[1]
         return lm.module(lm.key_paths(layer, (role,))[role]), "post"
     raise ValueError(
-        f"unknown site kind {kind!r}; expected residual, attn_out, ffn_out, coefficients or key:<role>"
+        f"unknown site kind {kind!r}; expected residual, attn_out, ffn_out, coefficients, attn_heads or key:<role>"
     )
 
 

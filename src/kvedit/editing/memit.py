@@ -1,0 +1,171 @@
+"""MEMIT (Meng et al. 2023): many facts at once, the update spread over a range of layers.
+
+z_i = h_i + δ_i is optimised on the residual stream after the last edit layer L. Then, for each
+layer l (in order), with keys K (values-module inputs at the subject's last token) recomputed on
+the partly edited model and R the part of Z − H(L) still missing:
+
+    ΔW_l = R_l Kᵀ (λ C + K Kᵀ)⁻¹,   R_l = R / (layers left)          (float64)
+
+`distribute` is shared with PMET, which measures the FFN output instead and spreads with √.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .. import __version__
+from ..data.requests import EditRequest
+from ..models.lm import LM
+from ..models.tracing import Site
+from .context import MEMIT_TEMPLATES, context_templates
+from .delta import WeightDelta, WeightGuard
+from .stats import key_statistics
+from .targets import TargetOptions, optimize_targets, site_values, subject_keys
+
+Spread = Literal["even", "sqrt"]
+
+
+def spread_fraction(index: int, n_layers: int, spread: Spread) -> float:
+    """Share of the remaining residual that layer `index` (0-based) of `n_layers` takes on."""
+    left = n_layers - index
+    return 1.0 / left if spread == "even" else 1.0 / math.sqrt(left)
+
+
+@dataclass(frozen=True)
+class MEMITHyperParams:
+    """MEMIT settings; `mom2_update_weight` is λ. Empty `layers` = the family preset's."""
+
+    layers: tuple[int, ...] = ()
+    steps: int = 20
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    mom2_update_weight: float = 20000.0
+    stats_source: str = "self"
+    stats_tokens: int = 100_000
+    preset: str = "gpt2-xl"
+
+    def check(self, lm: LM) -> None:
+        check_common(self, lm)
+
+    def target_options(self) -> TargetOptions:
+        return TargetOptions(steps=self.steps, lr=self.lr, kl_factor=self.kl_factor,
+                             weight_decay=self.weight_decay, clamp_norm_factor=self.clamp_norm_factor)
+
+
+def check_common(hp: Any, lm: LM) -> None:
+    """Errors for settings shared by MEMIT and PMET."""
+    if not hp.layers:
+        raise ValueError("layers is empty; expected at least one layer, e.g. layers=(4, 5, 6)")
+    for layer in hp.layers:
+        lm.check_layer(layer)
+    if list(hp.layers) != sorted(set(hp.layers)):
+        raise ValueError(f"layers must be increasing and distinct, got {hp.layers}")
+    if not hp.mom2_update_weight > 0:
+        raise ValueError(f"mom2_update_weight (λ) must be > 0, got {hp.mom2_update_weight}")
+    if hp.steps < 1 or not hp.lr > 0 or not hp.stats_tokens > 0:
+        raise ValueError("steps must be >= 1, lr and stats_tokens > 0")
+
+
+#: REFERENCE.md §4; "smollm2" chosen by benchmarks/closed_form_sweep.py on the bundled model.
+MEMIT_PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-xl": dict(layers=(13, 14, 15, 16, 17), steps=20, lr=0.5, weight_decay=0.5, mom2_update_weight=20000.0),
+    "gpt-j": dict(layers=(3, 4, 5, 6, 7, 8), steps=25, lr=0.5, weight_decay=0.5, mom2_update_weight=15000.0),
+    "gpt-neox": dict(layers=(3, 4, 5, 6, 7, 8), steps=20, lr=0.5, weight_decay=0.5, mom2_update_weight=15000.0),
+    "llama": dict(layers=(4, 5, 6, 7, 8), steps=25, lr=0.1, weight_decay=1e-3, mom2_update_weight=15000.0),
+    "smollm2": dict(layers=(3, 4, 5, 6, 7), steps=25, lr=0.5, weight_decay=1e-3, mom2_update_weight=15000.0),
+}
+
+
+@dataclass
+class LayerRecord:
+    """What one layer of the spread was asked to absorb: `remaining` and `assigned` `[N, d_out]`,
+    the keys `[N, d_in]` it used and the update `[d_out, d_in]` it made."""
+
+    layer: int
+    remaining: torch.Tensor
+    assigned: torch.Tensor
+    keys: torch.Tensor
+    update: torch.Tensor
+
+
+@dataclass
+class Target:
+    """One module family to rewrite: keys are read at `key_site`, progress measured at `measure_site`."""
+
+    module_path: Callable[[int], str]  # layer -> module name
+    key_site: str  # Trace kind whose value is the module's input
+    stats_kind: str  # key_statistics kind
+    measure_site: Site
+    goal: torch.Tensor  # [N, d_out] wanted value at measure_site
+    records: list[LayerRecord] = field(default_factory=list)
+
+
+def distribute(
+    lm: LM, requests: Sequence[EditRequest], layers: Sequence[int], targets: Sequence[Target], hp: Any,
+    spread: Spread, templates: list[list[str]],
+) -> None:
+    """Write each target's missing residual into the layers' weights, in place (see module doc)."""
+    stats = {t.stats_kind: key_statistics(lm, layers, hp.stats_source, hp.stats_tokens, kind=t.stats_kind)
+             for t in targets}
+    for i, layer in enumerate(layers):
+        for target in targets:
+            keys = subject_keys(lm, layer, requests, templates, site=target.key_site).double()  # [N, d_in]
+            remaining = target.goal.double() - site_values(lm, target.measure_site, requests).double()
+            assigned = remaining * spread_fraction(i, len(layers), spread)
+            c = stats[target.stats_kind][layer].mom2
+            adj = torch.linalg.solve(hp.mom2_update_weight * c + keys.T @ keys, keys.T)  # [d_in, N]
+            update = assigned.T @ adj.T  # [d_out, d_in]
+            weight = lm.module(target.module_path(layer)).weight
+            with torch.no_grad():
+                weight += (update.T if lm.arch.transposed else update).to(weight.dtype)
+            target.records.append(LayerRecord(layer, remaining.float(), assigned.float(), keys.float(), update.float()))
+
+
+def _metadata(method: str, lm: LM, hp: Any, requests: Sequence[EditRequest]) -> dict[str, Any]:
+    return {"method": method, "hparams": asdict(hp), "requests": [r.to_dict() for r in requests],
+            "model_name": lm.name, "model_fingerprint": lm.fingerprint(), "kvedit_version": __version__}
+
+
+def summarize_records(targets: Sequence[Target]) -> list[dict[str, Any]]:
+    """Per layer and target: norms of the remaining residual, of what it took on, and of ΔW."""
+    return [
+        {"layer": r.layer, "module": t.module_path(r.layer), "remaining_norm": float(r.remaining.norm(dim=1).mean()),
+         "assigned_norm": float(r.assigned.norm(dim=1).mean()), "update_norm": float(r.update.norm())}
+        for t in targets for r in t.records
+    ]
+
+
+def memit_edit(lm: LM, requests: Sequence[EditRequest], hparams: MEMITHyperParams, spread: Spread = "even") -> WeightDelta:
+    """Edit all `requests` at once into the values of `hparams.layers`; returns the delta."""
+    if not requests:
+        raise ValueError("requests is empty; expected at least one EditRequest")
+    hparams.check(lm)
+    layers = [lm.check_layer(l) for l in hparams.layers]
+    metadata = _metadata("memit", lm, hparams, requests)
+    templates = context_templates(lm, MEMIT_TEMPLATES)
+    last = layers[-1]
+    names = [f"{lm.values_path(l)}.weight" for l in layers]
+    start = time.perf_counter()
+    with WeightGuard(lm, names) as guard:
+        site = ("residual", last)
+        goals, steps = [], 0
+        for request in requests:
+            vectors, n = optimize_targets(lm, request, [site], templates, hparams.target_options())
+            init, delta = vectors[site]
+            goals.append(init + delta)
+            steps += n
+        target = Target(lm.values_path, "coefficients", "values", site, torch.stack(goals))
+        distribute(lm, requests, layers, [target], hparams, spread, templates)
+        metadata["result"] = {"steps": steps, "time_s": time.perf_counter() - start,
+                              "layers": summarize_records([target])}
+        delta = guard.finish(metadata)
+    delta.records = target.records
+    return delta

@@ -1,0 +1,36 @@
+"""Named hyperparameter presets: pick the one for a model's family, apply overrides."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from ..models.lm import LM
+
+
+def make_hparams(cls: type, presets: dict[str, dict[str, Any]], preset: str | None, lm: LM | None, **overrides: Any):
+    """Build `cls` from a named preset (default: the one matching the model) and overrides."""
+    if preset is None or preset == "default":
+        preset = default_preset(lm, presets)
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(presets)}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    values = {**presets[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    if "layers" in values and values["layers"] is not None:
+        values["layers"] = tuple(values["layers"])
+    return cls(preset=preset, **values)
+
+
+def default_preset(lm: LM | None, presets: dict[str, dict[str, Any]]) -> str:
+    """The preset for the model's family: bundled SmolLM2 > Llama family > GPT-J > NeoX > GPT-2 XL."""
+    if lm is None:
+        return next(iter(presets))
+    model_type = lm.model.config.model_type
+    if "smollm2-135m" in lm.name.lower() and "smollm2" in presets:
+        return "smollm2"
+    by_type = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gptj": "gpt-j",
+               "gpt_neox": "gpt-neox"}
+    return by_type.get(model_type, "gpt2-xl")

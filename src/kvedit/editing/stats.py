@@ -1,0 +1,253 @@
+"""Second moments E[k kᵀ] of the keys a module reads, over a text corpus, cached on disk.
+
+`k` is the input of the values module (the memory coefficients, `[d_ff]`) or of the attention
+output projection. All requested layers are collected in one pass per batch, and the forward
+pass stops after the last layer needed. Sums are kept in float64; each batch's `KᵀK` is formed
+in the model's dtype and added to the float64 sum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..models.lm import LM
+from ..models.loading import cache_dir
+from ..models.tracing import Trace
+
+#: which module input a statistic is taken from -> Trace site kind
+STAT_SITES = {"values": "coefficients", "attn_out": "attn_heads"}
+
+#: openings for text sampled from the model itself (`source="self"`)
+SELF_SEEDS = (
+    "The", "In", "A", "It", "This", "When", "After", "Many", "One", "There", "He", "She", "According to",
+    "During", "Although", "Most", "Some", "Since", "While", "However",
+)
+
+
+@dataclass
+class KeyStats:
+    """Running uncentred second moment of keys: `sum_kkT` `[d, d]` float64 over `count` tokens."""
+
+    sum_kkT: torch.Tensor
+    count: int
+
+    @classmethod
+    def zeros(cls, dim: int) -> "KeyStats":
+        return cls(torch.zeros(dim, dim, dtype=torch.float64), 0)
+
+    def add(self, keys: torch.Tensor) -> None:
+        """Accumulate `keys` `[n, d]`."""
+        self.sum_kkT += (keys.T @ keys).double()
+        self.count += keys.shape[0]
+
+    def merge(self, other: "KeyStats") -> "KeyStats":
+        return KeyStats(self.sum_kkT + other.sum_kkT, self.count + other.count)
+
+    @property
+    def mom2(self) -> torch.Tensor:
+        """E[k kᵀ], `[d, d]` float64."""
+        if self.count == 0:
+            raise ValueError("no tokens were accumulated")
+        return self.sum_kkT / self.count
+
+
+def corpus_texts(lm: LM, source: str, seed: int = 0) -> Iterator[str]:
+    """Texts from `source`: a text file, a folder of .txt files, `hf:<dataset>[:<config>]`, or `self`.
+
+    `self` samples text from the model itself (seeded), so statistics need no data set.
+    """
+    if source == "self":
+        yield from _self_texts(lm, seed)
+        return
+    if source.startswith("hf:"):
+        yield from _hf_texts(source[3:])
+        return
+    path = Path(source).expanduser()
+    files = sorted(path.glob("**/*.txt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(
+            f"corpus source {source!r} is not a text file, a folder of .txt files, 'self' or 'hf:<dataset>'"
+        )
+    for file in files:
+        paragraph: list[str] = []
+        for line in file.open(encoding="utf-8", errors="replace"):
+            if line.strip() and not line.strip().startswith("= "):
+                paragraph.append(line.strip())
+            elif paragraph:
+                yield " ".join(paragraph)
+                paragraph = []
+        if paragraph:
+            yield " ".join(paragraph)
+
+
+def _hf_texts(name: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("hf: corpus sources need `pip install datasets` and a reachable hub") from err
+    dataset, _, config = name.partition(":")
+    presets = {"wikitext-103": ("wikitext", "wikitext-103-raw-v1"), "wikipedia": ("wikimedia/wikipedia", "20231101.en")}
+    dataset, default_config = presets.get(dataset, (dataset, None))
+    for row in datasets.load_dataset(dataset, config or default_config, split="train", streaming=True):
+        if row.get("text", "").strip():
+            yield row["text"]
+
+
+def _self_texts(lm: LM, seed: int, batch: int = 16, new_tokens: int = 128) -> Iterator[str]:
+    generator = torch.Generator().manual_seed(seed)
+    tok = lm.tokenizer
+    round_ = 0
+    while True:
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        seeds = [SELF_SEEDS[(round_ * batch + i) % len(SELF_SEEDS)] for i in range(batch)]
+        enc = tok(seeds, return_tensors="pt", padding=True, padding_side="left").to(lm.device)
+        with torch.no_grad():
+            out = lm.model.generate(
+                **enc, do_sample=True, top_k=50, max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id
+            )
+        yield from tok.batch_decode(out, skip_special_tokens=True)
+        round_ += 1
+
+
+def _slug(source: str) -> str:
+    tail = Path(source).name if not source.startswith("hf:") and source != "self" else source
+    digest = hashlib.sha1(source.encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", tail)[:40] + "-" + digest
+
+
+def _cache_path(lm: LM, kind: str, layer: int, source: str, n_tokens: int) -> Path:
+    return cache_dir() / "stats" / lm.base_fingerprint / f"{kind}-L{layer}-{_slug(source)}-{n_tokens}.safetensors"
+
+
+def _cache_meta(lm: LM, kind: str, layer: int, source: str, n_tokens: int) -> dict[str, str]:
+    return {"model": lm.base_fingerprint, "kind": kind, "layer": str(layer), "source": source, "n_tokens": str(n_tokens)}
+
+
+def _load_cached(path: Path, expect: dict[str, str]) -> KeyStats | None:
+    """The cached statistic, or None if missing, unreadable, for other settings, or corrupt."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensor = f.get_tensor("sum_kkT")
+    except Exception:
+        return None
+    if any(meta.get(k) != v for k, v in expect.items()):
+        return None
+    if meta.get("sha256") != hashlib.sha256(tensor.numpy().tobytes()).hexdigest():
+        return None
+    return KeyStats(tensor, int(meta["count"]))
+
+
+def _save_cached(path: Path, stats: KeyStats, meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(stats.sum_kkT.numpy().tobytes()).hexdigest()
+    tmp = path.with_suffix(".tmp")
+    save_file({"sum_kkT": stats.sum_kkT.contiguous()}, str(tmp), metadata=meta | {"count": str(stats.count), "sha256": digest})
+    tmp.replace(path)
+
+
+def key_statistics(
+    lm: LM,
+    layers: Sequence[int],
+    source: str = "self",
+    n_tokens: int = 100_000,
+    kind: str = "values",
+    seq_len: int = 256,
+    batch_size: int = 8,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict[int, KeyStats]:
+    """E[k kᵀ] of the `kind` module's input ("values" or "attn_out") at every layer in `layers`.
+
+    Reads `n_tokens` tokens of `source` (sequences of at most `seq_len` tokens), all layers in one
+    pass per batch. Results are cached per model (its unedited fingerprint), layer, source and
+    token count; a cache file that is corrupt or was made with other settings is recomputed.
+    """
+    if kind not in STAT_SITES:
+        raise ValueError(f"kind must be one of {sorted(STAT_SITES)}, got {kind!r}")
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens must be > 0, got {n_tokens}")
+    layers = sorted({lm.check_layer(l) for l in layers})
+    result: dict[int, KeyStats] = {}
+    if use_cache:
+        for layer in layers:
+            cached = _load_cached(_cache_path(lm, kind, layer, source, n_tokens), _cache_meta(lm, kind, layer, source, n_tokens))
+            if cached is not None:
+                result[layer] = cached
+    todo = [l for l in layers if l not in result]
+    if not todo:
+        return result
+    seq_len = min(seq_len, getattr(lm.model.config, "max_position_embeddings", seq_len) or seq_len)
+    fresh = _accumulate(lm, todo, source, n_tokens, kind, seq_len, batch_size, progress)
+    for layer, stats in fresh.items():
+        if use_cache:
+            _save_cached(_cache_path(lm, kind, layer, source, n_tokens), stats, _cache_meta(lm, kind, layer, source, n_tokens))
+        result[layer] = stats
+    return result
+
+
+def _token_batches(
+    lm: LM, source: str, n_tokens: int, seq_len: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (ids, attention mask), `[b, ≤seq_len]`, of consecutive corpus text, `n_tokens` tokens in all."""
+    buffer: list[int] = []
+    rows: list[list[int]] = []
+    left = n_tokens
+    eos = lm.tokenizer.eos_token_id
+    for text in corpus_texts(lm, source):
+        buffer.extend(lm.tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else []))
+        while len(buffer) >= seq_len and left > 0:
+            take = min(seq_len, left)
+            rows.append(buffer[:take])
+            buffer, left = buffer[seq_len:], left - take
+            if len(rows) == batch_size or left == 0:
+                yield _pad(rows, lm.tokenizer.pad_token_id)
+                rows = []
+        if left == 0:
+            return
+    if buffer and left > 0:
+        rows.append(buffer[:left])
+    if rows:
+        yield _pad(rows, lm.tokenizer.pad_token_id)
+
+
+def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _accumulate(lm, layers, source, n_tokens, kind, seq_len, batch_size, progress) -> dict[int, KeyStats]:
+    site = STAT_SITES[kind]
+    stats: dict[int, KeyStats] = {}
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"key statistics L{','.join(map(str, layers))}",
+               disable=not progress)
+    start = time.perf_counter()
+    for ids, mask in _token_batches(lm, source, n_tokens, seq_len, batch_size):
+        with Trace(lm, read=[(site, l) for l in layers], stop=True) as tr:
+            lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
+        valid = mask.bool().to(lm.device)
+        for layer in layers:
+            keys = tr[site, layer][valid].float()
+            stats.setdefault(layer, KeyStats.zeros(keys.shape[-1])).add(keys.cpu())
+        bar.update(int(valid.sum()))
+        bar.set_postfix(tok_per_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+    bar.close()
+    return stats
