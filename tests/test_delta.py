@@ -134,8 +134,8 @@ def test_nan_weights_are_refused_and_restored(tiny_llama, monkeypatch):
         (dict(lr=0.0), "lr must be > 0"),
         (dict(max_steps=0), "max_steps must be >= 1"),
         (dict(norm_constraint=-1.0), "norm_constraint"),
-        (dict(preset="nope"), "unknown fine-tuning preset"),
-        (dict(momentum=0.9), "unknown fine-tuning setting"),
+        (dict(preset="nope"), "unknown preset"),
+        (dict(momentum=0.9), "unknown setting"),
     ],
 )
 def test_bad_hyperparameters_are_clear_errors(tiny_llama, overrides, message):

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: FT on keys vs values over the built-in demo facts")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    d.add_argument("--methods", default="ft-keys,ft-values", help="comma-separated methods")
+    d.add_argument("--methods", default="ft-keys,ft-values",
+                   help=f"comma-separated methods out of {', '.join(METHODS)} (default: ft-keys,ft-values)")
     d.add_argument("--n", type=int, default=None, help="use only the first N demo facts")
     _model_args(d)
     return parser

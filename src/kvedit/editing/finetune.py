@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -18,6 +18,7 @@ from ..data.requests import EditRequest
 from ..evaluation.scoring import TargetBatch, encode_target, score_batch
 from ..models.lm import LM
 from .delta import WeightDelta, WeightGuard, check_finite
+from .presets import make_hparams
 
 Target = Literal["keys", "key:gate", "key:up", "key", "values"]
 
@@ -73,16 +74,7 @@ class FTHyperParams:
 
     @classmethod
     def from_preset(cls, preset: str = "default", **overrides: Any) -> "FTHyperParams":
-        if preset not in FT_PRESETS:
-            raise ValueError(f"unknown fine-tuning preset {preset!r}; expected one of {sorted(FT_PRESETS)}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown fine-tuning setting(s) {sorted(unknown)}; expected some of {sorted(known)}")
-        values = {**FT_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-        if "layers" in values:
-            values["layers"] = tuple(values["layers"])
-        return cls(preset=preset, **values)
+        return make_hparams(cls, FT_PRESETS, preset, None, **overrides)
 
     def resolved(self, lm: LM) -> "FTHyperParams":
         """Check every setting against the model; fill in default layers."""

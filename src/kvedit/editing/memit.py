@@ -53,25 +53,20 @@ class MEMITHyperParams:
     preset: str = "gpt2-xl"
 
     def check(self, lm: LM) -> None:
-        check_common(self, lm)
+        if not self.layers:
+            raise ValueError("layers is empty; expected at least one layer, e.g. layers=(4, 5, 6)")
+        for layer in self.layers:
+            lm.check_layer(layer)
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
+        if not self.mom2_update_weight > 0:
+            raise ValueError(f"mom2_update_weight (λ) must be > 0, got {self.mom2_update_weight}")
+        if self.steps < 1 or not self.lr > 0 or not self.stats_tokens > 0:
+            raise ValueError("steps must be >= 1, lr and stats_tokens > 0")
 
     def target_options(self) -> TargetOptions:
         return TargetOptions(steps=self.steps, lr=self.lr, kl_factor=self.kl_factor,
                              weight_decay=self.weight_decay, clamp_norm_factor=self.clamp_norm_factor)
-
-
-def check_common(hp: Any, lm: LM) -> None:
-    """Errors for settings shared by MEMIT and PMET."""
-    if not hp.layers:
-        raise ValueError("layers is empty; expected at least one layer, e.g. layers=(4, 5, 6)")
-    for layer in hp.layers:
-        lm.check_layer(layer)
-    if list(hp.layers) != sorted(set(hp.layers)):
-        raise ValueError(f"layers must be increasing and distinct, got {hp.layers}")
-    if not hp.mom2_update_weight > 0:
-        raise ValueError(f"mom2_update_weight (λ) must be > 0, got {hp.mom2_update_weight}")
-    if hp.steps < 1 or not hp.lr > 0 or not hp.stats_tokens > 0:
-        raise ValueError("steps must be >= 1, lr and stats_tokens > 0")
 
 
 #: REFERENCE.md §4; "smollm2" chosen by benchmarks/closed_form_sweep.py on the bundled model.
@@ -80,7 +75,8 @@ MEMIT_PRESETS: dict[str, dict[str, Any]] = {
     "gpt-j": dict(layers=(3, 4, 5, 6, 7, 8), steps=25, lr=0.5, weight_decay=0.5, mom2_update_weight=15000.0),
     "gpt-neox": dict(layers=(3, 4, 5, 6, 7, 8), steps=20, lr=0.5, weight_decay=0.5, mom2_update_weight=15000.0),
     "llama": dict(layers=(4, 5, 6, 7, 8), steps=25, lr=0.1, weight_decay=1e-3, mom2_update_weight=15000.0),
-    "smollm2": dict(layers=(3, 4, 5, 6, 7), steps=25, lr=0.5, weight_decay=1e-3, mom2_update_weight=15000.0),
+    "smollm2": dict(layers=(3, 4, 5, 6, 7), steps=25, lr=0.5, weight_decay=1e-3, mom2_update_weight=15000.0,
+                    stats_tokens=20_000),
 }
 
 

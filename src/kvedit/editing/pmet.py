@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,38 +24,32 @@ from ..data.requests import EditRequest
 from ..models.lm import LM
 from .context import MEMIT_TEMPLATES, context_templates
 from .delta import WeightDelta, WeightGuard
-from .memit import Spread, Target, _metadata, check_common, distribute, summarize_records
+from .memit import MEMITHyperParams, Spread, Target, _metadata, distribute, summarize_records
 from .targets import TargetOptions, optimize_targets
 
 
 @dataclass(frozen=True)
-class PMETHyperParams:
-    """PMET settings (GPT-J preset from the paper's code); `mom2_update_weight` is λ."""
+class PMETHyperParams(MEMITHyperParams):
+    """PMET settings: MEMIT's, with the paper's GPT-J defaults, plus the ablation switches."""
 
-    layers: tuple[int, ...] = ()
     steps: int = 30
     lr: float = 0.2
     kl_factor: float = 1.0
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 6000.0
-    stats_source: str = "self"
-    stats_tokens: int = 100_000
     attn_delta: bool = True
     update_attn: bool = False
     spread: Spread = "sqrt"
     preset: str = "gpt-j"
 
     def check(self, lm: LM) -> None:
-        check_common(self, lm)
+        super().check(lm)
         if self.spread not in ("sqrt", "even"):
             raise ValueError(f"spread must be 'sqrt' or 'even', got {self.spread!r}")
         if self.update_attn and not self.attn_delta:
             raise ValueError("update_attn needs attn_delta: the attention target is a + δ_a")
 
     def target_options(self) -> TargetOptions:
-        return TargetOptions(steps=self.steps, lr=self.lr, kl_factor=self.kl_factor, weight_decay=self.weight_decay,
-                             clamp_norm_factor=self.clamp_norm_factor, pmet_schedule=True)
+        return replace(super().target_options(), pmet_schedule=True)
 
 
 #: REFERENCE.md §5; "smollm2" chosen by benchmarks/closed_form_sweep.py on the bundled model.
@@ -65,7 +59,8 @@ PMET_PRESETS: dict[str, dict[str, Any]] = {
     "gpt-neox": dict(layers=(3, 4, 5, 6, 7, 8), steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
     "gpt2-xl": dict(layers=(13, 14, 15, 16, 17), steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
     "llama": dict(layers=(4, 5, 6, 7, 8), steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
-    "smollm2": dict(layers=(3, 4, 5, 6, 7), steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
+    "smollm2": dict(layers=(3, 4, 5, 6, 7), steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0,
+                    stats_tokens=20_000),
 }
 
 

@@ -66,7 +66,7 @@ ROME_PRESETS: dict[str, dict[str, Any]] = {
     "gpt-j": dict(layer=5, steps=20, lr=0.5, weight_decay=0.5, mom2_adjustment=True),
     "gpt-neox": dict(layer=15, steps=20, lr=0.5, weight_decay=0.5, mom2_adjustment=True),
     "llama": dict(layer=5, steps=25, lr=0.5, weight_decay=1e-3, mom2_adjustment=False),
-    "smollm2": dict(layer=4, steps=25, lr=0.5, weight_decay=1e-3, mom2_adjustment=True),
+    "smollm2": dict(layer=4, steps=25, lr=0.5, weight_decay=1e-3, mom2_adjustment=True, stats_tokens=20_000),
 }
 
 
@@ -99,6 +99,7 @@ def rome_edit(lm: LM, requests: Sequence[EditRequest], hparams: ROMEHyperParams)
         c_inv = torch.linalg.inv(mom2)
     start = time.perf_counter()
     total_steps = 0
+    records: list[dict[str, torch.Tensor]] = []
     with WeightGuard(lm, [name]) as guard:
         for request in requests:
             key = subject_keys(lm, layer, [request], flat)[0]
@@ -112,5 +113,8 @@ def rome_edit(lm: LM, requests: Sequence[EditRequest], hparams: ROMEHyperParams)
                 w = module.weight
                 upd = rank_one_update(w.T if lm.arch.transposed else w, current, init + delta, key, u)
                 w += upd.T if lm.arch.transposed else upd
+            records.append({"key": key, "target": (init + delta).detach()})
         metadata["result"] = {"steps": total_steps, "time_s": time.perf_counter() - start}
-        return guard.finish(metadata)
+        delta = guard.finish(metadata)
+    delta.records = records
+    return delta

@@ -104,7 +104,7 @@ def _hf_texts(name: str) -> Iterator[str]:
             yield row["text"]
 
 
-def _self_texts(lm: LM, seed: int, batch: int = 16, new_tokens: int = 128) -> Iterator[str]:
+def _self_texts(lm: LM, seed: int, batch: int = 64, new_tokens: int = 256) -> Iterator[str]:
     generator = torch.Generator().manual_seed(seed)
     tok = lm.tokenizer
     round_ = 0

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,6 +94,51 @@ class TargetOptions:
     pmet_schedule: bool = False
 
 
+class SplitBatch:
+    """Rows split at their lookup token: the prefix before it runs once and is kept as a KV cache;
+    each optimisation step runs only the suffix (lookup token onward), where δ can have an effect.
+
+    rows: token ids per row; lookups: lookup index per row. Suffix position 0 is every row's lookup.
+    """
+
+    def __init__(self, lm: LM, rows: Sequence[Sequence[int]], lookups: Sequence[int]) -> None:
+        pad = lm.tokenizer.pad_token_id
+        self.lm, self.lookups = lm, list(lookups)
+        self.width = max(self.lookups)  # left-padded prefix width
+        suffix_len = max(len(r) - p for r, p in zip(rows, lookups))
+        n = len(rows)
+        self.prefix = torch.full((n, self.width), pad, dtype=torch.long)
+        self.prefix_mask = torch.zeros((n, self.width), dtype=torch.long)
+        self.suffix = torch.full((n, suffix_len), pad, dtype=torch.long)
+        self.suffix_mask = torch.zeros((n, suffix_len), dtype=torch.long)
+        for i, (row, p) in enumerate(zip(rows, lookups)):
+            if p:
+                self.prefix[i, self.width - p :] = torch.tensor(row[:p])
+                self.prefix_mask[i, self.width - p :] = 1
+            self.suffix[i, : len(row) - p] = torch.tensor(row[p:])
+            self.suffix_mask[i, : len(row) - p] = 1
+        self.suffix_positions = torch.tensor(self.lookups)[:, None] + torch.arange(suffix_len)
+        self.cache = None
+        if self.width:
+            with torch.no_grad():
+                self.cache = lm.model.base_model(
+                    input_ids=self.prefix.to(lm.device), attention_mask=self.prefix_mask.to(lm.device),
+                    position_ids=(self.prefix_mask.cumsum(-1) - 1).clamp(min=0).to(lm.device), use_cache=True,
+                ).past_key_values
+
+    def forward_suffix(self) -> torch.Tensor:
+        """Last hidden states of the suffix tokens, `[n, suffix_len, d_model]`."""
+        device = self.lm.device
+        mask = torch.cat([self.prefix_mask, self.suffix_mask], dim=1) if self.width else self.suffix_mask
+        # the pass appends the suffix to the cache it is given: give it a copy of the prefix cache
+        cache = copy.deepcopy(self.cache) if self.cache is not None else None
+        out = self.lm.model.base_model(
+            input_ids=self.suffix.to(device), attention_mask=mask.to(device),
+            position_ids=self.suffix_positions.to(device), past_key_values=cache, use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+
 def optimize_targets(
     lm: LM, request: EditRequest, sites: Sequence[Site], templates: list[list[str]], opts: TargetOptions
 ) -> tuple[dict[Site, tuple[torch.Tensor, torch.Tensor]], int]:
@@ -100,27 +146,25 @@ def optimize_targets(
 
     The loss is the mean NLL of target_new after every context template, plus `kl_factor`·KL of
     the next-token distribution at the subject of "{subject} is a" (edited ‖ original), plus the
-    decay terms. The model's weights are not changed.
+    decay terms. The model's weights are not changed. Tokens before the subject's last token do
+    not depend on δ, so they are computed once (see `SplitBatch`).
     """
+    if lm.arch.objective != "causal":
+        raise ValueError(f"{lm.arch.family} is a masked LM; ROME/MEMIT/PMET edit causal language models")
     tok = lm.tokenizer
     contexts = [c for group in templates for c in group]
     rows = [encode_target(lm, _filled(c, request).replace("{}", request.subject), request.target_new) for c in contexts]
+    if len({r.target_ids for r in rows}) != 1:
+        raise ValueError(f"target {request.target_new!r} tokenises differently after different context templates")
     lookups = [subject_position(lm, _filled(c, request), request.subject) for c in contexts]
     kl_template = "{} is a"
     kl_ids = tok(kl_template.format(request.subject))["input_ids"]
     lookups.append(subject_position(lm, kl_template, request.subject))
-    width = max(max(len(r.input_ids) for r in rows), len(kl_ids))
-    ids = torch.full((len(rows) + 1, width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate([r.input_ids for r in rows] + [tuple(kl_ids)]):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    if len({r.target_ids for r in rows}) != 1:
-        raise ValueError(f"target {request.target_new!r} tokenises differently after different context templates")
-    pos = torch.tensor([r.positions for r in rows])  # [R, n_target]; every row has the same target ids
-    target_ids = torch.tensor(rows[0].target_ids)
-    lookup = torch.tensor(lookups)
-    ids, mask = ids.to(lm.device), mask.to(lm.device)
+    batch = SplitBatch(lm, [r.input_ids for r in rows] + [kl_ids], lookups)
+    # target positions relative to each row's lookup token; the KL is read at the lookup itself
+    pos = (torch.tensor([r.positions for r in rows]) - torch.tensor(lookups[:-1])[:, None]).to(lm.device)
+    target_ids = torch.tensor(rows[0].target_ids, device=lm.device)
+    at_lookup = torch.zeros(len(lookups), dtype=torch.long)
 
     deltas = {site: torch.zeros(lm.d_model, device=lm.device, requires_grad=True) for site in sites}
     inits: dict[Site, torch.Tensor] = {}
@@ -130,25 +174,25 @@ def optimize_targets(
     nll_factor = 1.0
     lm.model.requires_grad_(False)
     for step in range(opts.steps):
-        additions = {site: Addition(delta, lookup) for site, delta in deltas.items()}
-        with Trace(lm, read=list(sites), add=additions, positions=lookup) as tr:
-            hidden = lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        additions = {site: Addition(delta, at_lookup) for site, delta in deltas.items()}
+        with Trace(lm, read=list(sites), add=additions, positions=at_lookup) as tr:
+            hidden = batch.forward_suffix()
         if not inits:  # the sites' own values for the bare prompt, before any δ (δ is 0 at step 0)
             inits = {site: tr[site][0].float() for site in sites}
         r = torch.arange(len(rows), device=lm.device)[:, None]
-        logprobs = F.log_softmax(head(hidden[r, pos.to(lm.device)]).float(), -1)
-        nll_each = -logprobs.gather(-1, target_ids.to(lm.device).expand(len(rows), -1)[..., None])[..., 0].mean(1)
-        kl_logprobs = F.log_softmax(head(hidden[-1, lookup[-1]]).float(), -1)
+        logprobs = F.log_softmax(head(hidden[r, pos]).float(), -1)
+        nll_each = -logprobs.gather(-1, target_ids.expand(len(rows), -1)[..., None])[..., 0].mean(1)
+        kl_logprobs = F.log_softmax(head(hidden[-1, 0]).float(), -1)
         if kl_init is None:
             kl_init = kl_logprobs.detach()
         kl = F.kl_div(kl_init, kl_logprobs, log_target=True, reduction="sum")
         decay = sum(deltas[s].norm() / inits[s].norm() ** 2 for s in sites)
         loss = nll_factor * nll_each.mean() + opts.kl_factor * kl + opts.weight_decay * decay
-        check_finite(float(loss.detach()), "the target optimisation loss")
-        if float(loss) < opts.early_stop_loss or step == opts.steps - 1:
+        loss_value = check_finite(float(loss.detach()), "the target optimisation loss")
+        if loss_value < opts.early_stop_loss or step == opts.steps - 1:
             break
         if opts.pmet_schedule:
-            argmax_all = bool((logprobs.argmax(-1) == target_ids.to(lm.device)).all())
+            argmax_all = bool((logprobs.argmax(-1) == target_ids).all())
             nll_factor = 0.1 if argmax_all else 1.0
             if argmax_all and float(opts.kl_factor * kl) <= 0.01:
                 break

@@ -1,0 +1,67 @@
+"""Sequential editing: batches applied one after another onto the edited model, scored as they go.
+
+After each batch the new edits are scored, and so are all earlier ones again (do they still hold?)
+— the curve a user reads to see when editing collapses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .data.requests import EditRequest
+from .editing.delta import WeightDelta
+from .editing.registry import edit
+from .evaluation.counterfact import counterfact_case_metrics, summarize_counterfact
+from .models.lm import LM
+
+
+def chain(deltas: Sequence[WeightDelta], metadata: dict[str, Any] | None = None) -> WeightDelta:
+    """One delta equal to applying `deltas` in order: each parameter's first `before`, last `after`."""
+    before: dict = {}
+    after: dict = {}
+    for delta in deltas:
+        for name in delta.names:
+            before.setdefault(name, delta.before[name])
+            after[name] = delta.after[name]
+    return WeightDelta(before, after, metadata or {"method": "chain", "parts": [d.metadata for d in deltas]})
+
+
+def sequential_edit(
+    lm: LM,
+    requests: Sequence[EditRequest],
+    method: str,
+    batch_size: int = 1,
+    progress: bool = True,
+    **overrides: Any,
+) -> tuple[WeightDelta, list[dict[str, Any]]]:
+    """Edit `requests` in batches of `batch_size`, each onto the model the previous ones left.
+
+    Returns the combined delta (the model stays edited) and one record per batch: edit time,
+    the batch's own metrics, and the metrics of every request edited so far (`all_*`).
+    On any failure every batch already applied is reverted too.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    deltas: list[WeightDelta] = []
+    history: list[dict[str, Any]] = []
+    batches = [list(requests[i : i + batch_size]) for i in range(0, len(requests), batch_size)]
+    try:
+        for index, batch in enumerate(tqdm(batches, desc=f"{method} sequential", unit="batch", disable=not progress)):
+            start = time.perf_counter()
+            deltas.append(edit(lm, batch, method, **overrides))
+            elapsed = time.perf_counter() - start
+            done = [r for b in batches[: index + 1] for r in b]
+            record = {"batch": index, "n_edited": len(done), "time_s": elapsed}
+            record |= {f"batch_{k}": v for k, v in summarize_counterfact(counterfact_case_metrics(lm, batch)).items()}
+            record |= {f"all_{k}": v for k, v in summarize_counterfact(counterfact_case_metrics(lm, done)).items()}
+            history.append(record)
+    except BaseException:
+        for delta in reversed(deltas):
+            delta.revert(lm)
+        raise
+    return chain(deltas, {"method": method, "sequential": True, "batch_size": batch_size,
+                          "parts": [d.metadata for d in deltas]}), history

@@ -1,0 +1,174 @@
+"""ROME, MEMIT and PMET on tiny models: their closed-form properties, reverts, failures, bad settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvedit import EditRequest, edit
+from kvedit.editing.memit import spread_fraction
+from kvedit.editing.stats import key_statistics
+from kvedit.editing.targets import subject_keys
+from kvedit.editing.context import MEMIT_TEMPLATES, ROME_TEMPLATES, context_templates
+from tiny_models import tiny_lm
+
+REQUESTS = [
+    EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),
+    EditRequest("{} is the capital of", "berlin", target_new="spain", target_true="germany"),
+]
+SENTENCE = "the eiffel tower is located in the city of paris and rome is the capital of italy"
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A small text corpus, and a private cache folder for statistics and templates."""
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(SENTENCE for _ in range(200)))
+    return str(path)
+
+
+def state(lm):
+    return {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
+
+
+def test_rome_maps_the_key_to_the_target_value(corpus):
+    lm = tiny_lm("llama")
+    delta = edit(lm, REQUESTS[0], "rome", layers=(1,), stats_source=corpus, stats_tokens=1000, mom2_adjustment=True)
+    record = delta.records[0]
+    module = lm.module(lm.values_path(1))
+    with torch.no_grad():
+        out = module(record["key"][None])[0]
+    torch.testing.assert_close(out, record["target"], rtol=1e-4, atol=1e-4)
+    # k* is the template-averaged values-module input at the subject's last token, unchanged by the edit
+    flat = [[c for g in context_templates(lm, ROME_TEMPLATES) for c in g]]
+    torch.testing.assert_close(subject_keys(lm, 1, REQUESTS[:1], flat)[0], record["key"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_memit_one_layer_is_the_regularised_least_squares_solution(corpus, family):
+    lm = tiny_lm(family)
+    lam = 50.0
+    delta = edit(lm, REQUESTS, "memit", layers=(2,), stats_source=corpus, stats_tokens=1000, mom2_update_weight=lam)
+    (record,) = delta.records
+    c = key_statistics(lm, [2], corpus, 1000)[2].mom2
+    k = record.keys.double().T  # [d_ff, N]
+    r = record.assigned.double().T  # [d_model, N]
+    direct = r @ k.T @ torch.linalg.inv(lam * c + k @ k.T)
+    torch.testing.assert_close(record.update.double(), direct, rtol=1e-4, atol=1e-6)
+    # it minimises ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ): the gradient vanishes
+    grad = (direct @ k - r) @ k.T + lam * direct @ c
+    assert grad.abs().max() < 1e-6 * max(1.0, r.abs().max().item())
+    stored = delta.update(f"{lm.values_path(2)}.weight").double()
+    torch.testing.assert_close(stored.T if lm.arch.transposed else stored, direct.float().double(), rtol=1e-4, atol=1e-5)
+    # the keys it used are the template-averaged keys of the unedited model
+    delta.revert(lm)
+    keys = subject_keys(lm, 2, REQUESTS, context_templates(lm, MEMIT_TEMPLATES))
+    torch.testing.assert_close(record.keys, keys, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, spread", [("pmet", "sqrt"), ("pmet-even-spread", "even")])
+def test_pmet_spreads_the_residual_as_eq_11(corpus, method, spread):
+    lm = tiny_lm("llama")
+    layers = (0, 1, 2)
+    delta = edit(lm, REQUESTS, method, layers=layers, stats_source=corpus, stats_tokens=1000, mom2_update_weight=1e-3)
+    records = delta.records["ffn_out"]
+    assert [r.layer for r in records] == list(layers)
+    for i, rec in enumerate(records):
+        fraction = spread_fraction(i, len(layers), spread)
+        assert fraction == pytest.approx(1 / (len(layers) - i) ** (0.5 if spread == "sqrt" else 1.0))
+        torch.testing.assert_close(rec.assigned, rec.remaining * fraction)
+        # with a tiny λ the layer writes (almost) exactly its share for every request's key
+        torch.testing.assert_close((rec.update @ rec.keys.T).T, rec.assigned, rtol=1e-3, atol=1e-3)
+    # the residual left after layer i is what layer i+1 sees (the model is re-measured between layers)
+    for before, after in zip(records, records[1:]):
+        assert after.remaining.norm() < before.remaining.norm()
+
+
+def test_pmet_ablations_touch_the_right_weights(corpus):
+    lm = tiny_lm("llama")
+    kw = dict(layers=(1, 2), stats_source=corpus, stats_tokens=1000)
+    both = edit(lm, REQUESTS, "pmet-update-attn", **kw)
+    assert sorted(both.names) == sorted(
+        [f"model.layers.{l}.mlp.down_proj.weight" for l in (1, 2)] + [f"model.layers.{l}.self_attn.o_proj.weight" for l in (1, 2)]
+    )
+    both.revert(lm)
+    ffn_only = edit(lm, REQUESTS, "pmet-no-attn-delta", **kw)
+    assert all("down_proj" in n for n in ffn_only.names)
+    assert ffn_only.metadata["hparams"]["attn_delta"] is False
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet", "pmet-update-attn"])
+def test_every_method_reverts_bit_exactly(corpus, method):
+    lm = tiny_lm("gpt2")
+    original = state(lm)
+    layers = (1,) if method == "rome" else (1, 2)
+    requests = REQUESTS[:1] if method == "rome" else REQUESTS
+    delta = edit(lm, requests, method, layers=layers, stats_source=corpus, stats_tokens=1000)
+    assert any(not torch.equal(original[n], t) for n, t in lm.model.state_dict().items())
+    delta.revert(lm)
+    assert all(torch.equal(original[n], t) for n, t in lm.model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet"])
+def test_failure_during_the_update_restores_weights(corpus, method, monkeypatch):
+    """Ctrl-C after the first layer was already written leaves the model as it was."""
+    import kvedit.editing.memit as memit_module
+    import kvedit.editing.rome as rome_module
+
+    lm = tiny_lm("llama")
+    original = state(lm)
+    module = rome_module if method == "rome" else memit_module
+    real = module.subject_keys
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "subject_keys", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        edit(lm, REQUESTS, method, layers=(1,) if method == "rome" else (1, 2), stats_source=corpus, stats_tokens=1000)
+    assert all(torch.equal(original[n], t) for n, t in lm.model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "method, overrides, message",
+    [
+        ("memit", dict(layers=()), "layers is empty"),
+        ("pmet", dict(layers=()), "layers is empty"),
+        ("memit", dict(layers=(1, 9)), "out of range"),
+        ("rome", dict(layers=(9,)), "out of range"),
+        ("rome", dict(layers=(1, 2)), "ROME edits one layer"),
+        ("memit", dict(layers=(1,), mom2_update_weight=0.0), "must be > 0"),
+        ("pmet", dict(layers=(1,), mom2_update_weight=-1.0), "must be > 0"),
+        ("memit", dict(layers=(2, 1)), "increasing"),
+        ("pmet", dict(layers=(1,), spread="cubic"), "spread"),
+        ("memit", dict(preset="gpt-5"), "unknown preset"),
+    ],
+)
+def test_bad_hyperparameters_are_clear_errors(corpus, method, overrides, message):
+    lm = tiny_lm("llama")
+    with pytest.raises(ValueError, match=message):
+        edit(lm, REQUESTS, method, stats_source=corpus, stats_tokens=1000, **overrides)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama", "qwen3", "opt"])
+def test_split_batch_suffix_pass_equals_the_full_forward(family):
+    """The KV-cached suffix pass gives the same hidden states as running every row in full."""
+    from kvedit.editing.targets import SplitBatch
+
+    lm = tiny_lm(family)
+    texts = ["the eiffel tower is located in the city of paris", "berlin is the capital of germany", "rome is in italy"]
+    rows = [lm.tokenizer(t)["input_ids"] for t in texts]
+    lookups = [2, 0, 1]
+    split = SplitBatch(lm, rows, lookups)
+    with torch.no_grad():
+        suffix = split.forward_suffix()
+        again = split.forward_suffix()  # the cache is cropped back, so a second pass is identical
+        for i, (row, p) in enumerate(zip(rows, lookups)):
+            full = lm.model.base_model(input_ids=torch.tensor([row])).last_hidden_state[0]
+            torch.testing.assert_close(suffix[i, : len(row) - p], full[p:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, suffix)
