@@ -80,3 +80,28 @@ def test_bad_layer_list_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit):
         main(["edit", "--prompt", "{} x", "--subject", "a", "--new", "b", "--layers", "three"])
     assert "comma-separated layer numbers" in capsys.readouterr().err
+
+
+def test_stats_command_reports_every_layer(capsys, tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(["the eiffel tower is located in the city of paris"] * 50))
+    code, out, _ = run(capsys, "stats", "--model", str(tiny_folder), "--layers", "1,2", "--source", str(corpus),
+                       "--tokens", "200")
+    assert code == 0
+    assert "layer   1: 200 tokens, E[kkᵀ] (64, 64)" in out and "layer   2: 200 tokens" in out
+    assert len(list((tmp_path / "cache" / "stats").glob("*/*.safetensors"))) == 2
+
+
+def test_demo_writes_summary_cases_and_table(capsys, tiny_folder, tmp_path):
+    out_dir = tmp_path / "demo"
+    code, out, _ = run(capsys, "demo", "--model", str(tiny_folder), "--n", "2", "--out", str(out_dir))
+    assert code == 0 and "| Method" in out
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert set(summary["methods"]) == {"unedited", "ft-keys", "ft-values"} and summary["n_cases"] == 2
+    for method in ("ft-keys", "ft-values"):
+        s = summary["methods"][method]
+        assert s["n"] == 2 and s["time_per_edit_s"] > 0 and 0 <= s["efficacy_success"] <= 100
+    lines = (out_dir / "cases.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and {json.loads(l)["method"] for l in lines} == {"unedited", "ft-keys", "ft-values"}
+    assert (out_dir / "table.md").read_text().count("\n|") >= 4

@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--out", type=Path, required=True, help="folder to write the resulting model to")
         _model_args(a)
 
+    st = sub.add_parser("stats", help="compute (or load from the cache) key second moments E[kkᵀ] for layers")
+    st.add_argument("--layers", type=_layers, required=True, help="layers, e.g. 3,4,5,6,7")
+    st.add_argument("--source", default="self", help="'self' (model-sampled text), a .txt file or folder, or hf:<dataset>")
+    st.add_argument("--tokens", type=int, default=20_000, help="tokens to read (default 20000)")
+    st.add_argument("--kind", default="values", choices=["values", "attn_out"], help="whose input: FFN values or attention output")
+    _model_args(st)
+
     d = sub.add_parser("demo", help="the main job: FT on keys vs values over the built-in demo facts")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     d.add_argument("--methods", default="ft-keys,ft-values",
@@ -179,7 +186,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "edit": cmd_edit, "apply": cmd_patch, "revert": cmd_patch, "demo": cmd_demo}
+def cmd_stats(args: argparse.Namespace) -> int:
+    import time
+
+    from .editing.stats import key_statistics
+
+    lm = _load(args)
+    start = time.perf_counter()
+    stats = key_statistics(lm, args.layers, args.source, args.tokens, kind=args.kind)
+    elapsed = time.perf_counter() - start
+    for layer, st in sorted(stats.items()):
+        mom2 = st.mom2
+        print(f"layer {layer:>3}: {st.count} tokens, E[kkᵀ] {tuple(mom2.shape)}, trace {float(mom2.trace()):.4g}")
+    print(f"{elapsed:.1f} s (cached results load in well under a second)")
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "edit": cmd_edit, "apply": cmd_patch, "revert": cmd_patch, "demo": cmd_demo, "stats": cmd_stats}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
