@@ -69,6 +69,7 @@ def test_edit_json_then_apply_and_revert(capsys, tiny_folder, tmp_path):
         (["--prompt", "no placeholder", "--subject", "x", "--new", "rome", "--true", "paris"], "exactly one"),
         (["--prompt", "{} is in", "--subject", "x", "--new", "rome", "--true", "rome"], "equals target_true"),
         (["--prompt", "{} is in", "--subject", "x", "--new", "rome", "--true", "paris", "--layers", "9"], "out of range"),
+        (["--prompt", "{} is in", "--subject", "x", "--new", "rome", "--true", "paris", "--stats", "self"], "--stats applies"),
     ],
 )
 def test_edit_input_errors_exit_2_with_a_message(capsys, tiny_folder, args, message):

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--preset", default=None, help="hyperparameter preset (ft: default, qiu2024, ft-l; rome/memit/pmet: per family, default: the model's)")
     e.add_argument("--lr", type=float, default=None)
     e.add_argument("--steps", type=int, default=None, dest="max_steps", help="step limit")
+    e.add_argument("--stats", default=None, dest="stats_source",
+                   help="rome/memit/pmet: corpus for key statistics ('self', a .txt file or folder, hf:<dataset>)")
     e.add_argument("--save", type=Path, default=None, help="write the patch (.safetensors + .json)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _model_args(e)
@@ -111,7 +113,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
         paraphrase_prompts=tuple(args.paraphrase), neighborhood_prompts=tuple(args.neighborhood),
     )
     before = _probabilities(lm, request)
-    delta = edit(lm, request, args.method, preset=args.preset, layers=args.layers, lr=args.lr, max_steps=args.max_steps)
+    extra = {"stats_source": args.stats_source} if args.stats_source else {}
+    if extra and args.method.startswith("ft-"):
+        raise ValueError("--stats applies to rome, memit and pmet; fine-tuning needs no statistics")
+    delta = edit(lm, request, args.method, preset=args.preset, layers=args.layers, lr=args.lr,
+                 max_steps=args.max_steps, **extra)
     after = _probabilities(lm, request)
     if args.save:
         delta.save(args.save)

@@ -194,7 +194,7 @@ def optimize_targets(
         if opts.pmet_schedule:
             argmax_all = bool((logprobs.argmax(-1) == target_ids).all())
             nll_factor = 0.1 if argmax_all else 1.0
-            if argmax_all and float(opts.kl_factor * kl) <= 0.01:
+            if argmax_all and opts.kl_factor * float(kl.detach()) <= 0.01:
                 break
         optimizer.zero_grad()
         loss.backward()
