@@ -40,7 +40,8 @@ def _filled(context: str, request: EditRequest) -> str:
 
 @torch.no_grad()
 def subject_keys(
-    lm: LM, layer: int, requests: Sequence[EditRequest], templates: list[list[str]], site: str = "coefficients"
+    lm: LM, layer: int, requests: Sequence[EditRequest], templates: list[list[str]], site: str = "coefficients",
+    batch_size: int = 64,
 ) -> torch.Tensor:
     """`[N, d_key]`: the `site` input at the subject's last token, averaged within each template
     group, then across groups (MEMIT; for one flat group this is ROME's plain mean)."""
@@ -52,16 +53,21 @@ def subject_keys(
                 texts.append(template.replace("{}", request.subject))
                 positions.append(subject_position(lm, template, request.subject))
                 owners.append((i, g))
-    enc = lm.tokenizer(texts, return_tensors="pt", padding=True, padding_side="right").to(lm.device)
-    with Trace(lm, read=[(site, layer)], positions=torch.tensor(positions), stop=True) as tr:
-        lm.model(**enc)
-    keys = tr[site, layer].float()
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        enc = lm.tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                           padding_side="right").to(lm.device)
+        with Trace(lm, read=[(site, layer)], positions=torch.tensor(positions[start : start + batch_size]),
+                   stop=True) as tr:
+            lm.model(**enc)
+        chunks.append(tr[site, layer].float().cpu())
+    keys = torch.cat(chunks)
+    rows: dict[tuple[int, int], list[int]] = {}
+    for k, owner in enumerate(owners):
+        rows.setdefault(owner, []).append(k)
     out = torch.zeros(len(requests), keys.shape[-1])
     for i in range(len(requests)):
-        group_means = [
-            keys[[k for k, o in enumerate(owners) if o == (i, g)]].mean(0) for g in range(len(templates))
-        ]
-        out[i] = torch.stack(group_means).mean(0)
+        out[i] = torch.stack([keys[rows[(i, g)]].mean(0) for g in range(len(templates))]).mean(0)
     return out
 
 
