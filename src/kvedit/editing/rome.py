@@ -44,9 +44,8 @@ class ROMEHyperParams:
     preset: str = "gpt2-xl"
 
     def check(self, lm: LM) -> "ROMEHyperParams":
-        for name in ("steps",):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
         for name in ("lr", "clamp_norm_factor", "stats_tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
