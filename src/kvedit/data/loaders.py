@@ -198,7 +198,14 @@ def _from_counterfact(record: Mapping[str, Any], index: int) -> EditRequest:
         neighborhood_prompts=_get_strs(record, "neighborhood_prompts"),
         generation_prompts=_get_strs(record, "generation_prompts"),
         case_id=_get(record, "case_id", (int, str)),
+        attribute=_attribute(record),
     )
+
+
+def _attribute(record: Mapping[str, Any]) -> str | None:
+    rewrite = record.get("requested_rewrite", {})
+    relation, target = rewrite.get("relation_id"), rewrite.get("target_new", {}).get("id")
+    return f"{relation}/{target}" if relation and target else None
 
 
 def _from_easyedit(record: Mapping[str, Any], index: int) -> EditRequest:

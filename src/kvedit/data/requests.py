@@ -25,6 +25,8 @@ class EditRequest:
     generation_prompts: open prompts for fluency / consistency.
     neighborhood_target: the answer neighborhood prompts must keep when it is not
         `target_true` (zsRE's `loc_ans`); None means `target_true`.
+    attribute: `"relation_id/target_new_id"` (CounterFact's ids), the key of the attribute
+        snippets that consistency compares generations with.
     """
 
     prompt: str
@@ -36,6 +38,7 @@ class EditRequest:
     generation_prompts: tuple[str, ...] = ()
     neighborhood_target: str | None = None
     case_id: str | int | None = None
+    attribute: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts"):

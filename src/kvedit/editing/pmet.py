@@ -25,7 +25,7 @@ from ..models.lm import LM
 from .context import MEMIT_TEMPLATES, context_templates
 from .delta import WeightDelta, WeightGuard
 from .memit import MEMITHyperParams, Spread, Target, _metadata, distribute, summarize_records
-from .targets import TargetOptions, optimize_targets
+from .targets import TargetOptions, optimize_with_progress
 
 
 @dataclass(frozen=True)
@@ -82,18 +82,13 @@ def pmet_edit(lm: LM, requests: Sequence[EditRequest], hparams: PMETHyperParams)
         names += [f"{lm.attn_out_path(l)}.weight" for l in layers]
     start = time.perf_counter()
     with WeightGuard(lm, names) as guard:
-        goals: dict[Any, list[torch.Tensor]] = {s: [] for s in sites}
-        steps = 0
-        for request in requests:
-            vectors, n = optimize_targets(lm, request, sites, templates, hparams.target_options())
-            steps += n
-            for site, (init, delta) in vectors.items():
-                goals[site].append(init + delta)
-        targets = [Target(lm.values_path, "coefficients", "values", ffn_site, torch.stack(goals[ffn_site]))]
+        vectors, steps = optimize_with_progress(lm, requests, sites, templates, hparams.target_options())
+        goals = {s: torch.stack([v[s][0] + v[s][1] for v in vectors]) for s in sites}
+        targets = [Target(lm.values_path, "coefficients", "values", ffn_site, goals[ffn_site])]
         if hparams.update_attn:
-            targets.append(Target(lm.attn_out_path, "attn_heads", "attn_out", attn_site, torch.stack(goals[attn_site])))
+            targets.append(Target(lm.attn_out_path, "attn_heads", "attn_out", attn_site, goals[attn_site]))
         distribute(lm, requests, layers, targets, hparams, hparams.spread, templates)
-        metadata["result"] = {"steps": steps, "time_s": time.perf_counter() - start,
+        metadata["result"] = {"steps": sum(steps), "time_s": time.perf_counter() - start,
                               "layers": summarize_records(targets)}
         delta = guard.finish(metadata)
     delta.records = {t.measure_site[0]: t.records for t in targets}

@@ -23,7 +23,6 @@ from ..data.requests import EditRequest
 from ..models.lm import LM
 from .context import ROME_TEMPLATES, context_templates
 from .delta import WeightDelta, WeightGuard
-from .presets import make_hparams
 from .stats import key_statistics
 from .targets import TargetOptions, optimize_targets, subject_keys
 
@@ -104,9 +103,9 @@ def rome_edit(lm: LM, requests: Sequence[EditRequest], hparams: ROMEHyperParams)
         for request in requests:
             key = subject_keys(lm, layer, [request], flat)[0]
             site = ("ffn_out", layer)
-            vectors, steps = optimize_targets(lm, request, [site], templates, hp.target_options())
-            init, delta = vectors[site]
-            total_steps += steps
+            vectors, steps = optimize_targets(lm, [request], [site], templates, hp.target_options())
+            init, delta = vectors[0][site]
+            total_steps += steps[0]
             with torch.no_grad():
                 current = module(key[None].to(module.weight.dtype))[0].float()
                 u = key.double() if c_inv is None else c_inv @ key.double()

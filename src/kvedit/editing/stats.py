@@ -9,7 +9,6 @@ in the model's dtype and added to the float64 sum.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from collections.abc import Iterator, Sequence

@@ -10,11 +10,12 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..data.requests import EditRequest
 from ..evaluation.scoring import encode_target
@@ -145,69 +146,173 @@ class SplitBatch:
         return out.last_hidden_state
 
 
-def optimize_targets(
-    lm: LM, request: EditRequest, sites: Sequence[Site], templates: list[list[str]], opts: TargetOptions
-) -> tuple[dict[Site, tuple[torch.Tensor, torch.Tensor]], int]:
-    """Optimise one δ per site for `request`; returns ({site: (init `[d]`, δ `[d]`)}, steps taken).
+@dataclass
+class _RequestRows:
+    """One request's rows: a row per context template, then the KL row "{subject} is a"."""
 
-    The loss is the mean NLL of target_new after every context template, plus `kl_factor`·KL of
-    the next-token distribution at the subject of "{subject} is a" (edited ‖ original), plus the
-    decay terms. The model's weights are not changed. Tokens before the subject's last token do
-    not depend on δ, so they are computed once (see `SplitBatch`).
-    """
-    if lm.arch.objective != "causal":
-        raise ValueError(f"{lm.arch.family} is a masked LM; ROME/MEMIT/PMET edit causal language models")
-    tok = lm.tokenizer
-    contexts = [c for group in templates for c in group]
-    rows = [encode_target(lm, _filled(c, request).replace("{}", request.subject), request.target_new) for c in contexts]
+    input_ids: list[list[int]]
+    lookups: list[int]
+    positions: list[list[int]]  # target token positions per context row
+    target_ids: list[int]
+
+
+def _request_rows(lm: LM, request: EditRequest, contexts: Sequence[str]) -> _RequestRows:
+    rows = [encode_target(lm, _filled(c, request).replace("{}", request.subject), request.target_new)
+            for c in contexts]
     if len({r.target_ids for r in rows}) != 1:
         raise ValueError(f"target {request.target_new!r} tokenises differently after different context templates")
     lookups = [subject_position(lm, _filled(c, request), request.subject) for c in contexts]
     kl_template = "{} is a"
-    kl_ids = tok(kl_template.format(request.subject))["input_ids"]
-    lookups.append(subject_position(lm, kl_template, request.subject))
-    batch = SplitBatch(lm, [r.input_ids for r in rows] + [kl_ids], lookups)
-    # target positions relative to each row's lookup token; the KL is read at the lookup itself
-    pos = (torch.tensor([r.positions for r in rows]) - torch.tensor(lookups[:-1])[:, None]).to(lm.device)
-    target_ids = torch.tensor(rows[0].target_ids, device=lm.device)
-    at_lookup = torch.zeros(len(lookups), dtype=torch.long)
+    kl_ids = lm.tokenizer(kl_template.format(request.subject))["input_ids"]
+    return _RequestRows(
+        input_ids=[list(r.input_ids) for r in rows] + [list(kl_ids)],
+        lookups=lookups + [subject_position(lm, kl_template, request.subject)],
+        positions=[list(r.positions) for r in rows],
+        target_ids=list(rows[0].target_ids),
+    )
 
-    deltas = {site: torch.zeros(lm.d_model, device=lm.device, requires_grad=True) for site in sites}
-    inits: dict[Site, torch.Tensor] = {}
+
+class _Group:
+    """The rows of several requests as one `SplitBatch`, with the index maps the loss needs."""
+
+    def __init__(self, lm: LM, items: Sequence[_RequestRows], owners: Sequence[int]) -> None:
+        self.owners = list(owners)  # request index per item
+        input_ids, lookups, self.row_owner, self.kl_rows, self.first_rows = [], [], [], [], []
+        ctx_rows, rel_pos, tgt = [], [], []
+        for k, item in enumerate(items):
+            self.first_rows.append(len(input_ids))
+            for ids, lookup, pos in zip(item.input_ids, item.lookups, item.positions):
+                ctx_rows.append(len(input_ids))
+                rel_pos.append([p - lookup for p in pos])
+                tgt.append(item.target_ids)
+                input_ids.append(ids)
+                lookups.append(lookup)
+                self.row_owner.append(k)
+            self.kl_rows.append(len(input_ids))
+            input_ids.append(item.input_ids[-1])
+            lookups.append(item.lookups[-1])
+            self.row_owner.append(k)
+        self.batch = SplitBatch(lm, input_ids, lookups)
+        width = max(len(t) for t in tgt)
+        device = lm.device
+        self.ctx_rows = torch.tensor(ctx_rows, device=device)
+        self.ctx_owner = torch.tensor([self.row_owner[r] for r in ctx_rows], device=device)
+        self.rel_pos = torch.tensor([p + [p[-1]] * (width - len(p)) for p in rel_pos], device=device)
+        self.targets = torch.tensor([t + [0] * (width - len(t)) for t in tgt], device=device)
+        self.target_mask = torch.tensor([[1.0] * len(t) + [0.0] * (width - len(t)) for t in tgt], device=device)
+        self.row_owner_t = torch.tensor(self.row_owner, device=device)
+        self.at_lookup = torch.zeros(len(input_ids), dtype=torch.long)
+
+
+def optimize_targets(
+    lm: LM, requests: Sequence[EditRequest], sites: Sequence[Site], templates: list[list[str]], opts: TargetOptions,
+    group_size: int = 8, progress: Callable[[int], None] | None = None,
+) -> tuple[list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
+    """Optimise one δ per site and request; returns ([{site: (init `[d]`, δ `[d]`)}] per request, steps).
+
+    Each request's loss is the mean NLL of target_new after every context template, plus
+    `kl_factor`·KL of the next-token distribution at the subject of "{subject} is a" (edited ‖
+    original), plus the decay terms. Requests are independent (each δ sees only its own rows), so
+    `group_size` of them share one batched pass; a request that meets its stopping rule leaves the
+    batch. The model's weights are not changed. Tokens before the subject's last token do not
+    depend on δ, so they are computed once (see `SplitBatch`). `progress` is called with the number
+    of requests finished.
+    """
+    if lm.arch.objective != "causal":
+        raise ValueError(f"{lm.arch.family} is a masked LM; ROME/MEMIT/PMET edit causal language models")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    contexts = [c for group in templates for c in group]
+    items = [_request_rows(lm, r, contexts) for r in requests]
+    results: list[dict[Site, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in requests]
+    steps = [0] * len(requests)
+    lm.model.requires_grad_(False)
+    for start in range(0, len(requests), group_size):
+        owners = list(range(start, min(start + group_size, len(requests))))
+        _optimize_group(lm, items, owners, sites, opts, results, steps)
+        if progress is not None:
+            progress(len(owners))
+    return results, steps
+
+
+def _optimize_group(
+    lm: LM, items: Sequence[_RequestRows], owners: list[int], sites: Sequence[Site], opts: TargetOptions,
+    results: list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], steps: list[int],
+) -> None:
+    """Optimise the δs of requests `owners` together, writing `results` and `steps` in place."""
+    deltas = {(i, s): torch.zeros(lm.d_model, device=lm.device, requires_grad=True) for i in owners for s in sites}
     optimizer = torch.optim.Adam(list(deltas.values()), lr=opts.lr)
     head = lm.model.get_output_embeddings()
-    kl_init = None
-    nll_factor = 1.0
-    lm.model.requires_grad_(False)
+    inits: dict[tuple[int, Site], torch.Tensor] = {}
+    kl_init: dict[int, torch.Tensor] = {}
+    nll_factor = {i: 1.0 for i in owners}
+    active = list(owners)
+    group = _Group(lm, [items[i] for i in active], active)
     for step in range(opts.steps):
-        additions = {site: Addition(delta, at_lookup) for site, delta in deltas.items()}
-        with Trace(lm, read=list(sites), add=additions, positions=at_lookup) as tr:
-            hidden = batch.forward_suffix()
-        if not inits:  # the sites' own values for the bare prompt, before any δ (δ is 0 at step 0)
-            inits = {site: tr[site][0].float() for site in sites}
-        r = torch.arange(len(rows), device=lm.device)[:, None]
-        logprobs = F.log_softmax(head(hidden[r, pos]).float(), -1)
-        nll_each = -logprobs.gather(-1, target_ids.expand(len(rows), -1)[..., None])[..., 0].mean(1)
-        kl_logprobs = F.log_softmax(head(hidden[-1, 0]).float(), -1)
-        if kl_init is None:
-            kl_init = kl_logprobs.detach()
-        kl = F.kl_div(kl_init, kl_logprobs, log_target=True, reduction="sum")
-        decay = sum(deltas[s].norm() / inits[s].norm() ** 2 for s in sites)
-        loss = nll_factor * nll_each.mean() + opts.kl_factor * kl + opts.weight_decay * decay
-        loss_value = check_finite(float(loss.detach()), "the target optimisation loss")
-        if loss_value < opts.early_stop_loss or step == opts.steps - 1:
+        if len(active) < len(group.owners):  # finished requests leave the batch
+            group = _Group(lm, [items[i] for i in active], active)
+        n = len(active)
+        additions = {
+            s: Addition(torch.stack([deltas[(active[k], s)] for k in group.row_owner]), group.at_lookup)
+            for s in sites
+        }
+        with Trace(lm, read=list(sites), add=additions, positions=group.at_lookup) as tr:
+            hidden = group.batch.forward_suffix()
+        for k, i in enumerate(active):  # the sites' own values for the bare prompt, before any δ
+            for s in sites:
+                inits.setdefault((i, s), tr[s][group.first_rows[k]].float())
+        logprobs = F.log_softmax(head(hidden[group.ctx_rows[:, None], group.rel_pos]).float(), -1)
+        token_nll = -logprobs.gather(-1, group.targets[..., None])[..., 0]
+        row_nll = (token_nll * group.target_mask).sum(1) / group.target_mask.sum(1)
+        counts = torch.zeros(n, device=lm.device).index_add_(0, group.ctx_owner, torch.ones_like(row_nll))
+        nll = torch.zeros(n, device=lm.device).index_add_(0, group.ctx_owner, row_nll) / counts
+        kl_logprobs = F.log_softmax(head(hidden[torch.tensor(group.kl_rows), 0]).float(), -1)
+        for k, i in enumerate(active):
+            kl_init.setdefault(i, kl_logprobs[k].detach())
+        kl = torch.stack([F.kl_div(kl_init[i], kl_logprobs[k], log_target=True, reduction="sum")
+                          for k, i in enumerate(active)])
+        decay = torch.stack([sum(deltas[(i, s)].norm() / inits[(i, s)].norm() ** 2 for s in sites) for i in active])
+        factors = torch.tensor([nll_factor[i] for i in active], device=lm.device)
+        losses = factors * nll + opts.kl_factor * kl + opts.weight_decay * decay
+        loss_values = losses.detach().tolist()
+        check_finite(sum(loss_values), "the target optimisation loss")
+        hit = (logprobs.argmax(-1) == group.targets) | (group.target_mask == 0)
+        row_hit = hit.all(1).float()
+        argmax_all = torch.zeros(n, device=lm.device).index_add_(0, group.ctx_owner, row_hit) == counts
+        finished = []
+        for k, i in enumerate(active):
+            done = loss_values[k] < opts.early_stop_loss or step == opts.steps - 1
+            if opts.pmet_schedule and not done:
+                nll_factor[i] = 0.1 if bool(argmax_all[k]) else 1.0
+                done = bool(argmax_all[k]) and opts.kl_factor * float(kl[k].detach()) <= 0.01
+            if done:
+                finished.append(i)
+                steps[i] = step
+                results[i] = {s: (inits[(i, s)].detach(), deltas[(i, s)].detach().clone()) for s in sites}
+        still = [k for k, i in enumerate(active) if i not in finished]
+        if not still:
             break
-        if opts.pmet_schedule:
-            argmax_all = bool((logprobs.argmax(-1) == target_ids).all())
-            nll_factor = 0.1 if argmax_all else 1.0
-            if argmax_all and opts.kl_factor * float(kl.detach()) <= 0.01:
-                break
-        optimizer.zero_grad()
-        loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        losses[still].sum().backward()
+        for i in finished:  # no gradient: Adam leaves these δs alone
+            for s in sites:
+                deltas[(i, s)].grad = None
         optimizer.step()
         with torch.no_grad():
-            for site, delta in deltas.items():
-                limit = opts.clamp_norm_factor * inits[site].norm()
-                if delta.norm() > limit:
-                    delta.mul_(limit / delta.norm())
-    return {site: (inits[site].detach(), deltas[site].detach()) for site in sites}, step
+            for k in still:
+                for s in sites:
+                    delta, init = deltas[(active[k], s)], inits[(active[k], s)]
+                    limit = opts.clamp_norm_factor * init.norm()
+                    if delta.norm() > limit:
+                        delta.mul_(limit / delta.norm())
+        active = [active[k] for k in still]
+
+
+def optimize_with_progress(
+    lm: LM, requests: Sequence[EditRequest], sites: Sequence[Site], templates: list[list[str]], opts: TargetOptions,
+    group_size: int = 8,
+) -> tuple[list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
+    """`optimize_targets` with a progress bar when there is more than one group of requests."""
+    with tqdm(total=len(requests), desc="target vectors", unit="request", leave=False,
+              disable=len(requests) <= group_size) as bar:
+        return optimize_targets(lm, requests, sites, templates, opts, group_size, progress=bar.update)

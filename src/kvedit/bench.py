@@ -1,0 +1,349 @@
+"""`kvedit bench`: edit, evaluate and revert over a dataset, one JSON line per case as it goes.
+
+Layout of the output folder::
+
+    config.json      settings that must match for a run to resume (dataset, filter, statistics, model)
+    known.json       the known-fact filter's result (kept case ids, counts)
+    cases.jsonl      one record per (run, case); appended and flushed after every batch
+    patches/<run>/   sequential runs only: each batch's WeightDelta, re-applied on resume
+    summary.json     per run: every metric's mean, 95 % interval and count, edit time; paired comparisons
+    summary.csv      the same means as rows
+    table.md         the seed's Table 1/3 layout
+
+A killed run resumes from cases.jsonl: finished (run, case) pairs are not redone; a partly written
+last line is dropped. Growing `n` or adding methods reuses everything already measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .data.download import resolve_dataset
+from .data.loaders import DatasetError, load_requests
+from .data.requests import EditRequest
+from .editing.delta import WeightDelta
+from .editing.registry import METHODS, edit
+from .evaluation.counterfact import counterfact_case_metrics
+from .evaluation.generation import AttributeSnippets, generation_case_metrics, load_attribute_snippets
+from .evaluation.scoring import target_nll
+from .evaluation.summary import SUITES, Suite, compare_runs, markdown_table, summarize_run, summary_csv
+from .evaluation.zsre import zsre_case_metrics
+from .models.lm import LM
+
+#: `--preset table3`: the seed's Table 3 protocol, FT on keys vs values with 1 and 10 counterfacts per edit.
+PRESETS: dict[str, dict[str, Any]] = {
+    "table3": {"methods": ("ft-keys", "ft-values"), "batch_sizes": (1, 10)},
+}
+
+
+class BenchError(ValueError):
+    """A bench setting is invalid or conflicts with the run already in the output folder."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One method at one setting; `key` names it in cases.jsonl and the tables."""
+
+    method: str
+    batch_size: int = 1
+    layer: int | None = None  # None: the method's preset layers
+    sequential: bool = False
+
+    @property
+    def key(self) -> str:
+        name = self.method if self.layer is None else f"{self.method}@L{self.layer}"
+        if self.batch_size > 1 or self.sequential:
+            name += f" x{self.batch_size}"
+        return name + (" seq" if self.sequential else "")
+
+    def overrides(self) -> dict[str, Any]:
+        return {} if self.layer is None else {"layers": [self.layer]}
+
+
+@dataclass
+class BenchConfig:
+    """What to run. `dataset`: an official name (counterfact, multi_counterfact, zsre) or a path."""
+
+    dataset: str
+    methods: tuple[str, ...]
+    n: int | None = None
+    batch_sizes: tuple[int, ...] = (1,)
+    sequential: bool = False
+    known_only: bool = False
+    layers: tuple[int, ...] | None = None
+    stats_source: str | None = None
+    stats_tokens: int | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # hparam overrides for every method
+
+    def specs(self) -> list[RunSpec]:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise BenchError(f"--methods: unknown {unknown or 'none given'}; expected some of {sorted(METHODS)}")
+        if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
+            raise BenchError(f"--batch-size must be positive integers, got {list(self.batch_sizes)}")
+        if self.n is not None and self.n < 1:
+            raise BenchError(f"--n must be >= 1, got {self.n}")
+        layers: Sequence[int | None] = self.layers or (None,)
+        return [RunSpec(m, b, layer, self.sequential) for b in self.batch_sizes for m in self.methods for layer in layers]
+
+    def resume_key(self, lm: LM) -> dict[str, Any]:
+        """Settings that change every number: a folder holding other values cannot be resumed."""
+        dataset = str(self.dataset)
+        if Path(dataset).expanduser().exists():
+            dataset = str(Path(dataset).expanduser().resolve())
+        return {"dataset": dataset, "known_only": self.known_only, "stats_source": self.stats_source,
+                "stats_tokens": self.stats_tokens, "seed": self.seed, "extra": self.extra,
+                "model": lm.name, "model_fingerprint": lm.fingerprint()}
+
+
+def load_cases_file(path: Path) -> list[dict[str, Any]]:
+    """Records of cases.jsonl; a truncated last line (a killed write) is dropped with a warning."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise BenchError(f"{path} line {i + 1} is not JSON; the file is damaged") from None
+            warnings.warn(f"{path}: dropped a partly written last line (interrupted run)", stacklevel=2)
+    return records
+
+
+def _append(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Append records as JSON lines and flush them to disk (a finished batch is never lost).
+
+    A torn last line left by a killed run is cut off first."""
+    if not records:
+        return
+    if path.exists() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    with path.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def known_filter(lm: LM, requests: Sequence[EditRequest], batch_size: int = 32) -> list[bool]:
+    """Per request: does the unedited model prefer target_true to target_new on the rewrite prompt
+    (P(true) > P(new), i.e. lower mean NLL)?"""
+    if any(r.target_true is None for r in requests):
+        raise BenchError("--known-only needs target_true for every case (CounterFact); this dataset has none")
+    prompts = [r.rewrite_prompt for r in requests]
+    new = target_nll(lm, prompts, [r.target_new for r in requests], batch_size)
+    true = target_nll(lm, prompts, [r.target_true for r in requests], batch_size)
+    return (true < new).tolist()
+
+
+class Bench:
+    """A benchmark over one output folder; `run()` executes whatever is not yet in cases.jsonl."""
+
+    def __init__(self, lm: LM, config: BenchConfig, out: str | Path, progress: bool = True) -> None:
+        self.lm, self.config, self.out, self.progress = lm, config, Path(out), progress
+        self.specs = config.specs()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_resume()
+        path, fmt = resolve_dataset(config.dataset)
+        self.requests = load_requests(path, fmt, skip_invalid=True)
+        if not self.requests:
+            raise BenchError(f"dataset {config.dataset} has no records")
+        self.suite: Suite = SUITES["zsre" if all(r.target_true is None for r in self.requests) else "counterfact"]
+        self.cases, self.filter_info = self._select_cases()
+        self.cases_file = self.out / "cases.jsonl"
+        self.snippets = self._snippets()
+
+    def _snippets(self) -> AttributeSnippets | None:
+        """Consistency resources when the cases have generation prompts and attribute ids."""
+        if not any(c.generation_prompts and c.attribute for c in self.cases):
+            return None
+        try:
+            return load_attribute_snippets()
+        except (DatasetError, OSError) as e:
+            warnings.warn(f"consistency is not computed (absent in the results): {e}", stacklevel=2)
+            return None
+
+    def _check_resume(self) -> None:
+        key = self.config.resume_key(self.lm)
+        path = self.out / "config.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            diff = sorted(k for k in key if old.get(k) != key[k])
+            if diff:
+                raise BenchError(
+                    f"{self.out} holds a run with other settings ({', '.join(diff)}: "
+                    f"{[old.get(k) for k in diff]} vs {[key[k] for k in diff]}); use another --out"
+                )
+        path.write_text(json.dumps(key, indent=2) + "\n")
+
+    def _select_cases(self) -> tuple[list[EditRequest], dict[str, Any]]:
+        requests, n = self.requests, self.config.n
+        info: dict[str, Any] = {"dataset_records": len(requests)}
+        if self.config.known_only:
+            path = self.out / "known.json"
+            if path.exists():
+                kept_ids = json.loads(path.read_text())["kept_case_ids"]
+            else:
+                flags = known_filter(self.lm, requests)
+                kept_ids = [r.case_id for r, keep in zip(requests, flags) if keep]
+                path.write_text(json.dumps({"scored": len(requests), "kept": len(kept_ids),
+                                            "kept_case_ids": kept_ids}) + "\n")
+            kept = set(kept_ids)
+            requests = [r for r in requests if r.case_id in kept]
+            info |= {"known_kept": len(requests), "known_fraction": len(requests) / len(self.requests)}
+        if n is not None and n > len(requests):
+            warnings.warn(f"--n {n} but only {len(requests)} cases are available; using them all", stacklevel=2)
+        cases = list(requests[:n])
+        info["cases"] = len(cases)
+        return cases, info
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:
+        """The suite's per-case metrics, with fluency/consistency where the cases have generation prompts."""
+        if self.suite.name == "zsre":
+            cases = zsre_case_metrics(self.lm, requests)
+        else:
+            cases = counterfact_case_metrics(self.lm, requests)
+            generated = generation_case_metrics(self.lm, requests, seed=self.config.seed, snippets=self.snippets)
+            cases = [c | g for c, g in zip(cases, generated)]
+        return cases
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> dict[str, Any]:
+        """Run all missing work, then write and return the summary."""
+        done = {(r["run"], r["case_id"]) for r in load_cases_file(self.cases_file)}
+        if any(("unedited", c.case_id) not in done for c in self.cases):
+            todo = [c for c in self.cases if ("unedited", c.case_id) not in done]
+            records = [m | {"run": "unedited", "method": "unedited"} for m in self.evaluate(todo)]
+            _append(self.cases_file, records)
+        for spec in tqdm(self.specs, desc="runs", unit="run", disable=not self.progress or len(self.specs) == 1):
+            if spec.sequential:
+                self._run_sequential(spec, done)
+            else:
+                self._run_batches(spec, done)
+        return self.write_summary()
+
+    def _batches(self, spec: RunSpec) -> list[list[EditRequest]]:
+        b = spec.batch_size
+        return [self.cases[i : i + b] for i in range(0, len(self.cases), b)]
+
+    def _edit_kwargs(self, spec: RunSpec) -> dict[str, Any]:
+        kwargs = dict(self.config.extra) | spec.overrides()
+        if not spec.method.startswith("ft-"):
+            if self.config.stats_source is not None:
+                kwargs["stats_source"] = self.config.stats_source
+            if self.config.stats_tokens is not None:
+                kwargs["stats_tokens"] = self.config.stats_tokens
+        return kwargs
+
+    def _records(self, spec: RunSpec, batch: Sequence[EditRequest], delta: WeightDelta, elapsed: float,
+                 index: int, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        base = {"run": spec.key, "method": spec.method, "layer": spec.layer, "batch_size": len(batch),
+                "sequential": spec.sequential, "batch": index, "time_s": elapsed,
+                "steps": delta.metadata.get("result", {}).get("steps")} | (extra or {})
+        return [m | base for m in self.evaluate(batch)]
+
+    def _run_batches(self, spec: RunSpec, done: set[tuple[str, Any]]) -> None:
+        batches = [(i, b) for i, b in enumerate(self._batches(spec))
+                   if any((spec.key, r.case_id) not in done for r in b)]
+        for index, batch in tqdm(batches, desc=spec.key, unit="batch", disable=not self.progress, leave=False):
+            start = time.perf_counter()
+            delta = edit(self.lm, batch, spec.method, **self._edit_kwargs(spec))
+            elapsed = time.perf_counter() - start
+            try:
+                records = self._records(spec, batch, delta, elapsed, index)
+            finally:
+                delta.revert(self.lm)
+            _append(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
+
+    def _run_sequential(self, spec: RunSpec, done: set[tuple[str, Any]]) -> None:
+        """Batches applied one after another; after each, the batch's cases are scored and every
+        earlier case's efficacy is re-checked (`history` records). Saved patches make it resumable."""
+        patch_dir = self.out / "patches" / spec.key.replace(" ", "_")
+        patch_dir.mkdir(parents=True, exist_ok=True)
+        applied: list[WeightDelta] = []
+        try:
+            for index, batch in enumerate(tqdm(self._batches(spec), desc=spec.key, unit="batch",
+                                               disable=not self.progress, leave=False)):
+                patch = patch_dir / f"batch-{index:05d}.safetensors"
+                if patch.exists() and all((spec.key, r.case_id) in done for r in batch):
+                    saved = WeightDelta.load(patch)
+                    saved.apply(self.lm)
+                    applied.append(saved)
+                    continue
+                start = time.perf_counter()
+                delta = edit(self.lm, batch, spec.method, **self._edit_kwargs(spec))
+                elapsed = time.perf_counter() - start
+                applied.append(delta)
+                earlier = [r for b in self._batches(spec)[:index] for r in b]
+                history = {"n_edited": len(earlier) + len(batch)}
+                if earlier:
+                    kept = self.evaluate(earlier)
+                    key = self.suite.score_of[0]
+                    history["earlier_efficacy"] = 100.0 * sum(c[key] for c in kept) / len(kept)
+                records = self._records(spec, batch, delta, elapsed, index, history)
+                delta.save(patch)
+                _append(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
+        finally:
+            for delta in reversed(applied):
+                delta.revert(self.lm)
+
+    # ------------------------------------------------------------------ summaries
+
+    def runs(self) -> dict[str, list[dict[str, Any]]]:
+        """Records per run for the selected cases, first record per case (in case order)."""
+        order = {c.case_id: i for i, c in enumerate(self.cases)}
+        runs: dict[str, dict[Any, dict[str, Any]]] = {}
+        for record in load_cases_file(self.cases_file):
+            if record["case_id"] in order:
+                runs.setdefault(record["run"], {}).setdefault(record["case_id"], record)
+        # this config's runs first, then any other run the folder holds (earlier invocations)
+        wanted = list(dict.fromkeys(["unedited", *(s.key for s in self.specs), *runs]))
+        return {name: sorted(runs[name].values(), key=lambda r: order[r["case_id"]])
+                for name in wanted if name in runs}
+
+    def write_summary(self) -> dict[str, Any]:
+        runs = self.runs()
+        specs = {s.key: s for s in self.specs}
+        summaries = {}
+        for name, records in runs.items():
+            spec = specs.get(name)
+            first = records[0]
+            setting = asdict(spec) if spec else {k: first.get(k) for k in ("method", "layer", "batch_size", "sequential")}
+            summaries[name] = summarize_run(records, self.suite, seed=self.config.seed) | setting
+        complete = all(len(r) == len(self.cases) for r in runs.values())
+        edited = {k: v for k, v in runs.items() if k != "unedited"}
+        summary = {
+            "model": self.lm.name, "dataset": self.config.dataset, "suite": self.suite.name,
+            "cases": self.filter_info, "complete": complete, "runs": summaries,
+            "comparisons": compare_runs(edited, self.suite, seed=self.config.seed),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.out / "summary.csv").write_text(summary_csv(summaries))
+        (self.out / "table.md").write_text(self.title() + "\n\n" + markdown_table(summaries, self.suite))
+        return summary
+
+    def title(self) -> str:
+        info = self.filter_info
+        known = f", known to the unedited model ({info['known_kept']} of {info['dataset_records']})" \
+            if "known_kept" in info else ""
+        return f"{self.suite.name} on {self.lm.name}: {info['cases']} cases{known}; means × 100, ± half the 95 % interval"
+

@@ -1,0 +1,194 @@
+"""`kvedit bench` and `kvedit report` on a tiny model: files written, resume after a kill, the
+known-fact filter, sequential runs, restored weights, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kvedit.bench as bench_module
+from kvedit.bench import Bench, BenchConfig, BenchError, known_filter, load_cases_file
+from kvedit.cli import main
+from kvedit.data.download import download, resolve_dataset
+from kvedit.data.loaders import DatasetError, load_requests
+from kvedit.evaluation import target_nll
+from tiny_models import tiny_lm
+
+FACTS = [
+    ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
+    ("{} is located in the city of", "the colosseum", "london", "rome"),
+    ("{} is the capital of", "berlin", "spain", "germany"),
+    ("{} is located in the city of", "big ben", "madrid", "london"),
+    ("the official language of {} is", "france", "german", "french"),
+]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "facts.json"
+    records = [{"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": i,
+                "paraphrase_prompts": [f"{s} lies in"], "neighborhood_prompts": ["the louvre is located in"]}
+               for i, (p, s, n, t) in enumerate(FACTS)]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _weights(lm):
+    return {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _count_edits(monkeypatch):
+    calls = []
+    real = bench_module.edit
+
+    def counting(lm, requests, method, **kw):
+        calls.append([r.case_id for r in requests])
+        return real(lm, requests, method, **kw)
+
+    monkeypatch.setattr(bench_module, "edit", counting)
+    return calls
+
+
+def test_bench_writes_results_and_resumes_after_a_kill(tiny_llama, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    config = BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=4)
+    before = _weights(tiny_llama)
+    summary = Bench(tiny_llama, config, out, progress=False).run()
+    assert _same(before, _weights(tiny_llama))  # every edit reverted
+    records = load_cases_file(out / "cases.jsonl")
+    assert sorted((r["run"], r["case_id"]) for r in records) == sorted(
+        [("unedited", i) for i in range(4)] + [("ft-keys", i) for i in range(4)])
+    run = summary["runs"]["ft-keys"]
+    assert run["n"] == 4 and run["metrics"]["efficacy_success"]["count"] == 4
+    assert run["metrics"]["fluency"]["mean"] is None  # no generation prompts: absent
+    assert summary["complete"] and (out / "summary.csv").exists() and "| ft-keys" in (out / "table.md").read_text()
+    full = json.loads((out / "summary.json").read_text())
+
+    # a kill mid-write: the last two ft-keys records are lost and a torn line is left behind
+    lines = (out / "cases.jsonl").read_text().splitlines()
+    (out / "cases.jsonl").write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:25])
+    calls = _count_edits(monkeypatch)
+    with pytest.warns(UserWarning, match="partly written"):
+        Bench(tiny_llama, config, out, progress=False).run()
+    assert calls == [[2], [3]]  # only the missing cases are edited again
+    records = load_cases_file(out / "cases.jsonl")
+    assert len(records) == 8
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["runs"]["ft-keys"]["n"] == 4
+    assert resumed["runs"]["unedited"] == full["runs"]["unedited"]
+
+    # growing n reuses what is there
+    calls.clear()
+    Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=5), out, progress=False).run()
+    assert calls == [[4]]
+
+
+def test_bench_refuses_a_folder_with_other_settings(tiny_llama, dataset, tmp_path):
+    out = tmp_path / "run"
+    Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=1), out, progress=False).run()
+    with pytest.raises(BenchError, match="known_only"):
+        Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=1, known_only=True), out)
+
+
+def test_known_filter_compares_true_and_new(tiny_llama, dataset, tmp_path):
+    requests = load_requests(dataset)
+    flags = known_filter(tiny_llama, requests)
+    prompts = [r.rewrite_prompt for r in requests]
+    new = target_nll(tiny_llama, prompts, [r.target_new for r in requests])
+    true = target_nll(tiny_llama, prompts, [r.target_true for r in requests])
+    assert flags == [bool(t < n) for t, n in zip(true, new)]
+    bench = Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), known_only=True),
+                  tmp_path / "known", progress=False)
+    assert [r.case_id for r in bench.cases] == [r.case_id for r, keep in zip(requests, flags) if keep]
+    assert bench.filter_info["known_kept"] == sum(flags)
+
+
+def test_sequential_bench_keeps_patches_and_restores_weights(tiny_llama, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "seq"
+    config = BenchConfig(dataset=str(dataset), methods=("ft-values",), n=4, batch_sizes=(2,), sequential=True)
+    before = _weights(tiny_llama)
+    Bench(tiny_llama, config, out, progress=False).run()
+    assert _same(before, _weights(tiny_llama))
+    records = [r for r in load_cases_file(out / "cases.jsonl") if r["run"] != "unedited"]
+    assert [r["n_edited"] for r in records] == [2, 2, 4, 4]
+    assert "earlier_efficacy" in records[-1] and "earlier_efficacy" not in records[0]
+    assert len(list((out / "patches").rglob("*.safetensors"))) == 2
+    calls = _count_edits(monkeypatch)
+    Bench(tiny_llama, config, out, progress=False).run()  # all done: patches re-applied, nothing edited
+    assert calls == [] and _same(before, _weights(tiny_llama))
+
+
+def test_failure_keeps_finished_cases_and_weights(tiny_llama, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "fail"
+    real = bench_module.edit
+    calls = []
+
+    def flaky(lm, requests, method, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(lm, requests, method, **kw)
+
+    monkeypatch.setattr(bench_module, "edit", flaky)
+    before = _weights(tiny_llama)
+    with pytest.raises(RuntimeError, match="boom"):
+        Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=4), out, progress=False).run()
+    assert _same(before, _weights(tiny_llama))
+    assert [r["case_id"] for r in load_cases_file(out / "cases.jsonl") if r["run"] == "ft-keys"] == [0, 1]
+
+
+def test_bad_settings_are_clear_errors(tiny_llama, dataset, tmp_path):
+    with pytest.raises(BenchError, match="--methods"):
+        BenchConfig(dataset=str(dataset), methods=("ft-everything",)).specs()
+    with pytest.raises(BenchError, match="--batch-size"):
+        BenchConfig(dataset=str(dataset), methods=("ft-keys",), batch_sizes=(0,)).specs()
+    zsre = tmp_path / "zsre.json"
+    zsre.write_text(json.dumps([{"subject": "rome", "src": "where is rome?", "answers": ["italy"], "rephrase": "rome is in?",
+                                 "loc": "nq question: who is", "loc_ans": "paris"}]))
+    with pytest.raises(BenchError, match="target_true"):
+        Bench(tiny_llama, BenchConfig(dataset=str(zsre), methods=("ft-keys",), known_only=True), tmp_path / "z")
+    with pytest.raises(DatasetError, match="neither a file nor an official name"):
+        resolve_dataset("no-such-dataset")
+
+
+def test_zsre_bench_reports_token_accuracy(tiny_llama, tmp_path):
+    zsre = tmp_path / "zsre.json"
+    zsre.write_text(json.dumps([{"subject": "rome", "src": "where is rome?", "answers": ["italy"],
+                                 "rephrase": "rome is in?", "loc": "nq question: who is", "loc_ans": "paris"}]))
+    summary = Bench(tiny_llama, BenchConfig(dataset=str(zsre), methods=("ft-keys",)), tmp_path / "z",
+                    progress=False).run()
+    assert summary["suite"] == "zsre"
+    assert summary["runs"]["ft-keys"]["metrics"]["efficacy_accuracy"]["mean"] == 100.0
+
+
+def test_download_failure_is_clear_and_leaves_no_file(tmp_path):
+    dest = tmp_path / "counterfact.json"
+    with pytest.raises(DatasetError, match="cannot download"):
+        download("http://127.0.0.1:9/counterfact.json", dest, timeout=2)
+    assert not dest.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_bench_sweep_and_report(capsys, dataset, tmp_path):
+    lm = tiny_lm("llama")
+    folder = tmp_path / "tiny-llama"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    out = tmp_path / "sweep"
+    code = main(["bench", "--model", str(folder), "--dataset", str(dataset), "--methods", "ft-keys,ft-values",
+                 "--n", "3", "--layers", "0,2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "ft-keys@L0" in printed and "ft-values@L2" in printed
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "![metrics](metrics.png)" in report and "![layer](layers.png)" in report and "Paired comparisons" in report
+    for png in ("metrics.png", "layers.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["bench", "--model", str(folder), "--dataset", str(dataset), "--methods", "nope",
+                 "--out", str(out)]) == 2
+    assert "--methods" in capsys.readouterr().err
