@@ -94,6 +94,10 @@ def test_bench_refuses_a_folder_with_other_settings(tiny_llama, dataset, tmp_pat
     Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=1), out, progress=False).run()
     with pytest.raises(BenchError, match="known_only"):
         Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=1, known_only=True), out)
+    # hparam overrides given as tuples match their JSON form on resume
+    for _ in range(2):
+        Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), extra={"layers": (0, 1)}),
+              tmp_path / "extra")
 
 
 def test_known_filter_compares_true_and_new(tiny_llama, dataset, tmp_path):
@@ -192,3 +196,16 @@ def test_cli_bench_sweep_and_report(capsys, dataset, tmp_path):
     assert main(["bench", "--model", str(folder), "--dataset", str(dataset), "--methods", "nope",
                  "--out", str(out)]) == 2
     assert "--methods" in capsys.readouterr().err
+
+
+def test_cli_table3_preset(capsys, dataset, tmp_path):
+    lm = tiny_lm("llama")
+    folder = tmp_path / "tiny-llama"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    out = tmp_path / "table3"
+    assert main(["bench", "--model", str(folder), "--dataset", str(dataset), "--preset", "table3", "--n", "3",
+                 "--out", str(out)]) == 0
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert list(runs) == ["unedited", "ft-keys", "ft-values", "ft-keys x10", "ft-values x10"]
+    assert runs["ft-keys x10"]["batch_size"] == 10 and runs["ft-keys x10"]["n"] == 3

@@ -101,9 +101,10 @@ class BenchConfig:
         dataset = str(self.dataset)
         if Path(dataset).expanduser().exists():
             dataset = str(Path(dataset).expanduser().resolve())
-        return {"dataset": dataset, "known_only": self.known_only, "stats_source": self.stats_source,
-                "stats_tokens": self.stats_tokens, "seed": self.seed, "extra": self.extra,
-                "model": lm.name, "model_fingerprint": lm.fingerprint()}
+        key = {"dataset": dataset, "known_only": self.known_only, "stats_source": self.stats_source,
+               "stats_tokens": self.stats_tokens, "seed": self.seed, "extra": self.extra,
+               "model": lm.name, "model_fingerprint": lm.fingerprint()}
+        return json.loads(json.dumps(key))  # as stored in config.json (tuples become lists)
 
 
 def load_cases_file(path: Path) -> list[dict[str, Any]]:

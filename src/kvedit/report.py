@@ -53,6 +53,9 @@ def plot_metrics(runs: Mapping[str, Mapping[str, Any]], suite: Suite, path: Path
             errors[1].append(max(0.0, high - (mean or 0.0)))
         y = range(len(names))
         ax.barh(list(y), means, xerr=errors, color=[colors(i % 10) for i in y], capsize=3)
+        for i, name in enumerate(names):
+            if runs[name]["metrics"].get(key, {}).get("mean") is not None:
+                ax.text(2, i, f"{means[i]:.1f}", va="center", fontsize=8, color="white", fontweight="bold")
         ax.set_title(titles.get(key, key))
         ax.set_xlim(0, 105)
         ax.grid(axis="x", alpha=0.3)
@@ -90,8 +93,11 @@ def plot_against(
             ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.15)
         ax.set_title(titles.get(key, key))
         ax.set_xlabel(label)
+        ticks = sorted({x for points in series.values() for x, _ in points})
         if field == "batch_size":
             ax.set_xscale("log")
+            ax.minorticks_off()
+        ax.set_xticks(ticks, [str(int(x)) for x in ticks])
         ax.set_ylim(0, 105)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -137,7 +137,7 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]], suite: Suite, wit
     rows = []
     for name, s in summaries.items():
         time_s = s.get("edit_time_s")
-        rows.append([name, str(s.get("batch_size", "–")), *(_cell(s["metrics"].get(k), with_ci) for k in keys),
+        rows.append([name, str(s.get("batch_size") or "–"), *(_cell(s["metrics"].get(k), with_ci) for k in keys),
                      "–" if time_s is None else f"{time_s:.2f}"])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
