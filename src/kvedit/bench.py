@@ -169,6 +169,9 @@ class Bench:
         self.cases, self.filter_info = self._select_cases()
         self.cases_file = self.out / "cases.jsonl"
         self.snippets = self._snippets()
+        config_path = self.out / "config.json"
+        if not config_path.exists():  # written once the settings proved usable
+            config_path.write_text(json.dumps(config.resume_key(lm), indent=2) + "\n")
 
     def _snippets(self) -> AttributeSnippets | None:
         """Consistency resources when the cases have generation prompts and attribute ids."""
@@ -191,7 +194,6 @@ class Bench:
                     f"{self.out} holds a run with other settings ({', '.join(diff)}: "
                     f"{[old.get(k) for k in diff]} vs {[key[k] for k in diff]}); use another --out"
                 )
-        path.write_text(json.dumps(key, indent=2) + "\n")
 
     def _select_cases(self) -> tuple[list[EditRequest], dict[str, Any]]:
         requests, n = self.requests, self.config.n
