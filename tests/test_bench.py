@@ -209,3 +209,35 @@ def test_cli_table3_preset(capsys, dataset, tmp_path):
     runs = json.loads((out / "summary.json").read_text())["runs"]
     assert list(runs) == ["unedited", "ft-keys", "ft-values", "ft-keys x10", "ft-values x10"]
     assert runs["ft-keys x10"]["batch_size"] == 10 and runs["ft-keys x10"]["n"] == 3
+
+
+def test_official_dataset_downloads_once_into_the_cache(tmp_path, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    from kvedit.data import download as download_module
+
+    served = tmp_path / "served"
+    served.mkdir()
+    records = [{"subject": "rome", "src": "where is rome?", "answers": ["italy"], "rephrase": "rome is in?",
+                "loc": "nq question: who is", "loc_ans": "paris"}]
+    (served / "zsre_mend_eval.json").write_text(json.dumps(records))
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/zsre_mend_eval.json"
+        monkeypatch.setitem(download_module.OFFICIAL_DATASETS, "zsre",
+                            download_module.OfficialDataset("zsre_mend_eval.json", url, "zsre"))
+        monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
+        path, fmt = resolve_dataset("zsre")
+        assert path == tmp_path / "cache" / "datasets" / "zsre_mend_eval.json" and fmt == "zsre"
+        assert load_requests(path, fmt)[0].target_new == "italy"
+        (served / "zsre_mend_eval.json").unlink()  # a second call reads the cached copy
+        assert resolve_dataset("zsre")[0] == path
+    finally:
+        server.shutdown()
