@@ -98,13 +98,17 @@ class BenchConfig:
 
     def resume_key(self, lm: LM) -> dict[str, Any]:
         """Settings that change every number: a folder holding other values cannot be resumed."""
-        dataset = str(self.dataset)
-        if Path(dataset).expanduser().exists():
-            dataset = str(Path(dataset).expanduser().resolve())
-        key = {"dataset": dataset, "known_only": self.known_only, "stats_source": self.stats_source,
+        key = {"dataset": _absolute(self.dataset), "known_only": self.known_only,
+               "stats_source": None if self.stats_source is None else _absolute(self.stats_source),
                "stats_tokens": self.stats_tokens, "seed": self.seed, "extra": self.extra,
                "model": lm.name, "model_fingerprint": lm.fingerprint()}
         return json.loads(json.dumps(key))  # as stored in config.json (tuples become lists)
+
+
+def _absolute(name_or_path: str) -> str:
+    """An existing path made absolute (so the same file matches from any folder); names unchanged."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)
 
 
 def load_cases_file(path: Path) -> list[dict[str, Any]]:
