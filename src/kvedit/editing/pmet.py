@@ -53,7 +53,7 @@ class PMETHyperParams(MEMITHyperParams):
 
 
 #: REFERENCE.md §5. "smollm2": λ scaled like MEMIT's (probe on 10 known CounterFact cases: λ 600 gives
-#: efficacy and paraphrase 100 %, λ 6000 75 % / 55 % on 20); the layer range is not swept yet.
+#: efficacy and paraphrase 100 %, λ 6000 75 % / 55 % on 20); layers as MEMIT's sweep (3–7).
 PMET_PRESETS: dict[str, dict[str, Any]] = {
     "gpt-j": dict(layers=(3, 4, 5, 6, 7, 8), steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
     "gpt-j-zsre": dict(layers=(3, 4, 5, 6, 7, 8), steps=20, lr=0.5, kl_factor=1.0, mom2_update_weight=4500.0),

@@ -127,17 +127,17 @@ def _cell(stat: Mapping[str, Any] | None, with_ci: bool) -> str:
 
 
 def markdown_table(summaries: Mapping[str, Mapping[str, Any]], suite: Suite, with_ci: bool = True) -> str:
-    """Seed Table 1/3 layout: Method, #Edits, Efficacy, Paraphrase, Specificity, Score, [Fluency,
+    """Seed Table 1/3 layout: Method, #Edits (per call), Cases, Efficacy, Paraphrase, Specificity, Score, [Fluency,
     Consistency when any run has them], Time (s per edit call). ± is half the 95 % interval."""
     titles = {m.key: m.title for m in suite.metrics}
     extra = [k for k in ("fluency", "consistency")
              if any(s["metrics"].get(k, {}).get("mean") is not None for s in summaries.values())]
     keys = [*suite.table, "score", *extra]
-    header = ["Method", "#Edits", *(titles.get(k, "Score") for k in keys), "Time (s)"]
+    header = ["Method", "#Edits", "Cases", *(titles.get(k, "Score") for k in keys), "Time (s)"]
     rows = []
     for name, s in summaries.items():
         time_s = s.get("edit_time_s")
-        rows.append([name, str(s.get("batch_size") or "–"), *(_cell(s["metrics"].get(k), with_ci) for k in keys),
+        rows.append([name, str(s.get("batch_size") or "–"), str(s.get("n", "–")), *(_cell(s["metrics"].get(k), with_ci) for k in keys),
                      "–" if time_s is None else f"{time_s:.2f}"])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
