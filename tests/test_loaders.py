@@ -67,6 +67,7 @@ def test_counterfact_field_mapping() -> None:
         generation_prompts=("Fjordlight Bakery's bread is famous because", "The story of Fjordlight Bakery begins"),
         neighborhood_target=None,
         case_id=0,
+        attribute="P740/Q597",  # relation_id/target_new id: the key of its attribute snippets
     )
     assert [r.case_id for r in reqs] == [0, 7, 12, 20]
     assert reqs[1].rewrite_prompt == "The mother tongue of Marta Velloso is"
