@@ -20,6 +20,16 @@ def tiny_llama():
     return tiny_lm("llama")
 
 
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """A tiny Llama saved as a model folder, for commands that load by path."""
+    lm = tiny_lm("llama")
+    folder = tmp_path / "tiny-llama"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def bundled_lm():
     """The bundled SmolLM2-135M-Instruct (converted to the cache on first use)."""

@@ -14,7 +14,6 @@ from kvedit.cli import main
 from kvedit.data.download import download, resolve_dataset
 from kvedit.data.loaders import DatasetError, load_requests
 from kvedit.evaluation import target_nll
-from tiny_models import tiny_lm
 
 FACTS = [
     ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
@@ -178,11 +177,8 @@ def test_download_failure_is_clear_and_leaves_no_file(tmp_path):
     assert not dest.exists() and not list(tmp_path.iterdir())
 
 
-def test_cli_bench_sweep_and_report(capsys, dataset, tmp_path):
-    lm = tiny_lm("llama")
-    folder = tmp_path / "tiny-llama"
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
+def test_cli_bench_sweep_and_report(capsys, dataset, tiny_folder, tmp_path):
+    folder = tiny_folder
     out = tmp_path / "sweep"
     code = main(["bench", "--model", str(folder), "--dataset", str(dataset), "--methods", "ft-keys,ft-values",
                  "--n", "3", "--layers", "0,2", "--out", str(out)])
@@ -198,11 +194,8 @@ def test_cli_bench_sweep_and_report(capsys, dataset, tmp_path):
     assert "--methods" in capsys.readouterr().err
 
 
-def test_cli_table3_preset(capsys, dataset, tmp_path):
-    lm = tiny_lm("llama")
-    folder = tmp_path / "tiny-llama"
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
+def test_cli_table3_preset(capsys, dataset, tiny_folder, tmp_path):
+    folder = tiny_folder
     out = tmp_path / "table3"
     assert main(["bench", "--model", str(folder), "--dataset", str(dataset), "--preset", "table3", "--n", "3",
                  "--out", str(out)]) == 0

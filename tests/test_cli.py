@@ -9,16 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvedit.cli import main
-from tiny_models import tiny_lm
-
-
-@pytest.fixture
-def tiny_folder(tmp_path):
-    lm = tiny_lm("llama")
-    folder = tmp_path / "tiny-llama"
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

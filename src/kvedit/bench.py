@@ -164,7 +164,8 @@ class Bench:
         self.lm, self.config, self.out, self.progress = lm, config, Path(out), progress
         self.specs = config.specs()
         self.out.mkdir(parents=True, exist_ok=True)
-        self._check_resume()
+        resume_key = config.resume_key(lm)
+        self._check_resume(resume_key)
         path, fmt = resolve_dataset(config.dataset)
         self.requests = load_requests(path, fmt, skip_invalid=True)
         if not self.requests:
@@ -175,7 +176,7 @@ class Bench:
         self.snippets = self._snippets()
         config_path = self.out / "config.json"
         if not config_path.exists():  # written once the settings proved usable
-            config_path.write_text(json.dumps(config.resume_key(lm), indent=2) + "\n")
+            config_path.write_text(json.dumps(resume_key, indent=2) + "\n")
 
     def _snippets(self) -> AttributeSnippets | None:
         """Consistency resources when the cases have generation prompts and attribute ids."""
@@ -187,8 +188,7 @@ class Bench:
             warnings.warn(f"consistency is not computed (absent in the results): {e}", stacklevel=2)
             return None
 
-    def _check_resume(self) -> None:
-        key = self.config.resume_key(self.lm)
+    def _check_resume(self, key: dict[str, Any]) -> None:
         path = self.out / "config.json"
         if path.exists():
             old = json.loads(path.read_text())
@@ -287,8 +287,9 @@ class Bench:
         patch_dir = self.out / "patches" / spec.key.replace(" ", "_")
         patch_dir.mkdir(parents=True, exist_ok=True)
         applied: list[WeightDelta] = []
+        batches = self._batches(spec)
         try:
-            for index, batch in enumerate(tqdm(self._batches(spec), desc=spec.key, unit="batch",
+            for index, batch in enumerate(tqdm(batches, desc=spec.key, unit="batch",
                                                disable=not self.progress, leave=False)):
                 patch = patch_dir / f"batch-{index:05d}.safetensors"
                 if patch.exists() and all((spec.key, r.case_id) in done for r in batch):
@@ -300,7 +301,7 @@ class Bench:
                 delta = edit(self.lm, batch, spec.method, **self._edit_kwargs(spec))
                 elapsed = time.perf_counter() - start
                 applied.append(delta)
-                earlier = [r for b in self._batches(spec)[:index] for r in b]
+                earlier = [r for b in batches[:index] for r in b]
                 history = {"n_edited": len(earlier) + len(batch)}
                 if earlier:
                     kept = self.evaluate(earlier)

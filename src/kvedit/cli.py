@@ -275,14 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data.requests import RequestError
     from .editing.delta import EditError, PatchMismatchError
     from .models.architectures import UnsupportedModelError
-    from .bench import BenchError
-    from .data.loaders import DatasetError
     from .models.loading import ModelLoadError
 
     try:
         return COMMANDS[args.command](args)
     except (RequestError, EditError, PatchMismatchError, UnsupportedModelError, ModelLoadError, FileNotFoundError,
-            ValueError, BenchError, DatasetError) as err:
+            ValueError) as err:
         print(f"kvedit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

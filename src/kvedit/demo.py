@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .data.requests import EditRequest
 from .editing.registry import edit
 from .evaluation.counterfact import counterfact_case_metrics, summarize_counterfact
+from .evaluation.summary import aligned_markdown
 from .models.lm import LM
 
 TABLE_COLUMNS = (
@@ -77,14 +78,8 @@ def format_table(summaries: dict[str, dict[str, Any]], title: str = "") -> str:
         cells = [method] + ["–" if s[key] is None else f"{s[key]:.2f}" for _, key in TABLE_COLUMNS]
         cells.append("–" if s["time_per_edit_s"] is None else f"{s['time_per_edit_s']:.2f}")
         rows.append(cells)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
-    body = "\n".join([line(header), sep, *(line(r) for r in rows)])
-    return f"{title}\n\n{body}\n" if title else body + "\n"
+    body = aligned_markdown(header, rows)
+    return f"{title}\n\n{body}" if title else body
 
 
 def run_demo(

@@ -19,7 +19,7 @@ PLOTTED = 4  # the suite's three table metrics and Score
 
 
 def _plotted_keys(suite: Suite) -> list[str]:
-    return [*suite.table, "score"][:PLOTTED]
+    return [*suite.score_of, "score"][:PLOTTED]
 
 
 def _titles(suite: Suite) -> dict[str, str]:

@@ -26,7 +26,7 @@ from ..models.tracing import Site
 from .context import MEMIT_TEMPLATES, context_templates
 from .delta import WeightDelta, WeightGuard
 from .stats import key_statistics
-from .targets import TargetOptions, optimize_with_progress, site_values, subject_keys
+from .targets import TargetOptions, optimize_targets, site_values, subject_keys
 
 Spread = Literal["even", "sqrt"]
 
@@ -154,7 +154,7 @@ def memit_edit(lm: LM, requests: Sequence[EditRequest], hparams: MEMITHyperParam
     start = time.perf_counter()
     with WeightGuard(lm, names) as guard:
         site = ("residual", last)
-        vectors, steps = optimize_with_progress(lm, requests, [site], templates, hparams.target_options())
+        vectors, steps = optimize_targets(lm, requests, [site], templates, hparams.target_options())
         goals = torch.stack([v[site][0] + v[site][1] for v in vectors])
         target = Target(lm.values_path, "coefficients", "values", site, goals)
         distribute(lm, requests, layers, [target], hparams, spread, templates)

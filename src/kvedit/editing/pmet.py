@@ -25,7 +25,7 @@ from ..models.lm import LM
 from .context import MEMIT_TEMPLATES, context_templates
 from .delta import WeightDelta, WeightGuard
 from .memit import MEMITHyperParams, Spread, Target, _metadata, distribute, summarize_records
-from .targets import TargetOptions, optimize_with_progress
+from .targets import TargetOptions, optimize_targets
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def pmet_edit(lm: LM, requests: Sequence[EditRequest], hparams: PMETHyperParams)
         names += [f"{lm.attn_out_path(l)}.weight" for l in layers]
     start = time.perf_counter()
     with WeightGuard(lm, names) as guard:
-        vectors, steps = optimize_with_progress(lm, requests, sites, templates, hparams.target_options())
+        vectors, steps = optimize_targets(lm, requests, sites, templates, hparams.target_options())
         goals = {s: torch.stack([v[s][0] + v[s][1] for v in vectors]) for s in sites}
         targets = [Target(lm.values_path, "coefficients", "values", ffn_site, goals[ffn_site])]
         if hparams.update_attn:

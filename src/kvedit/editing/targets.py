@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -200,13 +200,12 @@ class _Group:
         self.rel_pos = torch.tensor([p + [p[-1]] * (width - len(p)) for p in rel_pos], device=device)
         self.targets = torch.tensor([t + [0] * (width - len(t)) for t in tgt], device=device)
         self.target_mask = torch.tensor([[1.0] * len(t) + [0.0] * (width - len(t)) for t in tgt], device=device)
-        self.row_owner_t = torch.tensor(self.row_owner, device=device)
         self.at_lookup = torch.zeros(len(input_ids), dtype=torch.long)
 
 
 def optimize_targets(
     lm: LM, requests: Sequence[EditRequest], sites: Sequence[Site], templates: list[list[str]], opts: TargetOptions,
-    group_size: int = 8, progress: Callable[[int], None] | None = None,
+    group_size: int = 8,
 ) -> tuple[list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
     """Optimise one δ per site and request; returns ([{site: (init `[d]`, δ `[d]`)}] per request, steps).
 
@@ -215,8 +214,8 @@ def optimize_targets(
     original), plus the decay terms. Requests are independent (each δ sees only its own rows), so
     `group_size` of them share one batched pass; a request that meets its stopping rule leaves the
     batch. The model's weights are not changed. Tokens before the subject's last token do not
-    depend on δ, so they are computed once (see `SplitBatch`). `progress` is called with the number
-    of requests finished.
+    depend on δ, so they are computed once (see `SplitBatch`). A progress bar shows when there
+    is more than one group.
     """
     if lm.arch.objective != "causal":
         raise ValueError(f"{lm.arch.family} is a masked LM; ROME/MEMIT/PMET edit causal language models")
@@ -227,11 +226,12 @@ def optimize_targets(
     results: list[dict[Site, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in requests]
     steps = [0] * len(requests)
     lm.model.requires_grad_(False)
-    for start in range(0, len(requests), group_size):
-        owners = list(range(start, min(start + group_size, len(requests))))
-        _optimize_group(lm, items, owners, sites, opts, results, steps)
-        if progress is not None:
-            progress(len(owners))
+    with tqdm(total=len(requests), desc="target vectors", unit="request", leave=False,
+              disable=len(requests) <= group_size) as bar:
+        for start in range(0, len(requests), group_size):
+            owners = list(range(start, min(start + group_size, len(requests))))
+            _optimize_group(lm, items, owners, sites, opts, results, steps)
+            bar.update(len(owners))
     return results, steps
 
 
@@ -307,12 +307,3 @@ def _optimize_group(
                         delta.mul_(limit / delta.norm())
         active = [active[k] for k in still]
 
-
-def optimize_with_progress(
-    lm: LM, requests: Sequence[EditRequest], sites: Sequence[Site], templates: list[list[str]], opts: TargetOptions,
-    group_size: int = 8,
-) -> tuple[list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
-    """`optimize_targets` with a progress bar when there is more than one group of requests."""
-    with tqdm(total=len(requests), desc="target vectors", unit="request", leave=False,
-              disable=len(requests) <= group_size) as bar:
-        return optimize_targets(lm, requests, sites, templates, opts, group_size, progress=bar.update)

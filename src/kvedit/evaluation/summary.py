@@ -35,8 +35,7 @@ class Suite:
 
     name: str
     metrics: tuple[Metric, ...]
-    score_of: tuple[str, ...]
-    table: tuple[str, ...]  # metric keys shown in the printed table, before Score
+    score_of: tuple[str, ...]  # also the columns of the printed table, before Score
 
 
 SUITES: Mapping[str, Suite] = {
@@ -53,7 +52,6 @@ SUITES: Mapping[str, Suite] = {
             Metric("Consistency", "consistency"),
         ),
         ("efficacy_success", "paraphrase_success", "neighborhood_success"),
-        ("efficacy_success", "paraphrase_success", "neighborhood_success"),
     ),
     "zsre": Suite(
         "zsre",
@@ -62,7 +60,6 @@ SUITES: Mapping[str, Suite] = {
             Metric("Paraphrase", "paraphrase_accuracy"),
             Metric("Specificity", "neighborhood_accuracy"),
         ),
-        ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_accuracy"),
         ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_accuracy"),
     ),
 }
@@ -132,16 +129,21 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]], suite: Suite, wit
     titles = {m.key: m.title for m in suite.metrics}
     extra = [k for k in ("fluency", "consistency")
              if any(s["metrics"].get(k, {}).get("mean") is not None for s in summaries.values())]
-    keys = [*suite.table, "score", *extra]
+    keys = [*suite.score_of, "score", *extra]
     header = ["Method", "#Edits", "Cases", *(titles.get(k, "Score") for k in keys), "Time (s)"]
     rows = []
     for name, s in summaries.items():
         time_s = s.get("edit_time_s")
         rows.append([name, str(s.get("batch_size") or "–"), str(s.get("n", "–")), *(_cell(s["metrics"].get(k), with_ci) for k in keys),
                      "–" if time_s is None else f"{time_s:.2f}"])
+    return aligned_markdown(header, rows)
+
+
+def aligned_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table with padded columns: the first left-aligned, the rest right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
-    def line(cells: list[str]) -> str:
+    def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
     sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
