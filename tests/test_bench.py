@@ -67,6 +67,11 @@ def test_bench_writes_results_and_resumes_after_a_kill(tiny_llama, dataset, tmp_
     assert run["n"] == 4 and run["metrics"]["efficacy_success"]["count"] == 4
     assert run["metrics"]["fluency"]["mean"] is None  # no generation prompts: absent
     assert summary["complete"] and (out / "summary.csv").exists() and "| ft-keys" in (out / "table.md").read_text()
+    # EasyEdit's definitions beside the reference ones: the unedited model leaves its own predictions unchanged
+    assert summary["runs"]["unedited"]["metrics"]["neighborhood_unchanged"]["mean"] == 100.0
+    assert run["metrics"]["neighborhood_unchanged"]["count"] == 4
+    assert all("neighborhood_argmax" not in r for r in records if r["run"] == "ft-keys")
+    assert "EasyEdit" in (out / "table.md").read_text()
     full = json.loads((out / "summary.json").read_text())
 
     # a kill mid-write: the last two ft-keys records are lost and a torn line is left behind
@@ -81,6 +86,9 @@ def test_bench_writes_results_and_resumes_after_a_kill(tiny_llama, dataset, tmp_
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["runs"]["ft-keys"]["n"] == 4
     assert resumed["runs"]["unedited"] == full["runs"]["unedited"]
+    # EasyEdit's locality after the resume still compares with the unedited predictions on file
+    assert resumed["runs"]["ft-keys"]["metrics"]["neighborhood_unchanged"] == full["runs"]["ft-keys"]["metrics"][
+        "neighborhood_unchanged"]
 
     # growing n reuses what is there
     calls.clear()

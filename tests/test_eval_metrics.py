@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from kvedit.data.requests import EditRequest
+from kvedit.evaluation.counterfact import counterfact_case_metrics
+from kvedit.evaluation.easyedit import add_locality, locality_unchanged
 from kvedit.evaluation.comparison import bootstrap_ci, mean_with_ci, paired_comparison, sign_test
 from kvedit.evaluation.generation import (
     generate_ids,
@@ -59,6 +61,57 @@ def test_zsre_token_accuracy_matches_the_reference_definition(tiny_llama):
     summary = summarize_zsre([case, {"case_id": 1, "efficacy_accuracy": 0.0, "paraphrase_accuracy": 1.0,
                                      "neighborhood_accuracy": 0.5}])
     assert summary["efficacy_accuracy"] == pytest.approx(50 * case["efficacy_accuracy"])
+
+
+def _predictions_along(lm, prompt: str, answer: str) -> list[int]:
+    """By hand: the argmax after prompt + decode(a_<i) for each token a_i of " " + answer."""
+    tok = lm.tokenizer
+    targets = tok(" " + answer, add_special_tokens=False)["input_ids"]
+    return [_argmax_after(lm, prompt + (" " + tok.decode(targets[:i]) if i else "")) for i in range(len(targets))]
+
+
+def test_easyedit_definitions_by_hand(tiny_llama):
+    lm = tiny_llama
+    request = EditRequest("{} is located in", "the eiffel tower", target_new="rome city", target_true="paris",
+                          paraphrase_prompts=("where is the eiffel tower", "the eiffel tower lies in"),
+                          neighborhood_prompts=("the louvre is located in",), neighborhood_target="paris france")
+    case = counterfact_case_metrics(lm, [request])[0]
+    # rewrite / rephrase accuracy: teacher-forced token accuracy of target_new, mean over paraphrases
+    assert case["efficacy_token_accuracy"] == pytest.approx(
+        _reference_accuracy(lm, "the eiffel tower is located in", "rome city"))
+    assert case["paraphrase_token_accuracy"] == pytest.approx(
+        (_reference_accuracy(lm, "where is the eiffel tower", "rome city")
+         + _reference_accuracy(lm, "the eiffel tower lies in", "rome city")) / 2)
+    # locality compares argmax tokens along the neighborhood's true answer before and after an edit
+    before = _predictions_along(lm, "the louvre is located in", "paris france")
+    assert case["neighborhood_argmax"] == [before]
+
+    def ban_first_prediction(module, inputs, logits):  # an "edit" that changes some predictions
+        logits[..., before[0]] = -1e4
+        return logits
+
+    hook = lm.model.get_output_embeddings().register_forward_hook(ban_first_prediction)
+    try:
+        after = counterfact_case_metrics(lm, [request])
+    finally:
+        hook.remove()
+    assert after[0]["neighborhood_argmax"][0][0] != before[0]
+    changed = [a != b for a, b in zip(after[0]["neighborhood_argmax"][0], before)]
+    add_locality(after, {request.case_id: [before]})
+    assert after[0]["neighborhood_unchanged"] == pytest.approx(1 - sum(changed) / len(changed))
+
+
+def test_locality_unchanged_by_hand():
+    # prompt 1: 2 of 3 positions unchanged; prompt 2: 0 of 1 -> mean over prompts (2/3 + 0) / 2
+    assert locality_unchanged([[1, 2, 3], [4]], [[1, 0, 3], [5]]) == pytest.approx(1 / 3)
+    assert locality_unchanged([[7, 8]], [[7, 8]]) == 1.0
+    with pytest.raises(ValueError, match="prompts"):
+        locality_unchanged([[1]], [[1], [2]])
+    with pytest.raises(ValueError, match="tokens"):
+        locality_unchanged([[1, 2]], [[1]])
+    cases = [{"case_id": 0, "neighborhood_argmax": [[1, 2]]}, {"case_id": 1, "neighborhood_argmax": [[3]]}]
+    add_locality(cases, {0: [[1, 9]]})  # no reference for case 1: left without the metric, not given 0
+    assert cases[0]["neighborhood_unchanged"] == 0.5 and "neighborhood_unchanged" not in cases[1]
 
 
 def test_zsre_neighborhood_needs_its_answer(tiny_llama):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvedit import EditRequest, counterfact_case_metrics, summarize_counterfact
-from kvedit.evaluation import encode_target, score_targets, target_nll
+from kvedit.evaluation import TokenScores, encode_target, score_targets, target_nll
 from tiny_models import tiny_lm
 
 
@@ -83,7 +83,9 @@ def test_counterfact_metrics_equal_hand_computation(monkeypatch):
     pairs = [(0.1, 2.0), (0.5, 1.0), (3.0, 1.0), (2.0, 0.2), (0.3, 0.9), (1.5, 0.5),
              (2.5, 0.4), (0.2, 0.1), (1.4, 0.4)]
     flat = torch.tensor([v for pair in pairs for v in pair])
-    monkeypatch.setattr(cf, "target_nll", lambda lm, prompts, targets, batch_size: flat)
+    one_token = torch.ones(len(flat), 1, dtype=torch.bool)  # each target one token with log-probability −NLL
+    fixed = TokenScores(-flat[:, None], torch.zeros(len(flat), 1, dtype=torch.long), ~one_token, one_token)
+    monkeypatch.setattr(cf, "score_targets", lambda lm, prompts, targets, batch_size: fixed)
     cases = counterfact_case_metrics(None, requests)
     e = math.exp
     assert cases[0]["efficacy_success"] == 1.0

@@ -8,7 +8,7 @@ Layout of the output folder::
     patches/<run>/   sequential runs only: each batch's WeightDelta, re-applied on resume
     summary.json     per run: every metric's mean, 95 % interval and count, edit time; paired comparisons
     summary.csv      the same means as rows
-    table.md         the seed's Table 1/3 layout
+    table.md         the seed's Table 1/3 layout, then the same runs under EasyEdit's definitions
 
 A killed run resumes from cases.jsonl: finished (run, case) pairs are not redone; a partly written
 last line is dropped. Growing `n` or adding methods reuses everything already measured.
@@ -33,9 +33,10 @@ from .data.requests import EditRequest
 from .editing.delta import WeightDelta
 from .editing.registry import METHODS, edit
 from .evaluation.counterfact import counterfact_case_metrics
+from .evaluation.easyedit import Predictions, add_locality
 from .evaluation.generation import AttributeSnippets, generation_case_metrics, load_attribute_snippets
 from .evaluation.scoring import target_nll
-from .evaluation.summary import SUITES, Suite, compare_runs, markdown_table, summarize_run, summary_csv
+from .evaluation.summary import SUITES, Suite, compare_runs, easyedit_table, markdown_table, summarize_run, summary_csv
 from .evaluation.zsre import zsre_case_metrics
 from .models.lm import LM
 
@@ -174,6 +175,7 @@ class Bench:
         self.cases, self.filter_info = self._select_cases()
         self.cases_file = self.out / "cases.jsonl"
         self.snippets = self._snippets()
+        self.unedited_predictions: dict[Any, Predictions] = {}  # EasyEdit locality's reference, from cases.jsonl
         config_path = self.out / "config.json"
         if not config_path.exists():  # written once the settings proved usable
             config_path.write_text(json.dumps(resume_key, indent=2) + "\n")
@@ -223,23 +225,31 @@ class Bench:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:
-        """The suite's per-case metrics, with fluency/consistency where the cases have generation prompts."""
+        """The suite's per-case metrics, with fluency/consistency where the cases have generation prompts
+        and EasyEdit's locality where the unedited model's predictions are known."""
         if self.suite.name == "zsre":
             cases = zsre_case_metrics(self.lm, requests)
         else:
             cases = counterfact_case_metrics(self.lm, requests)
             generated = generation_case_metrics(self.lm, requests, seed=self.config.seed, snippets=self.snippets)
             cases = [c | g for c, g in zip(cases, generated)]
+        add_locality(cases, self.unedited_predictions)
         return cases
 
     # ------------------------------------------------------------------ running
 
     def run(self) -> dict[str, Any]:
         """Run all missing work, then write and return the summary."""
-        done = {(r["run"], r["case_id"]) for r in load_cases_file(self.cases_file)}
+        existing = load_cases_file(self.cases_file)
+        done = {(r["run"], r["case_id"]) for r in existing}
+        self.unedited_predictions = {r["case_id"]: r["neighborhood_argmax"] for r in existing
+                                     if r["run"] == "unedited" and "neighborhood_argmax" in r}
         if any(("unedited", c.case_id) not in done for c in self.cases):
             todo = [c for c in self.cases if ("unedited", c.case_id) not in done]
             records = [m | {"run": "unedited", "method": "unedited"} for m in self.evaluate(todo)]
+            self.unedited_predictions |= {r["case_id"]: r["neighborhood_argmax"] for r in records
+                                          if "neighborhood_argmax" in r}
+            add_locality(records, self.unedited_predictions)
             _append(self.cases_file, records)
         for spec in tqdm(self.specs, desc="runs", unit="run", disable=not self.progress or len(self.specs) == 1):
             if spec.sequential:
@@ -266,7 +276,8 @@ class Bench:
         base = {"run": spec.key, "method": spec.method, "layer": spec.layer, "batch_size": len(batch),
                 "sequential": spec.sequential, "batch": index, "time_s": elapsed,
                 "steps": delta.metadata.get("result", {}).get("steps")} | (extra or {})
-        return [m | base for m in self.evaluate(batch)]
+        # the edited model's neighborhood predictions served for locality; only the unedited ones are kept
+        return [{k: v for k, v in m.items() if k != "neighborhood_argmax"} | base for m in self.evaluate(batch)]
 
     def _run_batches(self, spec: RunSpec, done: set[tuple[str, Any]]) -> None:
         batches = [(i, b) for i, b in enumerate(self._batches(spec))
@@ -346,7 +357,11 @@ class Bench:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.out / "summary.csv").write_text(summary_csv(summaries))
-        (self.out / "table.md").write_text(self.title() + "\n\n" + markdown_table(summaries, self.suite))
+        tables = [self.title(), markdown_table(summaries, self.suite)]
+        if (easyedit := easyedit_table(summaries, self.suite)) is not None:
+            tables += ["Under EasyEdit's definitions (token accuracy; locality = predictions unchanged by the edit):",
+                       easyedit]
+        (self.out / "table.md").write_text("\n\n".join(tables))
         return summary
 
     def title(self) -> str:

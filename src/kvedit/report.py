@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import load_cases_file
-from .evaluation.summary import SUITES, Suite, markdown_table
+from .evaluation.summary import SUITES, Suite, easyedit_table, markdown_table
 
 PLOTTED = 4  # the suite's three table metrics and Score
 
@@ -170,6 +170,11 @@ def write_report(folder: str | Path) -> Path:
     if not summary.get("complete", True):
         lines.append("\n**Incomplete:** some runs have not covered every case yet (resume the bench).")
     lines += ["", markdown_table(runs, suite), "![metrics](metrics.png)", ""]
+    if (easyedit := easyedit_table(runs, suite)) is not None:
+        lines += ["## Under EasyEdit's definitions", "",
+                  "Rewrite and rephrase accuracy: teacher-forced token accuracy of the new target; locality: the "
+                  "fraction of tokens along each neighborhood prompt's true answer whose prediction the edit left "
+                  "unchanged. Not comparable with the table above.", "", easyedit]
     plot_metrics(runs, suite, folder / "metrics.png")
     for field, label, name in (("layer", "layer", "layers.png"), ("batch_size", "edits per call", "batch_size.png")):
         if plot_against(runs, suite, field, label, folder / name):

@@ -8,6 +8,10 @@ Per case, with NLL = mean per-token NLL of `" " + target` after the prompt:
 - magnitudes:            e^(−NLL_new) − e^(−NLL_true) (reversed for neighborhood).
 
 Over cases: means × 100; Score = harmonic mean of the three success rates.
+
+The same forward passes also give what EasyEdit's definitions need (see `easyedit.py`): the
+token accuracy of target_new on the efficacy and paraphrase prompts, and the argmax tokens along
+the true target of every neighborhood prompt.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from ..data.requests import EditRequest
 from ..models.lm import LM
-from .scoring import target_nll
+from .scoring import score_targets
 
 GROUPS = ("efficacy", "paraphrase", "neighborhood")
 
@@ -39,7 +43,9 @@ def counterfact_case_metrics(
 
     Returns one dict per request: for each group present, `<group>_success` and
     `<group>_magnitude` (fractions and probability differences, not yet × 100) and the raw
-    `<group>_p_new` / `<group>_p_true` lists (e^(−NLL) per prompt).
+    `<group>_p_new` / `<group>_p_true` lists (e^(−NLL) per prompt); `efficacy_token_accuracy` and
+    `paraphrase_token_accuracy` (target_new, mean over prompts); `neighborhood_argmax` (per
+    neighborhood prompt, the argmax token ids teacher-forced along its true target).
     """
     prompts: list[str] = []
     targets: list[str] = []
@@ -59,14 +65,22 @@ def counterfact_case_metrics(
                     prompts.append(prompt)
                     targets.append(target)
                     index.append((i, group))
-    nll = target_nll(lm, prompts, targets, batch_size=batch_size).tolist()
+    scores = score_targets(lm, prompts, targets, batch_size=batch_size)
+    nll, accuracy, predicted = scores.nll.tolist(), scores.token_accuracy.tolist(), scores.predicted_ids()
 
     cases: list[dict[str, Any]] = [{"case_id": r.case_id} for r in requests]
-    for k in range(0, len(nll), 2):
+    token_accuracy: list[dict[str, list[float]]] = [{} for _ in requests]
+    for k in range(0, len(nll), 2):  # rows k (target_new) and k + 1 (true target) share a prompt
         i, group = index[k]
         p_new, p_true = math.exp(-nll[k]), math.exp(-nll[k + 1])
         cases[i].setdefault(f"{group}_p_new", []).append(p_new)
         cases[i].setdefault(f"{group}_p_true", []).append(p_true)
+        if group == "neighborhood":
+            cases[i].setdefault("neighborhood_argmax", []).append(predicted[k + 1])
+        else:
+            token_accuracy[i].setdefault(group, []).append(accuracy[k])
+    for case, groups in zip(cases, token_accuracy):
+        case |= {f"{g}_token_accuracy": sum(v) / len(v) for g, v in groups.items()}
     for case in cases:
         for group in GROUPS:
             if f"{group}_p_new" not in case:

@@ -95,9 +95,11 @@ class TargetBatch:
 
 @dataclass
 class TokenScores:
-    """Per-token results for a batch: `logprobs` and `argmax_hit` are `[N, L]`, valid where `mask`."""
+    """Per-token results for a batch, all `[N, L]` and valid where `mask`: the target tokens'
+    `logprobs`, the model's `argmax` token ids at those positions, and `argmax_hit` (argmax == target)."""
 
     logprobs: torch.Tensor
+    argmax: torch.Tensor
     argmax_hit: torch.Tensor
     mask: torch.Tensor
 
@@ -110,6 +112,10 @@ class TokenScores:
     def token_accuracy(self) -> torch.Tensor:
         """Fraction of target tokens that are the argmax given the true prefix, `[N]`."""
         return (self.argmax_hit & self.mask).sum(1) / self.mask.sum(1)
+
+    def predicted_ids(self) -> list[list[int]]:
+        """Per row, the argmax token ids at the target positions (padding dropped)."""
+        return [row[keep].tolist() for row, keep in zip(self.argmax, self.mask)]
 
 
 def score_batch(lm: LM, batch: TargetBatch) -> TokenScores:
@@ -126,8 +132,8 @@ def score_batch(lm: LM, batch: TargetBatch) -> TokenScores:
         logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         picked = logits[rows, batch.positions].float()  # [N, L, vocab]
     logprobs = F.log_softmax(picked, dim=-1).gather(-1, batch.target_ids[..., None])[..., 0]
-    argmax_hit = picked.argmax(-1) == batch.target_ids
-    return TokenScores(logprobs * batch.target_mask, argmax_hit, batch.target_mask)
+    argmax = picked.argmax(-1)
+    return TokenScores(logprobs * batch.target_mask, argmax, argmax == batch.target_ids, batch.target_mask)
 
 
 @torch.no_grad()
@@ -145,7 +151,7 @@ def score_targets(
     def cat(name: str) -> torch.Tensor:
         return torch.cat([F.pad(getattr(c, name).cpu(), (0, width - c.mask.shape[1])) for c in chunks])
 
-    return TokenScores(cat("logprobs"), cat("argmax_hit"), cat("mask"))
+    return TokenScores(cat("logprobs"), cat("argmax"), cat("argmax_hit"), cat("mask"))
 
 
 def target_nll(lm: LM, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> torch.Tensor:

@@ -31,11 +31,16 @@ class Metric:
 
 @dataclass(frozen=True)
 class Suite:
-    """The metrics of a dataset family; `score_of` are the success rates whose harmonic mean is Score."""
+    """The metrics of a dataset family; `score_of` are the success rates whose harmonic mean is Score;
+    `easyedit` are the keys of EasyEdit's rewrite accuracy, rephrase accuracy and locality."""
 
     name: str
     metrics: tuple[Metric, ...]
     score_of: tuple[str, ...]  # also the columns of the printed table, before Score
+    easyedit: tuple[str, str, str]
+
+
+EASYEDIT_TITLES = ("Rewrite acc", "Rephrase acc", "Locality")
 
 
 SUITES: Mapping[str, Suite] = {
@@ -50,8 +55,12 @@ SUITES: Mapping[str, Suite] = {
             Metric("Specificity magnitude", "neighborhood_magnitude"),
             Metric("Fluency", "fluency"),
             Metric("Consistency", "consistency"),
+            Metric("Rewrite acc (EasyEdit)", "efficacy_token_accuracy"),
+            Metric("Rephrase acc (EasyEdit)", "paraphrase_token_accuracy"),
+            Metric("Locality (EasyEdit)", "neighborhood_unchanged"),
         ),
         ("efficacy_success", "paraphrase_success", "neighborhood_success"),
+        ("efficacy_token_accuracy", "paraphrase_token_accuracy", "neighborhood_unchanged"),
     ),
     "zsre": Suite(
         "zsre",
@@ -59,8 +68,11 @@ SUITES: Mapping[str, Suite] = {
             Metric("Efficacy", "efficacy_accuracy"),
             Metric("Paraphrase", "paraphrase_accuracy"),
             Metric("Specificity", "neighborhood_accuracy"),
+            Metric("Locality (EasyEdit)", "neighborhood_unchanged"),
         ),
         ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_accuracy"),
+        # on zsRE EasyEdit's rewrite and rephrase accuracies are the reference efficacy and paraphrase
+        ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_unchanged"),
     ),
 }
 
@@ -136,6 +148,19 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]], suite: Suite, wit
         time_s = s.get("edit_time_s")
         rows.append([name, str(s.get("batch_size") or "–"), str(s.get("n", "–")), *(_cell(s["metrics"].get(k), with_ci) for k in keys),
                      "–" if time_s is None else f"{time_s:.2f}"])
+    return aligned_markdown(header, rows)
+
+
+def easyedit_table(summaries: Mapping[str, Mapping[str, Any]], suite: Suite, with_ci: bool = True) -> str | None:
+    """The same runs under EasyEdit's definitions (rewrite and rephrase token accuracy, locality as
+    unchanged predictions); None when no run has them (e.g. a folder written before they existed)."""
+    keys = suite.easyedit
+    have = [name for name, s in summaries.items() if s["metrics"].get(keys[-1], {}).get("mean") is not None]
+    if not have:
+        return None
+    header = ["Method", "#Edits", "Cases", *EASYEDIT_TITLES]
+    rows = [[name, str(summaries[name].get("batch_size") or "–"), str(summaries[name].get("n", "–")),
+             *(_cell(summaries[name]["metrics"].get(k), with_ci) for k in keys)] for name in have]
     return aligned_markdown(header, rows)
 
 

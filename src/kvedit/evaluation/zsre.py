@@ -9,7 +9,8 @@ argmax after the prompt and t_<i equal to t_i; the case's value is the mean over
                  answer, so the unedited model's own value is the ceiling, not 100.
 
 Over cases: means × 100; Score is the harmonic mean of the three (kvedit's addition: the
-reference reports the three columns only).
+reference reports the three columns only). Each case also keeps `neighborhood_argmax`, the argmax
+token ids along `loc_ans`, for EasyEdit's locality (see `easyedit.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ ZSRE_METRICS = ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_accura
 
 def zsre_case_metrics(lm: LM, requests: Sequence[EditRequest], batch_size: int = 32) -> list[dict[str, Any]]:
     """One dict per request with the three token accuracies as fractions (absent groups omitted)."""
+    if not requests:
+        return []
     prompts: list[str] = []
     targets: list[str] = []
     index: list[tuple[int, str]] = []
@@ -47,14 +50,16 @@ def zsre_case_metrics(lm: LM, requests: Sequence[EditRequest], batch_size: int =
                 prompts.append(prompt)
                 targets.append(target)
                 index.append((i, group))
-    accuracy = score_targets(lm, prompts, targets, batch_size).token_accuracy.tolist() if prompts else []
+    scores = score_targets(lm, prompts, targets, batch_size)
+    accuracy, predicted = scores.token_accuracy.tolist(), scores.predicted_ids()
     per_group: list[dict[str, list[float]]] = [{} for _ in requests]
-    for (i, group), value in zip(index, accuracy):
+    cases: list[dict[str, Any]] = [{"case_id": r.case_id} for r in requests]
+    for (i, group), value, ids in zip(index, accuracy, predicted):
         per_group[i].setdefault(group, []).append(value)
-    return [
-        {"case_id": r.case_id} | {f"{g}_accuracy": sum(v) / len(v) for g, v in groups.items()}
-        for r, groups in zip(requests, per_group)
-    ]
+        if group == "neighborhood":
+            cases[i].setdefault("neighborhood_argmax", []).append(ids)
+    return [case | {f"{g}_accuracy": sum(v) / len(v) for g, v in groups.items()}
+            for case, groups in zip(cases, per_group)]
 
 
 def summarize_zsre(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
