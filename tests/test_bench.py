@@ -96,6 +96,40 @@ def test_bench_writes_results_and_resumes_after_a_kill(tiny_llama, dataset, tmp_
     assert calls == [[4]]
 
 
+def test_bench_prepares_each_run_before_its_timed_edits(tiny_llama, dataset, tmp_path, monkeypatch):
+    order = []
+    monkeypatch.setattr(bench_module, "prepare", lambda lm, method, **kw: order.append(("prepare", method)))
+    real = bench_module.edit
+
+    def logged(lm, requests, method, **kw):
+        order.append(("edit", method))
+        return real(lm, requests, method, **kw)
+
+    monkeypatch.setattr(bench_module, "edit", logged)
+    config = BenchConfig(dataset=str(dataset), methods=("ft-keys", "ft-values"), n=2)
+    Bench(tiny_llama, config, tmp_path / "run", progress=False).run()
+    assert order == [("prepare", "ft-keys"), ("edit", "ft-keys"), ("edit", "ft-keys"),
+                     ("prepare", "ft-values"), ("edit", "ft-values"), ("edit", "ft-values")]
+    order.clear()
+    Bench(tiny_llama, config, tmp_path / "run", progress=False).run()  # nothing left to do: nothing prepared
+    assert order == []
+
+
+def test_locality_for_a_folder_written_before_predictions_were_kept(tiny_llama, dataset, tmp_path):
+    out = tmp_path / "run"
+    config = BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=2)
+    Bench(tiny_llama, config, out, progress=False).run()
+    records = load_cases_file(out / "cases.jsonl")
+    expected = {r["case_id"]: r["neighborhood_unchanged"] for r in records if r["run"] == "ft-keys"}
+    # an older folder: unedited records without predictions, and no ft-keys run yet
+    old = [{k: v for k, v in r.items() if k != "neighborhood_argmax"} for r in records if r["run"] == "unedited"]
+    (out / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    Bench(tiny_llama, config, out, progress=False).run()
+    again = {r["case_id"]: r["neighborhood_unchanged"] for r in load_cases_file(out / "cases.jsonl")
+             if r["run"] == "ft-keys"}
+    assert again == pytest.approx(expected)
+
+
 def test_bench_refuses_a_folder_with_other_settings(tiny_llama, dataset, tmp_path):
     out = tmp_path / "run"
     Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=1), out, progress=False).run()

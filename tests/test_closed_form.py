@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kvedit.editing.context as context_module
+import kvedit.editing.stats as stats_module
 from kvedit import EditRequest, edit
+from kvedit.editing import prepare
 from kvedit.editing.memit import spread_fraction
 from kvedit.editing.stats import key_statistics
 from kvedit.editing.targets import subject_keys
@@ -153,6 +156,25 @@ def test_bad_hyperparameters_are_clear_errors(corpus, method, overrides, message
     lm = tiny_lm("llama")
     with pytest.raises(ValueError, match=message):
         edit(lm, REQUESTS, method, stats_source=corpus, stats_tokens=1000, **overrides)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet-update-attn", "ft-keys"])
+def test_prepare_leaves_no_statistics_or_templates_to_the_edit(corpus, method, monkeypatch):
+    """`kvedit bench` times edits after `prepare`: the edit itself must find everything cached."""
+    lm = tiny_lm("llama")
+    kw = dict(layers=(1,) if method == "rome" else (1, 2))
+    if method != "ft-keys":
+        kw |= dict(stats_source=corpus, stats_tokens=1000)
+    prepare(lm, method, **kw)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the edit computed statistics or templates that prepare should have cached")
+
+    monkeypatch.setattr(stats_module, "_accumulate", forbidden)
+    monkeypatch.setattr(context_module, "_generate", forbidden)
+    before = state(lm)
+    edit(lm, REQUESTS[0], method, **kw).revert(lm)
+    assert all(torch.equal(before[k], v) for k, v in state(lm).items())
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama", "qwen3", "opt"])

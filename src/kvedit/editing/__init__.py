@@ -2,7 +2,7 @@
 
 from .delta import EditError, PatchMismatchError, WeightDelta, WeightGuard
 from .finetune import FT_PRESETS, FTHyperParams, finetune_edit
-from .registry import METHODS, EditMethod, edit, get_method
+from .registry import METHODS, EditMethod, edit, get_method, prepare
 
 __all__ = [
     "FT_PRESETS",
@@ -16,4 +16,5 @@ __all__ = [
     "edit",
     "finetune_edit",
     "get_method",
+    "prepare",
 ]

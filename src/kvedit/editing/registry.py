@@ -11,15 +11,17 @@ from ..data.requests import EditRequest
 from ..models.lm import LM
 from .delta import WeightDelta
 from .finetune import FTHyperParams, finetune_edit
-from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit
+from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_prepare
 from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit
 from .presets import make_hparams
-from .rome import ROME_PRESETS, ROMEHyperParams, rome_edit
+from .rome import ROME_PRESETS, ROMEHyperParams, rome_edit, rome_prepare
 
 
 @dataclass(frozen=True)
 class EditMethod:
-    """A named editor: `make_hparams(lm, **overrides)` builds its settings, `run` edits in place.
+    """A named editor: `make_hparams(lm, **overrides)` builds its settings, `run` edits in place,
+    `prepare` computes or loads once what every edit with those settings reuses (key statistics,
+    context templates), so that an edit's time is its own.
 
     Common overrides every method accepts: preset, layers, lr, max_steps.
     """
@@ -28,6 +30,7 @@ class EditMethod:
     summary: str
     make_hparams: Callable[..., Any]
     run: Callable[[LM, Sequence[EditRequest], Any], WeightDelta]
+    prepare: Callable[[LM, Any], None] | None = None
 
 
 def _finetune(name: str, target: str, summary: str) -> EditMethod:
@@ -37,7 +40,9 @@ def _finetune(name: str, target: str, summary: str) -> EditMethod:
     return EditMethod(name, summary, make, finetune_edit)
 
 
-def _closed_form(name: str, cls: type, presets: dict, run: Callable, summary: str, **fixed: Any) -> EditMethod:
+def _closed_form(
+    name: str, cls: type, presets: dict, run: Callable, prepare: Callable, summary: str, **fixed: Any
+) -> EditMethod:
     def make(lm: LM | None, preset: str | None = None, max_steps: int | None = None, **overrides: Any) -> Any:
         if cls is ROMEHyperParams and overrides.get("layers") is not None:
             layers = tuple(overrides.pop("layers"))
@@ -46,7 +51,7 @@ def _closed_form(name: str, cls: type, presets: dict, run: Callable, summary: st
             overrides["layer"] = layers[0]
         return make_hparams(cls, presets, preset, lm, steps=max_steps, **overrides, **fixed)
 
-    return EditMethod(name, summary, make, run)
+    return EditMethod(name, summary, make, run, prepare)
 
 
 METHODS: Mapping[str, EditMethod] = MappingProxyType(
@@ -57,15 +62,17 @@ METHODS: Mapping[str, EditMethod] = MappingProxyType(
             _finetune("ft-key-gate", "key:gate", "fine-tune only the gate keys (gated FFNs)"),
             _finetune("ft-key-up", "key:up", "fine-tune only the up keys (gated FFNs)"),
             _finetune("ft-values", "values", "fine-tune the FFN values (down projection)"),
-            _closed_form("rome", ROMEHyperParams, ROME_PRESETS, rome_edit, "rank-one update of one layer's values"),
-            _closed_form("memit", MEMITHyperParams, MEMIT_PRESETS, memit_edit, "batch update spread over layers"),
-            _closed_form("pmet", PMETHyperParams, PMET_PRESETS, pmet_edit,
+            _closed_form("rome", ROMEHyperParams, ROME_PRESETS, rome_edit, rome_prepare,
+                         "rank-one update of one layer's values"),
+            _closed_form("memit", MEMITHyperParams, MEMIT_PRESETS, memit_edit, memit_prepare,
+                         "batch update spread over layers"),
+            _closed_form("pmet", PMETHyperParams, PMET_PRESETS, pmet_edit, memit_prepare,
                          "attention+FFN targets, FFN-only update, √ spread"),
-            _closed_form("pmet-no-attn-delta", PMETHyperParams, PMET_PRESETS, pmet_edit,
+            _closed_form("pmet-no-attn-delta", PMETHyperParams, PMET_PRESETS, pmet_edit, memit_prepare,
                          "PMET ablation: optimise the FFN delta alone", attn_delta=False),
-            _closed_form("pmet-update-attn", PMETHyperParams, PMET_PRESETS, pmet_edit,
+            _closed_form("pmet-update-attn", PMETHyperParams, PMET_PRESETS, pmet_edit, memit_prepare,
                          "PMET ablation: also update the attention output weights", update_attn=True),
-            _closed_form("pmet-even-spread", PMETHyperParams, PMET_PRESETS, pmet_edit,
+            _closed_form("pmet-even-spread", PMETHyperParams, PMET_PRESETS, pmet_edit, memit_prepare,
                          "PMET ablation: MEMIT's even spread", spread="even"),
         )
     }
@@ -95,3 +102,11 @@ def edit(
         requests = [requests]
     settings = hparams if hparams is not None else chosen.make_hparams(lm, **overrides)
     return chosen.run(lm, list(requests), settings)
+
+
+def prepare(lm: LM, method: str = "ft-keys", **overrides: Any) -> None:
+    """Compute or load what every `edit(lm, ..., method, **overrides)` reuses, ahead of the edits
+    (a no-op for fine-tuning)."""
+    chosen = get_method(method)
+    if chosen.prepare is not None:
+        chosen.prepare(lm, chosen.make_hparams(lm, **overrides))

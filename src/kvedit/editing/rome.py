@@ -70,6 +70,15 @@ ROME_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def rome_prepare(lm: LM, hparams: ROMEHyperParams) -> None:
+    """Compute, or load from the cache, what every edit with these settings reuses: the context
+    templates and the layer's key statistics."""
+    hparams.check(lm)
+    context_templates(lm, ROME_TEMPLATES)
+    if hparams.mom2_adjustment:
+        key_statistics(lm, [hparams.layer], hparams.stats_source, hparams.stats_tokens)
+
+
 def rank_one_update(
     weight_out_in: torch.Tensor, current: torch.Tensor, target: torch.Tensor, key: torch.Tensor,
     c_inv_key: torch.Tensor,
