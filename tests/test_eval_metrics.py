@@ -25,7 +25,7 @@ from kvedit.evaluation.generation import (
     ngram_entropy,
     tfidf_similarity,
 )
-from kvedit.evaluation.summary import SUITES, markdown_table, summarize_run, summary_csv
+from kvedit.evaluation.summary import SUITES, easyedit_table, markdown_table, summarize_run, summary_csv
 from kvedit.evaluation.zsre import summarize_zsre, zsre_case_metrics
 
 
@@ -114,6 +114,21 @@ def test_locality_unchanged_by_hand():
     assert cases[0]["neighborhood_unchanged"] == 0.5 and "neighborhood_unchanged" not in cases[1]
 
 
+def test_easyedit_table_counts_the_cases_that_have_the_metrics():
+    suite = SUITES["counterfact"]
+    base = {"efficacy_success": 1.0, "paraphrase_success": 1.0, "neighborhood_success": 1.0}
+    full = [base | {"case_id": i, "efficacy_token_accuracy": 1.0, "paraphrase_token_accuracy": 0.5,
+                    "neighborhood_unchanged": u} for i, u in enumerate([1.0, 0.5])]
+    partial = [base | {"case_id": 0}, full[1]]  # e.g. a run resumed from an older folder
+    none = [base | {"case_id": 0}]
+    runs = {"memit": summarize_run(full, suite), "rome": summarize_run(partial, suite),
+            "ft-keys": summarize_run(none, suite)}
+    table = easyedit_table(runs, suite, with_ci=False)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    assert rows == {"memit": ["–", "2", "100.00", "50.00", "75.00"], "rome": ["–", "1", "100.00", "50.00", "50.00"]}
+    assert easyedit_table({"ft-keys": runs["ft-keys"]}, suite) is None
+
+
 def test_zsre_neighborhood_needs_its_answer(tiny_llama):
     request = EditRequest("{} is located in", "rome", target_new="italy", neighborhood_prompts=("paris is in",))
     with pytest.raises(ValueError, match="neighborhood_target"):
@@ -199,6 +214,8 @@ def test_summary_score_time_and_absent_metrics():
     assert s["metrics"]["score"]["mean"] == pytest.approx(3 / sum(1 / r for r in rates))
     assert s["metrics"]["fluency"]["mean"] is None  # absent, never 0
     assert s["edit_time_s"] == 4.0 and s["time_per_edit_s"] == 2.0
+    slow_first = summarize_run([records[0] | {"time_s": 40.0}, records[1], records[1] | {"case_id": 2}], suite)
+    assert slow_first["edit_time_s"] == 16.0 and slow_first["edit_time_median_s"] == 4.0
     table = markdown_table({"ft-keys": s | {"batch_size": 2}}, suite)
     assert "| ft-keys |" in table and "Fluency" not in table
     rows = list(csv.DictReader(io.StringIO(summary_csv({"ft-keys": s}))))

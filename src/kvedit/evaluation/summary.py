@@ -84,7 +84,7 @@ def _score(columns: np.ndarray) -> float:
 
 def summarize_run(records: Sequence[Mapping[str, Any]], suite: Suite, **ci: Any) -> dict[str, Any]:
     """Per metric {"mean", "ci", "count"} (a metric no record has: mean None, never 0), Score with its
-    interval, mean edit time per call and per edit (s), and the number of cases."""
+    interval, mean and median edit time per call and mean per edit (s), and the number of cases."""
     summary: dict[str, Any] = {"n": len(records), "metrics": {}}
     for metric in suite.metrics:
         values = [r[metric.key] for r in records if r.get(metric.key) is not None]
@@ -99,6 +99,7 @@ def summarize_run(records: Sequence[Mapping[str, Any]], suite: Suite, **ci: Any)
         summary["metrics"]["score"] = {"mean": None, "ci": None, "count": 0}
     timed = [r for r in records if r.get("time_s") is not None]
     summary["edit_time_s"] = float(np.mean([r["time_s"] for r in timed])) if timed else None
+    summary["edit_time_median_s"] = float(np.median([r["time_s"] for r in timed])) if timed else None
     summary["time_per_edit_s"] = (
         float(np.mean([r["time_s"] / r.get("batch_size", 1) for r in timed])) if timed else None
     )
@@ -159,7 +160,8 @@ def easyedit_table(summaries: Mapping[str, Mapping[str, Any]], suite: Suite, wit
     if not have:
         return None
     header = ["Method", "#Edits", "Cases", *EASYEDIT_TITLES]
-    rows = [[name, str(summaries[name].get("batch_size") or "–"), str(summaries[name].get("n", "–")),
+    # Cases: how many carry locality (a resumed older folder can have them for part of a run only)
+    rows = [[name, str(summaries[name].get("batch_size") or "–"), str(summaries[name]["metrics"][keys[-1]]["count"]),
              *(_cell(summaries[name]["metrics"].get(k), with_ci) for k in keys)] for name in have]
     return aligned_markdown(header, rows)
 
