@@ -147,6 +147,11 @@ def _append(path: Path, records: Sequence[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
+def _predictions(records: Sequence[dict[str, Any]]) -> dict[Any, Predictions]:
+    """case_id → neighborhood predictions, for the records that carry them."""
+    return {r["case_id"]: r["neighborhood_argmax"] for r in records if "neighborhood_argmax" in r}
+
+
 def known_filter(lm: LM, requests: Sequence[EditRequest], batch_size: int = 32) -> list[bool]:
     """Per request: does the unedited model prefer target_true to target_new on the rewrite prompt
     (P(true) > P(new), i.e. lower mean NLL)?"""
@@ -241,8 +246,7 @@ class Bench:
         if not requests:
             return
         score = zsre_case_metrics if self.suite.name == "zsre" else counterfact_case_metrics
-        self.unedited_predictions |= {c["case_id"]: c["neighborhood_argmax"] for c in score(self.lm, requests)
-                                      if "neighborhood_argmax" in c}
+        self.unedited_predictions |= _predictions(score(self.lm, requests))
 
     # ------------------------------------------------------------------ running
 
@@ -250,15 +254,15 @@ class Bench:
         """Run all missing work, then write and return the summary."""
         existing = load_cases_file(self.cases_file)
         done = {(r["run"], r["case_id"]) for r in existing}
-        self.unedited_predictions = {r["case_id"]: r["neighborhood_argmax"] for r in existing
-                                     if r["run"] == "unedited" and "neighborhood_argmax" in r}
-        self._predict_unedited([c for c in self.cases if ("unedited", c.case_id) in done
-                                and c.case_id not in self.unedited_predictions])
+        self.unedited_predictions = _predictions([r for r in existing if r["run"] == "unedited"])
+        edits_pending = any((s.key, c.case_id) not in done for s in self.specs for c in self.cases)
+        if edits_pending:
+            self._predict_unedited([c for c in self.cases if ("unedited", c.case_id) in done
+                                    and c.case_id not in self.unedited_predictions])
         if any(("unedited", c.case_id) not in done for c in self.cases):
             todo = [c for c in self.cases if ("unedited", c.case_id) not in done]
             records = [m | {"run": "unedited", "method": "unedited"} for m in self.evaluate(todo)]
-            self.unedited_predictions |= {r["case_id"]: r["neighborhood_argmax"] for r in records
-                                          if "neighborhood_argmax" in r}
+            self.unedited_predictions |= _predictions(records)
             add_locality(records, self.unedited_predictions)
             _append(self.cases_file, records)
         for spec in tqdm(self.specs, desc="runs", unit="run", disable=not self.progress or len(self.specs) == 1):

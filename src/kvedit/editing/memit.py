@@ -143,13 +143,10 @@ def summarize_records(targets: Sequence[Target]) -> list[dict[str, Any]]:
 
 def memit_prepare(lm: LM, hparams: MEMITHyperParams) -> None:
     """Compute, or load from the cache, what every edit with these settings reuses: the context
-    templates and the key statistics of the edited layers (attention outputs too with PMET's
-    `update_attn`)."""
+    templates and the key statistics of the edited layers' values."""
     hparams.check(lm)
     context_templates(lm, MEMIT_TEMPLATES)
-    kinds = ["values", "attn_out"] if getattr(hparams, "update_attn", False) else ["values"]
-    for kind in kinds:
-        key_statistics(lm, list(hparams.layers), hparams.stats_source, hparams.stats_tokens, kind=kind)
+    key_statistics(lm, list(hparams.layers), hparams.stats_source, hparams.stats_tokens)
 
 
 def memit_edit(lm: LM, requests: Sequence[EditRequest], hparams: MEMITHyperParams, spread: Spread = "even") -> WeightDelta:

@@ -24,7 +24,8 @@ from ..data.requests import EditRequest
 from ..models.lm import LM
 from .context import MEMIT_TEMPLATES, context_templates
 from .delta import WeightDelta, WeightGuard
-from .memit import MEMITHyperParams, Spread, Target, _metadata, distribute, summarize_records
+from .memit import MEMITHyperParams, Spread, Target, _metadata, distribute, memit_prepare, summarize_records
+from .stats import key_statistics
 from .targets import TargetOptions, optimize_targets
 
 
@@ -63,6 +64,13 @@ PMET_PRESETS: dict[str, dict[str, Any]] = {
     "smollm2": dict(layers=(3, 4, 5, 6, 7), steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=600.0,
                     stats_tokens=20_000),
 }
+
+
+def pmet_prepare(lm: LM, hparams: PMETHyperParams) -> None:
+    """MEMIT's preparation, plus the attention outputs' key statistics when they are updated too."""
+    memit_prepare(lm, hparams)
+    if hparams.update_attn:
+        key_statistics(lm, list(hparams.layers), hparams.stats_source, hparams.stats_tokens, kind="attn_out")
 
 
 def pmet_edit(lm: LM, requests: Sequence[EditRequest], hparams: PMETHyperParams) -> WeightDelta:

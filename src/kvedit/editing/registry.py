@@ -12,7 +12,7 @@ from ..models.lm import LM
 from .delta import WeightDelta
 from .finetune import FTHyperParams, finetune_edit
 from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_prepare
-from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit
+from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit, pmet_prepare
 from .presets import make_hparams
 from .rome import ROME_PRESETS, ROMEHyperParams, rome_edit, rome_prepare
 
@@ -66,13 +66,13 @@ METHODS: Mapping[str, EditMethod] = MappingProxyType(
                          "rank-one update of one layer's values"),
             _closed_form("memit", MEMITHyperParams, MEMIT_PRESETS, memit_edit, memit_prepare,
                          "batch update spread over layers"),
-            _closed_form("pmet", PMETHyperParams, PMET_PRESETS, pmet_edit, memit_prepare,
+            _closed_form("pmet", PMETHyperParams, PMET_PRESETS, pmet_edit, pmet_prepare,
                          "attention+FFN targets, FFN-only update, √ spread"),
-            _closed_form("pmet-no-attn-delta", PMETHyperParams, PMET_PRESETS, pmet_edit, memit_prepare,
+            _closed_form("pmet-no-attn-delta", PMETHyperParams, PMET_PRESETS, pmet_edit, pmet_prepare,
                          "PMET ablation: optimise the FFN delta alone", attn_delta=False),
-            _closed_form("pmet-update-attn", PMETHyperParams, PMET_PRESETS, pmet_edit, memit_prepare,
+            _closed_form("pmet-update-attn", PMETHyperParams, PMET_PRESETS, pmet_edit, pmet_prepare,
                          "PMET ablation: also update the attention output weights", update_attn=True),
-            _closed_form("pmet-even-spread", PMETHyperParams, PMET_PRESETS, pmet_edit, memit_prepare,
+            _closed_form("pmet-even-spread", PMETHyperParams, PMET_PRESETS, pmet_edit, pmet_prepare,
                          "PMET ablation: MEMIT's even spread", spread="even"),
         )
     }
