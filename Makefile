@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvedit-installed
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench browser
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -19,8 +19,17 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/kvedit demo
 
-test: setup
-	$(PY) -m pytest -q
+# the explorer's browser test drives Debian's chromium + chromium-driver: installed here when apt-get can
+# (as root); otherwise that test skips and -rs prints why
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  || echo "could not install chromium + chromium-driver: the browser test will skip"; \
+	else echo "no chromium/chromedriver and no apt-get as root to install them: the browser test will skip"; fi
+
+test: setup browser
+	$(PY) -m pytest -q -rs
 
 bench: setup
 	$(PY) benchmarks/ft_edit_speed.py

@@ -10,11 +10,11 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import analyze, edit, runs, tune
+from . import analyze, edit, explore, runs, tune
 
 DESCRIPTION = "Locate, inspect, edit and tune the key-value memories of transformer feed-forward layers."
 EPILOG = "Run `kvedit COMMAND --help` for a command's options."
-COMMAND_MODULES = (edit, runs, analyze, tune)
+COMMAND_MODULES = (edit, runs, analyze, tune, explore)
 
 Handler = Callable[[argparse.Namespace], int]
 

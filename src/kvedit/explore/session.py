@@ -1,0 +1,305 @@
+"""One explorer session: a loaded model, its mined triggers, the edits applied to it, and the jobs running.
+
+Everything the page does goes through here. Quick reads (prompt, memory, intervention views) hold the
+model briefly; edits and mining run as background jobs (`jobs.JobRunner`); reverts and loaded patches change
+weights only after every check has passed, so bad input changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..analysis.inspect import Intervention
+from ..analysis.patch_view import patch_report
+from ..analysis.triggers import TriggerSet, check_for_model, mine_triggers
+from ..analysis.vocab import token_strings
+from ..data.requests import EditRequest, RequestError
+from ..editing.delta import PatchMismatchError, WeightDelta
+from ..editing.registry import METHODS, edit, make_settings
+from ..evaluation.probe import greedy_answer, target_probabilities
+from ..models.lm import LM
+from ..models.memory import ffn_memory
+from . import views
+from .edits import EditLog
+from .jobs import Job, JobRunner
+
+#: the methods the page offers first (every registered method is accepted)
+MAIN_METHODS = ("ft-keys", "ft-values", "rome", "memit", "pmet")
+
+
+@dataclass(frozen=True)
+class ExploreSettings:
+    """corpus / mine_tokens / mine_k: what on-the-fly mining reads (a text file, a folder of .txt files,
+    `hf:<dataset>` or `self`) and keeps; stats_source / stats_tokens: the key-statistics corpus of
+    ROME/MEMIT/PMET (None: the preset's); top_memories / top_tokens / next_tokens: sizes of the views."""
+
+    corpus: str = "self"
+    mine_tokens: int = 20_000
+    mine_k: int = 20
+    stats_source: str | None = None
+    stats_tokens: int | None = None
+    top_memories: int = 10
+    top_tokens: int = 5
+    next_tokens: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("mine_tokens", "mine_k", "top_memories", "top_tokens", "next_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.stats_tokens is not None and self.stats_tokens < 1:
+            raise ValueError(f"stats_tokens must be at least 1, got {self.stats_tokens}")
+
+
+@dataclass(frozen=True)
+class EditForm:
+    """What the edit form sends. `prompt` holds the subject written out (or `{}` where it goes);
+    `target_true` None means the model's own greedy answer; `layers` None the method's preset."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrases: tuple[str, ...] = ()
+    neighbours: tuple[str, ...] = ()
+    method: str = "ft-keys"
+    layers: tuple[int, ...] | None = None
+    lr: float | None = None
+    max_steps: int | None = None
+
+
+def edit_template(prompt: str, subject: str) -> str:
+    """The request template of a prompt that contains `subject` (its first occurrence becomes `{}`)."""
+    if not prompt or not prompt.strip():
+        raise RequestError("the prompt is empty; type the sentence that should end in the new object, "
+                           "e.g. 'The Eiffel Tower is located in the city of'")
+    if not subject or not subject.strip():
+        raise RequestError("the subject is empty; type the entity to edit, e.g. 'Eiffel Tower'")
+    if "{}" in prompt:
+        return prompt
+    if subject not in prompt:
+        raise RequestError(f"the prompt {prompt!r} does not contain the subject {subject!r}; write the subject in "
+                           "the prompt exactly as in the subject field (or put {} where it goes)")
+    return prompt.replace(subject, "{}", 1)
+
+
+class ExploreSession:
+    """The model and everything the explorer keeps about it. Thread-safe: quick views and jobs share one lock."""
+
+    def __init__(self, lm: LM, settings: ExploreSettings | None = None, triggers: TriggerSet | None = None,
+                 triggers_origin: str = "") -> None:
+        self.lm = lm
+        self.settings = settings or ExploreSettings()
+        self.vocab = views.Vocabulary(token_strings(lm))
+        self.jobs = JobRunner(threading.Lock())
+        self.edits = EditLog()
+        self.triggers: dict[int, tuple[TriggerSet, str]] = {}
+        if triggers is not None:
+            check_for_model(triggers, lm, triggers_origin or "the given triggers")
+            for layer in triggers.layers:
+                self.triggers[layer] = (triggers, f"mined into {triggers_origin}" if triggers_origin else "given")
+        self._files = tempfile.TemporaryDirectory(prefix="kvedit-explore-")
+
+    # ---- facts ---------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        lm = self.lm
+        active = self.jobs.active()
+        return {
+            "model": lm.name, "family": lm.arch.family, "layers": lm.num_layers, "d_model": lm.d_model,
+            "d_ff": ffn_memory(lm, 0).d_ff, "vocab": len(self.vocab.strings),
+            "methods": [{"name": n, "summary": m.summary, "main": n in MAIN_METHODS} for n, m in METHODS.items()],
+            "mined_layers": sorted(self.triggers), "corpus": self.settings.corpus,
+            "mine_tokens": self.settings.mine_tokens,
+            "edits": [e.to_dict() for e in self.edits.entries], "applied": len(self.edits.applied()),
+            "job": active.to_dict() if active else None,
+        }
+
+    def _triggers(self, layer: int) -> TriggerSet | None:
+        found = self.triggers.get(layer)
+        return found[0] if found else None
+
+    # ---- quick views ---------------------------------------------------------------------------
+    def prompt(self, prompt: str, watch: str | None = None) -> dict[str, Any]:
+        s = self.settings
+        with self.jobs.quick_use():
+            return views.prompt_view(self.lm, self.vocab, prompt, s.top_memories, s.top_tokens, s.next_tokens, watch)
+
+    def memory(self, layer: int, key: int, prompt: str | None = None) -> dict[str, Any]:
+        with self.jobs.quick_use():
+            layer = self.lm.check_layer(layer)
+            out = views.memory_view(self.lm, self.vocab, layer, key, prompt or None, self._triggers(layer))
+        if layer in self.triggers:
+            out["triggers_origin"] = self.triggers[layer][1]
+        return out
+
+    def intervene(self, prompt: str, interventions: Sequence[Intervention], watch: str | None = None) -> dict[str, Any]:
+        for iv in interventions:
+            if not math.isfinite(iv.factor):
+                raise ValueError(f"the factor of memory {iv.layer}:{iv.key} must be a finite number, got {iv.factor}")
+        with self.jobs.quick_use():
+            return views.intervene(self.lm, self.vocab, prompt, interventions, self.settings.next_tokens, watch)
+
+    # ---- mining ----------------------------------------------------------------------------------
+    def start_mining(self, layer: int, tokens: int | None = None) -> Job:
+        """Mine trigger examples of every memory of `layer` from the session's corpus, in the background."""
+        layer = self.lm.check_layer(layer)
+        tokens = tokens or self.settings.mine_tokens
+        if tokens < 1:
+            raise ValueError(f"tokens must be at least 1, got {tokens}")
+        corpus = self.settings.corpus
+
+        def work(job: Job) -> dict[str, Any]:
+            job.set_phase(f"mining layer {layer} over {tokens} tokens of {corpus}")
+            edited = len(self.edits.applied())
+            found = mine_triggers(self.lm, corpus, layers=[layer], k=self.settings.mine_k, max_tokens=tokens,
+                                  progress=True)
+            note = f"mined here from {found.meta['tokens']} tokens of {corpus}"
+            self.triggers[layer] = (found, note + (f", with {edited} edit(s) applied" if edited else ""))
+            return {"layer": layer, "tokens": found.meta["tokens"], "origin": self.triggers[layer][1]}
+
+        return self.jobs.submit("mine", f"mining layer {layer}", work)
+
+    # ---- editing ---------------------------------------------------------------------------------
+    def _overrides(self, form: EditForm) -> dict[str, Any]:
+        closed_form = not form.method.startswith("ft-")
+        return dict(layers=form.layers, lr=form.lr, max_steps=form.max_steps,
+                    stats_source=self.settings.stats_source if closed_form else None,
+                    stats_tokens=self.settings.stats_tokens if closed_form else None)
+
+    def start_edit(self, form: EditForm) -> Job:
+        """Check the form (bad input raises here and changes nothing), then edit in the background:
+        p(new), p(true) on every prompt before and after, the next token, and the patch view."""
+        lm = self.lm
+        template = edit_template(form.prompt, form.subject)
+        texts = {"prompt": form.prompt, "subject": form.subject, "new object": form.target_new,
+                 **({"true object": form.target_true} if form.target_true else {}),
+                 **{f"paraphrase {i + 1}": p for i, p in enumerate(form.paraphrases)},
+                 **{f"neighbourhood prompt {i + 1}": p for i, p in enumerate(form.neighbours)}}
+        for what, text in texts.items():
+            if not text.strip():
+                raise RequestError(f"the {what} is empty")
+            views.check_known(lm, text, what)
+        probe = EditRequest(template, form.subject, form.target_new, form.target_true or None,
+                            tuple(form.paraphrases), tuple(form.neighbours))
+        settings = make_settings(lm, form.method, **self._overrides(form))
+
+        def work(job: Job) -> dict[str, Any]:
+            request = probe
+            if request.target_true is None:
+                job.set_phase("reading the model's own answer")
+                request = EditRequest(template, form.subject, form.target_new,
+                                      greedy_answer(lm, probe.rewrite_prompt), probe.paraphrase_prompts,
+                                      probe.neighborhood_prompts)
+            job.set_phase("scoring the prompts before the edit")
+            before = target_probabilities(lm, request)
+            next_before = views.next_token(lm, self.vocab, request.rewrite_prompt)
+            job.set_phase(f"editing with {form.method}")
+            delta = edit(lm, request, form.method, hparams=settings)
+            try:
+                job.set_phase("scoring the prompts after the edit")
+                after = target_probabilities(lm, request)
+                next_after = views.next_token(lm, self.vocab, request.rewrite_prompt)
+                job.set_phase("reading the patch as memories")
+                report = self._patch_view(delta)
+            except BaseException:
+                delta.revert(lm)
+                raise
+            summary = _summary([request], before, after) | {"next_before": next_before, "next_after": next_after,
+                                                            "patch_view": report}
+            label = f"{request.subject}: {request.target_true} → {request.target_new}"
+            entry = self.edits.add(delta, label, f"edited here ({form.method})", summary)
+            return entry.to_dict(detail=True)
+
+        return self.jobs.submit("edit", f"{form.method} edit of {form.subject!r} → {form.target_new!r}", work)
+
+    def _patch_view(self, delta: WeightDelta) -> dict[str, Any] | None:
+        """`patch_report` of an applied `delta` (it needs the unedited weights, so revert, read, re-apply)."""
+        delta.revert(self.lm)
+        try:
+            return patch_report(self.lm, delta)
+        except ValueError as err:  # e.g. a patch that changes no FFN weights
+            return {"note": str(err)}
+        finally:
+            delta.apply(self.lm)
+
+    def revert(self, edit_id: int, cascade: bool = False) -> dict[str, Any]:
+        with self.jobs.quick_use():
+            reverted = self.edits.revert(self.lm, edit_id, cascade)
+        return {"reverted": reverted, "applied": [e.id for e in self.edits.applied()]}
+
+    def patch_file(self, edit_id: int) -> Path:
+        """The patch of edit `edit_id` as a file (written once into the session's folder)."""
+        entry = self.edits.get(edit_id)
+        path = Path(self._files.name) / f"kvedit-edit-{entry.id}-{entry.delta.metadata.get('method', 'patch')}.safetensors"
+        if not path.is_file():
+            entry.delta.save(path)
+        return path
+
+    def load_patch(self, data: bytes, filename: str = "patch.safetensors") -> dict[str, Any]:
+        """Verify a patch file's bytes and apply it on top of the current weights; refuse (changing nothing)
+        a damaged file or one made for other weights."""
+        if not data:
+            raise PatchMismatchError("the uploaded patch file is empty")
+        name = Path(filename or "patch.safetensors").name
+        path = Path(self._files.name) / f"upload-{len(self.edits.entries) + 1}.safetensors"
+        path.write_bytes(data)
+        try:
+            delta = WeightDelta.load(path)
+        except PatchMismatchError as err:  # name the user's file, not the temporary copy
+            raise PatchMismatchError(str(err).replace(str(path), name)) from None
+        finally:
+            path.unlink(missing_ok=True)
+        meta = delta.metadata
+        requests = []
+        for r in meta.get("requests") or []:
+            try:
+                request = EditRequest.from_dict(r)
+            except (RequestError, TypeError):
+                continue
+            if request.target_true is not None:
+                requests.append(request)
+        with self.jobs.quick_use():
+            missing = [n for n in delta.names if n not in dict(self.lm.model.named_parameters())]
+            if missing:
+                raise PatchMismatchError(f"{name} was made for {meta.get('model_name', 'another model')!r}: this model "
+                                         f"({self.lm.name}) has no parameter {missing[0]}")
+            before = [target_probabilities(self.lm, r) for r in requests]
+            delta.apply(self.lm)  # checks every parameter first; raises before writing anything
+            try:
+                after = [target_probabilities(self.lm, r) for r in requests]
+                report = self._patch_view(delta)
+            except BaseException:
+                delta.revert(self.lm)
+                raise
+        summary = (_summary(requests, before, after) if requests else {}) | {"patch_view": report}
+        label = "; ".join(f"{r.subject}: {r.target_true} → {r.target_new}" for r in requests[:3]) or name
+        entry = self.edits.add(delta, label + (f" (+{len(requests) - 3} more)" if len(requests) > 3 else ""),
+                               f"loaded from {name} ({meta.get('method', '?')})", summary)
+        return entry.to_dict(detail=True)
+
+    def close(self) -> None:
+        self._files.cleanup()
+
+
+def _summary(requests: Sequence[EditRequest], before: Any, after: Any) -> dict[str, Any]:
+    """Rows of p(new) and p(true) before and after, per request and prompt; `flipped` when every rewrite
+    prompt now prefers the new object."""
+    if isinstance(before, dict):
+        before, after = [before], [after]
+    rows = []
+    for request, b, a in zip(requests, before, after):
+        prompts = {"efficacy": [request.rewrite_prompt], "paraphrase": list(request.paraphrase_prompts),
+                   "neighborhood": list(request.neighborhood_prompts)}
+        for group, texts in prompts.items():
+            for i, text in enumerate(texts):
+                rows.append({"kind": group, "prompt": text, "target_new": request.target_new,
+                             "target_true": request.target_true,
+                             "new_before": b[group][i]["target_new"], "new_after": a[group][i]["target_new"],
+                             "true_before": b[group][i]["target_true"], "true_after": a[group][i]["target_true"]})
+    rewrites = [r for r in rows if r["kind"] == "efficacy"]
+    return {"rows": rows, "flipped": bool(rewrites) and all(r["new_after"] > r["true_after"] for r in rewrites)}
