@@ -34,13 +34,14 @@ class Vocabulary:
         return self.strings[token_id]
 
     def token_id(self, lm: LM, text: str) -> int:
-        """The id of the one vocabulary token `text` (or `" " + text`, BPE's word-initial form).
+        """The id of the one vocabulary token `text`: its word-initial form `" " + text` when the vocabulary has
+        one (what a word after a space is in BPE vocabularies), else `text` itself.
 
         Raises ValueError naming the pieces the tokenizer splits `text` into when it is no single token.
         """
         if not text or not text.strip():
             raise ValueError("the token is empty; type one token of the vocabulary, e.g. ' Paris'")
-        for candidate in (text, " " + text):
+        for candidate in ((text,) if text[0].isspace() else (" " + text, text)):
             if candidate in self._ids:
                 return self._ids[candidate]
         ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,7 +1,7 @@
 // kvedit explore: plain JavaScript over the JSON API (no build step, nothing loaded from elsewhere).
 "use strict";
 
-const state = { info: null, prompt: "", memory: null, interventions: [], lastEdit: null };
+const state = { info: null, prompt: "", lastPrompt: null, memory: null, interventions: [], lastEdit: null };
 
 // ---- small helpers -------------------------------------------------------------------------------
 function $(id) { return document.getElementById(id); }
@@ -26,7 +26,11 @@ function tok(t) {
   return h("span", { class: "tok", title: JSON.stringify(t) }, shown);
 }
 
-function pct(p) { return p === null || p === undefined ? "–" : (100 * p).toFixed(p < 0.001 ? 3 : 1) + "%"; }
+function pct(p) {
+  if (p === null || p === undefined) return "–";
+  if (p >= 0.001) return (100 * p).toFixed(1) + "%";
+  return p === 0 ? "0%" : (100 * p).toExponential(1) + "%";
+}
 function num(x, d = 3) { return x === null || x === undefined ? "–" : Number(x).toFixed(d); }
 
 function showMessage(text, kind = "error") {
@@ -163,8 +167,10 @@ function renderPrompt(r) {
   $("next-token").replaceChildren(bars(r.next_token, { mark: r.watch && r.watch.token }));
   $("watch-final").textContent = r.watch ? `followed token ${JSON.stringify(r.watch.token)}: ${pct(r.watch.prob)}, rank ${r.watch.rank}` : "";
   document.querySelectorAll(".watch-col").forEach((c) => c.classList.toggle("hidden", !r.watch));
+  state.lastPrompt = r;
   const body = $("layers").querySelector("tbody");
-  body.replaceChildren(...r.layers.map((l) => h("tr", {},
+  const layers = $("reverse-layers").checked ? [...r.layers].reverse() : r.layers;
+  body.replaceChildren(...layers.map((l) => h("tr", { "data-layer": l.layer },
     h("td", { class: "num" }, l.layer),
     h("td", {}, l.lens.map((e) => h("span", { class: "lens" }, tok(e.token), h("small", {}, pct(e.prob))))),
     h("td", { class: "watch-col" + (r.watch ? "" : " hidden") }, l.watch ? `${pct(l.watch.prob)} (#${l.watch.rank})` : ""),
@@ -398,6 +404,7 @@ async function loadPatch() {
 window.addEventListener("DOMContentLoaded", async () => {
   for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => openTab(b.dataset.tab));
   $("prompt-form").addEventListener("submit", analyze);
+  $("reverse-layers").addEventListener("change", () => { if (state.lastPrompt) renderPrompt(state.lastPrompt); });
   $("memory-form").addEventListener("submit", (e) => { e.preventDefault(); openMemory($("mem-layer").value, $("mem-key").value); });
   $("mine-button").addEventListener("click", mineLayer);
   $("mem-zero").addEventListener("click", () => { if (state.memory) { addIntervention(state.memory.layer, state.memory.key, 0); openTab("intervene"); } });
