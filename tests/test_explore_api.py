@@ -18,6 +18,7 @@ from kvedit.cli.explore import bind_socket, is_loopback
 from kvedit.editing.delta import WeightDelta
 from kvedit.explore import ExploreSession, ExploreSettings, create_app
 from kvedit.explore.api import jsonable
+from kvedit.explore.value_cache import ValueTokenCache
 from kvedit.explore.views import Vocabulary, prompt_view
 from kvedit.analysis.vocab import token_strings
 from kvedit.models import ffn_memory
@@ -70,20 +71,53 @@ def run_job(client, session, response, expect="done"):
 
 
 # ---- the prompt view is inspect_prompt's analysis --------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
-def test_prompt_view_equals_inspect_prompt(family):
-    lm = tiny_lm(family)
-    vocab = Vocabulary(token_strings(lm))
-    ours = prompt_view(lm, vocab, PROMPT, top_memories=6, top_tokens=4, next_tokens=4)
-    ref = inspect_prompt(lm, PROMPT, top_memories=6, top_tokens=4)
+def assert_same_as_inspect(ours, ref):
     assert ours["tokens"] == ref["tokens"]
-    assert [e["token"] for e in ours["next_token"]] == [e["token"] for e in ref["next_token"]]
+    assert [e["token"] for e in ours["next_token"]][: len(ref["next_token"])] == [e["token"] for e in ref["next_token"]]
     for a, b in zip(ours["layers"], ref["layers"], strict=True):
         assert [m["key"] for m in a["memories"]] == [m["key"] for m in b["memories"]]
         assert [m["value_tokens"] for m in a["memories"]] == [m["value_tokens"] for m in b["memories"]]
         assert [m["coefficient"] for m in a["memories"]] == pytest.approx([m["coefficient"] for m in b["memories"]], rel=1e-5)
         assert [e["token"] for e in a["lens"]] == [e["token"] for e in b["lens"]]
         assert [e["prob"] for e in a["lens"]] == pytest.approx([e["prob"] for e in b["lens"]], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_prompt_view_equals_inspect_prompt(family, cached):
+    """The same memories, coefficients, value tokens and logit lens as `kvedit inspect`, with the value tokens
+    projected on demand or read from the per-layer projections the session fills in the background."""
+    lm = tiny_lm(family)
+    vocab = Vocabulary(token_strings(lm))
+    cache = ValueTokenCache(lm, 4)
+    if cached:
+        cache.fill_now()
+        assert cache.ready == lm.num_layers
+    ours = prompt_view(lm, vocab, PROMPT, top_memories=6, top_tokens=4, next_tokens=4, cached=cache.get)
+    assert_same_as_inspect(ours, inspect_prompt(lm, PROMPT, top_memories=6, top_tokens=4))
+
+
+def test_value_cache_follows_the_weights(corpus):
+    """A values edit drops its layer's cached projections (a keys edit none); the prompt view stays equal to
+    inspect_prompt on the edited model, and again after the revert."""
+    lm = tiny_lm("llama")
+    session = ExploreSession(lm, ExploreSettings(corpus=corpus, prefetch_values=False))
+    client = TestClient(create_app(session))
+    session.values.fill_now()
+    run_job(client, session, client.post("/api/edits", json=edit_body()))  # keys of layer 1
+    assert session.values.ready == 4
+    run_job(client, session, client.post("/api/edits", json=edit_body(method="ft-values", layers=[2], lr=0.5)))
+    assert session.values.ready == 3 and session.values.get(2) is None
+    session.values.fill_now()
+    ours = client.post("/api/prompt", json={"prompt": PROMPT}).json()
+    assert_same_as_inspect(ours, inspect_prompt(lm, PROMPT, top_memories=10, top_tokens=5))
+    client.post("/api/edits/2/revert")
+    assert session.values.ready == 3
+    session.values.fill_now()
+    assert_same_as_inspect(client.post("/api/prompt", json={"prompt": PROMPT}).json(),
+                           inspect_prompt(lm, PROMPT, top_memories=10, top_tokens=5))
+    assert client.get("/api/info").json()["value_tokens_ready"] == 4
+    session.close()
 
 
 # ---- page and facts -------------------------------------------------------------------------------------

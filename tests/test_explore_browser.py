@@ -55,7 +55,9 @@ def served(tmp_path_factory):
     corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     corpus.write_text(fact_sentences())
     lm = load_model()
-    session = ExploreSession(lm, ExploreSettings(corpus=str(corpus), mine_tokens=1500, mine_k=10))
+    # no background projection of every layer's values (tests/test_explore_api.py covers it): it would only
+    # compete with the browser for the CPU here
+    session = ExploreSession(lm, ExploreSettings(corpus=str(corpus), mine_tokens=1500, mine_k=10, prefetch_values=False))
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(session, ["127.0.0.1"]), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -26,8 +26,9 @@ from ..evaluation.probe import greedy_answer, target_probabilities
 from ..models.lm import LM
 from ..models.memory import ffn_memory
 from . import views
-from .edits import EditLog
+from .edits import AppliedEdit, EditLog
 from .jobs import Job, JobRunner
+from .value_cache import ValueTokenCache
 
 #: the methods the page offers first (every registered method is accepted)
 MAIN_METHODS = ("ft-keys", "ft-values", "rome", "memit", "pmet")
@@ -37,7 +38,8 @@ MAIN_METHODS = ("ft-keys", "ft-values", "rome", "memit", "pmet")
 class ExploreSettings:
     """corpus / mine_tokens / mine_k: what on-the-fly mining reads (a text file, a folder of .txt files,
     `hf:<dataset>` or `self`) and keeps; stats_source / stats_tokens: the key-statistics corpus of
-    ROME/MEMIT/PMET (None: the preset's); top_memories / top_tokens / next_tokens: sizes of the views."""
+    ROME/MEMIT/PMET (None: the preset's); top_memories / top_tokens / next_tokens: sizes of the views;
+    prefetch_values: project every layer's values in the background so prompts answer faster."""
 
     corpus: str = "self"
     mine_tokens: int = 20_000
@@ -47,6 +49,7 @@ class ExploreSettings:
     top_memories: int = 10
     top_tokens: int = 5
     next_tokens: int = 10
+    prefetch_values: bool = True
 
     def __post_init__(self) -> None:
         for name in ("mine_tokens", "mine_k", "top_memories", "top_tokens", "next_tokens"):
@@ -104,6 +107,9 @@ class ExploreSession:
             for layer in triggers.layers:
                 self.triggers[layer] = (triggers, f"mined into {triggers_origin}" if triggers_origin else "given")
         self._files = tempfile.TemporaryDirectory(prefix="kvedit-explore-")
+        self.values = ValueTokenCache(lm, self.settings.top_tokens)
+        if self.settings.prefetch_values:
+            self.values.start()
 
     # ---- facts ---------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -114,6 +120,7 @@ class ExploreSession:
             "d_ff": ffn_memory(lm, 0).d_ff, "vocab": len(self.vocab.strings),
             "methods": [{"name": n, "summary": m.summary, "main": n in MAIN_METHODS} for n, m in METHODS.items()],
             "mined_layers": sorted(self.triggers), "corpus": self.settings.corpus,
+            "value_tokens_ready": self.values.ready,
             "mine_tokens": self.settings.mine_tokens,
             "edits": [e.to_dict() for e in self.edits.entries], "applied": len(self.edits.applied()),
             "job": active.to_dict() if active else None,
@@ -127,7 +134,8 @@ class ExploreSession:
     def prompt(self, prompt: str, watch: str | None = None) -> dict[str, Any]:
         s = self.settings
         with self.jobs.quick_use():
-            return views.prompt_view(self.lm, self.vocab, prompt, s.top_memories, s.top_tokens, s.next_tokens, watch)
+            return views.prompt_view(self.lm, self.vocab, prompt, s.top_memories, s.top_tokens, s.next_tokens, watch,
+                                     self.values.get)
 
     def memory(self, layer: int, key: int, prompt: str | None = None) -> dict[str, Any]:
         with self.jobs.quick_use():
@@ -189,33 +197,40 @@ class ExploreSession:
         settings = make_settings(lm, form.method, **self._overrides(form))
 
         def work(job: Job) -> dict[str, Any]:
-            request = probe
-            if request.target_true is None:
-                job.set_phase("reading the model's own answer")
-                request = EditRequest(template, form.subject, form.target_new,
-                                      greedy_answer(lm, probe.rewrite_prompt), probe.paraphrase_prompts,
-                                      probe.neighborhood_prompts)
-            job.set_phase("scoring the prompts before the edit")
-            before = target_probabilities(lm, request)
-            next_before = views.next_token(lm, self.vocab, request.rewrite_prompt)
-            job.set_phase(f"editing with {form.method}")
-            delta = edit(lm, request, form.method, hparams=settings)
-            try:
-                job.set_phase("scoring the prompts after the edit")
-                after = target_probabilities(lm, request)
-                next_after = views.next_token(lm, self.vocab, request.rewrite_prompt)
-                job.set_phase("reading the patch as memories")
-                report = self._patch_view(delta)
-            except BaseException:
-                delta.revert(lm)
-                raise
-            summary = _summary([request], before, after) | {"next_before": next_before, "next_after": next_after,
-                                                            "patch_view": report}
-            label = f"{request.subject}: {request.target_true} → {request.target_new}"
-            entry = self.edits.add(delta, label, f"edited here ({form.method})", summary)
+            with self.values.writing():
+                entry = self._edit(job, form, template, probe, settings)
+            self.values.invalidate(entry.delta.names)
             return entry.to_dict(detail=True)
 
         return self.jobs.submit("edit", f"{form.method} edit of {form.subject!r} → {form.target_new!r}", work)
+
+    def _edit(self, job: Job, form: EditForm, template: str, probe: EditRequest, settings: Any) -> AppliedEdit:
+        """The edit job's steps; on failure the weights are as they were."""
+        lm = self.lm
+        request = probe
+        if request.target_true is None:
+            job.set_phase("reading the model's own answer")
+            request = EditRequest(template, form.subject, form.target_new,
+                                  greedy_answer(lm, probe.rewrite_prompt), probe.paraphrase_prompts,
+                                  probe.neighborhood_prompts)
+        job.set_phase("scoring the prompts before the edit")
+        before = target_probabilities(lm, request)
+        next_before = views.next_token(lm, self.vocab, request.rewrite_prompt)
+        job.set_phase(f"editing with {form.method}")
+        delta = edit(lm, request, form.method, hparams=settings)
+        try:
+            job.set_phase("scoring the prompts after the edit")
+            after = target_probabilities(lm, request)
+            next_after = views.next_token(lm, self.vocab, request.rewrite_prompt)
+            job.set_phase("reading the patch as memories")
+            report = self._patch_view(delta)
+        except BaseException:
+            delta.revert(lm)
+            raise
+        summary = _summary([request], before, after) | {"next_before": next_before, "next_after": next_after,
+                                                        "patch_view": report}
+        label = f"{request.subject}: {request.target_true} → {request.target_new}"
+        return self.edits.add(delta, label, f"edited here ({form.method})", summary)
 
     def _patch_view(self, delta: WeightDelta) -> dict[str, Any] | None:
         """`patch_report` of an applied `delta` (it needs the unedited weights, so revert, read, re-apply)."""
@@ -228,8 +243,10 @@ class ExploreSession:
             delta.apply(self.lm)
 
     def revert(self, edit_id: int, cascade: bool = False) -> dict[str, Any]:
-        with self.jobs.quick_use():
+        with self.jobs.quick_use(), self.values.writing():
             reverted = self.edits.revert(self.lm, edit_id, cascade)
+        for done in reverted:
+            self.values.invalidate(self.edits.get(done).delta.names)
         return {"reverted": reverted, "applied": [e.id for e in self.edits.applied()]}
 
     def patch_file(self, edit_id: int) -> Path:
@@ -263,7 +280,7 @@ class ExploreSession:
                 continue
             if request.target_true is not None:
                 requests.append(request)
-        with self.jobs.quick_use():
+        with self.jobs.quick_use(), self.values.writing():
             missing = [n for n in delta.names if n not in dict(self.lm.model.named_parameters())]
             if missing:
                 raise PatchMismatchError(f"{name} was made for {meta.get('model_name', 'another model')!r}: this model "
@@ -276,6 +293,7 @@ class ExploreSession:
             except BaseException:
                 delta.revert(self.lm)
                 raise
+        self.values.invalidate(delta.names)
         summary = (_summary(requests, before, after) if requests else {}) | {"patch_view": report}
         label = "; ".join(f"{r.subject}: {r.target_true} → {r.target_new}" for r in requests[:3]) or name
         entry = self.edits.add(delta, label + (f" (+{len(requests) - 3} more)" if len(requests) > 3 else ""),
@@ -283,6 +301,7 @@ class ExploreSession:
         return entry.to_dict(detail=True)
 
     def close(self) -> None:
+        self.values.stop()
         self._files.cleanup()
 
 

@@ -8,13 +8,14 @@ that is what makes a prompt answer in well under a second on the bundled model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from ..analysis.inspect import Intervention, intervention_scales
 from ..analysis.triggers import TriggerSet
+from ..analysis.values import ValueProjection
 from ..analysis.vocab import logit_lens, project
 from ..models.lm import LM
 from ..models.memory import ffn_memory
@@ -93,33 +94,41 @@ def prompt_view(
     top_tokens: int = 5,
     next_tokens: int = 10,
     watch: str | None = None,
+    cached: Callable[[int], ValueProjection | None] | None = None,
 ) -> dict[str, Any]:
     """One prompt at its last token: the next-token distribution, and per layer the `top_memories` memories
     with the largest `|m_i|·‖v_i‖` (coefficient, contribution, the value's top tokens read with the sign of
     `m_i`, no final norm) and the logit lens (top tokens, probabilities). `watch`: one vocabulary token whose
-    probability and rank are also given per layer and at the output."""
+    probability and rank are also given per layer and at the output. `cached(layer)`: that layer's value
+    projection with at least `top_tokens` tokens per memory, if already computed (`ValueTokenCache.get`)."""
     enc = encode(lm, prompt)
     watch_id = vocab.token_id(lm, watch) if watch else None
     layers = list(range(lm.num_layers))
     with Trace(lm, read=[(kind, l) for l in layers for kind in ("coefficients", "residual")]) as tr:
         logits = lm.model(**enc).logits[0, -1].float()
-    picks, signed = [], []
+    picks, signed, tokens = [], [], {}
     for layer in layers:
         m = tr["coefficients", layer][0, -1].float()
         values = ffn_memory(lm, layer).written.detach().float()
         contribution = m.abs() * values.norm(dim=1)
         best = contribution.topk(min(top_memories, m.shape[0])).indices
         picks.append((m[best].tolist(), contribution[best].tolist(), best.tolist()))
-        signed.append(values[best] * torch.sign(m[best])[:, None])
-    value_top = project(lm, torch.cat(signed)).topk(top_tokens, dim=-1).indices.tolist()
+        known = cached(layer) if cached is not None else None
+        for key, coef in zip(best.tolist(), m[best].tolist()):
+            if known is not None and coef != 0:  # the top tokens of +v, or of −v for a negative coefficient
+                tokens[layer, key] = (known.top_ids if coef > 0 else known.bottom_ids)[key, :top_tokens].tolist()
+            else:
+                signed.append(((layer, key), values[key] * (1.0 if coef > 0 else -1.0 if coef < 0 else 0.0)))
+    if signed:
+        fresh = project(lm, torch.stack([v for _, v in signed])).topk(top_tokens, dim=-1).indices.tolist()
+        tokens |= {site: ids for (site, _), ids in zip(signed, fresh)}
     lens = torch.softmax(logit_lens(lm, torch.stack([tr["residual", l][0, -1] for l in layers])), -1)
-    out_layers, row = [], 0
+    out_layers = []
     for layer, (coefs, contribs, keys) in zip(layers, picks):
         memories = []
         for key, coef, contrib in zip(keys, coefs, contribs):
             memories.append({"key": key, "coefficient": coef, "contribution": contrib,
-                             "value_tokens": [vocab[t] for t in value_top[row]]})
-            row += 1
+                             "value_tokens": [vocab[t] for t in tokens[layer, key]]})
         entry = {"layer": layer, "memories": memories, "lens": _top(lens[layer], vocab, top_tokens)}
         if watch_id is not None:
             entry["watch"] = _watch(lens[layer], watch_id, vocab)
