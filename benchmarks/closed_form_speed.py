@@ -1,24 +1,33 @@
-"""Key-statistics throughput and ROME / MEMIT / PMET wall time on the bundled model.
+"""Edit wall time of ROME / MEMIT / PMET / FT-keys on the bundled model, beside issue 10's starting figures.
 
-Prints: tokens/s for all needed layers in one pass vs one pass per layer; median edit time for
-1 request (ROME, MEMIT, PMET) and for batches of 10 and 100 (MEMIT, PMET) with cached
-statistics; peak memory. Targets (issue 3): one edit <= 3 s median, 100 MEMIT requests <= 120 s.
-Usage: python benchmarks/closed_form_speed.py [--stats-tokens 20000] [--single 5] [--batches 10,100]
+Known CounterFact cases (the unedited model answers target_true), default settings (the preset's statistics,
+prepared and cached before timing), one edit at a time: median over `--n` cases, mean optimisation steps
+and seconds per step; then `--batch` MEMIT edits in one call. Prints a table with the figures measured when
+the issue was opened and its targets, and writes the per-case times as JSON with `--out`.
+Usage: python benchmarks/closed_form_speed.py [--n 20] [--batch 100] [--methods rome,memit,pmet,ft-keys]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
 import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from kvedit import edit, load_model
+from kvedit.bench import known_filter
 from kvedit.data.loaders import load_requests
-from kvedit.editing.stats import key_statistics
+from kvedit.editing import prepare
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: issue 10, as measured before the work (bundled model, 2 cores, cached statistics, known cases), and targets
+BEFORE = {"rome": 15.0, "memit": 9.2, "pmet": 11.0, "ft-keys": 1.6, "memit x100": 451.0}
+TARGET = {"rome": 3.0, "memit": 3.0, "pmet": 4.0, "ft-keys": 1.0, "memit x100": 120.0}
 
 
 def peak_rss_mb() -> float:
@@ -27,45 +36,53 @@ def peak_rss_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stats", default=str(SHARED / "corpus/wikitext-2/valid.txt"))
-    parser.add_argument("--stats-tokens", type=int, default=20_000)
-    parser.add_argument("--single", type=int, default=5, help="single edits timed per method")
-    parser.add_argument("--batches", default="10,100")
+    parser.add_argument("--dataset", default=str(SHARED / "editing/counterfact/counterfact-edit-1k.json"))
+    parser.add_argument("--n", type=int, default=20, help="known cases edited one at a time per method")
+    parser.add_argument("--batch", type=int, default=100, help="MEMIT edits in one call (0 skips)")
+    parser.add_argument("--methods", default="rome,memit,pmet,ft-keys")
+    parser.add_argument("--out", default=None, help="write per-case times and steps to this JSON file")
     args = parser.parse_args()
+
     lm = load_model()
-    layers = [3, 4, 5, 6, 7]
-
-    start = time.perf_counter()
-    key_statistics(lm, layers, args.stats, args.stats_tokens, use_cache=False, progress=False)
-    one_pass = time.perf_counter() - start
-    start = time.perf_counter()
-    for layer in layers:
-        key_statistics(lm, [layer], args.stats, args.stats_tokens, use_cache=False, progress=False)
-    per_layer = time.perf_counter() - start
-    print(f"statistics, {len(layers)} layers x {args.stats_tokens} tokens: one pass {one_pass:.1f} s "
-          f"({args.stats_tokens / one_pass:.0f} tok/s), one pass per layer {per_layer:.1f} s "
-          f"({args.stats_tokens / per_layer:.0f} tok/s)")
-    key_statistics(lm, layers, args.stats, args.stats_tokens, progress=False)  # fill the cache
-
-    requests = load_requests(SHARED / "editing/counterfact/counterfact-edit-1k.json", limit=200)
-    common = dict(stats_source=args.stats, stats_tokens=args.stats_tokens)
-    for method in ("rome", "memit", "pmet"):
+    print(f"{lm.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    requests = load_requests(args.dataset, limit=max(args.n, args.batch) * 2)
+    known = [r for r, ok in zip(requests, known_filter(lm, requests)) if ok][: max(args.n, args.batch)]
+    results: dict[str, dict] = {}
+    rows = []
+    for method in args.methods.split(","):
+        t0 = time.perf_counter()
+        prepare(lm, method)
+        prepared = time.perf_counter() - t0
+        edit(lm, known[0], method).revert(lm)  # warm-up: first allocations, first backward
         times, steps = [], []
-        for request in requests[: args.single]:
+        for request in known[: args.n]:
             t0 = time.perf_counter()
-            delta = edit(lm, request, method, **common)
+            delta = edit(lm, request, method)
             times.append(time.perf_counter() - t0)
             steps.append(delta.metadata["result"]["steps"])
             delta.revert(lm)
-        print(f"{method:<6} 1 request: median {statistics.median(times):.2f} s, mean steps {statistics.mean(steps):.1f}")
-    for size in (int(x) for x in args.batches.split(",") if x):
-        for method in ("memit", "pmet"):
-            t0 = time.perf_counter()
-            delta = edit(lm, requests[:size], method, **common)
-            elapsed = time.perf_counter() - t0
-            delta.revert(lm)
-            print(f"{method:<6} {size} requests at once: {elapsed:.1f} s ({elapsed / size:.2f} s/request)")
+        results[method] = dict(times=times, steps=steps, prepare_s=prepared)
+        per_step = sum(times) / max(1, sum(steps) + len(steps))  # steps counts from 0
+        rows.append((method, statistics.median(times), statistics.mean(steps), per_step, prepared))
+    if args.batch:
+        prepare(lm, "memit")
+        t0 = time.perf_counter()
+        delta = edit(lm, known[: args.batch], "memit")
+        elapsed = time.perf_counter() - t0
+        delta.revert(lm)
+        results[f"memit x{args.batch}"] = dict(seconds=elapsed)
+        rows.append((f"memit x{args.batch}", elapsed, float("nan"), float("nan"), 0.0))
+
+    print(f"\nknown CounterFact cases: {args.n} one at a time; load average now {os.getloadavg()[0]:.1f}")
+    print(f"{'method':<12} {'median s':>9} {'steps':>6} {'s/step':>7} {'prepare s':>10} {'before s':>9} {'target s':>9}")
+    for name, median, steps, per_step, prepared in rows:
+        key = "memit x100" if name.startswith("memit x") else name
+        print(f"{name:<12} {median:>9.2f} {steps:>6.1f} {per_step:>7.3f} {prepared:>10.1f} "
+              f"{BEFORE.get(key, float('nan')):>9.1f} {TARGET.get(key, float('nan')):>9.1f}")
     print(f"peak RSS {peak_rss_mb():.0f} MB")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

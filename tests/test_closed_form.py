@@ -13,7 +13,8 @@ from kvedit.editing.memit import spread_fraction
 from kvedit.editing.stats import key_statistics
 from kvedit.editing.targets import subject_keys
 from kvedit.editing.context import MEMIT_TEMPLATES, ROME_TEMPLATES, context_templates
-from tiny_models import tiny_lm
+from kvedit.models.tracing import Addition, Trace
+from tiny_models import TINY_CONFIGS, tiny_lm
 
 REQUESTS = [
     EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),
@@ -178,23 +179,34 @@ def test_prepare_leaves_no_statistics_or_templates_to_the_edit(corpus, method, m
     assert all(torch.equal(before[k], v) for k, v in state(lm).items())
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama", "qwen3", "opt"])
-def test_split_batch_suffix_pass_equals_the_full_forward(family):
-    """The KV-cached suffix pass gives the same hidden states as running every row in full."""
-    from kvedit.editing.targets import SplitBatch
+CAUSAL_FAMILIES = [f for f in TINY_CONFIGS if f != "bert"]
+
+
+@pytest.mark.parametrize("start", [0, 3])
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+def test_split_batch_suffix_pass_equals_the_full_forward(family, start):
+    """The KV-cached suffix pass from layer `start` up (the layers below replayed) gives the same hidden
+    states as running every row in full, with a vector added at the lookup token of layer `start`."""
+    from kvedit.models.split import SplitBatch
 
     lm = tiny_lm(family)
     texts = ["the eiffel tower is located in the city of paris", "berlin is the capital of germany", "rome is in italy"]
     rows = [lm.tokenizer(t)["input_ids"] for t in texts]
     lookups = [2, 0, 1]
-    split = SplitBatch(lm, rows, lookups)
+    delta = torch.randn(len(rows), lm.d_model, generator=torch.Generator().manual_seed(0))
+    site = ("residual", start)
+    layers_before = list(lm.module(lm.arch.layers))
+    split = SplitBatch(lm, rows, lookups, start)
     with torch.no_grad():
-        suffix = split.forward_suffix()
-        again = split.forward_suffix()  # the cache is cropped back, so a second pass is identical
+        with Trace(lm, add={site: Addition(delta, torch.zeros(len(rows), dtype=torch.long))}):
+            suffix = split.forward_suffix()
+            again = split.forward_suffix()  # the prefix cache is copied, so a second pass is identical
         for i, (row, p) in enumerate(zip(rows, lookups)):
-            full = lm.model.base_model(input_ids=torch.tensor([row])).last_hidden_state[0]
+            with Trace(lm, add={site: Addition(delta[i : i + 1], torch.tensor([p]))}):
+                full = lm.model.base_model(input_ids=torch.tensor([row])).last_hidden_state[0]
             torch.testing.assert_close(suffix[i, : len(row) - p], full[p:], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, suffix)
+    assert list(lm.module(lm.arch.layers)) == layers_before  # the real layers are back
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -217,3 +229,16 @@ def test_requests_optimised_together_match_one_at_a_time(family):
             torch.testing.assert_close(g[site][0], a[site][0], atol=1e-4, rtol=1e-4)  # init
             torch.testing.assert_close(g[site][1], a[site][1], atol=1e-4, rtol=1e-4)  # δ
             assert a[site][1].norm() <= 20 * a[site][0].norm() + 1e-4  # clamp
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_update_keys_equals_the_direct_solve(n):
+    """MEMIT's (λC + KᵀK)⁻¹Kᵀ from C⁻¹ (push-through identity) equals solving the d×d system directly."""
+    from kvedit.editing.memit import update_keys
+
+    g = torch.Generator().manual_seed(n)
+    basis = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    c = basis.T @ basis / 40 + 1e-3 * torch.eye(24, dtype=torch.float64)  # E[kkᵀ]-like, SPD
+    keys = torch.randn(n, 24, generator=g, dtype=torch.float64)
+    direct = torch.linalg.solve(15.0 * c + keys.T @ keys, keys.T)
+    torch.testing.assert_close(update_keys(torch.linalg.inv(c), keys, 15.0), direct, rtol=1e-9, atol=1e-12)

@@ -306,3 +306,18 @@ def test_bench_output_errors_name_the_file(capsys, tiny_folder, tmp_path):
     code, _, err = run(capsys, "bench", "--dataset", str(data), "--out", str(tmp_path / "file"),
                        "--model", "/does/not/exist")
     assert code == 2 and "existing file" in err
+
+
+def test_context_templates_and_adapters_leave_the_global_rng_alone(tmp_path, monkeypatch):
+    """Seeded generation (context templates) and seeded adapter init restore the caller's RNG state."""
+    from kvedit.editing.context import MEMIT_TEMPLATES, context_templates
+    from kvedit.tuning.targets import attach_adapter, detach_adapter, parse_targets
+
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))  # nothing cached: the templates are generated
+    lm = tiny_lm("llama")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    context_templates(lm, MEMIT_TEMPLATES)
+    detach_adapter(attach_adapter(lm, parse_targets(lm, "values")))
+    assert torch.equal(torch.rand(3), expected)

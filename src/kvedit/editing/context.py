@@ -24,8 +24,9 @@ def _generate(lm: LM, length: int, count: int, seed: int) -> list[str]:
     tok = lm.tokenizer
     prompts = [SEEDS[i % len(SEEDS)] for i in range(count)]
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(lm.device)
-    torch.manual_seed(seed)
-    with torch.no_grad():
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's RNG state is left alone
+        torch.manual_seed(seed)
         out = lm.model.generate(
             **enc, do_sample=True, top_k=5, max_new_tokens=length, min_new_tokens=length,
             pad_token_id=tok.pad_token_id,

@@ -6,6 +6,8 @@ the partly edited model and R the part of Z − H(L) still missing:
 
     ΔW_l = R_l Kᵀ (λ C + K Kᵀ)⁻¹,   R_l = R / (layers left)          (float64)
 
+(computed from C⁻¹ by the push-through identity, see `update_keys`).
+
 `distribute` is shared with PMET, which measures the FFN output instead and spreads with √.
 
 Families with a norm after the FFN (Gemma-2/3, OLMo-2) write `norm(W k)` into the residual, not
@@ -31,7 +33,7 @@ from ..models.tracing import Site
 from .context import MEMIT_TEMPLATES, context_templates
 from .hparams import ClosedFormHyperParams, EditOutcome
 from .presets import frozen_presets
-from .stats import key_statistics
+from .stats import inverse_mom2, key_statistics
 from .targets import optimize_targets, site_values, subject_keys
 
 Spread = Literal["even", "sqrt"]
@@ -134,13 +136,23 @@ def _output_change(
     return output_for_written(lm, layer, wanted, scale, target.sublayer) - current
 
 
+def update_keys(c_inv: torch.Tensor, keys: torch.Tensor, lam: float) -> torch.Tensor:
+    """`(λC + KᵀK)⁻¹ Kᵀ` `[d_in, N]` for keys K `[N, d_in]`, from C⁻¹ (float64).
+
+    By the push-through identity this is `A (I + K A)⁻¹` with `A = C⁻¹Kᵀ / λ`: an `N × N` solve per edit
+    instead of a `d_in × d_in` one, with C⁻¹ computed once per layer (`inverse_mom2`)."""
+    a = c_inv @ keys.T / lam  # [d_in, N]
+    small = torch.eye(keys.shape[0], dtype=a.dtype, device=a.device) + keys @ a  # [N, N], symmetric
+    return torch.linalg.solve(small, a.T).T
+
+
 def distribute(
     lm: LM, requests: Sequence[EditRequest], layers: Sequence[int], targets: Sequence[Target], hp: Any,
     spread: Spread, templates: list[list[str]],
 ) -> None:
     """Write each target's missing residual into the layers' weights, in place (see module doc)."""
-    stats = {t.stats_kind: key_statistics(lm, layers, hp.stats_source, hp.stats_tokens, kind=t.stats_kind)
-             for t in targets}
+    for target in targets:  # statistics of every layer in one pass, before the first is needed
+        key_statistics(lm, layers, hp.stats_source, hp.stats_tokens, kind=target.stats_kind)
     for i, layer in enumerate(layers):
         for target in targets:
             keys = subject_keys(lm, layer, requests, templates, site=target.key_site).double()  # [N, d_in]
@@ -152,9 +164,8 @@ def distribute(
             else:
                 remaining = target.goal.double() - measured
                 assigned = remaining * spread_fraction(i, len(layers), spread)
-            c = stats[target.stats_kind][layer].mom2
-            adj = torch.linalg.solve(hp.mom2_update_weight * c + keys.T @ keys, keys.T)  # [d_in, N]
-            update = assigned.T @ adj.T  # [d_out, d_in]
+            c_inv = inverse_mom2(lm, layer, hp.stats_source, hp.stats_tokens, kind=target.stats_kind)
+            update = assigned.T @ update_keys(c_inv, keys, hp.mom2_update_weight).T  # [d_out, d_in]
             weight = lm.module(target.module_path(layer)).weight
             with torch.no_grad():
                 weight += (update.T if lm.arch.transposed else update).to(weight.dtype)
@@ -172,9 +183,11 @@ def summarize_records(targets: Sequence[Target]) -> list[dict[str, Any]]:
 
 def memit_prepare(lm: LM, hparams: MEMITHyperParams) -> None:
     """Compute, or load from the cache, what every edit with these settings reuses: the context
-    templates and the key statistics of the edited layers' values."""
+    templates and the key statistics of the edited layers' values (inverted, kept in memory)."""
     context_templates(lm, MEMIT_TEMPLATES)
     key_statistics(lm, list(hparams.layers), hparams.stats_source, hparams.stats_tokens)
+    for layer in hparams.layers:
+        inverse_mom2(lm, layer, hparams.stats_source, hparams.stats_tokens)
 
 
 def memit_parameters(lm: LM, hp: MEMITHyperParams) -> list[str]:

@@ -28,7 +28,7 @@ from .context import MEMIT_TEMPLATES, context_templates
 from .hparams import EditOutcome
 from .presets import frozen_presets
 from .memit import LayerRecord, MEMITHyperParams, Spread, Target, distribute, memit_prepare, summarize_records
-from .stats import key_statistics
+from .stats import inverse_mom2, key_statistics
 from .targets import TargetOptions, optimize_targets
 
 
@@ -75,6 +75,8 @@ def pmet_prepare(lm: LM, hparams: PMETHyperParams) -> None:
     memit_prepare(lm, hparams)
     if hparams.update_attn:
         key_statistics(lm, list(hparams.layers), hparams.stats_source, hparams.stats_tokens, kind="attn_out")
+        for layer in hparams.layers:
+            inverse_mom2(lm, layer, hparams.stats_source, hparams.stats_tokens, kind="attn_out")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from ..models.lm import LM
 from .context import ROME_TEMPLATES, context_templates
 from .hparams import ClosedFormHyperParams, EditOutcome
 from .presets import frozen_presets
-from .stats import key_statistics
+from .stats import inverse_mom2
 from .targets import optimize_targets, subject_keys
 
 
@@ -85,12 +85,7 @@ def rome_prepare(lm: LM, hparams: ROMEHyperParams) -> None:
 
 def inverse_statistics(lm: LM, hp: ROMEHyperParams) -> torch.Tensor:
     """C⁻¹ `[d_ff, d_ff]` float64 of the edit layer, inverted once per loaded model and settings."""
-    layer = lm.check_layer(hp.layer)
-    key = ("rome_inverse_statistics", layer, hp.stats_source, hp.stats_tokens)
-    if key not in lm.memo:
-        mom2 = key_statistics(lm, [layer], hp.stats_source, hp.stats_tokens)[layer].mom2
-        lm.memo[key] = torch.linalg.inv(mom2)
-    return lm.memo[key]
+    return inverse_mom2(lm, hp.layer, hp.stats_source, hp.stats_tokens)
 
 
 def rank_one_update(

@@ -263,3 +263,14 @@ def _accumulate(lm, layers, source, n_tokens, kind, seq_len, batch_size, progres
         bar.set_postfix(tok_per_s=f"{bar.n / (time.perf_counter() - start):.0f}")
     bar.close()
     return stats
+
+
+def inverse_mom2(lm: LM, layer: int, source: str, n_tokens: int, kind: str = "values") -> torch.Tensor:
+    """C⁻¹ `[d_in, d_in]` float64 for `key_statistics(lm, [layer], source, n_tokens, kind)`, inverted once per
+    loaded model and kept in `lm.memo` (edits that reuse a layer never invert C again)."""
+    layer = lm.check_layer(layer)
+    memo_key = ("inverse_mom2", kind, layer, source, n_tokens)
+    if memo_key not in lm.memo:
+        mom2 = key_statistics(lm, [layer], source, n_tokens, kind=kind)[layer].mom2
+        lm.memo[memo_key] = torch.linalg.inv(mom2.double())
+    return lm.memo[memo_key]

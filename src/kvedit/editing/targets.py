@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from ..data.requests import EditRequest
 from ..evaluation.scoring import encode_target
 from ..models.lm import LM
+from ..models.split import SplitBatch
 from ..models.tracing import Addition, Site, Trace
 from .delta import check_finite
 
@@ -101,51 +101,6 @@ class TargetOptions:
     pmet_schedule: bool = False
 
 
-class SplitBatch:
-    """Rows split at their lookup token: the prefix before it runs once and is kept as a KV cache;
-    each optimisation step runs only the suffix (lookup token onward), where δ can have an effect.
-
-    rows: token ids per row; lookups: lookup index per row. Suffix position 0 is every row's lookup.
-    """
-
-    def __init__(self, lm: LM, rows: Sequence[Sequence[int]], lookups: Sequence[int]) -> None:
-        pad = lm.tokenizer.pad_token_id
-        self.lm, self.lookups = lm, list(lookups)
-        self.width = max(self.lookups)  # left-padded prefix width
-        suffix_len = max(len(r) - p for r, p in zip(rows, lookups))
-        n = len(rows)
-        self.prefix = torch.full((n, self.width), pad, dtype=torch.long)
-        self.prefix_mask = torch.zeros((n, self.width), dtype=torch.long)
-        self.suffix = torch.full((n, suffix_len), pad, dtype=torch.long)
-        self.suffix_mask = torch.zeros((n, suffix_len), dtype=torch.long)
-        for i, (row, p) in enumerate(zip(rows, lookups)):
-            if p:
-                self.prefix[i, self.width - p :] = torch.tensor(row[:p])
-                self.prefix_mask[i, self.width - p :] = 1
-            self.suffix[i, : len(row) - p] = torch.tensor(row[p:])
-            self.suffix_mask[i, : len(row) - p] = 1
-        self.suffix_positions = torch.tensor(self.lookups)[:, None] + torch.arange(suffix_len)
-        self.cache = None
-        if self.width:
-            with torch.no_grad():
-                self.cache = lm.model.base_model(
-                    input_ids=self.prefix.to(lm.device), attention_mask=self.prefix_mask.to(lm.device),
-                    position_ids=(self.prefix_mask.cumsum(-1) - 1).clamp(min=0).to(lm.device), use_cache=True,
-                ).past_key_values
-
-    def forward_suffix(self) -> torch.Tensor:
-        """Last hidden states of the suffix tokens, `[n, suffix_len, d_model]`."""
-        device = self.lm.device
-        mask = torch.cat([self.prefix_mask, self.suffix_mask], dim=1) if self.width else self.suffix_mask
-        # the pass appends the suffix to the cache it is given: give it a copy of the prefix cache
-        cache = copy.deepcopy(self.cache) if self.cache is not None else None
-        out = self.lm.model.base_model(
-            input_ids=self.suffix.to(device), attention_mask=mask.to(device),
-            position_ids=self.suffix_positions.to(device), past_key_values=cache, use_cache=cache is not None,
-        )
-        return out.last_hidden_state
-
-
 @dataclass
 class _RequestRows:
     """One request's rows: a row per context template, then the KL row "{subject} is a"."""
@@ -175,7 +130,7 @@ def _request_rows(lm: LM, request: EditRequest, contexts: Sequence[str]) -> _Req
 class _Group:
     """The rows of several requests as one `SplitBatch`, with the index maps the loss needs."""
 
-    def __init__(self, lm: LM, items: Sequence[_RequestRows], owners: Sequence[int]) -> None:
+    def __init__(self, lm: LM, items: Sequence[_RequestRows], owners: Sequence[int], start: int) -> None:
         self.owners = list(owners)  # request index per item
         input_ids, lookups, self.row_owner, self.kl_rows, self.first_rows = [], [], [], [], []
         ctx_rows, rel_pos, tgt = [], [], []
@@ -192,7 +147,7 @@ class _Group:
             input_ids.append(item.input_ids[-1])
             lookups.append(item.lookups[-1])
             self.row_owner.append(k)
-        self.batch = SplitBatch(lm, input_ids, lookups)
+        self.batch = SplitBatch(lm, input_ids, lookups, start)
         width = max(len(t) for t in tgt)
         device = lm.device
         self.ctx_rows = torch.tensor(ctx_rows, device=device)
@@ -213,8 +168,8 @@ def optimize_targets(
     `kl_factor`·KL of the next-token distribution at the subject of "{subject} is a" (edited ‖
     original), plus the decay terms. Requests are independent (each δ sees only its own rows), so
     `group_size` of them share one batched pass; a request that meets its stopping rule leaves the
-    batch. The model's weights are not changed. Tokens before the subject's last token do not
-    depend on δ, so they are computed once (see `SplitBatch`). A progress bar shows when there
+    batch. The model's weights are not changed. Tokens before the subject's last token and layers
+    below the lowest site do not depend on δ, so they are computed once (see `SplitBatch`). A progress bar shows when there
     is more than one group.
     """
     if lm.arch.objective != "causal":
@@ -247,10 +202,11 @@ def _optimize_group(
     kl_init: dict[int, torch.Tensor] = {}
     nll_factor = {i: 1.0 for i in owners}
     active = list(owners)
-    group = _Group(lm, [items[i] for i in active], active)
+    start = min(lm.check_layer(layer) for _, layer in sites)  # nothing below this layer changes
+    group = _Group(lm, [items[i] for i in active], active, start)
     for step in range(opts.steps):
         if len(active) < len(group.owners):  # finished requests leave the batch
-            group = _Group(lm, [items[i] for i in active], active)
+            group = _Group(lm, [items[i] for i in active], active, start)
         n = len(active)
         additions = {
             s: Addition(torch.stack([deltas[(active[k], s)] for k in group.row_owner]), group.at_lookup)

@@ -125,8 +125,10 @@ def attach_adapter(lm: LM, targets: TargetSet, adapter: AdapterType = "lora", ra
 
     if lm.arch.objective != "causal":
         raise ValueError(f"tuning needs a causal language model; {lm.arch.family} is a masked LM")
-    torch.manual_seed(seed)
-    return get_peft_model(lm.model, adapter_config(lm, targets, adapter, rank, alpha, dropout))
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # seeded adapter init; the caller's RNG state is left alone
+        torch.manual_seed(seed)
+        return get_peft_model(lm.model, adapter_config(lm, targets, adapter, rank, alpha, dropout))
 
 
 def detach_adapter(peft_model: nn.Module) -> nn.Module:

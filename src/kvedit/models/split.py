@@ -1,0 +1,123 @@
+"""Re-run only the part of a forward pass that an optimisation can change.
+
+Target optimisation (ROME's v*, MEMIT's z, PMET's δ) adds a vector at one token of each row, at sites in
+layers `start` and above, and runs the same rows for tens of steps. Two parts of every pass never change:
+
+- the tokens before the lookup token (they cannot see it): run once and kept as a KV cache;
+- every layer below `start` (δ is not added there yet): the suffix tokens' input to layer `start` is
+  computed once and replayed; the lower layers are swapped for stand-ins that pass it on.
+
+A step then runs the suffix tokens (lookup token onward) through layers `start`… only. The result equals
+the full forward pass up to float rounding (tested for every causal family).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .lm import LM
+from .tracing import StopForward
+
+
+class _Replay(nn.Module):
+    """Stands in for a layer below the start layer: passes its input on, or (the last one below the start)
+    returns the stored input of the start layer. Returns a 1-tuple where the family's layers return tuples."""
+
+    def __init__(self, output: torch.Tensor | None, as_tuple: bool) -> None:
+        super().__init__()
+        self.output, self.as_tuple = output, as_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = hidden_states if self.output is None else self.output
+        return (out,) if self.as_tuple else out
+
+
+@contextmanager
+def replayed_layers(lm: LM, start: int, entry: torch.Tensor, as_tuple: bool) -> Iterator[None]:
+    """Within the block, layers `0 … start-1` are stand-ins and layer `start` receives `entry` `[B, T, d]`
+    as its input. The real layers are put back on exit, whatever happens."""
+    layers = lm.module(lm.arch.layers)
+    originals = [layers[i] for i in range(start)]
+    try:
+        for i in range(start):
+            layers[i] = _Replay(entry if i == start - 1 else None, as_tuple)
+        yield
+    finally:
+        for i, module in enumerate(originals):
+            layers[i] = module
+
+
+class SplitBatch:
+    """Rows split at their lookup token, and at layer `start`.
+
+    rows: token ids per row; lookups: lookup index per row (suffix position 0 is every row's lookup);
+    start: the lowest layer anything is added to (0 runs every layer each step).
+    """
+
+    def __init__(self, lm: LM, rows: Sequence[Sequence[int]], lookups: Sequence[int], start: int = 0) -> None:
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self.lm, self.lookups, self.start = lm, list(lookups), lm.check_layer(start) if start else 0
+        self.width = max(self.lookups)  # left-padded prefix width
+        suffix_len = max(len(r) - p for r, p in zip(rows, lookups))
+        n = len(rows)
+        self.prefix = torch.full((n, self.width), pad, dtype=torch.long)
+        self.prefix_mask = torch.zeros((n, self.width), dtype=torch.long)
+        self.suffix = torch.full((n, suffix_len), pad, dtype=torch.long)
+        self.suffix_mask = torch.zeros((n, suffix_len), dtype=torch.long)
+        for i, (row, p) in enumerate(zip(rows, lookups)):
+            if p:
+                self.prefix[i, self.width - p :] = torch.tensor(row[:p])
+                self.prefix_mask[i, self.width - p :] = 1
+            self.suffix[i, : len(row) - p] = torch.tensor(row[p:])
+            self.suffix_mask[i, : len(row) - p] = 1
+        self.suffix_positions = torch.tensor(self.lookups)[:, None] + torch.arange(suffix_len)
+        self.cache = None
+        self.entry: torch.Tensor | None = None
+        self.as_tuple = False
+        with torch.no_grad():
+            if self.width:
+                self.cache = lm.model.base_model(
+                    input_ids=self.prefix.to(lm.device), attention_mask=self.prefix_mask.to(lm.device),
+                    position_ids=(self.prefix_mask.cumsum(-1) - 1).clamp(min=0).to(lm.device), use_cache=True,
+                ).past_key_values
+            if self.start:
+                self._store_entry()
+
+    def _store_entry(self) -> None:
+        """Run the suffix through the layers below `start` once; keep layer `start`'s input."""
+        below = self.lm.module(f"{self.lm.arch.layers}.{self.start - 1}")
+
+        def keep(module, args, output):
+            self.as_tuple = isinstance(output, tuple)
+            self.entry = (output[0] if self.as_tuple else output).detach()
+            raise StopForward
+
+        handle = below.register_forward_hook(keep)
+        try:
+            self._run()
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+
+    def _run(self):
+        device = self.lm.device
+        mask = torch.cat([self.prefix_mask, self.suffix_mask], dim=1) if self.width else self.suffix_mask
+        # the pass appends the suffix to the cache it is given: give it a copy of the prefix cache
+        cache = copy.deepcopy(self.cache) if self.cache is not None else None
+        return self.lm.model.base_model(
+            input_ids=self.suffix.to(device), attention_mask=mask.to(device),
+            position_ids=self.suffix_positions.to(device), past_key_values=cache, use_cache=cache is not None,
+        )
+
+    def forward_suffix(self) -> torch.Tensor:
+        """Last hidden states of the suffix tokens, `[n, suffix_len, d_model]`."""
+        if not self.start:
+            return self._run().last_hidden_state
+        with replayed_layers(self.lm, self.start, self.entry, self.as_tuple):
+            return self._run().last_hidden_state
