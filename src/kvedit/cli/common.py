@@ -43,6 +43,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
     p.add_argument("--device", default="cpu", type=device_name,
                    help="cpu (default), cuda, cuda:N, mps, or auto (the first accelerator present, else cpu)")
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="split a model too large for one device over every device present (transformers' "
+                        "device_map; replaces --device)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model folder's own Python code to run (off by default: kvedit never runs it "
                         "unless asked)")
@@ -54,4 +57,5 @@ def load(args: argparse.Namespace):
     from ..models.loading import load_model
 
     return load_model(args.model, device=resolve_device(getattr(args, "device", "cpu")), dtype=args.dtype,
-                      trust_remote_code=getattr(args, "trust_remote_code", False))
+                      trust_remote_code=getattr(args, "trust_remote_code", False),
+                      device_map=getattr(args, "device_map", None))

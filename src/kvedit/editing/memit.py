@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from ..data.requests import EditRequest
+from ..models.devices import float64_device
 from ..models.lm import LM
 from ..models.memory import output_for_written, written_output
 from ..models.tracing import Site
@@ -155,8 +156,11 @@ def distribute(
         key_statistics(lm, layers, hp.stats_source, hp.stats_tokens, kind=target.stats_kind)
     for i, layer in enumerate(layers):
         for target in targets:
-            keys = subject_keys(lm, layer, requests, templates, site=target.key_site).double()  # [N, d_in]
-            measured = site_values(lm, target.measure_site, requests).double()
+            weight = lm.module(target.module_path(layer)).weight
+            dev = float64_device(weight.device)  # the algebra runs beside the weight it changes
+            keys = subject_keys(lm, layer, requests, templates, site=target.key_site).to(dev).double()  # [N, d_in]
+            measured = site_values(lm, target.measure_site, requests).to(dev).double()
+            target.goal = target.goal.to(dev)
             if _has_post_norm(lm, target):
                 remaining = _written_remaining(lm, target, measured)
                 assigned = _output_change(lm, layer, target, requests,
@@ -164,11 +168,10 @@ def distribute(
             else:
                 remaining = target.goal.double() - measured
                 assigned = remaining * spread_fraction(i, len(layers), spread)
-            c_inv = inverse_mom2(lm, layer, hp.stats_source, hp.stats_tokens, kind=target.stats_kind)
+            c_inv = inverse_mom2(lm, layer, hp.stats_source, hp.stats_tokens, kind=target.stats_kind).to(dev)
             update = assigned.T @ update_keys(c_inv, keys, hp.mom2_update_weight).T  # [d_out, d_in]
-            weight = lm.module(target.module_path(layer)).weight
             with torch.no_grad():
-                weight += (update.T if lm.arch.transposed else update).to(weight.dtype)
+                weight += (update.T if lm.arch.transposed else update).to(weight.device, weight.dtype)
             target.records.append(LayerRecord(layer, remaining.float(), assigned.float(), keys.float(), update.float()))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from ..data.requests import EditRequest
 from ..models.lm import LM
 from ..version import __version__
-from .delta import WeightDelta, WeightGuard
+from .delta import EditError, WeightDelta, WeightGuard
 from .finetune import FTHyperParams, finetune_edit, finetune_parameters
 from .hparams import EditOutcome
 from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_parameters, memit_prepare
@@ -129,6 +129,10 @@ def edit(
         raise ValueError("requests is empty; expected at least one EditRequest")
     settings = hparams.validate(lm) if hparams is not None else make_settings(lm, method, **overrides)
     names = chosen.parameters(lm, settings)
+    offloaded = [n for n in names if lm.model.get_parameter(n).device.type == "meta"]
+    if offloaded:
+        raise EditError(f"{method} changes {offloaded[0]}, which the device map offloaded (not in memory); keep "
+                        "the edit layers on a device (a device_map that does not offload them)")
     metadata: dict[str, Any] = {
         "method": method, "hparams": asdict(settings), "requests": [r.to_dict() for r in requests],
         "model_name": lm.name, "model_fingerprint": lm.fingerprint(), "kvedit_version": __version__,

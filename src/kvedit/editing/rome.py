@@ -29,6 +29,7 @@ from ..models.lm import LM
 from .context import ROME_TEMPLATES, context_templates
 from .hparams import ClosedFormHyperParams, EditOutcome
 from .presets import frozen_presets
+from ..models.devices import float64_device
 from .stats import inverse_mom2
 from .targets import optimize_targets, subject_keys
 
@@ -117,11 +118,13 @@ def rome_edit(lm: LM, requests: Sequence[EditRequest], hp: ROMEHyperParams) -> E
         vectors, steps = optimize_targets(lm, [request], [site], templates, hp.target_options())
         init, delta = vectors[0][site]
         total_steps += steps[0]
+        w = module.weight
+        dev = float64_device(w.device)  # the rank-one algebra runs beside the weight it changes
+        key = key.to(dev)
         with torch.no_grad():
-            current = module(key[None].to(module.weight.dtype))[0].float()
-            u = key.double() if c_inv is None else c_inv @ key.double()
-            w = module.weight
-            upd = rank_one_update(w.T if lm.arch.transposed else w, current, init + delta, key, u)
-            w += upd.T if lm.arch.transposed else upd
+            current = module(key[None].to(w.device, w.dtype))[0].float().to(dev)
+            u = key.double() if c_inv is None else c_inv.to(dev) @ key.double()
+            upd = rank_one_update(w.T if lm.arch.transposed else w, current, (init + delta).to(dev), key, u)
+            w += (upd.T if lm.arch.transposed else upd).to(w.device)
         records.append(ROMERecord(key, (init + delta).detach()))
     return EditOutcome(steps=total_steps, records=records)

@@ -255,9 +255,9 @@ def _accumulate(lm, layers, source, n_tokens, kind, seq_len, batch_size, progres
     for ids, mask in _token_batches(lm, source, n_tokens, seq_len, batch_size):
         with Trace(lm, read=[(site, l) for l in layers], stop=True) as tr:
             lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
-        valid = mask.bool().to(lm.device)
+        valid = mask.bool()
         for layer in layers:
-            keys = tr[site, layer][valid].float()
+            keys = tr[site, layer][valid.to(tr[site, layer].device)].float()
             stats.setdefault(layer, KeyStats.zeros(keys.shape[-1])).add(keys.cpu())
         bar.update(int(valid.sum()))
         bar.set_postfix(tok_per_s=f"{bar.n / (time.perf_counter() - start):.0f}")

@@ -149,12 +149,13 @@ class _Group:
             self.row_owner.append(k)
         self.batch = SplitBatch(lm, input_ids, lookups, start)
         width = max(len(t) for t in tgt)
-        device = lm.device
+        device = lm.output_device  # the loss is computed where the logits are
         self.ctx_rows = torch.tensor(ctx_rows, device=device)
         self.ctx_owner = torch.tensor([self.row_owner[r] for r in ctx_rows], device=device)
         self.rel_pos = torch.tensor([p + [p[-1]] * (width - len(p)) for p in rel_pos], device=device)
         self.targets = torch.tensor([t + [0] * (width - len(t)) for t in tgt], device=device)
         self.target_mask = torch.tensor([[1.0] * len(t) + [0.0] * (width - len(t)) for t in tgt], device=device)
+        self.kl_index = torch.tensor(self.kl_rows, device=device)
         self.at_lookup = torch.zeros(len(input_ids), dtype=torch.long)
 
 
@@ -198,6 +199,7 @@ def _optimize_group(
     deltas = {(i, s): torch.zeros(lm.d_model, device=lm.device, requires_grad=True) for i in owners for s in sites}
     optimizer = torch.optim.Adam(list(deltas.values()), lr=opts.lr)
     head = lm.model.get_output_embeddings()
+    out = lm.output_device  # δs live on lm.device; per-request losses where the logits are
     inits: dict[tuple[int, Site], torch.Tensor] = {}
     kl_init: dict[int, torch.Tensor] = {}
     nll_factor = {i: 1.0 for i in owners}
@@ -216,25 +218,26 @@ def _optimize_group(
             hidden = group.batch.forward_suffix()
         for k, i in enumerate(active):  # the sites' own values for the bare prompt, before any δ
             for s in sites:
-                inits.setdefault((i, s), tr[s][group.first_rows[k]].float())
+                inits.setdefault((i, s), tr[s][group.first_rows[k]].float().to(lm.device))
         logprobs = F.log_softmax(head(hidden[group.ctx_rows[:, None], group.rel_pos]).float(), -1)
         token_nll = -logprobs.gather(-1, group.targets[..., None])[..., 0]
         row_nll = (token_nll * group.target_mask).sum(1) / group.target_mask.sum(1)
-        counts = torch.zeros(n, device=lm.device).index_add_(0, group.ctx_owner, torch.ones_like(row_nll))
-        nll = torch.zeros(n, device=lm.device).index_add_(0, group.ctx_owner, row_nll) / counts
-        kl_logprobs = F.log_softmax(head(hidden[torch.tensor(group.kl_rows), 0]).float(), -1)
+        counts = torch.zeros(n, device=out).index_add_(0, group.ctx_owner, torch.ones_like(row_nll))
+        nll = torch.zeros(n, device=out).index_add_(0, group.ctx_owner, row_nll) / counts
+        kl_logprobs = F.log_softmax(head(hidden[group.kl_index, 0]).float(), -1)
         for k, i in enumerate(active):
             kl_init.setdefault(i, kl_logprobs[k].detach())
         kl = torch.stack([F.kl_div(kl_init[i], kl_logprobs[k], log_target=True, reduction="sum")
                           for k, i in enumerate(active)])
-        decay = torch.stack([sum(deltas[(i, s)].norm() / inits[(i, s)].norm() ** 2 for s in sites) for i in active])
-        factors = torch.tensor([nll_factor[i] for i in active], device=lm.device)
+        decay = torch.stack([sum(deltas[(i, s)].norm() / inits[(i, s)].norm() ** 2 for s in sites)
+                             for i in active]).to(out)
+        factors = torch.tensor([nll_factor[i] for i in active], device=out)
         losses = factors * nll + opts.kl_factor * kl + opts.weight_decay * decay
         loss_values = losses.detach().tolist()
         check_finite(sum(loss_values), "the target optimisation loss")
         hit = (logprobs.argmax(-1) == group.targets) | (group.target_mask == 0)
         row_hit = hit.all(1).float()
-        argmax_all = torch.zeros(n, device=lm.device).index_add_(0, group.ctx_owner, row_hit) == counts
+        argmax_all = torch.zeros(n, device=out).index_add_(0, group.ctx_owner, row_hit) == counts
         finished = []
         for k, i in enumerate(active):
             done = loss_values[k] < opts.early_stop_loss or step == opts.steps - 1

@@ -127,10 +127,12 @@ def score_batch(lm: LM, batch: TargetBatch) -> TokenScores:
         hidden = lm.model.base_model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         ).last_hidden_state
-        picked = lm.model.get_output_embeddings()(hidden[rows, batch.positions]).float()
+        picked = lm.model.get_output_embeddings()(hidden[rows.to(hidden.device), batch.positions.to(hidden.device)])
     else:
         logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        picked = logits[rows, batch.positions].float()  # [N, L, vocab]
+        picked = logits[rows.to(logits.device), batch.positions.to(logits.device)]  # [N, L, vocab]
+    picked = picked.float()
+    batch = batch.to(picked.device)  # a split model's logits leave on its last device
     logprobs = F.log_softmax(picked, dim=-1).gather(-1, batch.target_ids[..., None])[..., 0]
     argmax = picked.argmax(-1)
     return TokenScores(logprobs * batch.target_mask, argmax, argmax == batch.target_ids, batch.target_mask)

@@ -31,3 +31,8 @@ def resolve_device(name: str | torch.device = "cpu") -> torch.device:
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"device {name!r} asked for, but MPS is not available here; use --device cpu or auto")
     return device
+
+
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 linear algebra for a weight on `device` runs: that device, or the CPU for MPS (no float64)."""
+    return torch.device("cpu") if device.type == "mps" else device

@@ -44,7 +44,13 @@ class LM:
     # ---- shape facts -------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the device of the first parameters (the input embedding under a device map)."""
         return next(self.model.parameters()).device
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where logits come out: the unembedding's device (differs from `device` when the model is split)."""
+        return self.model.get_output_embeddings().weight.device
 
     @property
     def num_layers(self) -> int:
@@ -88,6 +94,16 @@ class LM:
         return self.layer_path(layer, self.arch.attn_out)
 
     # ---- identity ----------------------------------------------------------------------------
+    def _in_memory(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor`, or for a weight a device map offloaded (a meta tensor) the copy accelerate keeps for it."""
+        if tensor.device.type != "meta":
+            return tensor
+        owner, _, local = name.rpartition(".")
+        weights = getattr(getattr(self.model.get_submodule(owner), "_hf_hook", None), "weights_map", None)
+        if weights is None:
+            raise ValueError(f"{name} is on the meta device and no offloaded copy of it was found")
+        return weights[local]
+
     def fingerprint(self, samples_per_tensor: int = 1024) -> str:
         """A short hash of the architecture and a strided sample of every weight.
 
@@ -102,7 +118,7 @@ class LM:
         h.update(json.dumps(essentials, sort_keys=True).encode())
         with torch.no_grad():
             for name, p in self.model.state_dict().items():
-                flat = p.detach().reshape(-1)
+                flat = self._in_memory(name, p).detach().reshape(-1)
                 step = max(1, flat.numel() // samples_per_tensor)
                 h.update(name.encode())
                 h.update(str(tuple(p.shape)).encode())

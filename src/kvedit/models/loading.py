@@ -18,6 +18,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -190,6 +191,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
 ) -> LM:
     """Load a supported model with its tokenizer, in eval mode.
 
@@ -199,6 +201,9 @@ def load_model(
         GGUF models are converted once into `cache_dir()/models` and reloaded from there.
     trust_remote_code: run a folder's or hub repository's own Python code (`auto_map`). Off by default, and
         never asked for interactively: a model that needs it fails with an error saying so.
+    device_map: instead of `device`, spread the layers over the devices present ("auto", "balanced",
+        "sequential" or a {module: device} dict; transformers/accelerate place them). Edits need the weights
+        they change in memory: a layer offloaded to disk cannot be edited (the edit says so).
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -207,7 +212,9 @@ def load_model(
     try:
         model_class = _auto_class(source, **options)
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
-        model = model_class.from_pretrained(source, dtype=dtype, **options)
+        placement = {} if device_map is None else {  # a map may offload layers to disk: give them a folder
+            "device_map": device_map, "offload_folder": tempfile.mkdtemp(prefix="kvedit-offload-")}
+        model = model_class.from_pretrained(source, dtype=dtype, **placement, **options)
     except UnsupportedModelError:
         raise
     except (OSError, ValueError) as err:
@@ -216,4 +223,4 @@ def load_model(
                 f"could not load model {name!r}: {no_hub}, and it is not in the local Hugging Face cache"
             ) from err
         raise ModelLoadError(f"could not load model {name!r}: {err}") from err
-    return LM.wrap(model.to(device), tokenizer, name=name)
+    return LM.wrap(model if device_map is not None else model.to(device), tokenizer, name=name)

@@ -86,7 +86,7 @@ def written_output(
     """What the sub-layer adds to the residual when its output projection (values module, or attention
     output projection) gives `output` `[..., d_model]`: the post-norm of it, or `output` itself."""
     norm = _post_norm(lm, layer, sublayer)
-    return output if norm is None else norm(output.to(norm.weight.dtype)).to(output.dtype)
+    return output if norm is None else norm(output.to(norm.weight.device, norm.weight.dtype)).to(output.device, output.dtype)
 
 
 def output_for_written(

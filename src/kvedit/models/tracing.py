@@ -55,7 +55,7 @@ class Addition:
     positions: torch.Tensor | None = None
 
     def apply(self, hidden: torch.Tensor) -> torch.Tensor:
-        delta = self.delta.to(hidden.dtype)
+        delta = self.delta.to(hidden.device, hidden.dtype)
         if self.positions is None:
             return hidden + delta
         batch = torch.arange(hidden.shape[0], device=hidden.device)

@@ -221,6 +221,14 @@ def train_adapter(lm: LM, peft_model: nn.Module, examples: Sequence[Example], co
     """
     if not examples:
         raise ValueError("no training examples: the task data is empty")
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the caller's RNG state is left alone
+        torch.manual_seed(config.seed)  # dropout; a resumed run restores the killed run's state instead
+        return _train(lm, peft_model, examples, config, checkpoint_dir, desc, stop_after)
+
+
+def _train(lm: LM, peft_model: nn.Module, examples: Sequence[Example], config: TrainConfig,
+           checkpoint_dir: str | Path | None, desc: str, stop_after: int | None) -> TrainResult:
     sequences = training_sequences(lm, examples, config)
     schedule = batch_schedule(sequences, config)
     total = len(schedule) // config.grad_accum
