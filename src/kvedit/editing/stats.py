@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..models.devices import float64_device
 from ..models.lm import LM
 from ..models.cache import cache_dir, write_atomic
 from ..models.tracing import Trace
@@ -272,5 +273,7 @@ def inverse_mom2(lm: LM, layer: int, source: str, n_tokens: int, kind: str = "va
     memo_key = ("inverse_mom2", kind, layer, source, n_tokens)
     if memo_key not in lm.memo:
         mom2 = key_statistics(lm, [layer], source, n_tokens, kind=kind)[layer].mom2
-        lm.memo[memo_key] = torch.linalg.inv(mom2.double())
+        path = lm.values_path(layer) if kind == "values" else lm.attn_out_path(layer)
+        device = float64_device(lm.module(path).weight.device)  # invert where the edits will use it
+        lm.memo[memo_key] = torch.linalg.inv(mom2.to(device, torch.float64))
     return lm.memo[memo_key]
