@@ -28,8 +28,8 @@ def subject_position(lm: LM, template: str, subject: str) -> int:
     """Token index of the subject's last token in `template.format(subject)` (one `{}` in template)."""
     prefix = template[: template.index("{}")] + subject
     ids = lm.tokenizer(prefix)["input_ids"]
-    special = set(lm.tokenizer.all_special_ids)
-    while ids and ids[-1] in special:  # tokenizers that append EOS/SEP
+    appended = {lm.tokenizer.eos_token_id, lm.tokenizer.sep_token_id} - {None}
+    while ids and ids[-1] in appended:  # tokenizers that append EOS/SEP (an unknown-word token stays)
         ids = ids[:-1]
     return len(ids) - 1
 

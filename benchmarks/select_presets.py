@@ -1,0 +1,83 @@
+"""Choose every editor's preset alike on a tuning split of known CounterFact cases (kvedit.selection).
+
+Writes to --out: split.json (the case ids of the tuning and report splits), grid.jsonl (one line per method and
+setting, appended as each finishes: a killed run resumes where it stopped), grid.md (the sweep table) and
+chosen.json (the best setting per method, as preset rows). The report split is never edited here.
+Usage: python benchmarks/select_presets.py --out runs/select-smollm2 [--model gemma3-270m] [--n-tune 50]
+       [--n-report 200] [--methods memit,pmet,rome,ft-keys,ft-values]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from kvedit import load_model
+from kvedit.data.loaders import load_requests
+from kvedit.selection import default_grid, known_split, select
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _key(row: dict) -> str:
+    return json.dumps({k: row[k] for k in ("method", "layers", "mom2_update_weight", "weight_decay", "lr")
+                       if k in row}, sort_keys=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dataset", default=str(SHARED / "editing/counterfact/counterfact-edit-1k.json"))
+    parser.add_argument("--n-tune", type=int, default=50)
+    parser.add_argument("--n-report", type=int, default=200)
+    parser.add_argument("--methods", default="memit,pmet,rome,ft-keys,ft-values")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(args.model)
+    split = known_split(lm, load_requests(args.dataset), args.n_tune, args.n_report)
+    (out / "split.json").write_text(json.dumps({"model": lm.name, "dataset": args.dataset,
+                                                "tune": [r.case_id for r in split.tune],
+                                                "report": [r.case_id for r in split.report]}, indent=1))
+    done = {}
+    path = out / "grid.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            done[_key(row)] = row
+    methods = args.methods.split(",")
+    grids = {m: [s for s in default_grid(lm, m) if _key({"method": m, **s, "layers": list(s["layers"])}) not in done]
+             for m in methods}
+
+    def write(row: dict) -> None:
+        row = {**row, "layers": list(row["layers"])}
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        done[_key(row)] = row
+
+    start = time.perf_counter()
+    select(lm, list(split.tune), [m for m in methods if grids[m]], grids, on_result=write)
+    rows = list(done.values())
+    chosen = {}
+    lines = ["| method | layers | λ | δ decay | Efficacy | Paraphrase | Specificity | Score | edit s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        best = max(mine, key=lambda r: r["score"])
+        chosen[m] = {k: best[k] for k in ("layers", "mom2_update_weight", "weight_decay") if k in best}
+        for r in mine:
+            mark = " **(chosen)**" if r is best else ""
+            lines.append(f"| {m}{mark} | {r['layers']} | {r.get('mom2_update_weight', '–')} | "
+                         f"{r.get('weight_decay', '–')} | {r['efficacy_success']:.1f} | {r['paraphrase_success']:.1f} "
+                         f"| {r['neighborhood_success']:.1f} | {r['score']:.1f} | {r['edit_s']:.2f} |")
+    (out / "grid.md").write_text("\n".join(lines) + "\n")
+    (out / "chosen.json").write_text(json.dumps(chosen, indent=1))
+    print("\n".join(lines))
+    print(f"\n{len(split.tune)} tuning cases; chosen: {json.dumps(chosen)}; {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

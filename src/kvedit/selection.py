@@ -1,0 +1,123 @@
+"""Choosing every editor's preset alike: one grid, one tuning split, one criterion.
+
+The procedure (issue 13):
+
+1. Keep the CounterFact cases the unedited model answers correctly (`known_filter`), in file order. The first
+   `n_tune` of them are the **tuning split**; the next `n_report` are the **report split**, which the tables use
+   and the selection never sees.
+2. Each editor runs over the same grid of its settings (MEMIT and PMET share one: edit-layer window, λ and the
+   δ weight decay; ROME: layer and weight decay; fine-tuning: layer), one edit at a time on every tuning case,
+   reverted after scoring.
+3. The setting with the highest Score (harmonic mean of efficacy, paraphrase and specificity success, × 100) is
+   chosen; ties go to the setting listed first in the grid.
+
+Scoring uses the CounterFact probability metrics only (no generation): fluency does not enter the choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from statistics import harmonic_mean, mean
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .bench import known_filter
+from .data.requests import EditRequest
+from .editing.registry import edit, get_method, prepare
+from .evaluation.counterfact import counterfact_case_metrics
+from .models.lm import LM
+
+METRICS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Known cases in file order: `tune` (selection only) and `report` (tables only); disjoint by construction."""
+
+    tune: tuple[EditRequest, ...]
+    report: tuple[EditRequest, ...]
+
+
+def known_split(lm: LM, requests: Sequence[EditRequest], n_tune: int, n_report: int) -> Split:
+    """The first `n_tune` known cases, then the next `n_report` (fewer if the file runs out of known cases)."""
+    if n_tune < 1 or n_report < 0:
+        raise ValueError(f"n_tune must be >= 1 and n_report >= 0, got {n_tune} and {n_report}")
+    known = [r for r, ok in zip(requests, known_filter(lm, requests)) if ok]
+    if len(known) < n_tune:
+        raise ValueError(f"only {len(known)} known cases; the tuning split needs {n_tune}")
+    return Split(tuple(known[:n_tune]), tuple(known[n_tune : n_tune + n_report]))
+
+
+def layer_windows(num_layers: int, width: int, starts: Sequence[int]) -> list[tuple[int, ...]]:
+    """Windows of `width` consecutive layers beginning at each of `starts` (those that fit the model)."""
+    return [tuple(range(s, s + width)) for s in starts if 0 <= s and s + width <= num_layers]
+
+
+def default_grid(lm: LM, method: str) -> list[dict[str, Any]]:
+    """The grid each editor is searched over; MEMIT and every PMET variant share one."""
+    n = lm.num_layers
+    quarter = [max(0, round(n * f)) for f in (0.05, 0.1, 0.2, 0.3)]  # early-to-middle layers, as the papers find
+    if method in ("memit",) or method.startswith("pmet"):
+        windows = layer_windows(n, min(5, n), sorted(set(quarter)))
+        lambdas = (1500.0, 6000.0, 20000.0)
+        decays = (1e-3, 0.5)
+        return [dict(layers=w, mom2_update_weight=lam, weight_decay=wd)
+                for w, lam, wd in itertools.product(windows, lambdas, decays)]
+    if method == "rome":
+        layers = sorted(set(quarter + [round(n * 0.4)]))
+        return [dict(layers=(layer,), weight_decay=wd) for layer in layers if layer < n for wd in (1e-3, 0.5)]
+    if method.startswith("ft"):
+        return [dict(layers=(layer,)) for layer in sorted(set(quarter + [round(n * 0.4)])) if layer < n]
+    raise ValueError(f"no grid for method {method!r}; expected memit, pmet*, rome or ft-*")
+
+
+def score_setting(lm: LM, requests: Sequence[EditRequest], method: str, setting: Mapping[str, Any],
+                  **fixed: Any) -> dict[str, Any]:
+    """Edit each request alone with `setting`, score it, revert it; means × 100, Score and the median edit time."""
+    rows, times = [], []
+    for request in requests:
+        start = time.perf_counter()
+        delta = edit(lm, request, method, **fixed, **setting)
+        times.append(time.perf_counter() - start)
+        try:
+            rows.append(counterfact_case_metrics(lm, [request])[0])
+        finally:
+            delta.revert(lm)
+    means = {m: 100.0 * mean(float(r[m]) for r in rows) for m in METRICS}
+    score = harmonic_mean(list(means.values())) if all(v > 0 for v in means.values()) else 0.0
+    return {**means, "score": score, "edit_s": sorted(times)[len(times) // 2], "cases": len(rows)}
+
+
+def select(
+    lm: LM, requests: Sequence[EditRequest], methods: Sequence[str],
+    grids: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None, **fixed: Any,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Score every grid setting of every method on `requests` (the tuning split).
+
+    Returns (one row per method and setting, the chosen setting per method). `fixed` settings (e.g. the
+    statistics source) apply to every run; `on_result` sees each row as it is made (to write it at once).
+    """
+    rows: list[dict[str, Any]] = []
+    chosen: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        grid = list((grids or {}).get(method) or default_grid(lm, method))
+        known = {f.name for f in fields(get_method(method).make_hparams(None))}
+        method_fixed = {k: v for k, v in fixed.items() if k in known}  # e.g. no statistics for fine-tuning
+        best: dict[str, Any] | None = None
+        for setting in tqdm(grid, desc=f"{method} grid", unit="setting", leave=False):
+            prepare(lm, method, **method_fixed, **setting)
+            row = {"method": method, **dict(setting),
+                   **score_setting(lm, requests, method, setting, **method_fixed)}
+            rows.append(row)
+            if on_result is not None:
+                on_result(row)
+            if best is None or row["score"] > best["score"]:
+                best = row
+        assert best is not None
+        chosen[method] = {k: best[k] for k in grid[0]}
+    return rows, chosen

@@ -1,0 +1,60 @@
+"""The preset procedure: the tuning and report splits never overlap, and the chosen setting is the best-scoring one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvedit.selection as selection
+from kvedit import EditRequest
+from kvedit.data.loaders import load_requests
+from tiny_models import tiny_lm
+
+FIXTURE = Path(__file__).parent / "fixtures" / "counterfact_small.json"
+
+
+def test_the_splits_are_known_cases_in_file_order_and_disjoint(monkeypatch):
+    requests = load_requests(FIXTURE)
+    flags = [i % 3 != 1 for i in range(len(requests))]  # the "unedited model knows" pattern
+    monkeypatch.setattr(selection, "known_filter", lambda lm, reqs: flags[: len(reqs)])
+    known = [r for r, ok in zip(requests, flags) if ok]
+    split = selection.known_split(None, requests, n_tune=2, n_report=10)
+    assert list(split.tune) == known[:2] and list(split.report) == known[2:12]
+    assert not {id(r) for r in split.tune} & {id(r) for r in split.report}
+    with pytest.raises(ValueError, match="known cases"):
+        selection.known_split(None, requests, n_tune=len(known) + 1, n_report=0)
+
+
+def test_grids_are_shared_by_memit_and_pmet_and_fit_the_model():
+    lm = tiny_lm("llama")  # 4 layers
+    assert selection.default_grid(lm, "memit") == selection.default_grid(lm, "pmet")
+    for method in ("memit", "pmet", "rome", "ft-keys"):
+        grid = selection.default_grid(lm, method)
+        assert grid and all(0 <= layer < lm.num_layers for s in grid for layer in s["layers"])
+
+
+def test_select_scores_every_setting_and_keeps_the_best_leaving_weights_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))
+    lm = tiny_lm("llama")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    requests = [  # in the tiny vocabulary
+        EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris",
+                    paraphrase_prompts=("the famous landmark {} lies in",),
+                    neighborhood_prompts=("the louvre is located in the city of",), case_id=0),
+        EditRequest("{} is the capital of", "berlin", target_new="france", target_true="germany",
+                    paraphrase_prompts=("the capital city of {} is in",),
+                    neighborhood_prompts=("madrid is the capital of",), case_id=1),
+    ]
+    grids = {"ft-values": [dict(layers=(0,), lr=1e-6), dict(layers=(3,), lr=0.5)],
+             "rome": [dict(layers=(1,), weight_decay=0.5)]}
+    seen = []
+    rows, chosen = selection.select(lm, requests, ["ft-values", "rome"], grids, on_result=seen.append,
+                                    max_steps=3, stats_source="self", stats_tokens=256)
+    assert rows == seen and [r["method"] for r in rows] == ["ft-values", "ft-values", "rome"]
+    ft = [r for r in rows if r["method"] == "ft-values"]
+    best = max(ft, key=lambda r: r["score"])
+    assert chosen["ft-values"] == {"layers": best["layers"], "lr": best["lr"]}
+    assert ft[1]["efficacy_success"] >= ft[0]["efficacy_success"]  # lr 0.5 moves the target, 1e-6 barely does
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
