@@ -2,7 +2,8 @@
 
 Known CounterFact cases (the unedited model answers target_true), default settings (the preset's statistics,
 prepared and cached before timing), one edit at a time: median over `--n` cases, mean optimisation steps
-and seconds per step; then `--batch` MEMIT edits in one call. Prints a table with the figures measured when
+and seconds per step, and the median CPU time (process time: with OMP_NUM_THREADS=1 it compares code versions
+fairly even on a busy machine); then `--batch` MEMIT edits in one call. Prints a table with the figures measured when
 the issue was opened and its targets, and writes the per-case times as JSON with `--out`.
 Usage: python benchmarks/closed_form_speed.py [--n 20] [--batch 100] [--methods rome,memit,pmet,ft-keys]
 """
@@ -55,30 +56,33 @@ def main() -> None:
         prepare(lm, method)
         prepared = time.perf_counter() - t0
         edit(lm, known[0], method).revert(lm)  # warm-up: first allocations, first backward
-        times, steps = [], []
+        times, cpu, steps = [], [], []
         for request in known[: args.n]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             delta = edit(lm, request, method)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             steps.append(delta.metadata["result"]["steps"])
             delta.revert(lm)
-        results[method] = dict(times=times, steps=steps, prepare_s=prepared)
+        results[method] = dict(times=times, cpu_times=cpu, steps=steps, prepare_s=prepared)
         per_step = sum(times) / max(1, sum(steps) + len(steps))  # steps counts from 0
-        rows.append((method, statistics.median(times), statistics.mean(steps), per_step, prepared))
+        rows.append((method, statistics.median(times), statistics.median(cpu), statistics.mean(steps), per_step,
+                     prepared))
     if args.batch:
         prepare(lm, "memit")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         delta = edit(lm, known[: args.batch], "memit")
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         delta.revert(lm)
-        results[f"memit x{args.batch}"] = dict(seconds=elapsed)
-        rows.append((f"memit x{args.batch}", elapsed, float("nan"), float("nan"), 0.0))
+        results[f"memit x{args.batch}"] = dict(seconds=elapsed, cpu_seconds=cpu_s)
+        rows.append((f"memit x{args.batch}", elapsed, cpu_s, float("nan"), float("nan"), 0.0))
 
     print(f"\nknown CounterFact cases: {args.n} one at a time; load average now {os.getloadavg()[0]:.1f}")
-    print(f"{'method':<12} {'median s':>9} {'steps':>6} {'s/step':>7} {'prepare s':>10} {'before s':>9} {'target s':>9}")
-    for name, median, steps, per_step, prepared in rows:
+    print(f"{'method':<12} {'median s':>9} {'CPU s':>7} {'steps':>6} {'s/step':>7} {'prepare s':>10} {'before s':>9} "
+          f"{'target s':>9}")
+    for name, median, cpu_s, steps, per_step, prepared in rows:
         key = "memit x100" if name.startswith("memit x") else name
-        print(f"{name:<12} {median:>9.2f} {steps:>6.1f} {per_step:>7.3f} {prepared:>10.1f} "
+        print(f"{name:<12} {median:>9.2f} {cpu_s:>7.2f} {steps:>6.1f} {per_step:>7.3f} {prepared:>10.1f} "
               f"{BEFORE.get(key, float('nan')):>9.1f} {TARGET.get(key, float('nan')):>9.1f}")
     print(f"peak RSS {peak_rss_mb():.0f} MB")
     if args.out:
