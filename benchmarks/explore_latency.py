@@ -4,10 +4,8 @@
     python benchmarks/explore_latency.py [--model smollm2-135m] [--prompts 10] [--repeats 3] [--threads N]
 
 Prints the first prompt's time right after start-up (while the server still projects every layer's values in
-the background), how long that takes, then every request's wall time once it is done: the median, 90th
-percentile and maximum; the in-process time of the same analysis without HTTP (`kvedit.explore.views.
-prompt_view`) with value tokens projected on demand and cached, for comparison; and the machine load. The
-target is a median of at most 1 s.
+the background), how long that projection takes, then every request's wall time once it is done: the median,
+90th percentile and maximum, and the machine load before and after. The target is a median of at most 1 s.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -70,33 +67,6 @@ def start_server(model: str | None, threads: int | None) -> tuple[subprocess.Pop
             time.sleep(0.1)
 
 
-def in_process(model: str | None, texts: list[str], repeats: int, threads: int | None) -> dict[str, list[float]]:
-    """The prompt view's own time, no HTTP (the server's default sizes): value tokens projected on demand, and
-    read from the filled per-layer cache."""
-    import torch
-
-    from kvedit.analysis.vocab import token_strings
-    from kvedit.explore.value_cache import ValueTokenCache
-    from kvedit.explore.views import Vocabulary, prompt_view
-    from kvedit.models import load_model
-
-    if threads:
-        torch.set_num_threads(threads)
-    lm = load_model(model)
-    vocab = Vocabulary(token_strings(lm))
-    cache = ValueTokenCache(lm, 5)
-    cache.fill_now()
-    prompt_view(lm, vocab, texts[0])  # warm-up
-    out: dict[str, list[float]] = {"on demand": [], "cached": []}
-    for _ in range(repeats):
-        for text in texts:
-            for name, cached in (("on demand", None), ("cached", cache.get)):
-                start = time.perf_counter()
-                prompt_view(lm, vocab, text, cached=cached)
-                out[name].append(time.perf_counter() - start)
-    return out
-
-
 def describe(times: list[float]) -> str:
     ordered = sorted(times)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
@@ -135,14 +105,6 @@ def main() -> int:
         proc.terminate()
         proc.wait(30)
     print(f"HTTP POST /api/prompt, end to end: {describe(times)}")
-    # in a worker thread, as the server runs it: under CPU contention torch ops in the main thread can be much
-    # slower (OpenMP's main-thread team spins), which would not be the prompt view's cost
-    found: dict[str, list[float]] = {}
-    worker = threading.Thread(target=lambda: found.update(in_process(args.model, texts, args.repeats, args.threads)))
-    worker.start()
-    worker.join()
-    for name, direct in found.items():
-        print(f"prompt_view in process, no HTTP, value tokens {name}: {describe(direct)}")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     median = statistics.median(times)
     print(f"target: median ≤ {TARGET_S:.1f} s → {'met' if median <= TARGET_S else 'NOT met'} ({median:.3f} s)")

@@ -127,6 +127,8 @@ def test_page_static_files_and_info(app):
     assert page.status_code == 200 and "/static/app.js" in page.text and "<script src=\"http" not in page.text
     for name in ("app.js", "style.css"):
         assert client.get(f"/static/{name}").status_code == 200
+    assert "/api/prompt" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 404  # FastAPI's docs page would load scripts from a CDN
     info = client.get("/api/info").json()
     assert info["model"] == "tiny-llama" and info["layers"] == 4 and info["d_ff"] == 64
     assert {"ft-keys", "ft-values", "rome", "memit", "pmet"} <= {m["name"] for m in info["methods"] if m["main"]}
@@ -359,6 +361,13 @@ def test_quick_views_are_refused_while_a_job_holds_the_model(app):
         release.set()
     session.jobs.wait(job.id)
     assert client.post("/api/prompt", json={"prompt": PROMPT}).status_code == 200
+
+
+def test_settings_are_checked():
+    for bad, message in [({"mine_rank": "max"}, "mine_rank"), ({"mine_tokens": 0}, "mine_tokens"),
+                         ({"top_memories": 0}, "top_memories"), ({"stats_tokens": 0}, "stats_tokens")]:
+        with pytest.raises(ValueError, match=message):
+            ExploreSettings(**bad)
 
 
 def test_jsonable_has_no_nan():

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
                         "(text the model samples itself; the default)")
     e.add_argument("--mine-tokens", type=positive, default=20_000,
                    help="corpus tokens mined per layer on the fly (default 20000; the page can change it)")
+    e.add_argument("--mine-rank", choices=["value", "abs"], default="value",
+                   help="rank mined prefixes by the signed coefficient (default) or by |coefficient| (gated FFNs "
+                        "also write strongly with negative coefficients)")
     e.add_argument("--stats", default=None, dest="stats_source",
                    help="rome/memit/pmet: corpus for key statistics (default: the preset's, 'self')")
     e.add_argument("--stats-tokens", type=positive, default=None,
@@ -91,8 +94,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     if args.mined is not None and not (args.mined / TRIGGERS_FILE).is_file():
         raise FileNotFoundError(f"--mined {args.mined} holds no mined triggers ({TRIGGERS_FILE}); run `kvedit analyze "
                                 f"triggers --out {args.mined}` first, or leave --mined out and mine layers in the page")
-    settings = ExploreSettings(corpus=args.corpus, mine_tokens=args.mine_tokens, stats_source=args.stats_source,
-                               stats_tokens=args.stats_tokens)
+    settings = ExploreSettings(corpus=args.corpus, mine_tokens=args.mine_tokens, mine_rank=args.mine_rank,
+                               stats_source=args.stats_source, stats_tokens=args.stats_tokens)
     sock = bind_socket(args.host, args.port)  # before loading: a taken port fails at once
     triggers = TriggerSet.load(args.mined) if args.mined is not None else None
     lm = load(args)

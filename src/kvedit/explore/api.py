@@ -91,7 +91,9 @@ def _error(status: int, message: str) -> JSONResponse:
 def create_app(session: ExploreSession, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The web app over `session`. `allowed_hosts`: Host headers to accept (None: any), which keeps pages
     of other sites from reaching a loopback server through DNS rebinding."""
-    app = FastAPI(title="kvedit explore", description="FFN key-value memories of one model: look, intervene, edit")
+    # no /docs or /redoc pages: FastAPI's load their scripts from a CDN; the schema stays at /openapi.json
+    app = FastAPI(title="kvedit explore", description="FFN key-value memories of one model: look, intervene, edit",
+                  docs_url=None, redoc_url=None)
     app.state.session = session
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)

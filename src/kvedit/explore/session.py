@@ -32,18 +32,21 @@ from .value_cache import ValueTokenCache
 
 #: the methods the page offers first (every registered method is accepted)
 MAIN_METHODS = ("ft-keys", "ft-values", "rome", "memit", "pmet")
+#: requests of a loaded patch whose probabilities are shown (a batch patch can hold hundreds)
+SCORED_REQUESTS = 10
 
 
 @dataclass(frozen=True)
 class ExploreSettings:
-    """corpus / mine_tokens / mine_k: what on-the-fly mining reads (a text file, a folder of .txt files,
-    `hf:<dataset>` or `self`) and keeps; stats_source / stats_tokens: the key-statistics corpus of
+    """corpus / mine_tokens / mine_k / mine_rank: what on-the-fly mining reads (a text file, a folder of .txt
+    files, `hf:<dataset>` or `self`), keeps, and ranks by ("value": the signed coefficient, "abs": |m|); stats_source / stats_tokens: the key-statistics corpus of
     ROME/MEMIT/PMET (None: the preset's); top_memories / top_tokens / next_tokens: sizes of the views;
     prefetch_values: project every layer's values in the background so prompts answer faster."""
 
     corpus: str = "self"
     mine_tokens: int = 20_000
     mine_k: int = 20
+    mine_rank: str = "value"
     stats_source: str | None = None
     stats_tokens: int | None = None
     top_memories: int = 10
@@ -55,6 +58,8 @@ class ExploreSettings:
         for name in ("mine_tokens", "mine_k", "top_memories", "top_tokens", "next_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.mine_rank not in ("value", "abs"):
+            raise ValueError(f"mine_rank must be 'value' or 'abs', got {self.mine_rank!r}")
         if self.stats_tokens is not None and self.stats_tokens < 1:
             raise ValueError(f"stats_tokens must be at least 1, got {self.stats_tokens}")
 
@@ -165,7 +170,7 @@ class ExploreSession:
             job.set_phase(f"mining layer {layer} over {tokens} tokens of {corpus}")
             edited = len(self.edits.applied())
             found = mine_triggers(self.lm, corpus, layers=[layer], k=self.settings.mine_k, max_tokens=tokens,
-                                  progress=True)
+                                  rank=self.settings.mine_rank, progress=True)
             note = f"mined here from {found.meta['tokens']} tokens of {corpus}"
             self.triggers[layer] = (found, note + (f", with {edited} edit(s) applied" if edited else ""))
             return {"layer": layer, "tokens": found.meta["tokens"], "origin": self.triggers[layer][1]}
@@ -263,8 +268,10 @@ class ExploreSession:
         if not data:
             raise PatchMismatchError("the uploaded patch file is empty")
         name = Path(filename or "patch.safetensors").name
-        path = Path(self._files.name) / f"upload-{len(self.edits.entries) + 1}.safetensors"
-        path.write_bytes(data)
+        handle, tmp = tempfile.mkstemp(suffix=".safetensors", prefix="upload-", dir=self._files.name)
+        path = Path(tmp)
+        with open(handle, "wb") as f:
+            f.write(data)
         try:
             delta = WeightDelta.load(path)
         except PatchMismatchError as err:  # name the user's file, not the temporary copy
@@ -280,6 +287,7 @@ class ExploreSession:
                 continue
             if request.target_true is not None:
                 requests.append(request)
+        total, requests = len(requests), requests[:SCORED_REQUESTS]  # a batch patch: score the first few
         with self.jobs.quick_use(), self.values.writing():
             missing = [n for n in delta.names if n not in dict(self.lm.model.named_parameters())]
             if missing:
@@ -296,7 +304,7 @@ class ExploreSession:
         self.values.invalidate(delta.names)
         summary = (_summary(requests, before, after) if requests else {}) | {"patch_view": report}
         label = "; ".join(f"{r.subject}: {r.target_true} → {r.target_new}" for r in requests[:3]) or name
-        entry = self.edits.add(delta, label + (f" (+{len(requests) - 3} more)" if len(requests) > 3 else ""),
+        entry = self.edits.add(delta, label + (f" (+{total - 3} more)" if total > 3 else ""),
                                f"loaded from {name} ({meta.get('method', '?')})", summary)
         return entry.to_dict(detail=True)
 

@@ -111,12 +111,13 @@ async function followJob(job, done) {
       $("job-elapsed").textContent = `· ${job.elapsed_s.toFixed(1)} s`;
       const list = $("job-bars");
       list.innerHTML = "";
-      for (const b of job.bars) {
+      const shown = job.bars.length ? job.bars : [{ desc: job.phase, n: 0, total: null, unit: "", working: true }];
+      for (const b of shown) {
         const frac = b.total ? Math.min(1, b.n / b.total) : null;
         list.append(h("div", { class: "bar-row" }, h("div", { class: "bar-label wide" }, b.desc || "working"),
           h("div", { class: "bar" }, h("div", { class: "fill" + (frac === null ? " indeterminate" : ""),
             style: `width:${frac === null ? 100 : 100 * frac}%` })),
-          h("div", { class: "bar-value" }, b.total ? `${Math.round(b.n)} / ${Math.round(b.total)} ${b.unit}` : `${Math.round(b.n)} ${b.unit}`)));
+          h("div", { class: "bar-value" }, b.working ? "working…" : b.total ? `${Math.round(b.n)} / ${Math.round(b.total)} ${b.unit}` : `${Math.round(b.n)} ${b.unit}`)));
       }
       if (job.state === "done" || job.state === "failed") break;
       await new Promise((r) => setTimeout(r, 300));
@@ -217,7 +218,8 @@ function renderMemory(r) {
   }
   const has = Array.isArray(r.triggers);
   $("mem-mine").classList.toggle("hidden", has);
-  $("mem-trigger-origin").textContent = has ? `(${r.triggers_origin || ""})` : "";
+  const rank = has && r.triggers_source ? (r.triggers_source.rank === "abs" ? "; ranked by |m|" : "; ranked by m, largest first") : "";
+  $("mem-trigger-origin").textContent = has ? `(${r.triggers_origin || ""}${rank})` : "";
   $("mem-triggers").replaceChildren(...(has ? [h("table", { class: "plain triggers" }, h("tbody", {},
     r.triggers.map((e) => h("tr", {}, h("td", { class: "num" }, num(e.coefficient, 2)),
       h("td", {}, h("span", { class: "ctx" }, e.context), h("mark", {}, e.trigger),
