@@ -38,7 +38,7 @@ def test_analyze_all_then_each_command_reuses_the_folder(capsys, tiny_folder, co
     assert code == 0, err
     assert "triggers: mined" in text and "| layer | agreement |" in text and "attention_cos" in text
     for name in ("triggers.safetensors", "meta.json", "triggers/layer-00.jsonl", "keys/L1-K3.md", "keys/L2-K10.md",
-                 "keys.md", "values/layer-03.jsonl", "values.md", "layers.csv", "layers.md", "components.csv",
+                 "keys/L1-K3.html", "keys/L2-K10.html", "keys.md", "keys.html", "values/layer-03.jsonl", "values.md", "layers.csv", "layers.md", "components.csv",
                  "analysis-agreement.png", "analysis-active.png", "analysis-composition.png", "analysis-shallow.png",
                  "analysis-refinement.png", "analysis-ffn-changes.png", "analysis-components-cos.png",
                  "analysis-components-jaccard.png"):
@@ -52,7 +52,7 @@ def test_analyze_all_then_each_command_reuses_the_folder(capsys, tiny_folder, co
     other = tmp_path / "abs"
     code, text, _ = run(capsys, "analyze", "triggers", *model, "--corpus", corpus_file, "--out", other, "--tokens", "300",
                         "--k", "4", "--rank", "abs", "--jsonl-examples", "2", "--max-length", "6", "--layers", "1",
-                        "--batch-size", "2", "--keys", "1:0")
+                        "--batch-size", "2", "--batch-tokens", "7", "--keys", "1:0")
     meta = json.loads((other / "meta.json").read_text())
     assert code == 0 and meta["rank"] == "abs" and meta["max_length"] == 6 and meta["layers"] == [1]
     first = json.loads((other / "triggers" / "layer-01.jsonl").read_text().splitlines()[0])
@@ -73,6 +73,7 @@ def test_analyze_all_then_each_command_reuses_the_folder(capsys, tiny_folder, co
     dataset.write_text(json.dumps(cases))
     code, text, err = run(capsys, "analyze", "components", *model, "--out", out, "--known-only", "--dataset", dataset)
     assert code == 0, err
+    assert "known-fact filter" in err  # the filter pass has its progress bar
     assert code == 0 and "3 prompts (the first 3 rewrite prompts of cases.json the model gets right)" in text
 
     code, text, _ = run(capsys, "inspect", "berlin is the capital of", *model, "--triggers", out, "--top", "4",
@@ -82,6 +83,27 @@ def test_analyze_all_then_each_command_reuses_the_folder(capsys, tiny_folder, co
     assert len(report["layers"][1]["memories"]) == 4 and "triggers" in report["layers"][1]["memories"][0]
     code, text, _ = run(capsys, "inspect", "berlin is", *model, "--json", "--final-norm")
     assert code == 0 and json.loads(text)["prompt"] == "berlin is" and json.loads(text)["final_norm"]
+
+
+def test_the_known_fact_filter_stops_once_it_has_n_and_keeps_corpus_order(tmp_path, tiny_llama):
+    from kvedit.analysis.runs import counterfact_prompts
+    from kvedit.evaluation.scoring import target_nll
+
+    objects = ["paris", "rome", "london", "berlin", "madrid"]
+    cases = [{"case_id": i, "prompt": f"{s} is located in the city of", "subject": s, "target_new": new,
+              "ground_truth": true, "rephrase_prompt": "x", "locality_prompt": "y", "locality_ground_truth": "z"}
+             for i, (s, true, new) in enumerate((s, a, b) for s in ("the louvre", "big ben", "the colosseum")
+                                                for a in objects for b in objects if a != b)]
+    dataset = tmp_path / "cases.json"
+    dataset.write_text(json.dumps(cases))
+    prompts = [c["prompt"].format(c["subject"]) for c in cases]
+    true = target_nll(tiny_llama, prompts, [c["ground_truth"] for c in cases])
+    new = target_nll(tiny_llama, prompts, [c["target_new"] for c in cases])
+    known = [p for p, t, w in zip(prompts, true.tolist(), new.tolist()) if t < w]
+    assert 3 < len(known) < len(cases)
+    assert counterfact_prompts(tiny_llama, dataset, known_only=True, progress=False) == known
+    assert counterfact_prompts(tiny_llama, dataset, 3, known_only=True, batch_size=2, progress=False) == known[:3]
+    assert counterfact_prompts(tiny_llama, dataset, 2, progress=False) == prompts[:2]
 
 
 def test_inspect_a_patch_made_by_kvedit_edit(capsys, tiny_folder, tmp_path):

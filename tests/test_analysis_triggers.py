@@ -7,6 +7,7 @@ import torch
 
 from kvedit.analysis import corpus
 from kvedit.analysis.runs import analyze_triggers, triggers_in
+from kvedit.analysis.topk import order_key
 from kvedit.analysis.triggers import RunningTopK, TriggerSet, load_or_mine, mine_triggers
 from kvedit.models import ARCHITECTURES, Trace
 from tiny_models import tiny_lm
@@ -77,6 +78,37 @@ def test_running_topk_merges_chunks_like_one_topk():
     expect = scores.topk(5, dim=0)
     assert torch.equal(top.coefficients, expect.values.T)
     assert torch.equal(top.codes, expect.indices.T)
+
+
+@pytest.mark.parametrize("rank", ["value", "abs"])
+def test_running_topk_breaks_ties_towards_the_earlier_place_whatever_the_batching(rank):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 4, (400, 6), generator=g).float()  # seven values: ties everywhere
+    valid = torch.rand(400, generator=g) > 0.2
+    key = scores if rank == "value" else scores.abs()
+    places = [i for i in range(400) if valid[i]]
+    expect = torch.tensor([sorted(places, key=lambda i: (-key[i, j].item(), i))[:5] for j in range(6)])  # [d, k]
+    for size, shuffled in ((400, False), (7, False), (7, True), (64, True)):
+        starts = list(range(0, 400, size))
+        if shuffled:
+            starts = [starts[i] for i in torch.randperm(len(starts), generator=g).tolist()]
+        top = RunningTopK.empty(6, 5, torch.device("cpu"))
+        for start in starts:
+            rows = slice(start, start + size)
+            top.update(scores[rows], torch.arange(400)[rows], rank, valid[rows])
+        assert torch.equal(top.codes, expect), (size, shuffled)
+        assert torch.equal(top.coefficients, scores.gather(0, expect.T).T)  # signed, even when ranked by |m|
+    with pytest.raises(ValueError, match=r"coefficients \[N, 6\]"):
+        top.update(scores[:, :5], torch.arange(400))
+    with pytest.raises(ValueError, match="codes must lie in"):
+        top.update(scores[:2], torch.tensor([0, 2**32 - 1]))
+
+
+def test_order_key_orders_by_score_then_earlier_code():
+    scores = torch.tensor([float("-inf"), -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 2.0, 7.25, float("inf")])
+    codes = torch.tensor([-1, 9, 4, 8, 3, 2**32 - 2, 6, 1, 0, 5])
+    ranked = sorted(range(10), key=lambda i: (scores[i].item(), -codes[i].item()))
+    assert order_key(scores, codes).argsort().tolist() == ranked
 
 
 def test_examples_point_at_the_right_tokens_and_survive_a_round_trip(corpus_file, tmp_path):

@@ -52,16 +52,21 @@ def token_batches(
     batch_size: int = 16,
     bucket: int = 32,
     seed: int = 0,
+    batch_tokens: int | None = None,
 ) -> Iterator[tuple[TokenBatch, list[list[int]]]]:
     """Yield (batch, the batch's token id lists) until `max_tokens` counted tokens have been read.
 
-    Each sentence is cut to `max_length` tokens. Sentences are grouped by length within a window of
-    `bucket` batches so that little padding is computed; sequence ids still follow corpus order.
+    Each sentence is cut to `max_length` tokens. A batch holds at most `batch_size` sentences and, if
+    `batch_tokens` is given, at most that many tokens with padding (but always one sentence). Sentences are
+    grouped by length within a window of `bucket × batch_size` sentences so that little padding is computed;
+    sequence ids still follow corpus order.
     """
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+    if batch_size < 1 or (batch_tokens is not None and batch_tokens < 1):
+        raise ValueError(f"batch_size and batch_tokens must be positive, got {batch_size} and {batch_tokens}")
     tok = lm.tokenizer
     special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
     special_set = set(special.tolist())
@@ -69,9 +74,14 @@ def token_batches(
     next_id, counted_total = 0, 0
 
     def flush(rows: list[tuple[int, list[int]]]) -> Iterator[tuple[TokenBatch, list[list[int]]]]:
-        rows = sorted(rows, key=lambda r: len(r[1]))
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
+        chunk: list[tuple[int, list[int]]] = []
+        for row in sorted(rows, key=lambda r: len(r[1])):  # longest last, so len(row) is the padded width
+            if chunk and (len(chunk) == batch_size or
+                          (batch_tokens is not None and (len(chunk) + 1) * len(row[1]) > batch_tokens)):
+                yield _collate(chunk, tok.pad_token_id, special), [ids for _, ids in chunk]
+                chunk = []
+            chunk.append(row)
+        if chunk:
             yield _collate(chunk, tok.pad_token_id, special), [ids for _, ids in chunk]
 
     for text in corpus_texts(lm, source, seed=seed):

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..models.lm import LM
 from .components import component_similarity
 from .layers import active_rule, agreement, corpus_statistics, layer_table
@@ -56,11 +58,11 @@ def triggers_in(folder: str | Path, lm: LM) -> TriggerSet | None:
 
 def analyze_triggers(
     lm: LM, out: str | Path, source: str, layers: Sequence[int] | None = None, keys: Sequence[tuple[int, int]] = (),
-    k: int = 50, tokens: int = 100_000, max_length: int = 64, batch_size: int = 16, rank: str = "value",
-    jsonl_examples: int | None = 10, progress: bool = True,
+    k: int = 50, tokens: int = 100_000, max_length: int = 64, batch_size: int = 512, rank: str = "value",
+    jsonl_examples: int | None = 10, progress: bool = True, batch_tokens: int | None = 2048,
 ) -> dict[str, Any]:
     """Mine (or reuse) trigger examples into `out`; write per-layer JSONL (the top `jsonl_examples` per memory;
-    None: all k) and one page per key in `keys`."""
+    None: all k) and one Markdown and one HTML page per key in `keys`, with `keys.md` / `keys.html` indexes."""
     out = Path(out)
     layers = sorted({lm.check_layer(l) for l in (range(lm.num_layers) if layers is None else layers)})
     keys = _check_keys(lm, keys) or default_keys(lm, layers)
@@ -75,7 +77,8 @@ def analyze_triggers(
                              f"asked for {settings} and layers {layers}. Use another --out, or delete {out / TRIGGERS_FILE}")
         reused = True
     else:
-        found = mine_triggers(lm, source, layers, k, tokens, max_length, batch_size, rank, progress)  # type: ignore[arg-type]
+        found = mine_triggers(lm, source, layers, k=k, max_tokens=tokens, max_length=max_length, batch_size=batch_size,
+                              rank=rank, progress=progress, batch_tokens=batch_tokens)  # type: ignore[arg-type]
         found.save(out)
         reused = False
     projections = value_projections(lm, sorted({l for l, _ in keys}), progress=False)
@@ -166,25 +169,36 @@ def layer_plots(lm: LM, out: Path, stats: dict[int, dict[str, Any]], active_thre
     return plots
 
 
-def counterfact_prompts(lm: LM, path: str | Path, n: int | None = None, known_only: bool = False) -> list[str]:
+def counterfact_prompts(lm: LM, path: str | Path, n: int | None = None, known_only: bool = False,
+                        batch_size: int = 32, progress: bool = True) -> list[str]:
     """Rewrite prompts of a CounterFact file (any format `load_requests` reads): the first `n`, or with
-    `known_only` the first `n` whose true target the model prefers to the new one (P(true) > P(new))."""
+    `known_only` the first `n` whose true target the model prefers to the new one (P(true) > P(new)).
+    The known-fact filter scores `batch_size` cases per step, with a progress bar, and stops once `n` are found."""
     from ..data.loaders import load_requests
     from ..evaluation.scoring import target_nll
 
     requests = load_requests(path)
-    if known_only:
-        if any(r.target_true is None for r in requests):
-            raise ValueError(f"{path}: known_only needs target_true for every case")
-        prompts = [r.rewrite_prompt for r in requests]
-        true = target_nll(lm, prompts, [r.target_true for r in requests])
-        new = target_nll(lm, prompts, [r.target_new for r in requests])
-        kept = [r for r, t, w in zip(requests, true.tolist(), new.tolist()) if t < w]
-        if not kept:
-            raise ValueError(f"{path}: the model prefers the true object in none of its {len(requests)} cases; "
-                             "leave out known_only (--known-only)")
-        requests = kept
-    return [r.rewrite_prompt for r in requests[:n]]
+    if not known_only:
+        return [r.rewrite_prompt for r in requests[:n]]
+    if any(r.target_true is None for r in requests):
+        raise ValueError(f"{path}: known_only needs target_true for every case")
+    kept: list[str] = []
+    bar = tqdm(total=len(requests), unit="case", desc="known-fact filter", disable=not progress)
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
+        prompts = [r.rewrite_prompt for r in chunk]
+        true = target_nll(lm, prompts, [r.target_true for r in chunk], batch_size)
+        new = target_nll(lm, prompts, [r.target_new for r in chunk], batch_size)
+        kept += [p for p, t, w in zip(prompts, true.tolist(), new.tolist()) if t < w]
+        bar.update(len(chunk))
+        bar.set_postfix(known=len(kept))
+        if n is not None and len(kept) >= n:
+            break
+    bar.close()
+    if not kept:
+        raise ValueError(f"{path}: the model prefers the true object in none of its {len(requests)} cases; "
+                         "leave out known_only (--known-only)")
+    return kept[:n]
 
 
 def analyze_components(lm: LM, out: str | Path, prompts: Sequence[str], source_note: str, top: int = 50,

@@ -2,8 +2,9 @@
 
 A prefix is a sentence cut after some token; its score for memory i is the memory coefficient `m_i` at the
 prefix's last token (the input of the values module: `f(h·k_i)`, or `act(h·k_gate,i)·(h·k_up,i)` in gated
-FFNs). All requested layers are mined in one forward pass per batch, keeping a running top-k per memory on
-the device, so memory is `k × d_ff` per layer whatever the corpus size.
+FFNs). All requested layers are mined in one forward pass per batch, which stops after the last requested layer
+(no logits); each layer's coefficients are merged into a running top-k per memory on the device as the pass
+reaches them (`topk.RunningTopK`), so memory is `k × d_ff` per layer whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from inspect import signature
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -20,10 +23,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..models.lm import LM
-from ..models.tracing import Trace
-from .corpus import token_batches
+from .corpus import TokenBatch, token_batches
+from .topk import Rank, RunningTopK
 
-Rank = Literal["value", "abs"]
 TRIGGERS_FILE = "triggers.safetensors"
 
 
@@ -33,46 +35,6 @@ def coefficient_note(lm: LM) -> str:
     if lm.arch.gated:
         return f"coefficient = {act}(h·k_gate)·(h·k_up), the input of the values module (gated FFN)"
     return f"coefficient = {act}(h·k), the input of the values module"
-
-
-@dataclass
-class RunningTopK:
-    """The `k` best scores per memory seen so far and where they were seen, all `[d, k]` on the device.
-
-    scores: the ranking score (the coefficient, or its absolute value), descending along k;
-    coefficients: the signed coefficient; codes: `sequence * stride + position`, -1 where empty.
-    """
-
-    scores: torch.Tensor
-    coefficients: torch.Tensor
-    codes: torch.Tensor
-
-    @classmethod
-    def empty(cls, d: int, k: int, device: torch.device) -> "RunningTopK":
-        return cls(
-            torch.full((d, k), float("-inf"), device=device),
-            torch.zeros((d, k), device=device),
-            torch.full((d, k), -1, dtype=torch.long, device=device),
-        )
-
-    @property
-    def k(self) -> int:
-        return self.scores.shape[1]
-
-    def update(self, coefficients: torch.Tensor, codes: torch.Tensor, rank: Rank = "value") -> None:
-        """Merge a batch: `coefficients` `[N, d]` (float32) at the places `codes` `[N]`."""
-        k = self.k
-        new = coefficients.T  # [d, N]
-        scores = new if rank == "value" else new.abs()
-        top, idx = torch.cat([self.scores, scores], dim=1).topk(k, dim=1)
-        old = idx < k
-        self.codes = torch.where(old, self.codes.gather(1, idx.clamp(max=k - 1)), codes[(idx - k).clamp(min=0)])
-        if rank == "value":
-            self.coefficients = top
-        else:
-            new_pick = new.gather(1, (idx - k).clamp(min=0))
-            self.coefficients = torch.where(old, self.coefficients.gather(1, idx.clamp(max=k - 1)), new_pick)
-        self.scores = top
 
 
 @dataclass(frozen=True)
@@ -180,7 +142,78 @@ class TriggerSet:
                    sequences, int(meta["stride"]), meta)
 
 
-@torch.no_grad()
+class _StopForward(Exception):
+    """Raised by the last mined layer's hook: nothing after it (later layers, logits) is needed."""
+
+
+class TriggerMiner:
+    """Streaming trigger mining: `add` one batch of `token_batches` at a time, then `result`.
+
+    During `add`, forward pre-hooks on the values modules of `layers` merge the batch's coefficients (the values
+    module's input, `[B, T, d_ff]`, or `[B·T, d_ff]` in families that flatten tokens) into each layer's running
+    top-k as the forward reaches it, so only one layer's coefficients are alive at a time; the last layer's hook
+    ends the forward before its values module (no later layer, no logits). Between calls the model is unhooked.
+    """
+
+    def __init__(self, lm: LM, layers: Sequence[int] | None = None, k: int = 50, rank: Rank = "value",
+                 stride: int = 64) -> None:
+        self.layers = sorted({lm.check_layer(l) for l in (range(lm.num_layers) if layers is None else layers)})
+        if not self.layers:
+            raise ValueError("layers is empty; give at least one layer")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if rank not in ("value", "abs"):
+            raise ValueError(f"rank must be 'value' or 'abs', got {rank!r}")
+        self.lm, self.k, self.rank, self.stride = lm, k, rank, stride
+        d_ff = {l: lm.module(lm.values_path(l)).weight.shape[0 if lm.arch.transposed else 1] for l in self.layers}
+        self.tops = {l: RunningTopK.empty(d_ff[l], k, lm.device) for l in self.layers}
+        self.sequences: dict[int, tuple[int, ...]] = {}
+        self.tokens = 0
+        self._prune_at = 4096
+        self._extra = {"use_cache": False} if "use_cache" in signature(lm.model.forward).parameters else {}
+
+    def _hook(self, layer: int, codes: torch.Tensor, valid: torch.Tensor, module: torch.nn.Module,
+              args: tuple[Any, ...]) -> None:
+        coefficients = args[0]
+        self.tops[layer].update(coefficients.reshape(-1, coefficients.shape[-1]), codes, self.rank, valid)
+        if layer == self.layers[-1]:
+            raise _StopForward
+
+    @torch.inference_mode()
+    def add(self, batch: TokenBatch, ids: Sequence[Sequence[int]]) -> None:
+        """One forward pass over `batch` (its sentences' token ids `ids`), up to the last layer's coefficients."""
+        if batch.input_ids.shape[1] > self.stride:
+            raise ValueError(f"batch rows of {batch.input_ids.shape[1]} tokens exceed the stride {self.stride}")
+        device = self.lm.device
+        positions = torch.arange(batch.input_ids.shape[1])
+        codes = (batch.sequence_ids[:, None] * self.stride + positions).reshape(-1).to(device)
+        valid = batch.counted.reshape(-1).to(device)
+        handles = [self.lm.module(self.lm.values_path(l)).register_forward_pre_hook(partial(self._hook, l, codes, valid))
+                   for l in self.layers]
+        try:
+            self.lm.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                          **self._extra)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.sequences.update(zip(batch.sequence_ids.tolist(), map(tuple, ids)))
+        if len(self.sequences) > self._prune_at:  # keep only the sentences some top-k entry points into
+            self.sequences = _referenced(self.sequences, self.tops, self.stride)
+            self._prune_at = 2 * len(self.sequences) + 4096
+        self.tokens += batch.num_tokens
+
+    def result(self, meta: dict[str, Any] | None = None) -> TriggerSet:
+        """The mined triggers so far (tensors on the CPU), with `meta` added to the settings."""
+        meta = {"model": self.lm.name, "model_fingerprint": self.lm.base_fingerprint, "tokens": self.tokens,
+                "k": self.k, "rank": self.rank, "max_length": self.stride, "coefficient": coefficient_note(self.lm)
+                } | (meta or {})
+        return TriggerSet(self.layers, {l: self.tops[l].coefficients.cpu() for l in self.layers},
+                          {l: self.tops[l].codes.cpu() for l in self.layers},
+                          _referenced(self.sequences, self.tops, self.stride), self.stride, meta)
+
+
 def mine_triggers(
     lm: LM,
     source: str,
@@ -188,54 +221,34 @@ def mine_triggers(
     k: int = 50,
     max_tokens: int = 100_000,
     max_length: int = 64,
-    batch_size: int = 16,
+    batch_size: int = 512,
     rank: Rank = "value",
     progress: bool = True,
     seed: int = 0,
+    batch_tokens: int | None = 2048,
 ) -> TriggerSet:
     """The top-`k` prefixes of every memory of `layers` (default all) over `max_tokens` corpus tokens.
 
     source: a text file, a folder of .txt files, `hf:<dataset>` or `self` (see `analysis.corpus`).
     rank: "value" ranks by the signed coefficient (largest first; what ReLU keys detect), "abs" by |m|
         (gated FFNs also write strongly with negative coefficients). Coefficients are stored signed.
+    batch_size, batch_tokens: sentences, and padded tokens (None: no limit), per forward pass at most. Matrix
+        products on a CPU run faster over a few thousand tokens than over a few hundred.
+    Equal scores (e.g. the same first token in many sentences) go to the earlier place in the corpus.
     """
-    layers = sorted({lm.check_layer(l) for l in (range(lm.num_layers) if layers is None else layers)})
-    if not layers:
-        raise ValueError("layers is empty; give at least one layer")
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    if rank not in ("value", "abs"):
-        raise ValueError(f"rank must be 'value' or 'abs', got {rank!r}")
     limit = getattr(lm.model.config, "max_position_embeddings", None)
     max_length = min(max_length, limit) if limit else max_length
-    d_ff = {l: lm.module(lm.values_path(l)).weight.shape[0 if lm.arch.transposed else 1] for l in layers}
-    tops = {l: RunningTopK.empty(d_ff[l], k, lm.device) for l in layers}
-    sequences: dict[int, tuple[int, ...]] = {}
-    seen = 0
-    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"mining triggers ({len(layers)} layers)",
+    miner = TriggerMiner(lm, layers, k, rank, max_length)
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"mining triggers ({len(miner.layers)} layers)",
                disable=not progress)
-    for step, (batch, ids) in enumerate(token_batches(lm, source, max_tokens, max_length, batch_size, seed=seed)):
-        with Trace(lm, read=[("coefficients", l) for l in layers], stop=True) as tr:
-            lm.model(input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device))
-        rows, cols = batch.counted.nonzero(as_tuple=True)
-        codes = (batch.sequence_ids[rows] * max_length + cols).to(lm.device)
-        rows, cols = rows.to(lm.device), cols.to(lm.device)
-        for layer in layers:
-            tops[layer].update(tr["coefficients", layer][rows, cols].float(), codes, rank)
-        sequences.update(zip(batch.sequence_ids.tolist(), map(tuple, ids)))
-        if step % 64 == 63:
-            sequences = _referenced(sequences, tops, max_length)
-        seen += batch.num_tokens
-        bar.update(batch.num_tokens)
-    bar.close()
-    if not sequences:
+    with bar:
+        for batch, ids in token_batches(lm, source, max_tokens, max_length, batch_size, seed=seed,
+                                        batch_tokens=batch_tokens):
+            miner.add(batch, ids)
+            bar.update(batch.num_tokens)
+    if not miner.sequences:
         raise ValueError(f"corpus source {source!r} gave no text")
-    meta = {
-        "model": lm.name, "model_fingerprint": lm.base_fingerprint, "source": str(source), "tokens": seen, "max_tokens": max_tokens,
-        "k": k, "rank": rank, "max_length": max_length, "coefficient": coefficient_note(lm),
-    }
-    return TriggerSet(layers, {l: tops[l].coefficients.cpu() for l in layers}, {l: tops[l].codes.cpu() for l in layers},
-                      _referenced(sequences, tops, max_length), max_length, meta)
+    return miner.result({"source": str(source), "max_tokens": max_tokens})
 
 
 def _referenced(sequences: dict[int, tuple[int, ...]], tops: dict[int, RunningTopK], stride: int):

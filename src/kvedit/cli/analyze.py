@@ -46,6 +46,9 @@ def _triggers_opts(p: argparse.ArgumentParser, tokens_flag: str = "--tokens") ->
                    help="rank prefixes by the signed coefficient (default) or by |coefficient|")
     p.add_argument("--keys", type=key_list, default=(),
                    help="memories to write a page for, as LAYER:MEMORY pairs (default: a few random ones)")
+    p.add_argument("--batch-tokens", type=positive_int, default=2048,
+                   help="mining: tokens per forward pass at most, padding included (default 2048); --batch-size "
+                        "caps the sentences (default 512 for mining)")
 
 
 def _layers_opts(p: argparse.ArgumentParser, tokens_flag: str = "--tokens") -> None:
@@ -96,7 +99,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         if p in (v, l, al):
             p.add_argument("--final-norm", action="store_true",
                            help="read values and FFN outputs as E·norm(v) instead of E·v (the reference's choice)")
-        p.add_argument("--batch-size", type=positive_int, default=None, help="sentences per forward pass")
+        p.add_argument("--batch-size", type=positive_int, default=None,
+                       help="sentences per forward pass (default: 512 for mining, 8 for layer statistics)")
         add_model_args(p)
 
     i = sub.add_parser("inspect", help="one prompt: top memories, logit lens, interventions; or what a patch changed")
@@ -131,10 +135,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     batch = args.batch_size
     if args.analysis in ("triggers", "all"):
         done = runs.analyze_triggers(lm, args.out, args.corpus, getattr(args, "layers", None), args.keys, args.k,
-                                     args.trigger_tokens, args.max_length, batch or 16, args.rank,
-                                     getattr(args, "jsonl_examples", 10))
+                                     args.trigger_tokens, args.max_length, batch or 512, args.rank,
+                                     getattr(args, "jsonl_examples", 10), batch_tokens=args.batch_tokens)
         print(f"triggers: {'reused' if done['reused'] else 'mined'} {done['tokens']} tokens, layers "
-              f"{done['layers'][0]}–{done['layers'][-1]}; see {args.out / 'keys.md'}")
+              f"{done['layers'][0]}–{done['layers'][-1]}; see {args.out / 'keys.html'} (or keys.md)")
     projections = None
     if args.analysis in ("values", "all"):
         done = runs.analyze_values(lm, args.out, getattr(args, "layers", None), args.keys,
