@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import add_model_args, layer_list, load
+from .common import add_model_args, layer_list, load, positive_int
 
 
 def key_list(text: str) -> tuple[tuple[int, int], ...]:
@@ -19,16 +19,6 @@ def key_list(text: str) -> tuple[tuple[int, int], ...]:
     if not pairs or any(len(p) != 2 or p[1] < 0 for p in pairs):
         raise argparse.ArgumentTypeError(f"expected LAYER:MEMORY pairs like 3:7,12:345; got {text!r}")
     return pairs  # type: ignore[return-value]
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _corpus(p: argparse.ArgumentParser) -> None:

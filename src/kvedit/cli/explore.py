@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import add_model_args, load
+from .common import add_model_args, load, positive_int
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -23,16 +23,6 @@ def port_number(text: str) -> int:
     return port
 
 
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
     e = sub.add_parser("explore", help="the memory explorer: a local web page to look inside FFN memories, "
                                        "intervene, edit and revert",
@@ -43,14 +33,14 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     e.add_argument("--corpus", default="self",
                    help="what 'Mine this layer' reads: a text file, a folder of .txt files, hf:<dataset>, or self "
                         "(text the model samples itself; the default)")
-    e.add_argument("--mine-tokens", type=positive, default=20_000,
+    e.add_argument("--mine-tokens", type=positive_int, default=20_000,
                    help="corpus tokens mined per layer on the fly (default 20000; the page can change it)")
     e.add_argument("--mine-rank", choices=["value", "abs"], default="value",
                    help="rank mined prefixes by the signed coefficient (default) or by |coefficient| (gated FFNs "
                         "also write strongly with negative coefficients)")
     e.add_argument("--stats", default=None, dest="stats_source",
                    help="rome/memit/pmet: corpus for key statistics (default: the preset's, 'self')")
-    e.add_argument("--stats-tokens", type=positive, default=None,
+    e.add_argument("--stats-tokens", type=positive_int, default=None,
                    help="rome/memit/pmet: tokens of the statistics corpus (default: the preset's)")
     e.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 lets anyone who can "
