@@ -2,7 +2,8 @@
 
 Writes to --out: split.json (the case ids of the tuning and report splits), grid.jsonl (one line per method and
 setting, appended as each finishes: a killed run resumes where it stopped), grid.md (the sweep table) and
-chosen.json (the best setting per method, as preset rows). The report split is never edited here.
+chosen.json (the best setting per method, as preset rows). The report split is never edited here. Settings that
+differ only in λ share their target vectors (optimised once per case), so their "edit s" is the solve alone.
 Usage: python benchmarks/select_presets.py --out runs/select-smollm2 [--model gemma3-270m] [--n-tune 50]
        [--n-report 200] [--methods memit,pmet,rome,ft-keys,ft-values]
 """

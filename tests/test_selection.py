@@ -58,3 +58,35 @@ def test_select_scores_every_setting_and_keeps_the_best_leaving_weights_alone(tm
     assert chosen["ft-values"] == {"layers": best["layers"], "lr": best["lr"]}
     assert ft[1]["efficacy_success"] >= ft[0]["efficacy_success"]  # lr 0.5 moves the target, 1e-6 barely does
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+def test_a_lambda_sweep_reuses_the_targets_and_gives_the_same_updates(tmp_path, monkeypatch):
+    from kvedit.editing import edit, targets
+
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))
+    lm = tiny_lm("llama")
+    request = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
+    settings = dict(layers=(1, 2), max_steps=4, stats_source="self", stats_tokens=256)
+
+    def updates(lam: float) -> dict[str, torch.Tensor]:
+        delta = edit(lm, request, "memit", mom2_update_weight=lam, **settings)
+        try:
+            return {name: delta.update(name).clone() for name in delta.names}
+        finally:
+            delta.revert(lm)
+
+    fresh = {lam: updates(lam) for lam in (100.0, 5000.0)}
+    calls = []
+    original = targets._optimize_targets
+    monkeypatch.setattr(targets, "_optimize_targets", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with targets.reused_targets(lm):
+        reused = {lam: updates(lam) for lam in (100.0, 5000.0)}
+        with pytest.raises(RuntimeError, match="already active"):
+            with targets.reused_targets(lm):
+                pass
+    assert len(calls) == 1  # the second λ solved with the first one's targets
+    assert "reused_targets" not in lm.memo
+    for lam in fresh:
+        assert fresh[lam].keys() == reused[lam].keys()
+        assert all(torch.allclose(fresh[lam][k], reused[lam][k], atol=1e-6) for k in fresh[lam])
+    assert not torch.allclose(*[next(iter(fresh[lam].values())) for lam in fresh])  # λ does change the update

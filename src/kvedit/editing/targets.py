@@ -5,11 +5,14 @@
 - `optimize_targets`: vectors δ added at chosen sites (FFN output, attention output or the
   residual stream) at the subject's last token, optimised so the model predicts target_new
   (ROME's v*, MEMIT's z, PMET's δ_a and δ_m).
+- `reused_targets`: within it, a repeated optimisation returns its first result (for sweeps over settings
+  the targets do not depend on, such as MEMIT's and PMET's λ).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +162,26 @@ class _Group:
         self.at_lookup = torch.zeros(len(input_ids), dtype=torch.long)
 
 
+_REUSE = "reused_targets"  # lm.memo key of the store `reused_targets` opens
+
+
+@contextmanager
+def reused_targets(lm: LM) -> Iterator[None]:
+    """Within this block, `optimize_targets` called again with the same requests, sites, templates and options
+    returns the first call's result instead of optimising again.
+
+    Targets depend on the weights, so this is only for callers that start every edit from the same weights
+    (edit, score, revert), e.g. a sweep over λ, which only the closed-form solve uses.
+    """
+    if _REUSE in lm.memo:
+        raise RuntimeError("reused_targets is already active on this model")
+    lm.memo[_REUSE] = {}
+    try:
+        yield
+    finally:
+        del lm.memo[_REUSE]
+
+
 def optimize_targets(
     lm: LM, requests: Sequence[EditRequest], sites: Sequence[Site], templates: list[list[str]], opts: TargetOptions,
     group_size: int = 8,
@@ -171,8 +194,24 @@ def optimize_targets(
     `group_size` of them share one batched pass; a request that meets its stopping rule leaves the
     batch. The model's weights are not changed. Tokens before the subject's last token and layers
     below the lowest site do not depend on δ, so they are computed once (see `SplitBatch`). A progress bar shows when there
-    is more than one group.
+    is more than one group. Inside `reused_targets`, a repeated call returns the stored result.
     """
+    store = lm.memo.get(_REUSE)
+    if store is None:
+        return _optimize_targets(lm, requests, sites, templates, opts, group_size)
+    key = (tuple((r.prompt, r.subject, r.target_new) for r in requests), tuple(sites),
+           tuple(tuple(g) for g in templates), opts)
+    if key not in store:
+        store[key] = _optimize_targets(lm, requests, sites, templates, opts, group_size)
+    results, steps = store[key]
+    return [{s: (a.clone(), b.clone()) for s, (a, b) in r.items()} for r in results], list(steps)
+
+
+def _optimize_targets(
+    lm: LM, requests: Sequence[EditRequest], sites: Sequence[Site], templates: list[list[str]], opts: TargetOptions,
+    group_size: int,
+) -> tuple[list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
+    """`optimize_targets` without the reuse store."""
     if lm.arch.objective != "causal":
         raise ValueError(f"{lm.arch.family} is a masked LM; ROME/MEMIT/PMET edit causal language models")
     if group_size < 1:
