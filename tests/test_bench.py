@@ -156,6 +156,30 @@ def test_known_filter_compares_true_and_new(tiny_llama, dataset, tmp_path):
     assert bench.filter_info["known_kept"] == sum(flags)
 
 
+def test_skip_leaves_out_the_first_known_cases(tiny_llama, dataset, tmp_path, capsys, tiny_folder, monkeypatch):
+    import kvedit.bench as bench_module
+
+    requests = load_requests(dataset)
+    flags = [i % 2 == 0 for i in range(len(requests))]  # a random tiny model knows nothing: say which it knows
+    monkeypatch.setattr(bench_module, "known_filter", lambda lm, reqs: flags[: len(reqs)])
+    known = [r.case_id for r, keep in zip(requests, flags) if keep]
+    assert len(known) >= 3
+    config = dict(dataset=str(dataset), methods=("ft-keys",), known_only=True)
+    bench = Bench(tiny_llama, BenchConfig(**config, skip=2, n=1), tmp_path / "report", progress=False)
+    assert [r.case_id for r in bench.cases] == known[2:3] and bench.filter_info["skipped"] == 2
+    with pytest.raises(BenchError, match="skip"):  # another split in the same folder
+        Bench(tiny_llama, BenchConfig(**config, n=1), tmp_path / "report")
+    with pytest.raises(BenchError, match="no cases left"):
+        Bench(tiny_llama, BenchConfig(**config, skip=len(known)), tmp_path / "empty")
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--model", str(tiny_folder), "--dataset", str(dataset), "--skip", "-1",
+              "--out", str(tmp_path / "cli")])
+    assert exit_.value.code == 2 and "--skip" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tiny_folder), "--dataset", str(dataset), "--known-only", "--skip", "1",
+                 "--n", "1", "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["cases"]["skipped"] == 1
+
+
 def test_sequential_bench_keeps_patches_and_restores_weights(tiny_llama, dataset, tmp_path, monkeypatch):
     out = tmp_path / "seq"
     config = BenchConfig(dataset=str(dataset), methods=("ft-values",), n=4, batch_sizes=(2,), sequential=True)

@@ -63,6 +63,7 @@ class BenchConfig:
     dataset: str
     methods: tuple[str, ...]
     n: int | None = None
+    skip: int = 0  # cases left out before the first N (after the known filter), e.g. a tuning split
     batch_sizes: tuple[int, ...] = (1,)
     sequential: bool = False
     known_only: bool = False
@@ -80,6 +81,8 @@ class BenchConfig:
             raise BenchError(f"--batch-size must be positive integers, got {list(self.batch_sizes)}")
         if self.n is not None and self.n < 1:
             raise BenchError(f"--n must be >= 1, got {self.n}")
+        if self.skip < 0:
+            raise BenchError(f"--skip must be >= 0, got {self.skip}")
         layers: Sequence[int | None] = self.layers or (None,)
         return [RunSpec(m, b, layer, self.sequential) for b in self.batch_sizes for m in self.methods for layer in layers]
 
@@ -89,6 +92,7 @@ class BenchConfig:
         The dataset is keyed by its content (`dataset_sha256` of the resolved file), not only its path."""
         content = file_sha256(dataset_path) if dataset_path is not None else None
         key = {"dataset": _absolute(self.dataset), "dataset_sha256": content, "known_only": self.known_only,
+               "skip": self.skip,
                "stats_source": None if self.stats_source is None else _absolute(self.stats_source),
                "stats_tokens": self.stats_tokens, "seed": self.seed, "extra": self.extra,
                "model": lm.name, "model_fingerprint": lm.fingerprint()}
@@ -224,6 +228,7 @@ class Bench:
                               "and recording its hash now", stacklevel=3)
                 path.write_text(json.dumps(old | {"dataset_sha256": key["dataset_sha256"]}, indent=2) + "\n")
                 old["dataset_sha256"] = key["dataset_sha256"]
+            old.setdefault("skip", 0)  # folders written before --skip existed skipped nothing
             diff = sorted(k for k in key if old.get(k) != key[k])
             if diff == ["dataset_sha256"]:
                 raise BenchError(f"{self.out} holds results for another version of {self.config.dataset}: the file's "
@@ -235,7 +240,7 @@ class Bench:
                 )
 
     def _select_cases(self) -> tuple[list[EditRequest], dict[str, Any]]:
-        requests, n = self.requests, self.config.n
+        requests, n, skip = self.requests, self.config.n, self.config.skip
         info: dict[str, Any] = {"dataset_records": len(requests)}
         if self.config.known_only:
             path = self.out / "known.json"
@@ -249,9 +254,15 @@ class Bench:
             kept = set(kept_ids)
             requests = [r for r in requests if r.case_id in kept]
             info |= {"known_kept": len(requests), "known_fraction": len(requests) / len(self.requests)}
+        if skip:
+            info["skipped"] = min(skip, len(requests))
+            requests = requests[skip:]
         if n is not None and n > len(requests):
-            warnings.warn(f"--n {n} but only {len(requests)} cases are available; using them all", stacklevel=2)
+            warnings.warn(f"--n {n} but only {len(requests)} cases are available after --skip {skip}; using them all",
+                          stacklevel=2)
         cases = list(requests[:n])
+        if skip and not cases:
+            raise BenchError(f"no cases left: --skip {skip} leaves none of the {info.get('known_kept', len(self.requests))}")
         info["cases"] = len(cases)
         return cases, info
 

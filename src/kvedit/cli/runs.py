@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import add_model_args, layer_list, load, positive_ints
+from .common import add_model_args, layer_list, load, non_negative_int, positive_ints
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     b.add_argument("--dataset", required=True,
                    help="counterfact, multi_counterfact or zsre (downloaded to the cache), or a file path")
     b.add_argument("--methods", default=None, help="comma-separated methods (default ft-keys,ft-values)")
-    b.add_argument("--n", type=int, default=None, help="use the first N cases (after --known-only)")
+    b.add_argument("--n", type=int, default=None, help="use the first N cases (after --known-only and --skip)")
+    b.add_argument("--skip", type=non_negative_int, default=0,
+                   help="leave out the first SKIP cases (after --known-only), e.g. the tuning split of select_presets")
     b.add_argument("--batch-size", type=positive_ints, default=None, dest="batch_sizes",
                    help="requests per edit call, e.g. 1, 10 or 1,10 (default 1)")
     b.add_argument("--sequential", action="store_true", help="keep each batch's edit and add the next on top")
@@ -99,7 +101,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if args.methods else preset.get("methods", ("ft-keys", "ft-values"))
     return _run_bench(args, BenchConfig(
         dataset=args.dataset, methods=tuple(m.strip() for m in methods if m.strip()), n=args.n,
-        batch_sizes=args.batch_sizes or preset.get("batch_sizes", (1,)), sequential=args.sequential,
+        skip=args.skip, batch_sizes=args.batch_sizes or preset.get("batch_sizes", (1,)), sequential=args.sequential,
         known_only=args.known_only, layers=args.layers, stats_source=args.stats_source,
         stats_tokens=args.stats_tokens, seed=args.seed,
     ))
