@@ -242,3 +242,26 @@ def test_update_keys_equals_the_direct_solve(n):
     keys = torch.randn(n, 24, generator=g, dtype=torch.float64)
     direct = torch.linalg.solve(15.0 * c + keys.T @ keys, keys.T)
     torch.testing.assert_close(update_keys(torch.linalg.inv(c), keys, 15.0), direct, rtol=1e-9, atol=1e-12)
+
+
+def test_fast_variants_double_the_rate_and_stop_on_the_target_nll():
+    from kvedit.editing import make_settings
+    from kvedit.editing.targets import TargetOptions, optimize_targets
+
+    lm = tiny_lm("llama")
+    for method in ("rome", "memit"):
+        reference, fast = make_settings(lm, method, layers=(1,)), make_settings(lm, f"{method}-fast", layers=(1,))
+        assert fast.lr == 2 * reference.lr and fast.stop_nll == 0.1 and reference.stop_nll is None
+        assert make_settings(lm, f"{method}-fast", layers=(1,), lr=0.3).lr == 0.3  # a given setting wins
+    templates = context_templates(lm, MEMIT_TEMPLATES)
+    site = ("residual", 2)
+    opts = TargetOptions(steps=12, lr=0.5, kl_factor=0.01, weight_decay=0.01, clamp_norm_factor=20,
+                         early_stop_loss=0.0)  # the reference rule never stops these
+    _, full = optimize_targets(lm, REQUESTS, [site], templates, opts)
+    stopped, at_once = optimize_targets(lm, REQUESTS, [site], templates, opts.__class__(
+        **{**opts.__dict__, "stop_nll": 100.0}))
+    assert full == [11, 11] and at_once == [0, 0]  # an NLL below 100 nats stops at the first step, before any change
+    assert all(float(r[site][1].norm()) == 0.0 for r in stopped)
+    # a threshold inside the random model's NLLs (≈ ln 52) stops only the request already under it
+    _, crossing = optimize_targets(lm, REQUESTS, [site], templates, opts.__class__(**{**opts.__dict__, "stop_nll": 3.9}))
+    assert sorted(crossing) == [0, 11]

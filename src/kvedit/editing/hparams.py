@@ -14,7 +14,7 @@ from ..models.lm import LM
 from .targets import TargetOptions
 
 #: settings that must be > 0 (>= 1 for counts), and settings that must be >= 0, whichever editor has them
-POSITIVE_SETTINGS = ("lr", "max_steps", "stats_tokens", "mom2_update_weight", "clamp_norm_factor")
+POSITIVE_SETTINGS = ("lr", "max_steps", "stats_tokens", "mom2_update_weight", "clamp_norm_factor", "stop_nll")
 NON_NEGATIVE_SETTINGS = ("weight_decay", "kl_factor")
 
 
@@ -37,7 +37,8 @@ class ClosedFormHyperParams:
 
     max_steps: Adam steps of the target optimisation (v*, z, δ); lr its learning rate; kl_factor the weight
     of the KL term on "{subject} is a"; weight_decay the ‖δ‖/‖init‖² penalty; clamp_norm_factor bounds
-    ‖δ‖ ≤ factor·‖init‖. stats_source / stats_tokens: the corpus of the key statistics E[kkᵀ].
+    ‖δ‖ ≤ factor·‖init‖; stop_nll (None in the reference editors) ends the optimisation once the target's
+    mean NLL is below it. stats_source / stats_tokens: the corpus of the key statistics E[kkᵀ].
     """
 
     max_steps: int = 20
@@ -45,6 +46,7 @@ class ClosedFormHyperParams:
     kl_factor: float = 0.0625
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
+    stop_nll: float | None = None
     stats_source: str = "self"
     stats_tokens: int = 100_000
     preset: str = "gpt2-xl"
@@ -66,7 +68,8 @@ class ClosedFormHyperParams:
 
     def target_options(self, **extra: Any) -> TargetOptions:
         return TargetOptions(steps=self.max_steps, lr=self.lr, kl_factor=self.kl_factor,
-                             weight_decay=self.weight_decay, clamp_norm_factor=self.clamp_norm_factor, **extra)
+                             weight_decay=self.weight_decay, clamp_norm_factor=self.clamp_norm_factor,
+                             stop_nll=self.stop_nll, **extra)
 
 
 @dataclass

@@ -93,6 +93,8 @@ class TargetOptions:
     weight_decay multiplies ‖δ‖ / ‖init‖² per site; clamp_norm_factor bounds ‖δ‖ ≤ factor·‖init‖.
     pmet_schedule: PMET's rule — once target_new is the argmax everywhere the NLL weight drops to
     0.1 and the loop stops when the KL term is ≤ 0.01.
+    stop_nll: also stop a request once the mean NLL of target_new (nats per token, over the context
+    templates) is below this (not in the reference editors: the `-fast` methods use it).
     """
 
     steps: int = 20
@@ -102,6 +104,7 @@ class TargetOptions:
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2
     pmet_schedule: bool = False
+    stop_nll: float | None = None
 
 
 @dataclass
@@ -272,14 +275,15 @@ def _optimize_group(
                              for i in active]).to(out)
         factors = torch.tensor([nll_factor[i] for i in active], device=out)
         losses = factors * nll + opts.kl_factor * kl + opts.weight_decay * decay
-        loss_values = losses.detach().tolist()
+        loss_values, nll_values = losses.detach().tolist(), nll.detach().tolist()
         check_finite(sum(loss_values), "the target optimisation loss")
         hit = (logprobs.argmax(-1) == group.targets) | (group.target_mask == 0)
         row_hit = hit.all(1).float()
         argmax_all = torch.zeros(n, device=out).index_add_(0, group.ctx_owner, row_hit) == counts
         finished = []
         for k, i in enumerate(active):
-            done = loss_values[k] < opts.early_stop_loss or step == opts.steps - 1
+            done = loss_values[k] < opts.early_stop_loss or step == opts.steps - 1 or (
+                opts.stop_nll is not None and nll_values[k] < opts.stop_nll)
             if opts.pmet_schedule and not done:
                 nll_factor[i] = 0.1 if bool(argmax_all[k]) else 1.0
                 done = bool(argmax_all[k]) and opts.kl_factor * float(kl[k].detach()) <= 0.01
