@@ -4,6 +4,8 @@ Writes to --out: split.json (the case ids of the tuning and report splits), grid
 setting, appended as each finishes: a killed run resumes where it stopped), grid.md (the sweep table) and
 chosen.json (the best setting per method, as preset rows). The report split is never edited here. Settings that
 differ only in λ share their target vectors (optimised once per case), so their "edit s" is the solve alone.
+Two processes may share one --out with different --methods (each appends its own lines); the tables are written
+from everything grid.jsonl holds, so run the script once more when both have finished.
 Usage: python benchmarks/select_presets.py --out runs/select-smollm2 [--model gemma3-270m] [--n-tune 50]
        [--n-report 200] [--methods memit,pmet,rome,ft-keys,ft-values]
 """
@@ -27,6 +29,19 @@ def _key(row: dict) -> str:
                        if k in row}, sort_keys=True)
 
 
+def _read_grid(path: Path) -> dict[str, dict]:
+    """Finished settings by key (a line cut short by a kill is skipped)."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[_key(row)] = row
+    return done
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -43,30 +58,26 @@ def main() -> None:
     (out / "split.json").write_text(json.dumps({"model": lm.name, "dataset": args.dataset,
                                                 "tune": [r.case_id for r in split.tune],
                                                 "report": [r.case_id for r in split.report]}, indent=1))
-    done = {}
     path = out / "grid.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            done[_key(row)] = row
+    done = _read_grid(path)
     methods = args.methods.split(",")
     grids = {m: [s for s in default_grid(lm, m) if _key({"method": m, **s, "layers": list(s["layers"])}) not in done]
              for m in methods}
 
     def write(row: dict) -> None:
-        row = {**row, "layers": list(row["layers"])}
         with path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        done[_key(row)] = row
+            f.write(json.dumps({**row, "layers": list(row["layers"])}) + "\n")
 
     start = time.perf_counter()
     select(lm, list(split.tune), [m for m in methods if grids[m]], grids, on_result=write)
-    rows = list(done.values())
+    rows = list(_read_grid(path).values())  # with what another process sharing --out has written
     chosen = {}
     lines = ["| method | layers | λ | δ decay | Efficacy | Paraphrase | Specificity | Score | edit s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
+        if not mine:
+            continue
         best = max(mine, key=lambda r: r["score"])
         chosen[m] = {k: best[k] for k in ("layers", "mom2_update_weight", "weight_decay") if k in best}
         for r in mine:
