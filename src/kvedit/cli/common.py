@@ -30,26 +30,25 @@ def positive_ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def positive_int(text: str) -> int:
-    """Check an integer option that must be >= 1."""
+def _int_at_least(text: str, minimum: int, expected: str) -> int:
+    """Parse an integer option, raising argparse's error (naming what was expected) below `minimum`."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """Check an integer option that must be >= 1."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """Check an integer option that must be >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def device_name(text: str) -> str:
