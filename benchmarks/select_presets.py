@@ -1,7 +1,8 @@
 """Choose every editor's preset alike on a tuning split of known CounterFact cases (kvedit.selection).
 
 Writes to --out: split.json (the case ids of the tuning and report splits), grid.jsonl (one line per method and
-setting, appended as each finishes: a killed run resumes where it stopped), grid.md (the sweep table) and
+setting, appended as each finishes), cases.jsonl (one line per finished tuning case and setting: a
+killed run resumes inside the setting it was in), grid.md (the sweep table) and
 chosen.json (the best setting per method, as preset rows). The report split is never edited here. Settings that
 differ only in λ share their target vectors (optimised once per case), so their "edit s" is the solve alone.
 Two processes may share one --out with different --methods (each appends its own lines); the tables are written
@@ -19,14 +20,14 @@ from pathlib import Path
 
 from kvedit import load_model
 from kvedit.data.loaders import load_requests
-from kvedit.selection import default_grid, known_split, select
+from kvedit.selection import CaseLog, default_grid, end_cut_line, known_split, select, setting_key
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _key(row: dict) -> str:
-    return json.dumps({k: row[k] for k in ("method", "layers", "mom2_update_weight", "weight_decay", "lr")
-                       if k in row}, sort_keys=True)
+    return setting_key(row["method"], {k: row[k] for k in ("layers", "mom2_update_weight", "weight_decay", "lr")
+                                       if k in row})
 
 
 def _read_grid(path: Path) -> dict[str, dict]:
@@ -60,16 +61,17 @@ def main() -> None:
                                                 "report": [r.case_id for r in split.report]}, indent=1))
     path = out / "grid.jsonl"
     done = _read_grid(path)
+    end_cut_line(path)
     methods = args.methods.split(",")
-    grids = {m: [s for s in default_grid(lm, m) if _key({"method": m, **s, "layers": list(s["layers"])}) not in done]
-             for m in methods}
+    grids = {m: [s for s in default_grid(lm, m) if setting_key(m, s) not in done] for m in methods}
 
     def write(row: dict) -> None:
         with path.open("a") as f:
             f.write(json.dumps({**row, "layers": list(row["layers"])}) + "\n")
 
     start = time.perf_counter()
-    select(lm, list(split.tune), [m for m in methods if grids[m]], grids, on_result=write)
+    select(lm, list(split.tune), [m for m in methods if grids[m]], grids, on_result=write,
+           log=CaseLog(out / "cases.jsonl"))
     rows = list(_read_grid(path).values())  # with what another process sharing --out has written
     chosen = {}
     lines = ["| method | layers | λ | δ decay | Efficacy | Paraphrase | Specificity | Score | edit s |",

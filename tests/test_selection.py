@@ -90,3 +90,26 @@ def test_a_lambda_sweep_reuses_the_targets_and_gives_the_same_updates(tmp_path, 
         assert fresh[lam].keys() == reused[lam].keys()
         assert all(torch.allclose(fresh[lam][k], reused[lam][k], atol=1e-6) for k in fresh[lam])
     assert not torch.allclose(*[next(iter(fresh[lam].values())) for lam in fresh])  # λ does change the update
+
+
+def test_a_killed_sweep_resumes_inside_a_setting_from_its_case_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))
+    lm = tiny_lm("llama")
+    requests = load_requests(FIXTURE)[:3]
+    setting = dict(layers=(1,))
+    log = selection.CaseLog(tmp_path / "cases.jsonl")
+    full = selection.score_setting(lm, requests, "ft-values", setting, log, max_steps=2)
+    key = selection.setting_key("ft-values", setting)
+    lines = (tmp_path / "cases.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    # a kill after the first case, mid-way through writing the second
+    (tmp_path / "cases.jsonl").write_text(lines[0] + "\n" + lines[1][:20])
+    resumed_log = selection.CaseLog(tmp_path / "cases.jsonl")
+    assert list(resumed_log.done(key)) == [requests[0].case_id]
+    edited = []
+    original = selection.edit
+    monkeypatch.setattr(selection, "edit", lambda lm, r, *a, **k: edited.append(r.case_id) or original(lm, r, *a, **k))
+    resumed = selection.score_setting(lm, requests, "ft-values", setting, resumed_log, max_steps=2)
+    assert edited == [r.case_id for r in requests[1:]]  # the logged case is not edited again
+    assert {k: resumed[k] for k in selection.METRICS} == {k: full[k] for k in selection.METRICS}
+    assert sorted(selection.CaseLog(tmp_path / "cases.jsonl").done(key)) == sorted(r.case_id for r in requests)

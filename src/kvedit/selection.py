@@ -18,9 +18,11 @@ Scoring uses the CounterFact probability metrics only (no generation): fluency d
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from statistics import harmonic_mean, mean
 from typing import Any
 
@@ -70,7 +72,7 @@ def default_grid(lm: LM, method: str) -> list[dict[str, Any]]:
     quarter = [max(0, round(n * f)) for f in (0.05, 0.1, 0.2, 0.3)]  # early-to-middle layers, as the papers find
     if method in ("memit",) or method.startswith("pmet"):
         windows = layer_windows(n, min(5, n), sorted(set(quarter)))
-        lambdas = (1500.0, 6000.0, 20000.0)
+        lambdas = (500.0, 1500.0, 6000.0, 20000.0)  # brackets both old SmolLM2 presets (MEMIT 1500, PMET 600)
         decays = (1e-3, 0.5)
         return [dict(layers=w, mom2_update_weight=lam, weight_decay=wd)
                 for w, lam, wd in itertools.product(windows, lambdas, decays)]
@@ -82,18 +84,71 @@ def default_grid(lm: LM, method: str) -> list[dict[str, Any]]:
     raise ValueError(f"no grid for method {method!r}; expected memit, pmet*, rome or ft-*")
 
 
+def setting_key(method: str, setting: Mapping[str, Any]) -> str:
+    """One string per method and grid setting (layers as a list), to find it again in a log."""
+    row = {"method": method, **setting}
+    if "layers" in row:
+        row["layers"] = list(row["layers"])
+    return json.dumps(row, sort_keys=True)
+
+
+def end_cut_line(path: Path) -> None:
+    """End a JSONL file's last line if a kill cut it short, so the next appended row starts a line of its own."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+class CaseLog:
+    """Finished tuning cases, one JSON line each (setting key, case id, metrics, edit time), so a killed sweep
+    resumes inside a setting instead of redoing it. A line cut short by a kill is skipped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.rows: dict[str, dict[Any, dict[str, Any]]] = {}
+        if self.path.is_file():
+            text = self.path.read_text()
+            for line in text.splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.rows.setdefault(row["setting"], {})[row["case_id"]] = row
+            end_cut_line(self.path)
+
+    def done(self, key: str) -> Mapping[Any, dict[str, Any]]:
+        return self.rows.get(key, {})
+
+    def add(self, key: str, row: dict[str, Any]) -> None:
+        row = {"setting": key, **row}
+        self.rows.setdefault(key, {})[row["case_id"]] = row
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def score_setting(lm: LM, requests: Sequence[EditRequest], method: str, setting: Mapping[str, Any],
-                  **fixed: Any) -> dict[str, Any]:
-    """Edit each request alone with `setting`, score it, revert it; means × 100, Score and the median edit time."""
+                  log: CaseLog | None = None, **fixed: Any) -> dict[str, Any]:
+    """Edit each request alone with `setting`, score it, revert it; means × 100, Score and the median edit time.
+    Cases `log` already holds for this setting are read from it, not edited again; new ones are added to it."""
+    key = setting_key(method, setting)
     rows, times = [], []
     for request in requests:
-        start = time.perf_counter()
-        delta = edit(lm, request, method, **fixed, **setting)
-        times.append(time.perf_counter() - start)
-        try:
-            rows.append(counterfact_case_metrics(lm, [request])[0])
-        finally:
-            delta.revert(lm)
+        logged = log.done(key).get(request.case_id) if log is not None else None
+        if logged is None:
+            start = time.perf_counter()
+            delta = edit(lm, request, method, **fixed, **setting)
+            elapsed = time.perf_counter() - start
+            try:
+                metrics = counterfact_case_metrics(lm, [request])[0]
+            finally:
+                delta.revert(lm)
+            logged = {"case_id": request.case_id, "edit_s": elapsed, **{m: float(metrics[m]) for m in METRICS}}
+            if log is not None:
+                log.add(key, logged)
+        rows.append(logged)
+        times.append(logged["edit_s"])
     means = {m: 100.0 * mean(float(r[m]) for r in rows) for m in METRICS}
     score = harmonic_mean(list(means.values())) if all(v > 0 for v in means.values()) else 0.0
     return {**means, "score": score, "edit_s": sorted(times)[len(times) // 2], "cases": len(rows)}
@@ -102,24 +157,27 @@ def score_setting(lm: LM, requests: Sequence[EditRequest], method: str, setting:
 def select(
     lm: LM, requests: Sequence[EditRequest], methods: Sequence[str],
     grids: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-    on_result: Callable[[dict[str, Any]], None] | None = None, **fixed: Any,
+    on_result: Callable[[dict[str, Any]], None] | None = None, log: CaseLog | None = None, **fixed: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Score every grid setting of every method on `requests` (the tuning split).
 
     Returns (one row per method and setting, the chosen setting per method). `fixed` settings (e.g. the
-    statistics source) apply to every run; `on_result` sees each row as it is made (to write it at once).
+    statistics source) apply to every run; `on_result` sees each row as it is made (to write it at once); `log`
+    keeps every finished case, so a killed run resumes inside a setting.
     """
     rows: list[dict[str, Any]] = []
     chosen: dict[str, dict[str, Any]] = {}
     with reused_targets(lm):
         for method in methods:
-            chosen[method] = _select_one(lm, requests, method, (grids or {}).get(method), rows, on_result, fixed)
+            chosen[method] = _select_one(lm, requests, method, (grids or {}).get(method), rows, on_result, log,
+                                          fixed)
     return rows, chosen
 
 
 def _select_one(
     lm: LM, requests: Sequence[EditRequest], method: str, grid: Sequence[Mapping[str, Any]] | None,
-    rows: list[dict[str, Any]], on_result: Callable[[dict[str, Any]], None] | None, fixed: Mapping[str, Any],
+    rows: list[dict[str, Any]], on_result: Callable[[dict[str, Any]], None] | None, log: CaseLog | None,
+    fixed: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Score `method` at every setting of its grid, appending to `rows`; returns the best setting."""
     grid = list(grid or default_grid(lm, method))
@@ -129,7 +187,7 @@ def _select_one(
     for setting in tqdm(grid, desc=f"{method} grid", unit="setting", leave=False):
         prepare(lm, method, **method_fixed, **setting)
         row = {"method": method, **dict(setting),
-               **score_setting(lm, requests, method, setting, **method_fixed)}
+               **score_setting(lm, requests, method, setting, log, **method_fixed)}
         rows.append(row)
         if on_result is not None:
             on_result(row)
