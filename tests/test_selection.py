@@ -113,3 +113,14 @@ def test_a_killed_sweep_resumes_inside_a_setting_from_its_case_log(tmp_path, mon
     assert edited == [r.case_id for r in requests[1:]]  # the logged case is not edited again
     assert {k: resumed[k] for k in selection.METRICS} == {k: full[k] for k in selection.METRICS}
     assert sorted(selection.CaseLog(tmp_path / "cases.jsonl").done(key)) == sorted(r.case_id for r in requests)
+
+
+def test_a_model_with_chosen_presets_gets_them_ahead_of_its_family():
+    from kvedit.editing.memit import MEMIT_PRESETS
+    from kvedit.editing.presets import default_preset
+    from kvedit.models.lm import LM
+
+    lm = tiny_lm("llama")
+    assert default_preset(lm, MEMIT_PRESETS) == "llama"
+    smol = LM.wrap(lm.model, lm.tokenizer, name="SmolLM2-135M-Instruct")
+    assert default_preset(smol, MEMIT_PRESETS) == "smollm2"

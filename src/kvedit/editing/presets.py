@@ -17,6 +17,10 @@ FAMILY_PRESETS: Mapping[str, str] = MappingProxyType({
     "gemma3_text": "llama", "olmo": "llama", "olmo2": "llama", "gptj": "gpt-j", "gpt_neox": "gpt-neox",
 })
 
+#: Presets chosen for one model ahead of its family's (benchmarks/select_presets.py): a part of the model's
+#: name (lower case) -> the preset row, used where the method's table has that row.
+MODEL_PRESETS: Mapping[str, str] = MappingProxyType({"smollm2-135m": "smollm2", "gemma-3-270m": "gemma3-270m"})
+
 
 def frozen_presets(presets: dict[str, dict[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
     """A preset table that cannot change at run time (each row read-only, no row shared)."""
@@ -40,10 +44,12 @@ def make_hparams(cls: type, presets: Mapping[str, Mapping[str, Any]], preset: st
 
 
 def default_preset(lm: LM | None, presets: Mapping[str, Mapping[str, Any]]) -> str:
-    """The preset for the model's family: bundled SmolLM2 > Llama family > GPT-J > NeoX > GPT-2 XL."""
+    """The preset chosen for this model if the table has one (MODEL_PRESETS), else its family's
+    (FAMILY_PRESETS), else GPT-2 XL's."""
     if lm is None:
         return next(iter(presets))
-    model_type = lm.model.config.model_type
-    if "smollm2-135m" in lm.name.lower() and "smollm2" in presets:
-        return "smollm2"
-    return FAMILY_PRESETS.get(model_type, "gpt2-xl")
+    name = lm.name.lower()
+    for part, row in MODEL_PRESETS.items():
+        if part in name and row in presets:
+            return row
+    return FAMILY_PRESETS.get(lm.model.config.model_type, "gpt2-xl")
