@@ -8,7 +8,7 @@ differ only in λ share their target vectors (optimised once per case), so their
 Two processes may share one --out with different --methods (each appends its own lines); the tables are written
 from everything grid.jsonl holds, so run the script once more when both have finished.
 Usage: python benchmarks/select_presets.py --out runs/select-smollm2 [--model gemma3-270m] [--n-tune 50]
-       [--n-report 200] [--methods memit,pmet,rome,ft-keys,ft-values]
+       [--n-report 200] [--methods memit,pmet,rome,ft-keys,ft-values] [--base-preset smollm2]
 """
 
 from __future__ import annotations
@@ -51,12 +51,16 @@ def main() -> None:
     parser.add_argument("--n-tune", type=int, default=50)
     parser.add_argument("--n-report", type=int, default=200)
     parser.add_argument("--methods", default="memit,pmet,rome,ft-keys,ft-values")
+    parser.add_argument("--base-preset", default=None,
+                        help="preset row the closed-form editors start from when the model has none of its own "
+                             "(e.g. smollm2); the grid sets layers, λ and δ decay")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(args.model)
     split = known_split(lm, load_requests(args.dataset), args.n_tune, args.n_report)
     (out / "split.json").write_text(json.dumps({"model": lm.name, "dataset": args.dataset,
+                                                "base_preset": args.base_preset,
                                                 "tune": [r.case_id for r in split.tune],
                                                 "report": [r.case_id for r in split.report]}, indent=1))
     path = out / "grid.jsonl"
@@ -71,7 +75,7 @@ def main() -> None:
 
     start = time.perf_counter()
     select(lm, list(split.tune), [m for m in methods if grids[m]], grids, on_result=write,
-           log=CaseLog(out / "cases.jsonl"))
+           log=CaseLog(out / "cases.jsonl"), base_preset=args.base_preset)
     rows = list(_read_grid(path).values())  # with what another process sharing --out has written
     chosen = {}
     lines = ["| method | layers | λ | δ decay | Efficacy | Paraphrase | Specificity | Score | edit s |",

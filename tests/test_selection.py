@@ -124,3 +124,20 @@ def test_a_model_with_chosen_presets_gets_them_ahead_of_its_family():
     assert default_preset(lm, MEMIT_PRESETS) == "llama"
     smol = LM.wrap(lm.model, lm.tokenizer, name="SmolLM2-135M-Instruct")
     assert default_preset(smol, MEMIT_PRESETS) == "smollm2"
+
+
+def test_a_base_preset_reaches_the_methods_that_have_that_row_only(monkeypatch):
+    lm = tiny_lm("llama")
+    given = {}
+
+    def record(lm, requests, method, setting, log=None, **fixed):
+        given[method] = fixed
+        return {"score": 1.0}
+
+    monkeypatch.setattr(selection, "prepare", lambda *a, **k: None)
+    monkeypatch.setattr(selection, "score_setting", record)
+    grids = {"ft-keys": [dict(layers=(1,))], "rome": [dict(layers=(1,))]}
+    selection.select(lm, [], ["ft-keys", "rome"], grids, base_preset="smollm2")
+    assert given["rome"]["preset"] == "smollm2" and "preset" not in given["ft-keys"]
+    rome = selection.get_method("rome").make_hparams(lm, **given["rome"], layers=(1,))
+    assert rome.mom2_adjustment and rome.stats_tokens == 20_000  # the SmolLM2 row's, not the Llama family's

@@ -157,20 +157,24 @@ def score_setting(lm: LM, requests: Sequence[EditRequest], method: str, setting:
 def select(
     lm: LM, requests: Sequence[EditRequest], methods: Sequence[str],
     grids: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-    on_result: Callable[[dict[str, Any]], None] | None = None, log: CaseLog | None = None, **fixed: Any,
+    on_result: Callable[[dict[str, Any]], None] | None = None, log: CaseLog | None = None,
+    base_preset: str | None = None, **fixed: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Score every grid setting of every method on `requests` (the tuning split).
 
     Returns (one row per method and setting, the chosen setting per method). `fixed` settings (e.g. the
     statistics source) apply to every run; `on_result` sees each row as it is made (to write it at once); `log`
-    keeps every finished case, so a killed run resumes inside a setting.
+    keeps every finished case, so a killed run resumes inside a setting. `base_preset`: the preset row every
+    method that has it starts from (the grid then sets layers, λ, δ decay), e.g. "smollm2" for a model that has
+    no rows of its own yet; the others keep their default.
     """
     rows: list[dict[str, Any]] = []
     chosen: dict[str, dict[str, Any]] = {}
     with reused_targets(lm):
         for method in methods:
+            given = {**fixed, "preset": base_preset} if base_preset in get_method(method).presets else fixed
             chosen[method] = _select_one(lm, requests, method, (grids or {}).get(method), rows, on_result, log,
-                                          fixed)
+                                          given)
     return rows, chosen
 
 

@@ -12,7 +12,7 @@ from ..data.requests import EditRequest
 from ..models.lm import LM
 from ..version import __version__
 from .delta import EditError, WeightDelta, WeightGuard
-from .finetune import FTHyperParams, finetune_edit, finetune_parameters
+from .finetune import FT_PRESETS, FTHyperParams, finetune_edit, finetune_parameters
 from .hparams import EditOutcome
 from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_parameters, memit_prepare
 from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit, pmet_parameters, pmet_prepare
@@ -30,7 +30,7 @@ class EditMethod:
     `prepare(lm, hp)`: compute or load once what every edit with those settings reuses (key statistics,
     context templates), so that an edit's time is its own.
 
-    Overrides every method accepts: preset, layers, lr, max_steps.
+    Overrides every method accepts: preset, layers, lr, max_steps (`presets`: the names a preset may take).
     """
 
     name: str
@@ -39,13 +39,14 @@ class EditMethod:
     parameters: Callable[[LM, Any], list[str]]
     run: Callable[[LM, Sequence[EditRequest], Any], EditOutcome]
     prepare: Callable[[LM, Any], None] | None = None
+    presets: tuple[str, ...] = ()
 
 
 def _finetune(name: str, target: str, summary: str) -> EditMethod:
     def make(lm: LM | None, preset: str | None = None, **overrides: Any) -> FTHyperParams:
         return FTHyperParams.from_preset(preset or "default", target=target, **overrides)
 
-    return EditMethod(name, summary, make, finetune_parameters, finetune_edit)
+    return EditMethod(name, summary, make, finetune_parameters, finetune_edit, presets=tuple(FT_PRESETS))
 
 
 def _closed_form(name: str, cls: type, presets: Mapping[str, Any], parameters: Callable, run: Callable,
@@ -54,7 +55,7 @@ def _closed_form(name: str, cls: type, presets: Mapping[str, Any], parameters: C
         given = {k: v for k, v in overrides.items() if v is not None}  # a setting the caller gives wins
         return make_hparams(cls, presets, preset, lm, **{**fixed, **given})
 
-    return EditMethod(name, summary, make, parameters, run, prepare)
+    return EditMethod(name, summary, make, parameters, run, prepare, presets=tuple(presets))
 
 
 _ROME = (ROMEHyperParams, ROME_PRESETS, rome_parameters, rome_edit, rome_prepare)
@@ -76,7 +77,7 @@ def _fast(base: EditMethod) -> EditMethod:
                        stop_nll=hp.stop_nll if "stop_nll" in given else FAST_STOP_NLL)
 
     summary = f"{base.name.upper()} with a faster target optimisation (lr ×{FAST_LR_FACTOR:g}, stop at NLL < {FAST_STOP_NLL})"
-    return EditMethod(f"{base.name}-fast", summary, make, base.parameters, base.run, base.prepare)
+    return EditMethod(f"{base.name}-fast", summary, make, base.parameters, base.run, base.prepare, base.presets)
 
 
 _ROME_METHOD = _closed_form("rome", *_ROME, "rank-one update of one layer's values")
