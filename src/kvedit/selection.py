@@ -6,7 +6,7 @@ The procedure (issue 13):
    `n_tune` of them are the **tuning split**; the next `n_report` are the **report split**, which the tables use
    and the selection never sees.
 2. Each editor runs over the same grid of its settings (MEMIT and PMET share one: edit-layer window, λ and the
-   δ weight decay; ROME: layer and weight decay; fine-tuning: layer), one edit at a time on every tuning case,
+   δ weight decay; ROME: layer and weight decay; fine-tuning: layer, from 0), one edit at a time on every tuning case,
    reverted after scoring. Every edit starts from the unedited weights, so the target vectors of settings that
    differ only in λ are optimised once and reused (`reused_targets`); their edit times are then the solve alone.
 3. The setting with the highest Score (harmonic mean of efficacy, paraphrase and specificity success, × 100) is
@@ -79,8 +79,8 @@ def default_grid(lm: LM, method: str) -> list[dict[str, Any]]:
     if method == "rome":
         layers = sorted(set(quarter + [round(n * 0.4)]))
         return [dict(layers=(layer,), weight_decay=wd) for layer in layers if layer < n for wd in (1e-3, 0.5)]
-    if method.startswith("ft"):
-        return [dict(layers=(layer,)) for layer in sorted(set(quarter + [round(n * 0.4)])) if layer < n]
+    if method.startswith("ft"):  # plus layers 0 and 1: ROME's FT baseline edits layer 0, FT-values' best demo layer
+        return [dict(layers=(layer,)) for layer in sorted(set([0, 1] + quarter + [round(n * 0.4)])) if layer < n]
     raise ValueError(f"no grid for method {method!r}; expected memit, pmet*, rome or ft-*")
 
 
