@@ -72,7 +72,7 @@ def default_grid(lm: LM, method: str) -> list[dict[str, Any]]:
     quarter = [max(0, round(n * f)) for f in (0.05, 0.1, 0.2, 0.3)]  # early-to-middle layers, as the papers find
     if method in ("memit",) or method.startswith("pmet"):
         windows = layer_windows(n, min(5, n), sorted(set(quarter)))
-        lambdas = (500.0, 1500.0, 6000.0, 20000.0)  # brackets both old SmolLM2 presets (MEMIT 1500, PMET 600)
+        lambdas = (50.0, 150.0, 500.0, 1500.0, 6000.0, 20000.0)  # SmolLM2's old presets: MEMIT 1500, PMET 600
         decays = (1e-3, 0.5)
         return [dict(layers=w, mom2_update_weight=lam, weight_decay=wd)
                 for w, lam, wd in itertools.product(windows, lambdas, decays)]
