@@ -1,4 +1,4 @@
-"""Commands that run many cases and write a results folder: demo, bench, report."""
+"""Commands that run many cases and write a results folder: demo, bench, report, compare."""
 
 from __future__ import annotations
 
@@ -52,7 +52,17 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 
     r = sub.add_parser("report", help="Markdown report with plots from a bench, demo or tune folder")
     r.add_argument("folder", type=Path)
-    return {"demo": cmd_demo, "bench": cmd_bench, "report": cmd_report}
+
+    c = sub.add_parser("compare", help="the same paired comparisons side by side across bench folders "
+                                       "(models, datasets): compare.md, compare.json, compare.png")
+    c.add_argument("folders", type=Path, nargs="+", help="bench folders, e.g. one per model and dataset")
+    c.add_argument("--out", type=Path, required=True, help="output folder")
+    c.add_argument("--pairs", default=None,
+                   help="A:B run pairs, comma-separated, e.g. 'ft-keys:ft-values,pmet x100:memit x100' "
+                        "(default: the seed papers' comparisons)")
+    c.add_argument("--labels", default=None, help="comma-separated column labels, one per folder "
+                                                  "(default: model · dataset)")
+    return {"demo": cmd_demo, "bench": cmd_bench, "report": cmd_report, "compare": cmd_compare}
 
 
 def _ray_settings(args: argparse.Namespace):
@@ -113,4 +123,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = write_report(args.folder)
     pngs = sorted(p.name for p in args.folder.glob("*.png"))
     print(f"wrote {path} with {', '.join(pngs)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..compare import SEED_PAIRS, parse_pairs, write_comparison
+
+    pairs = parse_pairs(args.pairs) if args.pairs else SEED_PAIRS
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    path = write_comparison(args.folders, args.out, pairs, labels)
+    print(path.read_text())
+    print(f"wrote {path}, {path.with_suffix('.json').name} and compare.png")
     return 0

@@ -1,0 +1,84 @@
+"""`kvedit compare`: one bench comparison side by side across folders, turned round where asked, with clear
+errors for what is not a bench folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvedit.bench import Bench, BenchConfig
+from kvedit.cli import main
+from kvedit.compare import parse_pairs
+from tiny_models import tiny_lm
+
+FACTS = [("{} is located in the city of", "the eiffel tower", "rome", "paris"),
+         ("{} is located in the city of", "the colosseum", "london", "rome"),
+         ("{} is the capital of", "berlin", "spain", "germany"),
+         ("the official language of {} is", "france", "german", "french")]
+
+
+@pytest.fixture
+def two_folders(tmp_path):
+    """Two bench folders (two tiny models) with FT on keys and on values over the same facts."""
+    dataset = tmp_path / "facts.json"
+    dataset.write_text(json.dumps([{"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": i,
+                                    "paraphrase_prompts": [f"{s} lies in"],
+                                    "neighborhood_prompts": ["the louvre is located in"]}
+                                   for i, (p, s, n, t) in enumerate(FACTS)]))
+    folders = []
+    for seed in (0, 1):
+        out = tmp_path / f"run{seed}"
+        config = BenchConfig(dataset=str(dataset), methods=("ft-keys", "ft-values"), extra={"max_steps": 3})
+        Bench(tiny_lm("llama", seed=seed), config, out, progress=False).run()
+        folders.append(out)
+    return folders
+
+
+def test_compare_puts_each_folders_paired_differences_side_by_side(two_folders, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *map(str, two_folders), "--out", str(out), "--labels", "first,second",
+                 "--pairs", "ft-values:ft-keys"]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert list(result["columns"]) == ["first", "second"]
+    for label, folder in zip(("first", "second"), two_folders):
+        stored = {c["metric"]: c for c in json.loads((folder / "summary.json").read_text())["comparisons"]
+                  if c["a"] == "ft-keys" and c["b"] == "ft-values"}
+        got = result["columns"][label]["ft-values|ft-keys|Paraphrase"]
+        assert got["mean_difference"] == pytest.approx(-stored["paraphrase_success"]["mean_difference"])
+        assert (got["wins"], got["losses"]) == (stored["paraphrase_success"]["losses"],
+                                                stored["paraphrase_success"]["wins"])
+        if stored["paraphrase_success"]["ci"]:
+            lo, hi = stored["paraphrase_success"]["ci"]
+            assert got["ci"] == pytest.approx([-hi, -lo])
+    table = (out / "compare.md").read_text()
+    assert "| ft-values − ft-keys | Specificity |" in table and "| first | second |" in table
+    assert (out / "compare.png").stat().st_size > 1000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_compare_refuses_what_it_cannot_read(two_folders, tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) != 0
+    assert "summary.json not found" in capsys.readouterr().err
+    assert main(["compare", str(two_folders[0]), "--out", str(tmp_path / "c"), "--pairs", "ft-keys"]) != 0
+    assert "not A:B" in capsys.readouterr().err
+    assert parse_pairs("pmet x100:memit x100, a:b") == (("pmet x100", "memit x100"), ("a", "b"))
+
+
+def test_a_pair_stored_the_other_way_round_is_turned_round(tmp_path):
+    from kvedit.compare import write_comparison
+
+    stored = {"a": "memit", "b": "pmet", "metric": "paraphrase_success", "mean_difference": 9.5,
+              "ci": [5.0, 14.0], "sign_test_p": 7e-5, "wins": 21, "losses": 2, "ties": 177, "count": 200}
+    for name, suite in (("cf", "counterfact"), ("zs", "zsre")):
+        metric = "paraphrase_success" if suite == "counterfact" else "paraphrase_accuracy"
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"suite": suite, "model": f"/models/{name}-model", "comparisons": [stored | {"metric": metric}]}))
+    path = write_comparison([tmp_path / "cf", tmp_path / "zs"], tmp_path / "out", [("pmet", "memit")])
+    text = path.read_text()
+    assert "| pmet − memit | Paraphrase | -9.5 [-14.0, -5.0], p 7e-05 | -9.5 [-14.0, -5.0], p 7e-05 |" in text
+    assert "cf-model · counterfact" in text and "zs-model · zsre" in text
+    assert "Efficacy" not in text  # only what some folder holds
+    got = json.loads((tmp_path / "out" / "compare.json").read_text())["columns"]["cf-model · counterfact"]
+    assert (got["pmet|memit|Paraphrase"]["wins"], got["pmet|memit|Paraphrase"]["losses"]) == (2, 21)
