@@ -20,7 +20,8 @@ from pathlib import Path
 
 from kvedit import load_model
 from kvedit.data.loaders import load_requests
-from kvedit.selection import CaseLog, default_grid, end_cut_line, known_split, select, setting_key
+from kvedit.selection import (CaseLog, best_setting, default_grid, end_cut_line, known_split, select,
+                             setting_key)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--n-tune", type=int, default=50)
     parser.add_argument("--n-report", type=int, default=200)
     parser.add_argument("--methods", default="memit,pmet,rome,ft-keys,ft-values")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="write grid.md and chosen.json from what grid.jsonl holds, without editing")
     parser.add_argument("--base-preset", default=None,
                         help="preset row the closed-form editors start from when the model has none of its own "
                              "(e.g. smollm2); the grid sets layers, λ and δ decay")
@@ -58,11 +61,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(args.model)
-    split = known_split(lm, load_requests(args.dataset), args.n_tune, args.n_report)
-    (out / "split.json").write_text(json.dumps({"model": lm.name, "dataset": args.dataset,
-                                                "base_preset": args.base_preset,
-                                                "tune": [r.case_id for r in split.tune],
-                                                "report": [r.case_id for r in split.report]}, indent=1))
+    if not args.tables_only:
+        split = known_split(lm, load_requests(args.dataset), args.n_tune, args.n_report)
+        (out / "split.json").write_text(json.dumps({"model": lm.name, "dataset": args.dataset,
+                                                    "base_preset": args.base_preset,
+                                                    "tune": [r.case_id for r in split.tune],
+                                                    "report": [r.case_id for r in split.report]}, indent=1))
     path = out / "grid.jsonl"
     done = _read_grid(path)
     end_cut_line(path)
@@ -74,27 +78,36 @@ def main() -> None:
             f.write(json.dumps({**row, "layers": list(row["layers"])}) + "\n")
 
     start = time.perf_counter()
-    select(lm, list(split.tune), [m for m in methods if grids[m]], grids, on_result=write,
-           log=CaseLog(out / "cases.jsonl"), base_preset=args.base_preset)
+    if not args.tables_only:
+        select(lm, list(split.tune), [m for m in methods if grids[m]], grids, on_result=write,
+               log=CaseLog(out / "cases.jsonl"), base_preset=args.base_preset)
     rows = list(_read_grid(path).values())  # with what another process sharing --out has written
     chosen = {}
     lines = ["| method | layers | λ | δ decay | Efficacy | Paraphrase | Specificity | Score | edit s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in methods:
-        mine = [r for r in rows if r["method"] == m]
+        grid = default_grid(lm, m)
+        order = {setting_key(m, s): i for i, s in enumerate(grid)}
+        mine = sorted((r for r in rows if r["method"] == m), key=lambda r: order.get(_key(r), len(order)))
         if not mine:
             continue
-        best = max(mine, key=lambda r: r["score"])
-        chosen[m] = {k: best[k] for k in ("layers", "mom2_update_weight", "weight_decay") if k in best}
+        best = best_setting(m, mine, grid)
+        complete = {_key(r) for r in mine} >= set(order)
+        if complete:
+            chosen[m] = {k: best[k] for k in ("layers", "mom2_update_weight", "weight_decay") if k in best}
+        else:
+            lines.append(f"| {m}: {len(mine)} of {len(grid)} settings so far, none chosen yet | | | | | | | | |")
         for r in mine:
-            mark = " **(chosen)**" if r is best else ""
+            mark = " **(chosen)**" if r is best and complete else ""
             lines.append(f"| {m}{mark} | {r['layers']} | {r.get('mom2_update_weight', '–')} | "
                          f"{r.get('weight_decay', '–')} | {r['efficacy_success']:.1f} | {r['paraphrase_success']:.1f} "
                          f"| {r['neighborhood_success']:.1f} | {r['score']:.1f} | {r['edit_s']:.2f} |")
+    lines += ["", "Success rates × 100 over the tuning split; Score their harmonic mean; edit s the median edit time (for a "
+              "setting whose target vectors were reused from one that differs only in λ, the solve alone)."]
     (out / "grid.md").write_text("\n".join(lines) + "\n")
     (out / "chosen.json").write_text(json.dumps(chosen, indent=1))
     print("\n".join(lines))
-    print(f"\n{len(split.tune)} tuning cases; chosen: {json.dumps(chosen)}; {time.perf_counter() - start:.0f} s")
+    print(f"\nchosen: {json.dumps(chosen)}; {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -141,3 +141,18 @@ def test_a_base_preset_reaches_the_methods_that_have_that_row_only(monkeypatch):
     assert given["rome"]["preset"] == "smollm2" and "preset" not in given["ft-keys"]
     rome = selection.get_method("rome").make_hparams(lm, **given["rome"], layers=(1,))
     assert rome.mom2_adjustment and rome.stats_tokens == 20_000  # the SmolLM2 row's, not the Llama family's
+
+
+def test_a_tie_in_score_goes_to_the_smaller_edit_whatever_order_the_rows_came_in():
+    lm = tiny_lm("llama")
+    grid = selection.default_grid(lm, "memit")
+    window = grid[0]["layers"]
+    lambdas = [s["mom2_update_weight"] for s in grid if s["layers"] == window and s["weight_decay"] == 0.5]
+    assert lambdas == sorted(lambdas, reverse=True)  # the largest λ (smallest update) first
+    rows = [{"method": "memit", "layers": list(window), "mom2_update_weight": lam, "weight_decay": 0.5,
+             "score": 80.0 if lam <= 500 else 70.0} for lam in (50.0, 150.0, 500.0, 1500.0)]
+    best = selection.best_setting("memit", rows, grid)
+    assert best["mom2_update_weight"] == 500.0  # tied with 150 and 50, and listed before them
+    assert selection.best_setting("memit", rows[::-1], grid) == best
+    with pytest.raises(ValueError, match="no rows"):
+        selection.best_setting("pmet", rows, grid)

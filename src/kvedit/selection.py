@@ -10,7 +10,8 @@ The procedure (issue 13):
    tuning case, reverted after scoring. Every edit starts from the unedited weights, so the target vectors of settings that
    differ only in λ are optimised once and reused (`reused_targets`); their edit times are then the solve alone.
 3. The setting with the highest Score (harmonic mean of efficacy, paraphrase and specificity success, × 100) is
-   chosen; ties go to the setting listed first in the grid.
+   chosen; ties go to the setting listed first in the grid, which lists the smaller edit first (larger λ, larger
+   δ decay) within each layer choice.
 
 Scoring uses the CounterFact probability metrics only (no generation): fluency does not enter the choice.
 """
@@ -67,21 +68,40 @@ def layer_windows(num_layers: int, width: int, starts: Sequence[int]) -> list[tu
 
 
 def default_grid(lm: LM, method: str) -> list[dict[str, Any]]:
-    """The grid each editor is searched over; MEMIT and every PMET variant share one."""
+    """The grid each editor is searched over; MEMIT and every PMET variant share one. Within a layer choice the
+    most conservative settings come first (larger λ and δ decay: a smaller change to the model), so a tie in
+    Score goes to the smaller edit."""
     n = lm.num_layers
     quarter = [max(0, round(n * f)) for f in (0.05, 0.1, 0.2, 0.3)]  # early-to-middle layers, as the papers find
+    decays = (0.5, 1e-3)
     if method in ("memit",) or method.startswith("pmet"):
         windows = layer_windows(n, min(5, n), sorted(set(quarter)))
-        lambdas = (50.0, 150.0, 500.0, 1500.0, 6000.0, 20000.0)  # SmolLM2's old presets: MEMIT 1500, PMET 600
-        decays = (1e-3, 0.5)
+        lambdas = (20000.0, 6000.0, 1500.0, 500.0, 150.0, 50.0)  # SmolLM2's old presets: MEMIT 1500, PMET 600
         return [dict(layers=w, mom2_update_weight=lam, weight_decay=wd)
                 for w, lam, wd in itertools.product(windows, lambdas, decays)]
     if method == "rome":
         layers = sorted(set(quarter + [round(n * 0.4)]))
-        return [dict(layers=(layer,), weight_decay=wd) for layer in layers if layer < n for wd in (1e-3, 0.5)]
+        return [dict(layers=(layer,), weight_decay=wd) for layer in layers if layer < n for wd in decays]
     if method.startswith("ft"):  # plus layers 0 and 1: ROME's FT baseline edits layer 0, FT-values' best demo layer
         return [dict(layers=(layer,)) for layer in sorted(set([0, 1] + quarter + [round(n * 0.4)])) if layer < n]
     raise ValueError(f"no grid for method {method!r}; expected memit, pmet*, rome or ft-*")
+
+
+def best_setting(method: str, rows: Sequence[Mapping[str, Any]],
+                 grid: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The row of `method` with the highest Score; ties go to the setting listed first in `grid` (rows of
+    settings the grid does not list come last, in the order given)."""
+    order = {setting_key(method, s): i for i, s in enumerate(grid)}
+    mine = [r for r in rows if r["method"] == method]
+    if not mine or not grid:
+        raise ValueError(f"no rows or no grid for method {method!r}")
+
+    def rank(item: tuple[int, Mapping[str, Any]]) -> tuple[float, int, int]:
+        i, row = item
+        key = setting_key(method, {k: row[k] for k in grid[0] if k in row})
+        return (-row["score"], order.get(key, len(order)), i)
+
+    return min(enumerate(mine), key=rank)[1]
 
 
 def setting_key(method: str, setting: Mapping[str, Any]) -> str:
@@ -187,15 +207,14 @@ def _select_one(
     grid = list(grid or default_grid(lm, method))
     known = {f.name for f in fields(get_method(method).make_hparams(None))}
     method_fixed = {k: v for k, v in fixed.items() if k in known}  # e.g. no statistics for fine-tuning
-    best: dict[str, Any] | None = None
+    mine = []
     for setting in tqdm(grid, desc=f"{method} grid", unit="setting", leave=False):
         prepare(lm, method, **method_fixed, **setting)
         row = {"method": method, **dict(setting),
                **score_setting(lm, requests, method, setting, log, **method_fixed)}
-        rows.append(row)
+        mine.append(row)
         if on_result is not None:
             on_result(row)
-        if best is None or row["score"] > best["score"]:
-            best = row
-    assert best is not None
+    rows += mine
+    best = best_setting(method, mine, grid)
     return {k: best[k] for k in grid[0]}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 13's tables for one model and dataset: every editor one edit at a time (FT on keys and values, ROME,
+# MEMIT, PMET and its three ablations), then MEMIT and PMET with 100 edits per call, then the report.
+# CounterFact: the report split (known cases after the tuning split select_presets.py chose presets on);
+# zsRE: its first 200 valid records. Resumable: run it again after a kill. Uses the model's default presets.
+# Usage: benchmarks/seed_tables.sh MODEL cf|zsre OUT [TUNING_CASES=50] [N=200]
+#   e.g. OMP_NUM_THREADS=1 benchmarks/seed_tables.sh smollm2-135m cf results/tables-smollm2 &
+#        OMP_NUM_THREADS=1 benchmarks/seed_tables.sh smollm2-135m zsre results/tables-smollm2 &
+set -euo pipefail
+model=${1:?usage: seed_tables.sh MODEL cf|zsre OUT [TUNING_CASES] [N]}
+dataset=${2:?cf or zsre}
+out=${3:?output folder}
+skip=${4:-50}
+n=${5:-200}
+data="$(cd "$(dirname "$0")/../.." && pwd)/shared/data/editing"
+one_at_a_time=ft-keys,ft-values,rome,memit,pmet,pmet-no-attn-delta,pmet-update-attn,pmet-even-spread
+case "$dataset" in
+  cf) args=(--dataset "$data/counterfact/counterfact-edit-1k.json" --known-only --skip "$skip" --n "$n") ;;
+  zsre) args=(--dataset "$data/zsre/zsre_mend_train-1k.json" --n "$n") ;;
+  *) echo "dataset must be cf or zsre, got $dataset" >&2; exit 2 ;;
+esac
+kvedit bench --model "$model" "${args[@]}" --methods "$one_at_a_time" --out "$out/$dataset"
+kvedit bench --model "$model" "${args[@]}" --methods memit,pmet --batch-size 100 --out "$out/$dataset"
+kvedit report "$out/$dataset"
