@@ -102,8 +102,9 @@ def main() -> None:
             lines.append(f"| {m}{mark} | {r['layers']} | {r.get('mom2_update_weight', '–')} | "
                          f"{r.get('weight_decay', '–')} | {r['efficacy_success']:.1f} | {r['paraphrase_success']:.1f} "
                          f"| {r['neighborhood_success']:.1f} | {r['score']:.1f} | {r['edit_s']:.2f} |")
-    lines += ["", "Success rates × 100 over the tuning split; Score their harmonic mean; edit s the median edit time (for a "
-              "setting whose target vectors were reused from one that differs only in λ, the solve alone)."]
+    lines += ["", "Success rates × 100 over the tuning split; Score their harmonic mean; edit s the median edit "
+              "time (for a setting whose target vectors were reused from one that differs only in λ, the solve "
+              "alone)."]
     (out / "grid.md").write_text("\n".join(lines) + "\n")
     (out / "chosen.json").write_text(json.dumps(chosen, indent=1))
     print("\n".join(lines))
