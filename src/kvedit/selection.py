@@ -7,8 +7,9 @@ The procedure (issue 13):
    and the selection never sees.
 2. Each editor runs over the same grid of its settings (MEMIT and PMET share one: edit-layer window, λ and the
    δ weight decay; ROME: layer and weight decay; fine-tuning: layer, from 0), one edit at a time on every
-   tuning case, reverted after scoring. Every edit starts from the unedited weights, so the target vectors of settings that
-   differ only in λ are optimised once and reused (`reused_targets`); their edit times are then the solve alone.
+   tuning case, reverted after scoring. Every edit starts from the unedited weights, so the target vectors of
+   settings that differ only in λ are optimised once and reused (`reused_targets`); their edit times are then
+   the solve alone.
 3. The setting with the highest Score (harmonic mean of efficacy, paraphrase and specificity success, × 100) is
    chosen; ties go to the setting listed first in the grid, which lists the smaller edit first (larger λ, larger
    δ decay) within each layer choice.
