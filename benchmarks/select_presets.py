@@ -8,7 +8,7 @@ differ only in λ share their target vectors (optimised once per case), so their
 Two processes may share one --out with different --methods (each appends its own lines); the tables are written
 from everything grid.jsonl holds, so run the script once more when both have finished.
 Usage: python benchmarks/select_presets.py --out runs/select-smollm2 [--model gemma3-270m] [--n-tune 50]
-       [--n-report 200] [--methods memit,pmet,rome,ft-keys,ft-values] [--base-preset smollm2]
+       [--n-report 200] [--methods memit,pmet,rome,ft-keys,ft-values] [--base-preset smollm2] [--shard 0/2]
 """
 
 from __future__ import annotations
@@ -44,6 +44,22 @@ def _read_grid(path: Path) -> dict[str, dict]:
     return done
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard: expected K/N such as 0/2, got {text!r}") from None
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard: K must be in 0..N-1, got {text!r}")
+    return k, n
+
+
+def shard_of(grid: list[dict], k: int, n: int) -> list[dict]:
+    """The settings whose layer choice is the k-th, (k+n)-th, … distinct one of the grid."""
+    layer_choices = list(dict.fromkeys(tuple(s["layers"]) for s in grid))
+    return [s for s in grid if layer_choices.index(tuple(s["layers"])) % n == k]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -52,12 +68,16 @@ def main() -> None:
     parser.add_argument("--n-tune", type=int, default=50)
     parser.add_argument("--n-report", type=int, default=200)
     parser.add_argument("--methods", default="memit,pmet,rome,ft-keys,ft-values")
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="run only the K-th of N shares of each grid, split by layer choice (so λ sweeps keep "
+                             "reusing their targets): N processes with K = 0..N-1 cover the grid once")
     parser.add_argument("--tables-only", action="store_true",
                         help="write grid.md and chosen.json from what grid.jsonl holds, without editing")
     parser.add_argument("--base-preset", default=None,
                         help="preset row the closed-form editors start from when the model has none of its own "
                              "(e.g. smollm2); the grid sets layers, λ and δ decay")
     args = parser.parse_args()
+    shard, shards = _shard(args.shard)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(args.model)
@@ -71,7 +91,8 @@ def main() -> None:
     done = _read_grid(path)
     end_cut_line(path)
     methods = args.methods.split(",")
-    grids = {m: [s for s in default_grid(lm, m) if setting_key(m, s) not in done] for m in methods}
+    grids = {m: [s for s in shard_of(default_grid(lm, m), shard, shards) if setting_key(m, s) not in done]
+             for m in methods}
 
     def write(row: dict) -> None:
         with path.open("a") as f:
