@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13's tables for one model and dataset: every editor one edit at a time (FT on keys and values, ROME,
 # MEMIT, PMET and its three ablations), then MEMIT and PMET with 100 edits per call, then the report.
+# The PMET ablations that keep PMET's targets reuse them (--reuse-targets; times still count the optimisation).
 # CounterFact: the report split (known cases after the tuning split select_presets.py chose presets on);
 # zsRE: its first 200 valid records. Resumable: run it again after a kill. Uses the model's default presets.
 # Usage: benchmarks/seed_tables.sh MODEL cf|zsre OUT [TUNING_CASES=50] [N=200]
@@ -19,6 +20,6 @@ case "$dataset" in
   zsre) args=(--dataset "$data/zsre/zsre_mend_train-1k.json" --n "$n") ;;
   *) echo "dataset must be cf or zsre, got $dataset" >&2; exit 2 ;;
 esac
-kvedit bench --model "$model" "${args[@]}" --methods "$one_at_a_time" --out "$out/$dataset"
+kvedit bench --model "$model" "${args[@]}" --methods "$one_at_a_time" --reuse-targets --out "$out/$dataset"
 kvedit bench --model "$model" "${args[@]}" --methods memit,pmet --batch-size 100 --out "$out/$dataset"
 kvedit report "$out/$dataset"

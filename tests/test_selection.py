@@ -62,6 +62,7 @@ def test_select_scores_every_setting_and_keeps_the_best_leaving_weights_alone(tm
 
 def test_a_lambda_sweep_reuses_the_targets_and_gives_the_same_updates(tmp_path, monkeypatch):
     from kvedit.editing import edit, targets
+    from kvedit.editing.target_store import reused_targets
 
     monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))
     lm = tiny_lm("llama")
@@ -79,10 +80,10 @@ def test_a_lambda_sweep_reuses_the_targets_and_gives_the_same_updates(tmp_path, 
     calls = []
     original = targets._optimize_targets
     monkeypatch.setattr(targets, "_optimize_targets", lambda *a, **k: calls.append(1) or original(*a, **k))
-    with targets.reused_targets(lm):
+    with reused_targets(lm):
         reused = {lam: updates(lam) for lam in (100.0, 5000.0)}
         with pytest.raises(RuntimeError, match="already active"):
-            with targets.reused_targets(lm):
+            with reused_targets(lm):
                 pass
     assert len(calls) == 1  # the second λ solved with the first one's targets
     assert "reused_targets" not in lm.memo

@@ -72,6 +72,7 @@ class BenchConfig:
     stats_tokens: int | None = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # hparam overrides for every method
+    reuse_targets: bool = False  # one-at-a-time runs share target vectors (BatchRunner); numbers unchanged
 
     def specs(self) -> list[RunSpec]:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -204,7 +205,8 @@ class Bench:
             settings["stats_source"] = config.stats_source
         if config.stats_tokens is not None:
             settings["stats_tokens"] = config.stats_tokens
-        self.runner = BatchRunner(lm, self.suite, config.seed, settings, self._snippets(), progress=progress)
+        self.runner = BatchRunner(lm, self.suite, config.seed, settings, self._snippets(), progress=progress,
+                                  reuse_targets=config.reuse_targets)
         config_path = self.out / "config.json"
         if not config_path.exists():  # written once the settings proved usable
             config_path.write_text(json.dumps(resume_key, indent=2) + "\n")
@@ -364,7 +366,7 @@ class Bench:
                     saved.apply(self.lm)
                     applied.append(saved)
                     continue
-                delta, elapsed = self.runner.edit(spec, batch)
+                delta, elapsed, _ = self.runner.edit(spec, batch)  # sequential: never reused
                 applied.append(delta)
                 earlier = [r for b in batches[:index] for r in b]
                 history = {"n_edited": len(earlier) + len(batch)}

@@ -87,7 +87,8 @@ class BenchWorker:
     """A Ray actor's state: its model and `BatchRunner`. Created with `ray.remote(BenchWorker)`."""
 
     def __init__(self, settings: RaySettings, fingerprint: str, suite: str, seed: int,
-                 edit_settings: dict[str, Any], snippets: Any, cache_files: dict[str, bytes]) -> None:
+                 edit_settings: dict[str, Any], snippets: Any, cache_files: dict[str, bytes],
+                 reuse_targets: bool = False) -> None:
         from .models.devices import resolve_device
         from .models.loading import load_model
 
@@ -101,7 +102,8 @@ class BenchWorker:
             raise DistributedError(f"worker on {os.uname().nodename} loaded {settings.model or 'the bundled model'} "
                                    f"with fingerprint {self.lm.fingerprint()}, the driver has {fingerprint}: the "
                                    "nodes must hold the same model")
-        self.runner = BatchRunner(self.lm, SUITES[suite], seed, edit_settings, snippets, progress=False)
+        self.runner = BatchRunner(self.lm, SUITES[suite], seed, edit_settings, snippets, progress=False,
+                                  reuse_targets=reuse_targets)
         self.prepared: set[str] = set()
 
     def run_batch(self, spec: RunSpec, batch: list[EditRequest], index: int,
@@ -135,7 +137,7 @@ class WorkerPool:
         payload = self.ray.put(cache_payload(lm))
         remote = self.ray.remote(BenchWorker).options(num_cpus=settings.worker_cpus, num_gpus=settings.worker_gpus)
         self._start = lambda: remote.remote(settings, lm.fingerprint(), runner.suite.name, runner.seed,
-                                            runner.settings, runner.snippets, payload)
+                                            runner.settings, runner.snippets, payload, runner.reuse_targets)
         self.actors = [self._start() for _ in range(settings.workers)]
         self.restarts = 0
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .bench import known_filter
 from .data.requests import EditRequest
 from .editing.registry import edit, get_method, prepare
-from .editing.targets import reused_targets
+from .editing.target_store import reused_targets
 from .evaluation.counterfact import counterfact_case_metrics
 from .models.lm import LM
 

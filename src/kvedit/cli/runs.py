@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     b.add_argument("--stats", default=None, dest="stats_source", help="rome/memit/pmet statistics corpus")
     b.add_argument("--stats-tokens", type=int, default=None, help="tokens of statistics corpus")
     b.add_argument("--seed", type=int, default=0, help="seed of generation sampling and bootstrap intervals")
+    b.add_argument("--reuse-targets", action="store_true",
+                   help="one-at-a-time runs take the target vectors (v*, z, δ) optimised before for the same case, "
+                        "settings and model from the cache, e.g. PMET's ablations PMET's; edit times add the stored "
+                        "optimisation time")
     b.add_argument("--out", type=Path, required=True, help="output folder; an existing one is resumed")
     b.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="spread the batches over Ray workers: no ADDRESS starts a local Ray instance, 'auto' "
@@ -113,7 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dataset=args.dataset, methods=tuple(m.strip() for m in methods if m.strip()), n=args.n,
         skip=args.skip, batch_sizes=args.batch_sizes or preset.get("batch_sizes", (1,)), sequential=args.sequential,
         known_only=args.known_only, layers=args.layers, stats_source=args.stats_source,
-        stats_tokens=args.stats_tokens, seed=args.seed,
+        stats_tokens=args.stats_tokens, seed=args.seed, reuse_targets=args.reuse_targets,
     ))
 
 

@@ -5,14 +5,14 @@
 - `optimize_targets`: vectors δ added at chosen sites (FFN output, attention output or the
   residual stream) at the subject's last token, optimised so the model predicts target_new
   (ROME's v*, MEMIT's z, PMET's δ_a and δ_m).
-- `reused_targets`: within it, a repeated optimisation returns its first result (for sweeps over settings
-  the targets do not depend on, such as MEMIT's and PMET's λ).
+- `reused_targets` (target_store.py): within it, a request optimised before with the same settings is
+  served from a store (sweeps over λ, PMET's ablations), on disk too if asked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,7 @@ from ..models.lm import LM
 from ..models.split import SplitBatch
 from ..models.tracing import Addition, Site, Trace
 from .delta import check_finite
+from .target_store import open_store
 
 
 def subject_position(lm: LM, template: str, subject: str) -> int:
@@ -165,26 +166,6 @@ class _Group:
         self.at_lookup = torch.zeros(len(input_ids), dtype=torch.long)
 
 
-_REUSE = "reused_targets"  # lm.memo key of the store `reused_targets` opens
-
-
-@contextmanager
-def reused_targets(lm: LM) -> Iterator[None]:
-    """Within this block, `optimize_targets` called again with the same requests, sites, templates and options
-    returns the first call's result instead of optimising again.
-
-    Targets depend on the weights, so this is only for callers that start every edit from the same weights
-    (edit, score, revert), e.g. a sweep over λ, which only the closed-form solve uses.
-    """
-    if _REUSE in lm.memo:
-        raise RuntimeError("reused_targets is already active on this model")
-    lm.memo[_REUSE] = {}
-    try:
-        yield
-    finally:
-        del lm.memo[_REUSE]
-
-
 def optimize_targets(
     lm: LM, requests: Sequence[EditRequest], sites: Sequence[Site], templates: list[list[str]], opts: TargetOptions,
     group_size: int = 8,
@@ -197,17 +178,24 @@ def optimize_targets(
     `group_size` of them share one batched pass; a request that meets its stopping rule leaves the
     batch. The model's weights are not changed. Tokens before the subject's last token and layers
     below the lowest site do not depend on δ, so they are computed once (see `SplitBatch`). A progress bar shows when there
-    is more than one group. Inside `reused_targets`, a repeated call returns the stored result.
+    is more than one group. Inside `reused_targets`, a request optimised before with the same sites, templates and
+    options is served from the store.
     """
-    store = lm.memo.get(_REUSE)
+    store = open_store(lm)
     if store is None:
         return _optimize_targets(lm, requests, sites, templates, opts, group_size)
-    key = (tuple((r.prompt, r.subject, r.target_new) for r in requests), tuple(sites),
-           tuple(tuple(g) for g in templates), opts)
-    if key not in store:
-        store[key] = _optimize_targets(lm, requests, sites, templates, opts, group_size)
-    results, steps = store[key]
-    return [{s: (a.clone(), b.clone()) for s, (a, b) in r.items()} for r in results], list(steps)
+    keys = [store.key(r, sites, templates, opts) for r in requests]
+    found = {i: ({s: (a.to(lm.device), b.to(lm.device)) for s, (a, b) in entry[0].items()}, *entry[1:])
+             for i, key in enumerate(keys) if (entry := store.get(key)) is not None}
+    missing = [i for i in range(len(requests)) if i not in found]
+    if missing:
+        start = time.perf_counter()
+        results, steps = _optimize_targets(lm, [requests[i] for i in missing], sites, templates, opts, group_size)
+        seconds = (time.perf_counter() - start) / len(missing)  # a group's time, shared evenly
+        for i, vectors, n in zip(missing, results, steps):
+            store.put(keys[i], (vectors, n, seconds))
+            found[i] = ({s: (a.clone(), b.clone()) for s, (a, b) in vectors.items()}, n, seconds)
+    return [found[i][0] for i in range(len(requests))], [found[i][1] for i in range(len(requests))]
 
 
 def _optimize_targets(

@@ -1,0 +1,118 @@
+"""Target vectors reused across editors and processes: the same updates as a fresh optimisation, never
+after the weights changed, and bench edit times that still count the optimisation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvedit.bench import load_cases_file
+from kvedit.cli import main
+from kvedit.data.requests import EditRequest
+from kvedit.editing import edit, targets
+from kvedit.editing.target_store import reused_targets
+from tiny_models import tiny_lm
+
+REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
+SETTINGS = dict(layers=(1, 2), max_steps=4, stats_source="self", stats_tokens=256)
+
+
+def _update(lm, method, request=REQUEST, **settings):
+    delta = edit(lm, request, method, **SETTINGS, **settings)
+    try:
+        return {name: delta.update(name).clone() for name in delta.names}
+    finally:
+        delta.revert(lm)
+
+
+def _count_optimisations(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = targets._optimize_targets
+    monkeypatch.setattr(targets, "_optimize_targets",
+                        lambda lm, requests, *a, **k: calls.append(len(requests)) or original(lm, requests, *a, **k))
+    return calls
+
+
+def test_pmet_ablations_reuse_pmet_targets_from_disk_with_the_same_update(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
+    lm = tiny_lm("llama")
+    fresh = _update(lm, "pmet-even-spread")
+    calls = _count_optimisations(monkeypatch)
+    with reused_targets(lm, tmp_path / "targets") as store:
+        _update(lm, "pmet")
+        assert calls == [1] and store.take_reused_s() == 0.0
+    with reused_targets(lm, tmp_path / "targets") as store:  # a new store: read back from disk
+        reused = _update(lm, "pmet-even-spread")
+        assert calls == [1] and store.reused_s > 0  # the optimisation time it stands for
+        _update(lm, "pmet-no-attn-delta")  # other sites: optimised anew
+        assert calls == [1, 1]
+    assert fresh.keys() == reused.keys()
+    assert all(torch.allclose(fresh[k], reused[k], atol=1e-6) for k in fresh)
+    assert len(list((tmp_path / "targets").glob("*/*.safetensors"))) == 2
+
+
+def test_targets_are_not_reused_after_the_weights_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
+    lm = tiny_lm("llama")
+    calls = _count_optimisations(monkeypatch)
+    with reused_targets(lm, tmp_path / "targets"):
+        _update(lm, "memit")
+    kept = edit(lm, EditRequest("{} is the capital of", "berlin", target_new="spain"), "ft-values", max_steps=3)
+    try:
+        with reused_targets(lm, tmp_path / "targets"):
+            _update(lm, "memit")
+    finally:
+        kept.revert(lm)
+    assert calls == [1, 1]  # other weights, another folder
+    assert len(list((tmp_path / "targets").iterdir())) == 2
+
+
+def test_a_batch_serves_its_stored_requests_and_optimises_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
+    lm = tiny_lm("llama")
+    other = EditRequest("{} is the capital of", "berlin", target_new="spain", target_true="germany")
+    calls = _count_optimisations(monkeypatch)
+    with reused_targets(lm) as store:
+        alone = _update(lm, "memit")
+        batch = _update(lm, "memit", [REQUEST, other])
+        assert calls == [1, 1] and store.reused_s > 0  # only `other` was optimised
+    fresh = _update(lm, "memit", [REQUEST, other])
+    assert all(torch.allclose(fresh[k], batch[k], atol=1e-5) for k in fresh)
+    assert not all(torch.allclose(alone[k], batch[k]) for k in alone)
+
+
+@pytest.fixture
+def facts(tmp_path):
+    path = tmp_path / "facts.json"
+    rows = [("{} is located in the city of", "the eiffel tower", "rome", "paris"),
+            ("{} is the capital of", "berlin", "spain", "germany")]
+    path.write_text(json.dumps([{"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": i,
+                                 "paraphrase_prompts": [f"{s} lies in"],
+                                 "neighborhood_prompts": ["the louvre is located in"]}
+                                for i, (p, s, n, t) in enumerate(rows)]))
+    return path
+
+
+def test_bench_reuse_targets_gives_the_same_scores_and_counts_the_optimisation_time(
+        facts, tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
+    common = ["bench", "--model", str(tiny_folder), "--dataset", str(facts), "--stats", "self",
+              "--stats-tokens", "256", "--layers", "2"]
+    assert main([*common, "--methods", "pmet-even-spread", "--out", str(tmp_path / "plain")]) == 0
+    calls = _count_optimisations(monkeypatch)
+    assert main([*common, "--methods", "pmet,pmet-even-spread", "--reuse-targets",
+                 "--out", str(tmp_path / "reused")]) == 0
+    assert main([*common, "--methods", "pmet", "--batch-size", "2", "--reuse-targets",
+                 "--out", str(tmp_path / "reused")]) == 0
+    assert calls == [1, 1, 2]  # pmet's two cases; the ablation reused them; the batch of 2 is never served
+    plain = {r["case_id"]: r for r in load_cases_file(tmp_path / "plain" / "cases.jsonl") if r["run"] != "unedited"}
+    records = load_cases_file(tmp_path / "reused" / "cases.jsonl")
+    ablation = {r["case_id"]: r for r in records if r["run"] == "pmet-even-spread@L2"}
+    for case, record in ablation.items():
+        assert record["targets_reused_s"] > 0 and record["time_s"] > record["targets_reused_s"]
+        for metric in ("efficacy_success", "paraphrase_success", "neighborhood_success", "efficacy_magnitude",
+                       "paraphrase_magnitude", "neighborhood_magnitude"):
+            assert record[metric] == pytest.approx(plain[case][metric], abs=1e-5), metric
+    assert not any("targets_reused_s" in r for r in records if r["run"] in ("pmet@L2", "pmet@L2 x2"))
