@@ -2,7 +2,8 @@
 
 Writes to --out: split.json (the case ids of the tuning and report splits), grid.jsonl (one line per method and
 setting, appended as each finishes), cases.jsonl (one line per finished tuning case and setting: a
-killed run resumes inside the setting it was in), grid.md (the sweep table) and
+killed run resumes inside the setting it was in), grid.md (every setting's scores), sweep.md (the same
+Scores compact: a row per layer choice, a column per λ or δ decay) and
 chosen.json (the best setting per method, as preset rows). The report split is never edited here. Settings that
 differ only in λ share their target vectors (optimised once per case), so their "edit s" is the solve alone.
 Two processes may share one --out with different --methods (each appends its own lines); the tables are written
@@ -21,7 +22,7 @@ from pathlib import Path
 from kvedit import load_model
 from kvedit.data.loaders import load_requests
 from kvedit.selection import (CaseLog, best_setting, default_grid, end_cut_line, known_split, select,
-                             setting_key)
+                             setting_key, sweep_table)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -127,6 +128,9 @@ def main() -> None:
               "time (for a setting whose target vectors were reused from one that differs only in λ, the solve "
               "alone)."]
     (out / "grid.md").write_text("\n".join(lines) + "\n")
+    sweeps = [f"**{m}** (Score on the tuning split)\n\n{sweep_table(m, rows, default_grid(lm, m))}"
+              for m in methods if any(r["method"] == m for r in rows)]
+    (out / "sweep.md").write_text("\n\n".join(sweeps) + "\n")
     (out / "chosen.json").write_text(json.dumps(chosen, indent=1))
     print("\n".join(lines))
     print(f"\nchosen: {json.dumps(chosen)}; {time.perf_counter() - start:.0f} s")

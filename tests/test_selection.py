@@ -157,3 +157,19 @@ def test_a_tie_in_score_goes_to_the_smaller_edit_whatever_order_the_rows_came_in
     assert selection.best_setting("memit", rows[::-1], grid) == best
     with pytest.raises(ValueError, match="no rows"):
         selection.best_setting("pmet", rows, grid)
+
+
+def test_the_sweep_table_shows_each_layer_choice_by_lambda_with_the_best_in_bold():
+    grid = [dict(layers=w, mom2_update_weight=lam, weight_decay=wd)
+            for w in ((1, 2), (2, 3)) for lam in (100.0, 10.0) for wd in (0.5, 1e-3)]
+    scores = [50.0, 50.0, 70.0, 72.0, 60.0, 60.0, 65.0, 65.0]
+    rows = [{"method": "memit", **s, "score": v} for s, v in zip(grid, scores)]
+    table = selection.sweep_table("memit", rows, grid)
+    assert table.splitlines()[:4] == ["| layers | λ 100 | λ 10 |", "|---|---:|---:|",
+                                      "| 1–2 | 50.0 | **72.0** |", "| 2–3 | 60.0 | 65.0 |"]
+    assert "changed the Score in 1 of 4 cells" in table
+    partial = selection.sweep_table("memit", rows[:5], grid)  # unfinished: no choice, – where not run
+    assert "**" not in partial and "| 2–3 | 60.0 | – |" in partial
+    ft = selection.sweep_table("ft-keys", [{"method": "ft-keys", "layers": [0], "score": 40.0}],
+                               [dict(layers=(0,)), dict(layers=(3,))])
+    assert ft.splitlines()[2:] == ["| 0 | 40.0 |", "| 3 | – |"]

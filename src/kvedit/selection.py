@@ -219,3 +219,36 @@ def _select_one(
     rows += mine
     best = best_setting(method, mine, grid)
     return {k: best[k] for k in grid[0]}
+
+
+def sweep_table(method: str, rows: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[str, Any]]) -> str:
+    """A compact Markdown view of one method's sweep: a row per layer choice, a column per λ (MEMIT, PMET), per
+    δ decay (ROME) or one Score column (fine-tuning). A cell is the Score, the best over any remaining setting
+    (MEMIT's and PMET's δ decay: a line under the table says how often it changed the Score); – where not run;
+    the best setting of a complete grid in bold."""
+    mine = {setting_key(method, {k: r[k] for k in grid[0] if k in r}): r for r in rows if r["method"] == method}
+    column = next((k for k in ("mom2_update_weight", "weight_decay") if k in grid[0]), None)
+    layer_choices = list(dict.fromkeys(tuple(s["layers"]) for s in grid))
+    columns = list(dict.fromkeys(s[column] for s in grid)) if column else [None]
+    complete = all(setting_key(method, s) in mine for s in grid)
+    best = best_setting(method, list(mine.values()), grid) if complete else None
+    header = {"mom2_update_weight": "λ", "weight_decay": "δ decay"}.get(column or "", "")
+    lines = ["| layers | " + " | ".join(f"{header} {c:g}" if column else "Score" for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    differ = pairs = 0
+    for layers in layer_choices:
+        cells = []
+        for c in columns:
+            scored = [r for s in grid if tuple(s["layers"]) == layers and (column is None or s[column] == c)
+                      and (r := mine.get(setting_key(method, s))) is not None]
+            if len(scored) > 1:
+                pairs += 1
+                differ += len({round(r["score"], 6) for r in scored}) > 1
+            top = max(scored, key=lambda r: r["score"], default=None)
+            text = "–" if top is None else f"{top['score']:.1f}"
+            cells.append(f"**{text}**" if best is not None and any(r is best for r in scored) else text)
+        lines.append(f"| {layers[0]}–{layers[-1]} | " if len(layers) > 1 else f"| {layers[0]} | ")
+        lines[-1] += " | ".join(cells) + " |"
+    if pairs:
+        lines.append(f"\nδ decay 0.5 vs 1e-3 changed the Score in {differ} of {pairs} cells (the better one shown).")
+    return "\n".join(lines)
