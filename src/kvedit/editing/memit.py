@@ -64,15 +64,14 @@ class MEMITHyperParams(ClosedFormHyperParams):
         return self
 
 
-#: REFERENCE.md §4. "smollm2": λ from a probe on 10 known CounterFact cases (λ 15000: efficacy magnitude
-#: 23, paraphrase 80 %; λ 1500: 92 and 100 %). Layer windows on the first 10 known cases (E / P / S):
-#: 1–5 100/90/70, 3–7 100/100/70, 5–9 100/100/70 (slower: a deeper z); on 100 cases 3–7 gives 99/92/76.
+#: REFERENCE.md §4. "smollm2": window, λ and δ decay chosen by benchmarks/select_presets.py (docs/presets.md;
+#: 48 settings on 50 tuning cases, the grid PMET shares): 3–7, λ 500, δ decay 0.5 score 100 / 96 / 74.
 MEMIT_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
     "gpt2-xl": dict(layers=(13, 14, 15, 16, 17), max_steps=20, lr=0.5, weight_decay=0.5, mom2_update_weight=20000.0),
     "gpt-j": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=25, lr=0.5, weight_decay=0.5, mom2_update_weight=15000.0),
     "gpt-neox": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=20, lr=0.5, weight_decay=0.5, mom2_update_weight=15000.0),
     "llama": dict(layers=(4, 5, 6, 7, 8), max_steps=25, lr=0.1, weight_decay=1e-3, mom2_update_weight=15000.0),
-    "smollm2": dict(layers=(3, 4, 5, 6, 7), max_steps=25, lr=0.5, weight_decay=1e-3, mom2_update_weight=1500.0,
+    "smollm2": dict(layers=(3, 4, 5, 6, 7), max_steps=25, lr=0.5, weight_decay=0.5, mom2_update_weight=500.0,
                     stats_tokens=20_000),
 })
 
