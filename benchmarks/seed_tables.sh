@@ -20,6 +20,9 @@ case "$dataset" in
   zsre) args=(--dataset "$data/zsre/zsre_mend_train-1k.json" --n "$n") ;;
   *) echo "dataset must be cf or zsre, got $dataset" >&2; exit 2 ;;
 esac
-kvedit bench --model "$model" "${args[@]}" --methods "$one_at_a_time" --reuse-targets --out "$out/$dataset"
-kvedit bench --model "$model" "${args[@]}" --methods memit,pmet --batch-size 100 --out "$out/$dataset"
+# timing.log: one line per step and invocation (a resumed table adds lines; its cost is their sum)
+step() { local start=$SECONDS; "$@"; echo "$(date -u +%FT%TZ) $((SECONDS - start)) s: ${*:2}" >> "$out/$dataset/timing.log"; }
+mkdir -p "$out/$dataset"
+step kvedit bench --model "$model" "${args[@]}" --methods "$one_at_a_time" --reuse-targets --out "$out/$dataset"
+step kvedit bench --model "$model" "${args[@]}" --methods memit,pmet --batch-size 100 --out "$out/$dataset"
 kvedit report "$out/$dataset"
