@@ -57,16 +57,17 @@ class PMETHyperParams(MEMITHyperParams):
         return super().target_options(pmet_schedule=True)
 
 
-#: REFERENCE.md §5. "smollm2": λ scaled like MEMIT's (probe on 10 known CounterFact cases: λ 600 gives
-#: efficacy and paraphrase 100 %, λ 6000 75 % / 55 % on 20); layers as MEMIT's sweep (3–7).
+#: REFERENCE.md §5. "smollm2": window, λ and δ decay chosen by benchmarks/select_presets.py on MEMIT's grid
+#: (docs/presets.md; 48 settings on 50 tuning cases): 6–10, λ 50, δ decay 0.5 score 96 / 90 / 72 (84.7; 3–7 at
+#: λ 500, 96 / 84 / 76, scores 84.6).
 PMET_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
     "gpt-j": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
     "gpt-j-zsre": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=20, lr=0.5, kl_factor=1.0, mom2_update_weight=4500.0),
     "gpt-neox": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
     "gpt2-xl": dict(layers=(13, 14, 15, 16, 17), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
     "llama": dict(layers=(4, 5, 6, 7, 8), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
-    "smollm2": dict(layers=(3, 4, 5, 6, 7), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=600.0,
-                    stats_tokens=20_000),
+    "smollm2": dict(layers=(6, 7, 8, 9, 10), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=50.0,
+                    weight_decay=0.5, stats_tokens=20_000),
 })
 
 
