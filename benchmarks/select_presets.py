@@ -105,8 +105,8 @@ def main() -> None:
                log=CaseLog(out / "cases.jsonl"), base_preset=args.base_preset)
     rows = list(_read_grid(path).values())  # with what another process sharing --out has written
     chosen = {}
-    lines = ["| method | layers | λ | δ decay | Efficacy | Paraphrase | Specificity | Score | edit s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | layers | λ | δ decay | lr | Efficacy | Paraphrase | Specificity | Score | edit s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in methods:
         grid = default_grid(lm, m)
         order = {setting_key(m, s): i for i, s in enumerate(grid)}
@@ -116,13 +116,13 @@ def main() -> None:
         best = best_setting(m, mine, grid)
         complete = {_key(r) for r in mine} >= set(order)
         if complete:
-            chosen[m] = {k: best[k] for k in ("layers", "mom2_update_weight", "weight_decay") if k in best}
+            chosen[m] = {k: best[k] for k in ("layers", "mom2_update_weight", "weight_decay", "lr") if k in best}
         else:
-            lines.append(f"| {m}: {len(mine)} of {len(grid)} settings so far, none chosen yet | | | | | | | | |")
+            lines.append(f"| {m}: {len(mine)} of {len(grid)} settings so far, none chosen yet | | | | | | | | | |")
         for r in mine:
             mark = " **(chosen)**" if r is best and complete else ""
             lines.append(f"| {m}{mark} | {r['layers']} | {r.get('mom2_update_weight', '–')} | "
-                         f"{r.get('weight_decay', '–')} | {r['efficacy_success']:.1f} | {r['paraphrase_success']:.1f} "
+                         f"{r.get('weight_decay', '–')} | {r.get('lr', '–')} | {r['efficacy_success']:.1f} | {r['paraphrase_success']:.1f} "
                          f"| {r['neighborhood_success']:.1f} | {r['score']:.1f} | {r['edit_s']:.2f} |")
     lines += ["", "Success rates × 100 over the tuning split; Score their harmonic mean; edit s the median edit "
               "time (for a setting whose target vectors were reused from one that differs only in λ, the solve "

@@ -33,6 +33,9 @@ def test_grids_are_shared_by_memit_and_pmet_and_fit_the_model():
     for method in ("memit", "pmet", "rome", "ft-keys"):
         grid = selection.default_grid(lm, method)
         assert grid and all(0 <= layer < lm.num_layers for s in grid for layer in s["layers"])
+    ft = selection.default_grid(lm, "ft-values")  # fine-tuning: every layer at every learning rate
+    assert {s["lr"] for s in ft} == set(selection.FT_LEARNING_RATES)
+    assert len(ft) == len({s["layers"] for s in ft}) * len(selection.FT_LEARNING_RATES)
 
 
 def test_select_scores_every_setting_and_keeps_the_best_leaving_weights_alone(tmp_path, monkeypatch):
