@@ -176,3 +176,21 @@ def test_the_sweep_table_shows_each_layer_choice_by_lambda_with_the_best_in_bold
     ft = selection.sweep_table("ft-keys", [{"method": "ft-keys", "layers": [0], "score": 40.0}],
                                [dict(layers=(0,)), dict(layers=(3,))])
     assert ft.splitlines()[2:] == ["| 0 | 40.0 |", "| 3 | – |"]
+
+
+def test_fine_tuning_takes_the_layer_and_lr_chosen_for_the_model_unless_told_otherwise(monkeypatch):
+    from kvedit.editing import finetune
+    from kvedit.editing.registry import get_method
+    from kvedit.models.lm import LM
+
+    lm = tiny_lm("llama")
+    gemma_named = LM.wrap(lm.model, lm.tokenizer, name="gemma-3-270m-q4_k_m")
+    monkeypatch.setattr(finetune, "FT_MODEL_SETTINGS",
+                        {"gemma3-270m": {"values": {"layers": (0,), "lr": 1e-4}}})
+    values, keys = get_method("ft-values"), get_method("ft-keys")
+    assert values.make_hparams(gemma_named).validate(gemma_named).layers == (0,)
+    assert values.make_hparams(gemma_named).lr == 1e-4
+    assert values.make_hparams(gemma_named, lr=1e-3, layers=None).lr == 1e-3  # the caller's setting wins
+    assert values.make_hparams(gemma_named, preset="ft-l").lr == 5e-4 and \
+        values.make_hparams(gemma_named, preset="qiu2024").layers == ()  # a named preset: the family's layer
+    assert keys.make_hparams(gemma_named).lr == values.make_hparams(lm).lr == 2e-3  # no row: the default

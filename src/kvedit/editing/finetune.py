@@ -22,7 +22,7 @@ from ..evaluation.scoring import EncodedTarget, TargetBatch, encode_target, scor
 from ..models.lm import LM
 from .delta import check_finite
 from .hparams import EditOutcome, check_ranges
-from .presets import frozen_presets, make_hparams
+from .presets import frozen_presets, make_hparams, model_row
 
 Target = Literal["keys", "key:gate", "key:up", "key", "values"]
 Objective = Literal["teacher_forced", "prompt_last"]
@@ -41,6 +41,10 @@ FT_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
                  objective="prompt_last"),
 })
 
+#: Edit layer and learning rate chosen for one model by benchmarks/select_presets.py (docs/presets.md), per
+#: target, under the model's MODEL_PRESETS row. They apply over the "default" preset when no preset is named.
+FT_MODEL_SETTINGS: Mapping[str, Mapping[str, Mapping[str, Any]]] = MappingProxyType({})
+
 #: Default edit layer as a fraction of depth, per `model_type`; 0.0 is ROME's FT baseline layer.
 FT_DEFAULT_DEPTH: Mapping[str, float] = MappingProxyType({
     "llama": 0.1,
@@ -57,6 +61,11 @@ FT_DEFAULT_DEPTH: Mapping[str, float] = MappingProxyType({
     "olmo": 0.1,
     "olmo2": 0.1,
 })
+
+
+def model_settings(lm: LM | None, target: str) -> Mapping[str, Any]:
+    """The layer and learning rate chosen for this model and target (FT_MODEL_SETTINGS), or none."""
+    return FT_MODEL_SETTINGS.get(model_row(lm) or "", {}).get(target, {})
 
 
 def default_layers(lm: LM) -> tuple[int, ...]:

@@ -48,8 +48,13 @@ def default_preset(lm: LM | None, presets: Mapping[str, Mapping[str, Any]]) -> s
     (FAMILY_PRESETS), else GPT-2 XL's."""
     if lm is None:
         return next(iter(presets))
-    name = lm.name.lower()
-    for part, row in MODEL_PRESETS.items():
-        if part in name and row in presets:
-            return row
+    row = model_row(lm)
+    if row is not None and row in presets:
+        return row
     return FAMILY_PRESETS.get(lm.model.config.model_type, "gpt2-xl")
+
+
+def model_row(lm: LM | None) -> str | None:
+    """The name of the preset rows chosen for this very model (MODEL_PRESETS), or None."""
+    name = lm.name.lower() if lm is not None else ""
+    return next((row for part, row in MODEL_PRESETS.items() if part in name), None)

@@ -12,7 +12,7 @@ from ..data.requests import EditRequest
 from ..models.lm import LM
 from ..version import __version__
 from .delta import EditError, WeightDelta, WeightGuard
-from .finetune import FT_PRESETS, FTHyperParams, finetune_edit, finetune_parameters
+from .finetune import FT_PRESETS, FTHyperParams, finetune_edit, finetune_parameters, model_settings
 from .hparams import EditOutcome
 from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_parameters, memit_prepare
 from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit, pmet_parameters, pmet_prepare
@@ -44,7 +44,9 @@ class EditMethod:
 
 def _finetune(name: str, target: str, summary: str) -> EditMethod:
     def make(lm: LM | None, preset: str | None = None, **overrides: Any) -> FTHyperParams:
-        return FTHyperParams.from_preset(preset or "default", target=target, **overrides)
+        chosen = model_settings(lm, target) if preset is None else {}  # a named preset keeps its own settings
+        merged = {**overrides, **{k: v for k, v in chosen.items() if overrides.get(k) is None}}
+        return FTHyperParams.from_preset(preset or "default", target=target, **merged)
 
     return EditMethod(name, summary, make, finetune_parameters, finetune_edit, presets=tuple(FT_PRESETS))
 
