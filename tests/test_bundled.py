@@ -10,6 +10,7 @@ import torch
 from conftest import SHARED_DATA
 from kvedit import EditRequest, WeightDelta, counterfact_case_metrics, edit, load_model
 from kvedit.cli import main
+from kvedit.editing.registry import get_method
 from kvedit.models import ModelLoadError, cache_dir, ffn_memory
 from kvedit.models import loading
 
@@ -89,6 +90,7 @@ def test_closed_form_editors_run_from_the_command_line_with_preset_layers(capsys
     assert code == 0, err
     result = json.loads(out)
     assert result["target_true"] == "Paris"  # the model's own answer
-    assert result["layers"] == ([4] if method == "rome" else [3, 4, 5, 6, 7])  # the SmolLM2 presets
+    smollm2_row = get_method(method).make_hparams(None, preset="smollm2")
+    assert result["layers"] == list(smollm2_row.layers)  # the presets chosen for SmolLM2
     assert result["after"]["target_new"] > result["before"]["target_new"]
     assert WeightDelta.load(patch).metadata["layers"] == result["layers"]
