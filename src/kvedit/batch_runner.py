@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .data.requests import EditRequest
 from .editing.delta import WeightDelta
 from .editing.registry import edit, prepare
-from .editing.target_store import reused_targets
+from .editing.target_store import TargetStore, reused_targets, store_folder
 from .evaluation.counterfact import counterfact_case_metrics
 from .evaluation.easyedit import Predictions, add_locality
 from .evaluation.generation import AttributeSnippets, generation_case_metrics
@@ -70,6 +70,7 @@ class BatchRunner:
     unedited_predictions: dict[Any, Predictions] = field(default_factory=dict)
     progress: bool = True
     reuse_targets: bool = False
+    _targets: TargetStore | None = field(default=None, init=False, repr=False)  # opened at the first reuse
 
     def evaluate(self, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:
         """The suite's per-case metrics, with fluency/consistency where the cases have generation prompts
@@ -112,11 +113,13 @@ class BatchRunner:
         target vectors served from the store (their optimisation time when first computed; `reuse_targets`
         applies to one-at-a-time runs only, where every edit starts from the unedited weights)."""
         reuse = self.reuse_targets and spec.batch_size == 1 and not spec.sequential
-        with reused_targets(self.lm, cache_dir() / "targets") if reuse else nullcontext() as store:
+        if reuse and self._targets is None:  # the weights are the unedited ones here: the folder's fingerprint
+            self._targets = TargetStore(store_folder(self.lm, cache_dir() / "targets"))
+        with reused_targets(self.lm, store=self._targets) if reuse else nullcontext() as store:
             start = time.perf_counter()
             delta = edit(self.lm, list(batch), spec.method, **self.edit_kwargs(spec))
             elapsed = time.perf_counter() - start
-        reused = store.reused_s if store is not None else 0.0
+        reused = store.take_reused_s() if store is not None else 0.0
         return delta, elapsed + reused, reused
 
     def run_batch(self, spec: RunSpec, batch: Sequence[EditRequest], index: int) -> list[dict[str, Any]]:

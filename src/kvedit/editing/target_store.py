@@ -109,20 +109,25 @@ def open_store(lm: LM) -> TargetStore | None:
     return lm.memo.get(_MEMO_KEY)
 
 
+def store_folder(lm: LM, directory: str | Path) -> Path:
+    """`directory/<fingerprint of the current weights>-<dtype>-<code hash>`: where this model's targets go."""
+    return Path(directory) / f"{lm.fingerprint()}-{str(lm.model.dtype).removeprefix('torch.')}-{code_hash()}"
+
+
 @contextmanager
-def reused_targets(lm: LM, directory: str | Path | None = None) -> Iterator[TargetStore]:
+def reused_targets(lm: LM, directory: str | Path | None = None,
+                   store: TargetStore | None = None) -> Iterator[TargetStore]:
     """Within this block, `optimize_targets` serves a request it has optimised before (same sites, templates
     and options) from the store instead of optimising again; with `directory`, across processes too.
+    `store`: one opened before (e.g. kept across the edits of a run), instead of a new one.
 
     Targets depend on the weights, so this is only for callers that start every edit from the weights the
-    block opened with (edit, score, revert): the disk folder is named by their fingerprint.
+    store was opened on (edit, score, revert): the disk folder is named by their fingerprint.
     """
     if _MEMO_KEY in lm.memo:
         raise RuntimeError("reused_targets is already active on this model")
-    folder = None
-    if directory is not None:
-        folder = Path(directory) / f"{lm.fingerprint()}-{str(lm.model.dtype).removeprefix('torch.')}-{code_hash()}"
-    store = TargetStore(folder)
+    if store is None:
+        store = TargetStore(None if directory is None else store_folder(lm, directory))
     lm.memo[_MEMO_KEY] = store
     try:
         yield store
