@@ -6,8 +6,10 @@ killed run resumes inside the setting it was in), grid.md (every setting's score
 Scores compact: a row per layer choice, a column per λ or δ decay) and
 chosen.json (the best setting per method, as preset rows). The report split is never edited here. Settings that
 differ only in λ share their target vectors (optimised once per case), so their "edit s" is the solve alone.
-Two processes may share one --out with different --methods (each appends its own lines); the tables are written
-from everything grid.jsonl holds, so run the script once more when both have finished.
+ROME, MEMIT and PMET search δ decay in a second stage (selection.default_grid): the best first-stage setting again
+at decay 1e-3, run by the process that finds the first stage complete. Two processes may share one --out with
+different --methods or shards (each appends its own lines); the tables are written from everything grid.jsonl
+holds, so run the script once more when both have finished (it also runs a second stage left undone).
 Usage: python benchmarks/select_presets.py --out runs/select-smollm2 [--model gemma3-270m] [--n-tune 50]
        [--n-report 200] [--methods memit,pmet,rome,ft-keys,ft-values] [--base-preset smollm2] [--shard 0/2]
 """
@@ -89,31 +91,32 @@ def main() -> None:
                                                     "tune": [r.case_id for r in split.tune],
                                                     "report": [r.case_id for r in split.report]}, indent=1))
     path = out / "grid.jsonl"
-    done = _read_grid(path)
     end_cut_line(path)
     methods = args.methods.split(",")
-    grids = {m: [s for s in shard_of(default_grid(lm, m), shard, shards) if setting_key(m, s) not in done]
-             for m in methods}
 
     def write(row: dict) -> None:
         with path.open("a") as f:
             f.write(json.dumps({**row, "layers": list(row["layers"])}) + "\n")
 
     start = time.perf_counter()
-    if not args.tables_only:
-        select(lm, list(split.tune), [m for m in methods if grids[m]], grids, on_result=write,
-               log=CaseLog(out / "cases.jsonl"), base_preset=args.base_preset)
+    for _stage in range(0 if args.tables_only else 2):  # the δ-decay stage follows a complete first stage
+        done = _read_grid(path)
+        grids = {m: [s for s in shard_of(default_grid(lm, m, list(done.values())), shard, shards)
+                     if setting_key(m, s) not in done] for m in methods}
+        if any(grids.values()):
+            select(lm, list(split.tune), [m for m in methods if grids[m]], grids, on_result=write,
+                   log=CaseLog(out / "cases.jsonl"), base_preset=args.base_preset)
     rows = list(_read_grid(path).values())  # with what another process sharing --out has written
     chosen = {}
     lines = ["| method | layers | λ | δ decay | lr | Efficacy | Paraphrase | Specificity | Score | edit s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in methods:
-        grid = default_grid(lm, m)
+        grid = default_grid(lm, m, rows)
         order = {setting_key(m, s): i for i, s in enumerate(grid)}
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: order.get(_key(r), len(order)))
         if not mine:
             continue
-        best = best_setting(m, mine, grid)
+        best = best_setting(m, [r for r in mine if _key(r) in order] or mine, grid)  # off-grid rows never win
         complete = {_key(r) for r in mine} >= set(order)
         if complete:
             chosen[m] = {k: best[k] for k in ("layers", "mom2_update_weight", "weight_decay", "lr") if k in best}
@@ -128,7 +131,7 @@ def main() -> None:
               "time (for a setting whose target vectors were reused from one that differs only in λ, the solve "
               "alone)."]
     (out / "grid.md").write_text("\n".join(lines) + "\n")
-    sweeps = [f"**{m}** (Score on the tuning split)\n\n{sweep_table(m, rows, default_grid(lm, m))}"
+    sweeps = [f"**{m}** (Score on the tuning split)\n\n{sweep_table(m, rows, default_grid(lm, m, rows))}"
               for m in methods if any(r["method"] == m for r in rows)]
     (out / "sweep.md").write_text("\n\n".join(sweeps) + "\n")
     (out / "chosen.json").write_text(json.dumps(chosen, indent=1))

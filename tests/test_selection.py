@@ -38,6 +38,34 @@ def test_grids_are_shared_by_memit_and_pmet_and_fit_the_model():
     assert len(ft) == len({s["layers"] for s in ft}) * len(selection.FT_LEARNING_RATES)
 
 
+def test_delta_decay_is_a_second_stage_at_the_best_first_stage_setting(monkeypatch):
+    lm = tiny_lm("llama")
+    for method in ("memit", "pmet", "rome"):
+        first = selection.default_grid(lm, method)
+        assert {s["weight_decay"] for s in first} == {0.5}
+        scores = {selection.setting_key(method, s): float(i % 7) for i, s in enumerate(first)}
+        rows = [{"method": method, **s, "score": scores[selection.setting_key(method, s)]} for s in first]
+        assert selection.default_grid(lm, method, rows[:-1]) == first  # the first stage is not complete yet
+        best = selection.best_setting(method, rows, first)
+        second = selection.default_grid(lm, method, rows)[len(first):]
+        assert second == [{**{k: best[k] for k in first[0]}, "layers": tuple(best["layers"]), "weight_decay": 1e-3}]
+    assert selection.default_grid(lm, "ft-keys", [{"method": "ft-keys", "score": 1.0}]) == selection.default_grid(
+        lm, "ft-keys")  # fine-tuning has no decay stage
+
+    scored = []  # select() with the default grid runs the second stage after the first
+
+    def fake_score(lm, requests, method, setting, log=None, **fixed):
+        scored.append(dict(setting))
+        return {"score": 90.0 if setting["layers"] == (2,) else 50.0 + setting["weight_decay"]}
+
+    monkeypatch.setattr(selection, "prepare", lambda *a, **k: None)
+    monkeypatch.setattr(selection, "score_setting", fake_score)
+    rows, chosen = selection.select(lm, [], ["rome"])
+    first = selection.default_grid(lm, "rome")
+    assert scored == first + [dict(layers=(2,), weight_decay=1e-3)]
+    assert chosen["rome"] == dict(layers=(2,), weight_decay=0.5)  # a tie keeps the larger decay
+
+
 def test_select_scores_every_setting_and_keeps_the_best_leaving_weights_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))
     lm = tiny_lm("llama")

@@ -43,6 +43,7 @@ METRICS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
 #: 58 % at 5e-4 on the tuning split), so the learning rate is part of the grid for every model. 1.25e-4 was
 #: added when Gemma's first sweep chose the smallest value, 2.5e-4, so that the grid brackets the choice.
 FT_LEARNING_RATES = (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3)
+DECAYS = (0.5, 1e-3)  # δ weight decay: the first in the whole first stage, the others at its best setting
 
 
 @dataclass(frozen=True)
@@ -73,25 +74,43 @@ def layer_windows(num_layers: int, width: int, starts: Sequence[int]) -> list[tu
     return [tuple(range(s, s + width)) for s in starts if 0 <= s and s + width <= num_layers]
 
 
-def default_grid(lm: LM, method: str) -> list[dict[str, Any]]:
+def default_grid(lm: LM, method: str, rows: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """The grid each editor is searched over; MEMIT and every PMET variant share one. Within a layer choice the
     most conservative settings come first (larger λ and δ decay: a smaller change to the model), so a tie in
-    Score goes to the smaller edit."""
+    Score goes to the smaller edit.
+
+    ROME, MEMIT and PMET search δ weight decay in a second stage: every layer (× λ) choice at decay 0.5 first;
+    once `rows` (scored settings) hold all of those, the grid adds the best of them at each other decay. The
+    second stage comes last, so a tie keeps 0.5."""
     n = lm.num_layers
     quarter = [max(0, round(n * f)) for f in (0.05, 0.1, 0.2, 0.3)]  # early-to-middle layers, as the papers find
-    decays = (0.5, 1e-3)
     if method in ("memit",) or method.startswith("pmet"):
         windows = layer_windows(n, min(5, n), sorted(set(quarter)))
         lambdas = (20000.0, 6000.0, 1500.0, 500.0, 150.0, 50.0)  # SmolLM2's old presets: MEMIT 1500, PMET 600
-        return [dict(layers=w, mom2_update_weight=lam, weight_decay=wd)
-                for w, lam, wd in itertools.product(windows, lambdas, decays)]
+        first = [dict(layers=w, mom2_update_weight=lam, weight_decay=DECAYS[0])
+                 for w, lam in itertools.product(windows, lambdas)]
+        return first + _decay_stage(method, first, rows)
     if method == "rome":
         layers = sorted(set(quarter + [round(n * 0.4)]))
-        return [dict(layers=(layer,), weight_decay=wd) for layer in layers if layer < n for wd in decays]
+        first = [dict(layers=(layer,), weight_decay=DECAYS[0]) for layer in layers if layer < n]
+        return first + _decay_stage(method, first, rows)
     if method.startswith("ft"):  # plus layers 0 and 1: ROME's FT baseline edits layer 0, FT-values' best demo layer
         layers = sorted(set([0, 1] + quarter + [round(n * 0.4)]))
         return [dict(layers=(layer,), lr=lr) for layer in layers if layer < n for lr in FT_LEARNING_RATES]
     raise ValueError(f"no grid for method {method!r}; expected memit, pmet*, rome or ft-*")
+
+
+def _decay_stage(method: str, first: Sequence[Mapping[str, Any]],
+                 rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The best first-stage setting at each other δ decay, once `rows` score every first-stage setting; else []."""
+    wanted = {setting_key(method, s) for s in first}
+    scored = [r for r in rows if r["method"] == method
+              and setting_key(method, {k: r[k] for k in first[0] if k in r}) in wanted]
+    if len({setting_key(method, {k: r[k] for k in first[0]}) for r in scored}) < len(wanted):
+        return []
+    best = best_setting(method, scored, first)
+    return [{**{k: best[k] for k in first[0]}, "weight_decay": wd,
+             "layers": tuple(best["layers"])} for wd in DECAYS[1:]]
 
 
 def best_setting(method: str, rows: Sequence[Mapping[str, Any]],
@@ -210,18 +229,27 @@ def _select_one(
     rows: list[dict[str, Any]], on_result: Callable[[dict[str, Any]], None] | None, log: CaseLog | None,
     fixed: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Score `method` at every setting of its grid, appending to `rows`; returns the best setting."""
-    grid = list(grid or default_grid(lm, method))
+    """Score `method` at every setting of its grid (`None`: the default grid, both stages), appending to `rows`;
+    returns the best setting."""
     known = {f.name for f in fields(get_method(method).make_hparams(None))}
     method_fixed = {k: v for k, v in fixed.items() if k in known}  # e.g. no statistics for fine-tuning
-    mine = []
-    for setting in tqdm(grid, desc=f"{method} grid", unit="setting", leave=False):
-        prepare(lm, method, **method_fixed, **setting)
-        row = {"method": method, **dict(setting),
-               **score_setting(lm, requests, method, setting, log, **method_fixed)}
-        mine.append(row)
-        if on_result is not None:
-            on_result(row)
+    mine: list[dict[str, Any]] = []
+
+    def run(settings: Sequence[Mapping[str, Any]]) -> None:
+        for setting in tqdm(settings, desc=f"{method} grid", unit="setting", leave=False):
+            prepare(lm, method, **method_fixed, **setting)
+            row = {"method": method, **dict(setting),
+                   **score_setting(lm, requests, method, setting, log, **method_fixed)}
+            mine.append(row)
+            if on_result is not None:
+                on_result(row)
+
+    if grid is not None:
+        run(grid)
+    else:
+        run(default_grid(lm, method))
+        grid = default_grid(lm, method, mine)
+        run(grid[len(mine):])  # the second stage, if the method has one
     rows += mine
     best = best_setting(method, mine, grid)
     return {k: best[k] for k in grid[0]}
