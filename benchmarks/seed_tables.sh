@@ -3,7 +3,8 @@
 # MEMIT, PMET and its three ablations), then MEMIT and PMET with 100 edits per call, then the report.
 # The PMET ablations that keep PMET's targets reuse them (--reuse-targets; times still count the optimisation).
 # CounterFact: the report split (known cases after the tuning split select_presets.py chose presets on);
-# zsRE: its first 200 valid records. Resumable: run it again after a kill. Uses the model's default presets.
+# zsRE: its first 200 valid records. Resumable: run it again after a kill. Uses the presets chosen for the model
+# (it stops if an editor has none); table.md and summary.json name the settings each run used.
 # Usage: benchmarks/seed_tables.sh MODEL cf|zsre OUT [TUNING_CASES=50] [N=200]
 #   e.g. OMP_NUM_THREADS=1 benchmarks/seed_tables.sh smollm2-135m cf results/tables-smollm2 &
 #        OMP_NUM_THREADS=1 benchmarks/seed_tables.sh smollm2-135m zsre results/tables-smollm2 &
@@ -20,6 +21,17 @@ case "$dataset" in
   zsre) args=(--dataset "$data/zsre/zsre_mend_train-1k.json" --n "$n") ;;
   *) echo "dataset must be cf or zsre, got $dataset" >&2; exit 2 ;;
 esac
+# The table compares editors at presets chosen for this model; refuse to run on family fallbacks by accident
+python - "$model" "$one_at_a_time" <<'EOF'
+import sys
+from kvedit import load_model
+from kvedit.editing.registry import chosen_for_model
+lm = load_model(sys.argv[1])
+missing = [m for m in sys.argv[2].split(",") if not chosen_for_model(lm, m)]
+if missing:
+    sys.exit(f"{lm.name} has no presets of its own for {', '.join(missing)} (they would fall back to the family's "
+             "rows): run benchmarks/select_presets.py and add its choices to the preset tables first")
+EOF
 # timing.log: one line per step and invocation (a resumed table adds lines; its cost is their sum)
 step() { local start=$SECONDS; "$@"; echo "$(date -u +%FT%TZ) $((SECONDS - start)) s: ${*:2}" >> "$out/$dataset/timing.log"; }
 mkdir -p "$out/$dataset"

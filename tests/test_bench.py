@@ -143,6 +143,25 @@ def test_bench_refuses_a_folder_with_other_settings(tiny_llama, dataset, tmp_pat
     assert json.loads((tmp_path / "extra" / "config.json").read_text())["extra"] == {"layers": [0, 1]}
 
 
+def test_a_run_resumed_after_its_preset_changed_is_refused(tiny_llama, dataset, tmp_path, monkeypatch):
+    from kvedit.editing import finetune
+
+    out = tmp_path / "run"
+    Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys", "ft-values"), n=2), out,
+          progress=False).run()
+    assert json.loads((out / "settings.json").read_text())["ft-keys"]["layers"] == [0]
+    monkeypatch.setattr(finetune, "default_layers", lambda lm: (2,))  # e.g. a layer chosen for the model since
+    keys_only = BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=2)
+    with pytest.raises(BenchError, match=r"ft-keys: layers \[0\] -> \[2\]"):
+        Bench(tiny_llama, keys_only, out, progress=False)
+    # with that run's records removed, it is redone at the new setting; the other run's entry is kept
+    lines = (out / "cases.jsonl").read_text().splitlines()
+    (out / "cases.jsonl").write_text("".join(l + "\n" for l in lines if '"run": "ft-keys"' not in l))
+    summary = Bench(tiny_llama, keys_only, out, progress=False).run()
+    assert summary["settings"]["ft-keys"]["layers"] == [2] and summary["runs"]["ft-keys"]["n"] == 2
+    assert json.loads((out / "settings.json").read_text())["ft-values"]["layers"] == [0]
+
+
 def test_known_filter_compares_true_and_new(tiny_llama, dataset, tmp_path):
     requests = load_requests(dataset)
     flags = known_filter(tiny_llama, requests)
@@ -252,6 +271,11 @@ def test_cli_bench_sweep_and_report(capsys, dataset, tiny_folder, tmp_path):
                  "--n", "3", "--layers", "0,2", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0 and "ft-keys@L0" in printed and "ft-values@L2" in printed
+    # the settings each run used, as resolved for the model: which preset row, which layer
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["ft-values@L2"]["layers"] == [2] and settings["ft-keys@L0"]["target"] == "keys"
+    assert settings["ft-keys@L0"]["preset"] == "default" and settings["ft-keys@L0"]["lr"] == 2e-3
+    assert "ft-values@L2: preset default, layer 2, lr 0.002" in (out / "table.md").read_text()
     assert main(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "![metrics](metrics.png)" in report and "![layer](layers.png)" in report and "Paired comparisons" in report

@@ -222,3 +222,8 @@ def test_fine_tuning_takes_the_layer_and_lr_chosen_for_the_model_unless_told_oth
     assert values.make_hparams(gemma_named, preset="ft-l").lr == 5e-4 and \
         values.make_hparams(gemma_named, preset="qiu2024").layers == ()  # a named preset: the family's layer
     assert keys.make_hparams(gemma_named).lr == values.make_hparams(lm).lr == 2e-3  # no row: the default
+    from kvedit.editing.registry import chosen_for_model
+    assert chosen_for_model(gemma_named, "ft-values") and not chosen_for_model(gemma_named, "ft-keys")
+    smol = LM.wrap(lm.model, lm.tokenizer, name="SmolLM2-135M-Instruct")
+    assert chosen_for_model(smol, "rome") and chosen_for_model(smol, "pmet-even-spread")
+    assert not chosen_for_model(lm, "memit")  # a tiny Llama takes its family's row

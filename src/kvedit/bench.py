@@ -34,7 +34,7 @@ from .data.loaders import DatasetError, load_requests
 from .batch_runner import BatchRunner, RunSpec, neighborhood_predictions
 from .data.requests import EditRequest
 from .editing.delta import WeightDelta
-from .editing.registry import METHODS
+from .editing.registry import METHODS, make_settings
 from .evaluation.counterfact import counterfact_case_metrics
 from .evaluation.easyedit import add_locality
 from .evaluation.generation import AttributeSnippets, load_attribute_snippets
@@ -122,6 +122,18 @@ def check_bench_folder(out: str | Path) -> Path:
     return out
 
 
+def settings_line(settings: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line naming each run's preset row and layers (the full settings are in summary.json)."""
+    parts = []
+    for name, hp in settings.items():
+        layers = hp.get("layers") or []
+        where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}" if layers else ""
+        extra = [f"λ {hp['mom2_update_weight']:g}" if "mom2_update_weight" in hp else "",
+                 f"lr {hp['lr']:g}" if "target" in hp else ""]
+        parts.append(f"{name}: preset {hp.get('preset')}, " + ", ".join(x for x in (where, *extra) if x))
+    return "Settings: " + "; ".join(parts) + "." if parts else ""
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -153,6 +165,18 @@ def load_cases_file(path: Path) -> list[dict[str, Any]]:
                 raise BenchError(f"{path} line {i + 1} is not JSON; the file is damaged") from None
             warnings.warn(f"{path}: dropped a partly written last line (interrupted run)", stacklevel=2)
     return records
+
+
+def _runs_on_file(path: Path) -> set[str]:
+    """The run names cases.jsonl holds records of (damaged lines are left to `load_cases_file` to report)."""
+    runs = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                runs.add(json.loads(line)["run"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return runs
 
 
 def _append(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -207,9 +231,26 @@ class Bench:
             settings["stats_tokens"] = config.stats_tokens
         self.runner = BatchRunner(lm, self.suite, config.seed, settings, self._snippets(), progress=progress,
                                   reuse_targets=config.reuse_targets)
+        self.run_settings = {spec.key: self._resolved_settings(spec) for spec in self.specs}
+        self._check_run_settings()
         config_path = self.out / "config.json"
         if not config_path.exists():  # written once the settings proved usable
             config_path.write_text(json.dumps(resume_key, indent=2) + "\n")
+
+    def _check_run_settings(self) -> None:
+        """settings.json keeps each run's resolved settings. A run that has records must resume with the same
+        settings (a preset chosen since, a changed default): its records would otherwise mix two settings."""
+        path = self.out / "settings.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        with_records = _runs_on_file(self.cases_file)
+        changed = {run: sorted(k for k in set(old[run]) | set(now) if old[run].get(k) != now.get(k))
+                   for run, now in self.run_settings.items() if run in old and run in with_records and old[run] != now}
+        if changed:
+            detail = "; ".join(f"{run}: {', '.join(f'{k} {old[run].get(k)} -> {self.run_settings[run].get(k)}' for k in keys)}"
+                               for run, keys in changed.items())
+            raise BenchError(f"{self.out} holds records of runs made with other settings ({detail}); remove those "
+                             "runs' lines from cases.jsonl to redo them, or use another --out")
+        path.write_text(json.dumps(old | self.run_settings, indent=2) + "\n")
 
     def _snippets(self) -> AttributeSnippets | None:
         """Consistency resources when the cases have generation prompts and attribute ids."""
@@ -406,19 +447,25 @@ class Bench:
             summaries[name] = summarize_run(records, self.suite, seed=self.config.seed) | setting
         complete = all(len(r) == len(self.cases) for r in runs.values())
         edited = {k: v for k, v in runs.items() if k != "unedited"}
+        settings = {name: self.run_settings[name] for name in edited if name in self.run_settings}
         summary = {
             "model": self.lm.name, "dataset": self.config.dataset, "suite": self.suite.name,
             "cases": self.filter_info, "complete": complete, "runs": summaries,
-            "comparisons": compare_runs(edited, self.suite, seed=self.config.seed),
+            "comparisons": compare_runs(edited, self.suite, seed=self.config.seed), "settings": settings,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.out / "summary.csv").write_text(summary_csv(summaries))
-        tables = [self.title(), markdown_table(summaries, self.suite)]
+        tables = [self.title(), markdown_table(summaries, self.suite)] + [settings_line(settings)] * bool(settings)
         if (easyedit := easyedit_table(summaries, self.suite)) is not None:
             tables += ["Under EasyEdit's definitions (token accuracy; locality = predictions unchanged by the edit):",
                        easyedit]
         (self.out / "table.md").write_text("\n\n".join(tables))
         return summary
+
+    def _resolved_settings(self, spec: RunSpec) -> dict[str, Any]:
+        """The settings a run's edits use, as resolved for this model (preset row, layers, λ, lr, …)."""
+        hp = make_settings(self.lm, spec.method, **self.runner.edit_kwargs(spec))
+        return json.loads(json.dumps(asdict(hp), default=str))
 
     def title(self) -> str:
         info = self.filter_info

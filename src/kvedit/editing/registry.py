@@ -16,7 +16,7 @@ from .finetune import FT_PRESETS, FTHyperParams, finetune_edit, finetune_paramet
 from .hparams import EditOutcome
 from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_parameters, memit_prepare
 from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit, pmet_parameters, pmet_prepare
-from .presets import make_hparams
+from .presets import make_hparams, model_row
 from .rome import ROME_PRESETS, ROMEHyperParams, rome_edit, rome_parameters, rome_prepare
 
 
@@ -114,6 +114,16 @@ def get_method(name: str) -> EditMethod:
     if name not in METHODS:
         raise ValueError(f"unknown editing method {name!r}; expected one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def chosen_for_model(lm: LM, method: str) -> bool:
+    """Whether `method`'s default settings for `lm` were chosen for this very model (a MODEL_PRESETS row, or
+    FT_MODEL_SETTINGS for fine-tuning; benchmarks/select_presets.py), not inherited from its family."""
+    base = get_method(method)
+    if base.name.startswith("ft-"):
+        target = base.make_hparams(None).target
+        return bool(model_settings(lm, target))
+    return model_row(lm) in base.presets
 
 
 def make_settings(lm: LM | None, method: str, **overrides: Any) -> Any:
