@@ -6,7 +6,9 @@ and seconds per step, and the median CPU time (process time: with OMP_NUM_THREAD
 fairly even on a busy machine); then `--batch` MEMIT edits in one call. Prints a table with the figures measured when
 the issue was opened and its targets, and writes the per-case times as JSON with `--out`.
 The labelled `-fast` variants are printed beside their method's figures and targets.
+`--model gemma3-270m` times another model (the before/target columns are the bundled model's).
 Usage: python benchmarks/closed_form_speed.py [--n 20] [--batch 100] [--methods rome,memit,pmet,ft-keys,rome-fast,memit-fast]
+       [--model gemma3-270m]
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20, help="known cases edited one at a time per method")
     parser.add_argument("--batch", type=int, default=100, help="MEMIT edits in one call (0 skips)")
     parser.add_argument("--methods", default="rome,memit,pmet,ft-keys,rome-fast,memit-fast")
+    parser.add_argument("--model", default=None, help="model to time (default: the bundled SmolLM2)")
     parser.add_argument("--out", default=None, help="write per-case times and steps to this JSON file")
     args = parser.parse_args()
 
-    lm = load_model()
+    lm = load_model(args.model)
     print(f"{lm.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}")
     requests = load_requests(args.dataset, limit=max(args.n, args.batch) * 2)
