@@ -100,6 +100,31 @@ def test_output_for_written_inverts_the_norm_at_the_given_scale():
     assert post_norm_gain(lm, 2, "attn") is not None and post_norm_gain(tiny_lm("llama"), 2) is None
 
 
+def test_a_zero_gain_of_the_post_norm_is_left_out_not_divided_by(corpus):
+    """Gemma-3-270M's post-FFN norms have gains of exactly 0 (layers 1, 3, 4): the norm always writes 0 there,
+    so the inverse leaves that component out (it was inf, and MEMIT's update NaN)."""
+    lm = tiny_lm("gemma3_text")
+    norm = lm.model.model.layers[2].post_feedforward_layernorm
+    with torch.no_grad():
+        norm.weight[3] = -lm.arch.norm_weight_offset  # gain 0
+    assert post_norm_gain(lm, 2)[3] == 0
+    torch.manual_seed(2)
+    written = written_output(lm, 2, torch.randn(3, lm.d_model) * 5) * 1.3 + 0.1  # off the image, nonzero at 3
+    y = output_for_written(lm, 2, written, torch.full((3,), 2.0))
+    assert torch.isfinite(y).all() and (y[:, 3] == 0).all()
+    torch.testing.assert_close(rms(y), torch.full((3,), 2.0))
+    projected = written.clone()
+    projected[:, 3] = 0
+    wrote = written_output(lm, 2, y)
+    cosine = torch.nn.functional.cosine_similarity(wrote, projected, dim=-1)
+    torch.testing.assert_close(cosine, torch.ones(3), rtol=1e-5, atol=1e-5)  # the projection's direction
+    before = state(lm)
+    delta = edit(lm, REQUEST, "memit", layers=(2,), stats_source=corpus, stats_tokens=500)
+    assert all(torch.isfinite(r.update).all() for r in delta.records)
+    delta.revert(lm)
+    assert all(torch.equal(before[k], v) for k, v in state(lm).items())
+
+
 def test_rome_maps_k_star_to_v_star_before_the_post_ffn_norm(corpus, monkeypatch):
     """With one context template, k* is the bare prompt's key: after the edit the values module gives v*
     there and the FFN writes norm(v*) into the residual, the value the δ optimisation saw."""

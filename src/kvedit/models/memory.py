@@ -97,12 +97,17 @@ def output_for_written(
     Without a post-norm that is `written` itself. Through an RMSNorm with gain g only vectors on the
     norm's image can be written; the result is `scale · u / rms(u)` with `u = written / g`, whose
     write is `written` projected onto the image (exactly `written` when it lies on it), and whose
-    RMS is `scale` `[N]` (the norm forgets the input's scale; the editors keep the current one).
+    RMS is `scale` `[N]` (the norm forgets the input's scale; the editors keep the current one). Where the
+    gain is exactly 0 the norm always writes 0, so the image has no component there and neither has `u`
+    (Gemma-3-270M's post-FFN norms have such entries at layers 1, 3 and 4; dividing by them made MEMIT's
+    targets infinite).
     """
     gain = post_norm_gain(lm, layer, sublayer)
     if gain is None:
         return written
-    u = written / gain.to(written)
+    gain = gain.to(written)
+    writable = gain != 0
+    u = torch.where(writable, written / torch.where(writable, gain, torch.ones_like(gain)), torch.zeros_like(written))
     rms = u.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(torch.finfo(u.dtype).tiny)
     return scale.to(u)[..., None] * u / rms
 
