@@ -103,10 +103,9 @@ def default_grid(lm: LM, method: str, rows: Sequence[Mapping[str, Any]] = ()) ->
 def _decay_stage(method: str, first: Sequence[Mapping[str, Any]],
                  rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The best first-stage setting at each other δ decay, once `rows` score every first-stage setting; else []."""
-    wanted = {setting_key(method, s) for s in first}
-    scored = [r for r in rows if r["method"] == method
-              and setting_key(method, {k: r[k] for k in first[0] if k in r}) in wanted]
-    if len({setting_key(method, {k: r[k] for k in first[0]}) for r in scored}) < len(wanted):
+    by_key = {setting_key(method, {k: r[k] for k in first[0] if k in r}): r for r in rows if r["method"] == method}
+    scored = [by_key[key] for s in first if (key := setting_key(method, s)) in by_key]
+    if len(scored) < len(first):
         return []
     best = best_setting(method, scored, first)
     return [{**{k: best[k] for k in first[0]}, "weight_decay": wd,

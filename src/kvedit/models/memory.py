@@ -107,7 +107,7 @@ def output_for_written(
         return written
     gain = gain.to(written)
     writable = gain != 0
-    u = torch.where(writable, written / torch.where(writable, gain, torch.ones_like(gain)), torch.zeros_like(written))
+    u = torch.where(writable, written / torch.where(writable, gain, 1.0), 0.0)
     rms = u.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(torch.finfo(u.dtype).tiny)
     return scale.to(u)[..., None] * u / rms
 
