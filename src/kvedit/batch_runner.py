@@ -58,8 +58,9 @@ class BatchRunner:
 
     settings: hparam overrides for every method (the bench's `extra`, statistics source and size).
     unedited_predictions: case_id → the unedited model's neighborhood predictions (EasyEdit locality).
-    reuse_targets: one-at-a-time runs take target vectors optimised before for the same case, settings and
-        weights from the cache (`target_store`); their edit time adds the stored optimisation time.
+    reuse_targets: runs whose every batch starts from the unedited weights (one at a time, or batches that are
+        not sequential) take target vectors optimised before for the same case, settings and weights from the
+        cache (`target_store`); their edit time adds the stored optimisation time.
     """
 
     lm: LM
@@ -111,8 +112,9 @@ class BatchRunner:
     def edit(self, spec: RunSpec, batch: Sequence[EditRequest]) -> tuple[WeightDelta, float, float]:
         """Edit `batch` in place; return the delta, the edit's time in s and, of that time, the seconds of
         target vectors served from the store (their optimisation time when first computed; `reuse_targets`
-        applies to one-at-a-time runs only, where every edit starts from the unedited weights)."""
-        reuse = self.reuse_targets and spec.batch_size == 1 and not spec.sequential
+        applies to runs that are not sequential, where every batch starts from the unedited weights: a request's
+        target vectors never depend on the others in its batch)."""
+        reuse = self.reuse_targets and not spec.sequential
         if reuse and self._targets is None:  # the weights are the unedited ones here: the folder's fingerprint
             self._targets = TargetStore(store_folder(self.lm, cache_dir() / "targets"))
         with reused_targets(self.lm, store=self._targets) if reuse else nullcontext() as store:

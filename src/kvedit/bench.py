@@ -72,7 +72,7 @@ class BenchConfig:
     stats_tokens: int | None = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # hparam overrides for every method
-    reuse_targets: bool = False  # one-at-a-time runs share target vectors (BatchRunner); numbers unchanged
+    reuse_targets: bool = False  # runs not sequential share target vectors (BatchRunner); scores unchanged
 
     def specs(self) -> list[RunSpec]:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -132,6 +132,14 @@ def settings_line(settings: Mapping[str, Mapping[str, Any]]) -> str:
                  f"lr {hp['lr']:g}" if "target" in hp else ""]
         parts.append(f"{name}: preset {hp.get('preset')}, " + ", ".join(x for x in (where, *extra) if x))
     return "Settings: " + "; ".join(parts) + "." if parts else ""
+
+
+def reuse_line(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """One line naming the runs whose edits took stored target vectors (--reuse-targets), or ""."""
+    parts = [f"{name} ({sum('targets_reused_s' in r for r in records)} of {len(records)} cases)"
+             for name, records in runs.items() if any("targets_reused_s" in r for r in records)]
+    return ("Target vectors served from the cache (optimised by an earlier run with the same settings; the edit "
+            "time counts their optimisation time as then measured): " + ", ".join(parts) + ".") if parts else ""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -456,6 +464,7 @@ class Bench:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.out / "summary.csv").write_text(summary_csv(summaries))
         tables = [self.title(), markdown_table(summaries, self.suite)] + [settings_line(settings)] * bool(settings)
+        tables += [line] if (line := reuse_line(runs)) else []
         if (easyedit := easyedit_table(summaries, self.suite)) is not None:
             tables += ["Under EasyEdit's definitions (token accuracy; locality = predictions unchanged by the edit):",
                        easyedit]

@@ -41,9 +41,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     b.add_argument("--stats-tokens", type=int, default=None, help="tokens of statistics corpus")
     b.add_argument("--seed", type=int, default=0, help="seed of generation sampling and bootstrap intervals")
     b.add_argument("--reuse-targets", action="store_true",
-                   help="one-at-a-time runs take the target vectors (v*, z, δ) optimised before for the same case, "
-                        "settings and model from the cache, e.g. PMET's ablations PMET's; edit times add the stored "
-                        "optimisation time")
+                   help="runs that are not --sequential take the target vectors (v*, z, δ) optimised before for the "
+                        "same case, settings and model from the cache, e.g. PMET's ablations PMET's, a ×100 run the "
+                        "one-at-a-time run's; edit times add the stored optimisation time")
     b.add_argument("--out", type=Path, required=True, help="output folder; an existing one is resumed")
     b.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="spread the batches over Ray workers: no ADDRESS starts a local Ray instance, 'auto' "
