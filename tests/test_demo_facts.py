@@ -7,7 +7,6 @@ import re
 import pytest
 
 from kvedit.data.demo_facts import demo_requests
-from kvedit.data.requests import EditRequest
 from kvedit.evaluation.scoring import target_nll
 
 

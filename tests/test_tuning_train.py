@@ -4,7 +4,6 @@ reloads to identical predictions, label scores match a brute-force forward pass,
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +74,7 @@ def test_resumed_run_equals_uninterrupted_and_saved_adapter_reloads(tmp_path):
     killed = run_tune(lm, ["keys"], data, tmp_path / "cut", CONFIG, log=lambda _: None, stop_after=2)
     assert not killed["complete"] and (tmp_path / "cut" / "runs" / "keys" / "checkpoint").exists()
     resumed = run_tune(lm, ["keys"], data, tmp_path / "cut", CONFIG, log=lambda _: None)
-    assert resumed["complete"]
+    assert full["complete"] and resumed["complete"]
     a = json.loads((tmp_path / "full" / "runs" / "keys" / "train.json").read_text())
     b = json.loads((tmp_path / "cut" / "runs" / "keys" / "train.json").read_text())
     assert len(a["losses"]) == 4 and a["losses"] == b["losses"]

@@ -16,10 +16,7 @@ last line is dropped. Growing `n` or adding methods reuses everything already me
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +29,8 @@ from tqdm.auto import tqdm
 from .data.download import resolve_dataset
 from .data.loaders import DatasetError, load_requests
 from .batch_runner import BatchRunner, RunSpec, neighborhood_predictions
+from .bench_folder import (BenchError, append_records, check_bench_folder, file_sha256, load_cases_file, reuse_line,
+                           runs_on_file, settings_line)
 from .data.requests import EditRequest
 from .editing.delta import WeightDelta
 from .editing.registry import METHODS, make_settings
@@ -50,10 +49,6 @@ if TYPE_CHECKING:
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "table3": MappingProxyType({"methods": ("ft-keys", "ft-values"), "batch_sizes": (1, 10)}),
 })
-
-
-class BenchError(ValueError):
-    """A bench setting is invalid or conflicts with the run already in the output folder."""
 
 
 @dataclass
@@ -100,108 +95,10 @@ class BenchConfig:
         return json.loads(json.dumps(key))  # as stored in config.json (tuples become lists)
 
 
-def check_bench_folder(out: str | Path) -> Path:
-    """Refuse an output folder that is a file, holds another command's results, or a damaged config.json
-    (before anything is loaded or written)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BenchError(f"--out {out} is an existing file; expected a folder (new, or a bench folder to resume)")
-    config = out / "config.json"
-    if config.exists():
-        try:
-            stored = json.loads(config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BenchError(f"{config} is not valid JSON ({err}); it is not a bench folder kvedit wrote. "
-                             "Remove the file or choose another --out") from None
-        if not isinstance(stored, dict) or "dataset" not in stored:
-            raise BenchError(f"{config} is not a kvedit bench configuration (no 'dataset' key); "
-                             "choose another --out")
-    elif (out / "cases.jsonl").exists():
-        raise BenchError(f"{out} holds a cases.jsonl that kvedit bench did not write (no config.json); "
-                         "choose another --out")
-    return out
-
-
-def settings_line(settings: Mapping[str, Mapping[str, Any]]) -> str:
-    """One line naming each run's preset row and layers (the full settings are in summary.json)."""
-    parts = []
-    for name, hp in settings.items():
-        layers = hp.get("layers") or []
-        where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}" if layers else ""
-        extra = [f"λ {hp['mom2_update_weight']:g}" if "mom2_update_weight" in hp else "",
-                 f"lr {hp['lr']:g}" if "target" in hp else ""]
-        parts.append(f"{name}: preset {hp.get('preset')}, " + ", ".join(x for x in (where, *extra) if x))
-    return "Settings: " + "; ".join(parts) + "." if parts else ""
-
-
-def reuse_line(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
-    """One line naming the runs whose edits took stored target vectors (--reuse-targets), or ""."""
-    parts = [f"{name} ({sum('targets_reused_s' in r for r in records)} of {len(records)} cases)"
-             for name, records in runs.items() if any("targets_reused_s" in r for r in records)]
-    return ("Target vectors served from the cache (optimised by an earlier run with the same settings; the edit "
-            "time counts their optimisation time as then measured): " + ", ".join(parts) + ".") if parts else ""
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _absolute(name_or_path: str) -> str:
     """An existing path made absolute (so the same file matches from any folder); names unchanged."""
     path = Path(name_or_path).expanduser()
     return str(path.resolve()) if path.exists() else str(name_or_path)
-
-
-def load_cases_file(path: Path) -> list[dict[str, Any]]:
-    """Records of cases.jsonl; a truncated last line (a killed write) is dropped with a warning."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise BenchError(f"{path} line {i + 1} is not JSON; the file is damaged") from None
-            warnings.warn(f"{path}: dropped a partly written last line (interrupted run)", stacklevel=2)
-    return records
-
-
-def _runs_on_file(path: Path) -> set[str]:
-    """The run names cases.jsonl holds records of (damaged lines are left to `load_cases_file` to report)."""
-    runs = set()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                runs.add(json.loads(line)["run"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return runs
-
-
-def _append(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Append records as JSON lines and flush them to disk (a finished batch is never lost).
-
-    A torn last line left by a killed run is cut off first."""
-    if not records:
-        return
-    if path.exists() and path.stat().st_size:
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):
-            with path.open("r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-    with path.open("a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def known_filter(lm: LM, requests: Sequence[EditRequest], batch_size: int = 32) -> list[bool]:
@@ -250,7 +147,7 @@ class Bench:
         settings (a preset chosen since, a changed default): its records would otherwise mix two settings."""
         path = self.out / "settings.json"
         old = json.loads(path.read_text()) if path.exists() else {}
-        with_records = _runs_on_file(self.cases_file)
+        with_records = runs_on_file(self.cases_file)
         changed = {run: sorted(k for k in set(old[run]) | set(now) if old[run].get(k) != now.get(k))
                    for run, now in self.run_settings.items() if run in old and run in with_records and old[run] != now}
         if changed:
@@ -346,7 +243,7 @@ class Bench:
             records = [m | {"run": "unedited", "method": "unedited"} for m in self.runner.evaluate(todo)]
             self.runner.unedited_predictions |= neighborhood_predictions(records)
             add_locality(records, self.runner.unedited_predictions)
-            _append(self.cases_file, records)
+            append_records(self.cases_file, records)
         if ray is not None:
             self._run_distributed(ray, done, on_progress)
         for spec in tqdm(self.specs, desc="runs", unit="run", disable=not self.progress or len(self.specs) == 1):
@@ -379,7 +276,7 @@ class Bench:
         pool = WorkerPool(ray, self.runner)
         try:
             pool.run(tasks, self.runner.unedited_predictions,
-                     lambda spec, records: _append(self.cases_file, [r for r in records
+                     lambda spec, records: append_records(self.cases_file, [r for r in records
                                                                     if (spec.key, r["case_id"]) not in done]),
                      on_progress, progress=self.progress)
         finally:
@@ -395,7 +292,7 @@ class Bench:
             self.runner.prepare(spec)
         for index, batch in tqdm(batches, desc=spec.key, unit="batch", disable=not self.progress, leave=False):
             records = self.runner.run_batch(spec, batch, index)
-            _append(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
+            append_records(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
 
     def _run_sequential(self, spec: RunSpec, done: set[tuple[str, Any]]) -> None:
         """Batches applied one after another; after each, the batch's cases are scored and every
@@ -425,7 +322,7 @@ class Bench:
                     history["earlier_efficacy"] = 100.0 * sum(c[key] for c in kept) / len(kept)
                 records = self.runner.records(spec, batch, delta, elapsed, index, history)
                 delta.save(patch)
-                _append(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
+                append_records(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
         finally:
             for delta in reversed(applied):
                 delta.revert(self.lm)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..models.lm import LM
 from .adapters import adapter_metadata, load_adapter, save_adapter
