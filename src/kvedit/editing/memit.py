@@ -13,8 +13,8 @@ the partly edited model and R the part of Z − H(L) still missing:
 Families with a norm after the FFN (Gemma-2/3, OLMo-2) write `norm(W k)` into the residual, not
 `W k`. There the residual to spread is measured in what reaches the residual stream, and each
 layer's share is turned into a values-module target through that layer's norm
-(`output_for_written`, keeping the current output's scale) before the linear solve; R below is
-then that target minus the current output.
+(`output_for_written`: the output whose write is nearest to the goal, at the current output's scale)
+before the linear solve; R below is then that target minus the current output.
 """
 
 from __future__ import annotations
@@ -132,8 +132,7 @@ def _output_change(
     """`[N, d_out]`: the change of `layer`'s module output that changes its write by `written_change`."""
     current = site_values(lm, (target.output_site, layer), requests).double()
     wanted = written_output(lm, layer, current, target.sublayer) + written_change
-    scale = current.pow(2).mean(-1).sqrt()
-    return output_for_written(lm, layer, wanted, scale, target.sublayer) - current
+    return output_for_written(lm, layer, wanted, current, target.sublayer) - current
 
 
 def update_keys(c_inv: torch.Tensor, keys: torch.Tensor, lam: float) -> torch.Tensor:

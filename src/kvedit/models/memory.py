@@ -90,26 +90,68 @@ def written_output(
 
 
 def output_for_written(
-    lm: LM, layer: int, written: torch.Tensor, scale: torch.Tensor, sublayer: Literal["ffn", "attn"] = "ffn"
+    lm: LM, layer: int, written: torch.Tensor, current: torch.Tensor, sublayer: Literal["ffn", "attn"] = "ffn"
 ) -> torch.Tensor:
-    """An output-projection output `[N, d_model]` whose `written_output` is `written` `[N, d_model]`.
+    """An output-projection output `[N, d_model]` whose `written_output` is as close to `written` `[N, d_model]`
+    as the norm allows, at the RMS of `current` `[N, d_model]` (the output it replaces).
 
-    Without a post-norm that is `written` itself. Through an RMSNorm with gain g only vectors on the
-    norm's image can be written; the result is `scale · u / rms(u)` with `u = written / g`, whose
-    write is `written` projected onto the image (exactly `written` when it lies on it), and whose
-    RMS is `scale` `[N]` (the norm forgets the input's scale; the editors keep the current one). Where the
-    gain is exactly 0 the norm always writes 0, so the image has no component there and neither has `u`
-    (Gemma-3-270M's post-FFN norms have such entries at layers 1, 3 and 4; dividing by them made MEMIT's
-    targets infinite).
+    Without a post-norm that is `written` itself. Through an RMSNorm with gain g only the points
+    `g ⊙ y` with rms(y) = 1 can be written (an ellipsoid); the result is `rms(current) · y` for the y whose
+    write is nearest to `written` in the residual stream (`nearest_on_norm_image`; exactly `written` when it
+    lies on the image). The norm forgets its input's scale; the editors keep the current one, and `current`'s
+    share of the components the norm ignores (a gain of exactly 0).
     """
     gain = post_norm_gain(lm, layer, sublayer)
     if gain is None:
         return written
-    gain = gain.to(written)
+    current = current.to(torch.float64)
+    y = nearest_on_norm_image(gain.to(torch.float64), written.to(torch.float64), current)
+    return (current.pow(2).mean(-1, keepdim=True).sqrt() * y).to(written.dtype)
+
+
+def nearest_on_norm_image(
+    gain: torch.Tensor, written: torch.Tensor, like: torch.Tensor | None = None, iterations: int = 200
+) -> torch.Tensor:
+    """`[N, d]`: the y with rms(y) = 1 minimising ‖g ⊙ y − w‖ for gain g `[d]` and each row w of `written`.
+
+    Stationarity gives `y = g ⊙ w / (g² + μ)`, and the minimum is the root with μ > −min g² of
+    Σ (g w)² / (g² + μ)² = d, which decreases in μ: found by bisection, per row. Where the gain is exactly 0
+    (Gemma-3-270M's post-FFN norms have such entries at layers 1, 3 and 4) the norm writes nothing but still
+    counts the component in its RMS: those components are slack. A row whose `w / g` has Σ ≤ d is then
+    written exactly, the slack going to those components in proportion to `like` `[N, d]` (evenly without it).
+    Rescaling `w / g` to rms 1 instead (what kvedit did before) keeps the write's direction in the pre-gain
+    space, not the residual's, and loses most of a change as large as the write itself (docs/models.md).
+    """
     writable = gain != 0
-    u = torch.where(writable, written / torch.where(writable, gain, 1.0), 0.0)
-    rms = u.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(torch.finfo(u.dtype).tiny)
-    return scale.to(u)[..., None] * u / rms
+    if not writable.any():
+        raise ValueError("every gain of the norm is 0: it writes nothing, so no output can be solved for")
+    d = written.shape[-1]
+    g2 = torch.where(writable, gain * gain, 0.0)
+    gw = torch.where(writable, gain * written, 0.0)  # [N, d]
+
+    def solution(mu: torch.Tensor) -> torch.Tensor:  # y on the writable components for multipliers mu [N]
+        return torch.where(writable, gw / (g2 + mu[..., None]), 0.0)
+
+    slack = not bool(writable.all())
+    rows = written.shape[:-1]
+    low = torch.full(rows, 0.0 if slack else -float(g2[writable].min()), dtype=written.dtype, device=written.device)
+    high = (gw.norm(dim=-1) / d**0.5).clamp_min(1e-300)  # there Σ y² ≤ ‖g w‖² / high² = d
+    if slack:  # μ = 0 where w/g already fits: written exactly, the rest of the RMS in the ignored components
+        fits = solution(torch.zeros_like(low)).pow(2).sum(-1) <= d
+        high = torch.where(fits, 0.0, high)
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        too_long = solution(mid).pow(2).sum(-1) > d
+        low, high = torch.where(too_long, mid, low), torch.where(too_long, high, mid)
+    y = solution(high)
+    if slack:
+        reference = torch.ones_like(written) if like is None else like.to(written)
+        fill = torch.where(writable, 0.0, reference.abs() + 1e-12)  # `like`'s share, even where it has none
+        room = (d - y.pow(2).sum(-1, keepdim=True)).clamp_min(0.0)
+        y = y + torch.where(reference < 0, -fill, fill) * (room / fill.pow(2).sum(-1, keepdim=True)).sqrt()
+    # at the root rms(y) = 1 to float precision; when w has no component along the smallest gains the root can
+    # lie at μ = −min g² itself (the trust-region "hard case"), and the rescale keeps rms(y) = 1 anyway
+    return y / y.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(torch.finfo(y.dtype).tiny)
 
 
 @torch.no_grad()
