@@ -160,6 +160,10 @@ def test_a_run_resumed_after_its_preset_changed_is_refused(tiny_llama, dataset, 
     summary = Bench(tiny_llama, keys_only, out, progress=False).run()
     assert summary["settings"]["ft-keys"]["layers"] == [2] and summary["runs"]["ft-keys"]["n"] == 2
     assert json.loads((out / "settings.json").read_text())["ft-values"]["layers"] == [0]
+    # a folder from before settings.json: its records are kept, with a warning naming the settings assumed
+    (out / "settings.json").unlink()
+    with pytest.warns(UserWarning, match=r"records of ft-keys from before .* layer 2"):
+        Bench(tiny_llama, keys_only, out, progress=False)
 
 
 def test_known_filter_compares_true_and_new(tiny_llama, dataset, tmp_path):

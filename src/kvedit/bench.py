@@ -150,6 +150,12 @@ class Bench:
         with_records = runs_on_file(self.cases_file)
         changed = {run: sorted(k for k in set(old[run]) | set(now) if old[run].get(k) != now.get(k))
                    for run, now in self.run_settings.items() if run in old and run in with_records and old[run] != now}
+        unknown = sorted(run for run in self.run_settings if run in with_records and run not in old)
+        if unknown:
+            warnings.warn(f"{self.out} holds records of {', '.join(unknown)} from before kvedit recorded each run's "
+                          "settings (settings.json): they are kept as if made with today's "
+                          f"({settings_line({r: self.run_settings[r] for r in unknown})}); remove their lines from "
+                          "cases.jsonl to redo them if a preset has changed since", stacklevel=2)
         if changed:
             detail = "; ".join(f"{run}: {', '.join(f'{k} {old[run].get(k)} -> {self.run_settings[run].get(k)}' for k in keys)}"
                                for run, keys in changed.items())
