@@ -159,6 +159,8 @@ def test_a_run_resumed_after_its_preset_changed_is_refused(tiny_llama, dataset, 
     (out / "cases.jsonl").write_text("".join(l + "\n" for l in lines if '"run": "ft-keys"' not in l))
     summary = Bench(tiny_llama, keys_only, out, progress=False).run()
     assert summary["settings"]["ft-keys"]["layers"] == [2] and summary["runs"]["ft-keys"]["n"] == 2
+    assert summary["settings"]["ft-values"]["layers"] == [0]  # a run of an earlier invocation keeps its entry
+    assert "ft-values: preset default, layer 0" in (out / "table.md").read_text()
     assert json.loads((out / "settings.json").read_text())["ft-values"]["layers"] == [0]
     # a folder from before settings.json: its records are kept, with a warning naming the settings assumed
     (out / "settings.json").unlink()

@@ -358,7 +358,9 @@ class Bench:
             summaries[name] = summarize_run(records, self.suite, seed=self.config.seed) | setting
         complete = all(len(r) == len(self.cases) for r in runs.values())
         edited = {k: v for k, v in runs.items() if k != "unedited"}
-        settings = {name: self.run_settings[name] for name in edited if name in self.run_settings}
+        path = self.out / "settings.json"  # every run's, this invocation's and earlier ones'
+        known = (json.loads(path.read_text()) if path.exists() else {}) | self.run_settings
+        settings = {name: known[name] for name in edited if name in known}
         summary = {
             "model": self.lm.name, "dataset": self.config.dataset, "suite": self.suite.name,
             "cases": self.filter_info, "complete": complete, "runs": summaries,
