@@ -4,6 +4,7 @@ Layout of the output folder::
 
     config.json      settings that must match for a run to resume (dataset, filter, statistics, model)
     known.json       the known-fact filter's result (kept case ids, counts)
+    settings.json    per run, the settings its edits used as resolved for the model (a changed one is refused)
     cases.jsonl      one record per (run, case); appended and flushed after every batch
     patches/<run>/   sequential runs only: each batch's WeightDelta, re-applied on resume
     summary.json     per run: every metric's mean, 95 % interval and count, edit time; paired comparisons
