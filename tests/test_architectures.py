@@ -103,3 +103,22 @@ def test_gated_only_targets_are_refused_on_ungated_models():
     request = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
     with pytest.raises(ValueError, match="no key module"):
         edit(lm, request, "ft-key-gate")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if ARCHITECTURES[f].objective == "causal"])
+def test_cached_decoding_equals_full_passes_without_deprecated_cache_arguments(family):
+    """Greedy decoding through the KV cache gives the tokens full forward passes give, and passes the cache under
+    the name this transformers takes (a FutureWarning on a renamed argument fails the test)."""
+    import warnings
+
+    from kvedit.evaluation.generation import generate_ids
+
+    lm = tiny_lm(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        cached = generate_ids(lm, PROMPTS[:1], total_tokens=12, top_k=1)[0]
+    ids = lm.tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        while len(ids) < 12:
+            ids = ids + [int(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+    assert cached == ids

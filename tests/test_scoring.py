@@ -32,6 +32,18 @@ def test_target_nll_equals_hand_computation_with_padding(family):
     assert got.tolist() == pytest.approx(want, abs=1e-5)
 
 
+def test_scores_apply_a_final_logit_soft_cap_as_the_model_does():
+    """A config with `final_logit_softcapping` (Gemma-2 style): scoring unembeds only the target positions and
+    must cap them as the model's forward caps every logit."""
+    lm = tiny_lm("gemma3_text")
+    lm.model.config.final_logit_softcapping = 0.05  # the tiny model's logits are small: a cap that binds
+    prompts, targets = ["the eiffel tower is located in the city of", "rome"], ["paris", "is"]
+    want = [manual_nll(lm, p, t) for p, t in zip(prompts, targets)]
+    assert target_nll(lm, prompts, targets).tolist() == pytest.approx(want, abs=1e-5)
+    lm.model.config.final_logit_softcapping = None
+    assert target_nll(lm, prompts, targets).tolist() != pytest.approx(want, abs=1e-3)  # the cap mattered
+
+
 def test_multi_token_target_positions():
     lm = tiny_lm("llama")
     enc = encode_target(lm, "berlin is the capital of", "germany and spain")

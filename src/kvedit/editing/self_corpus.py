@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..models.cache import cache_dir, write_atomic
-from ..models.lm import LM
+from ..models.lm import LM, cache_keyword, returned_cache
 
 #: openings of the sampled rows, cycled
 SELF_SEEDS = (
@@ -77,7 +77,7 @@ def sample_block(lm: LM, block: int, seed: int, rows: int, seq_len: int, top_k: 
         top = logits.topk(top_k, dim=-1)
         nxt = top.indices.gather(1, torch.multinomial(top.values.softmax(-1), 1, generator=generator))
         ids = torch.cat([ids, nxt], 1)
-        out = lm.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = lm.model(input_ids=nxt, **cache_keyword(lm.model, returned_cache(out)), use_cache=True)
     ids = ids[:, :seq_len].cpu()
     return ids, torch.ones_like(ids)
 

@@ -228,7 +228,6 @@ def _optimize_group(
     """Optimise the δs of requests `owners` together, writing `results` and `steps` in place."""
     deltas = {(i, s): torch.zeros(lm.d_model, device=lm.device, requires_grad=True) for i in owners for s in sites}
     optimizer = torch.optim.Adam(list(deltas.values()), lr=opts.lr)
-    head = lm.model.get_output_embeddings()
     out = lm.output_device  # δs live on lm.device; per-request losses where the logits are
     inits: dict[tuple[int, Site], torch.Tensor] = {}
     kl_init: dict[int, torch.Tensor] = {}
@@ -253,7 +252,7 @@ def _optimize_group(
         # then each request's KL position): its weight `[vocab, d]`, 671 MB on Gemma-3, is read once per pass
         at_targets = hidden[group.ctx_rows[:, None], group.rel_pos]  # [rows, width, d]
         rows, width = at_targets.shape[:2]
-        every = F.log_softmax(head(torch.cat([at_targets.flatten(0, 1), hidden[group.kl_index, 0]])).float(), -1)
+        every = F.log_softmax(lm.unembed(torch.cat([at_targets.flatten(0, 1), hidden[group.kl_index, 0]])).float(), -1)
         logprobs, kl_logprobs = every[: rows * width].unflatten(0, (rows, width)), every[rows * width :]
         token_nll = -logprobs.gather(-1, group.targets[..., None])[..., 0]
         row_nll = (token_nll * group.target_mask).sum(1) / group.target_mask.sum(1)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..data.requests import EditRequest
-from ..models.lm import LM
+from ..models.lm import LM, cache_keyword, returned_cache
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _TFIDF_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern, lower-cased
@@ -87,9 +87,9 @@ def generate_ids(
     cache = None
     step_ids = ids
     for _ in range(max(0, new_tokens)):
-        out = lm.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True)
-        cache = out.past_key_values
+        out = lm.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                       **cache_keyword(lm.model, cache), use_cache=True)
+        cache = returned_cache(out)
         probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
         top_probs, top_ids = probs.topk(top_k, dim=-1)
         step_ids = top_ids.gather(-1, torch.multinomial(top_probs, 1, generator=generator))

@@ -127,7 +127,7 @@ def score_batch(lm: LM, batch: TargetBatch) -> TokenScores:
         hidden = lm.model.base_model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         ).last_hidden_state
-        picked = lm.model.get_output_embeddings()(hidden[rows.to(hidden.device), batch.positions.to(hidden.device)])
+        picked = lm.unembed(hidden[rows.to(hidden.device), batch.positions.to(hidden.device)])
     else:
         logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         picked = logits[rows.to(logits.device), batch.positions.to(logits.device)]  # [N, L, vocab]

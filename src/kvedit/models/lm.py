@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,13 @@ class LM:
     def output_device(self) -> torch.device:
         """Where logits come out: the unembedding's device (differs from `device` when the model is split)."""
         return self.model.get_output_embeddings().weight.device
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[..., vocab]` of final hidden states `[..., d_model]`, as the model's forward makes them: the
+        output layer, then `c·tanh(x/c)` when the config sets a final-logit soft-cap `c` (Gemma-2 style)."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @property
     def num_layers(self) -> int:
@@ -124,3 +132,15 @@ class LM:
                 h.update(str(tuple(p.shape)).encode())
                 h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
         return h.hexdigest()
+
+
+def cache_keyword(module: nn.Module, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` for `module(...)`: transformers 5.2x renamed a forward's KV-cache argument
+    `past_key_values` to `cache` (the old name warns, and goes in 5.40); earlier releases take only the old one."""
+    parameters = inspect.signature(module.forward).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": cache}
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward with `use_cache=True` returned, under either name (see `cache_keyword`)."""
+    return output.get("cache", output.get("past_key_values"))

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .lm import LM
+from .lm import LM, cache_keyword, returned_cache
 from .tracing import StopForward
 
 
@@ -81,10 +81,10 @@ class SplitBatch:
         self.as_tuple = False
         with torch.no_grad():
             if self.width:
-                self.cache = lm.model.base_model(
+                self.cache = returned_cache(lm.model.base_model(
                     input_ids=self.prefix.to(lm.device), attention_mask=self.prefix_mask.to(lm.device),
                     position_ids=(self.prefix_mask.cumsum(-1) - 1).clamp(min=0).to(lm.device), use_cache=True,
-                ).past_key_values
+                ))
             if self.start:
                 self._store_entry()
 
@@ -112,7 +112,8 @@ class SplitBatch:
         cache = copy.deepcopy(self.cache) if self.cache is not None else None
         return self.lm.model.base_model(
             input_ids=self.suffix.to(device), attention_mask=mask.to(device),
-            position_ids=self.suffix_positions.to(device), past_key_values=cache, use_cache=cache is not None,
+            position_ids=self.suffix_positions.to(device), **cache_keyword(self.lm.model.base_model, cache),
+            use_cache=cache is not None,
         )
 
     def forward_suffix(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..models.lm import LM
+from ..models.lm import LM, cache_keyword, returned_cache
 from .tasks import Example
 from .tokens import encode_example, encode_prompt
 
@@ -58,10 +58,11 @@ def _step(lm: LM, ids: torch.Tensor, mask: torch.Tensor, cache: Any, last_only: 
     (`[B, 1, vocab]` with `last_only`: only the last position is unembedded)."""
     positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
     out = lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                              position_ids=positions.to(lm.device), past_key_values=cache, use_cache=True)
+                              position_ids=positions.to(lm.device), **cache_keyword(lm.model.base_model, cache),
+                              use_cache=True)
     hidden = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
-    logits = lm.model.get_output_embeddings()(hidden).float()
-    return F.log_softmax(logits, -1).cpu(), out.past_key_values
+    logits = lm.unembed(hidden).float()
+    return F.log_softmax(logits, -1).cpu(), returned_cache(out)
 
 
 @torch.no_grad()

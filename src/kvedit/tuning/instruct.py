@@ -110,7 +110,7 @@ def mmlu_predictions(lm: LM, items: Sequence[MMLUItem], batch_size: int = 8, des
             hidden = lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                                          use_cache=False).last_hidden_state
             last = hidden[torch.arange(len(rows)), mask.sum(1).to(lm.device) - 1]
-            logits = lm.model.get_output_embeddings()(last).float()[:, letters].cpu()
+            logits = lm.unembed(last).float()[:, letters].cpu()
             for it, row in zip(batch, logits):
                 guess = CHOICES[int(row.argmax())]
                 out.append({"uid": it.uid, "subject": it.subject, "gold": it.answer, "predicted": guess,

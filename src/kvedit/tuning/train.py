@@ -105,7 +105,7 @@ def batch_loss(lm: LM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
     hidden = lm.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  use_cache=False).last_hidden_state
     targets = batch["loss_mask"][:, 1:]
-    logits = lm.model.get_output_embeddings()(hidden[:, :-1][targets]).float()
+    logits = lm.unembed(hidden[:, :-1][targets]).float()
     gold = batch["input_ids"][:, 1:][targets]
     return F.cross_entropy(logits, gold, reduction="sum"), int(targets.sum())
 
