@@ -17,7 +17,7 @@ from kvedit.models import Trace, ffn_memory, memory_coefficients
 from kvedit.models.memory import output_for_written, post_norm_gain, written_output
 from tiny_models import tiny_lm
 
-POST_NORM_FAMILIES = ["gemma3_text", "olmo2"]
+POST_NORM_FAMILIES = ["gemma2", "gemma3_text", "olmo2"]
 PROMPTS = ["the eiffel tower is located in the city of", "paris is the capital of"]
 REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
 SENTENCE = "the eiffel tower is located in the city of paris and rome is the capital of italy"
@@ -46,7 +46,7 @@ def test_memory_view_reads_values_and_the_post_ffn_norm_gain(family):
     mem = ffn_memory(lm, 1)
     assert torch.equal(mem.values, block.mlp.down_proj.weight.T)
     assert torch.equal(mem.keys["gate"], block.mlp.gate_proj.weight)
-    gain = block.post_feedforward_layernorm.weight + (1.0 if family == "gemma3_text" else 0.0)
+    gain = block.post_feedforward_layernorm.weight + lm.arch.norm_weight_offset
     torch.testing.assert_close(mem.post_norm_gain, gain.detach())
     assert not torch.allclose(gain, torch.ones_like(gain))  # the tiny model's gains are not trivially 1
     torch.testing.assert_close(mem.written, mem.values * gain.detach())
@@ -69,8 +69,8 @@ def test_writes_rebuild_the_residual_stream(family):
     torch.testing.assert_close(tr["ffn_write", 1], written_output(lm, 1, tr["ffn_out", 1]))
     torch.testing.assert_close(tr["attn_write", 1], written_output(lm, 1, tr["attn_out", 1], "attn"))
     mem = ffn_memory(lm, 1)
-    eps = lm.module(f"{lm.arch.layers}.1.post_feedforward_layernorm").eps if family == "gemma3_text" else \
-        lm.module(f"{lm.arch.layers}.1.post_feedforward_layernorm").variance_epsilon
+    norm = lm.module(f"{lm.arch.layers}.1.post_feedforward_layernorm")
+    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
     out = tr["ffn_out", 1]
     by_cells = (tr["coefficients", 1] @ mem.written) / (out.pow(2).mean(-1, keepdim=True) + eps).sqrt()
     torch.testing.assert_close(tr["ffn_write", 1], by_cells, rtol=1e-4, atol=1e-5)
@@ -203,7 +203,7 @@ def test_a_gemma3_patch_reverts_bit_exactly(corpus, method):
         assert torch.equal(after[name], tensor), name
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma3_text"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
 def test_scoring_with_a_bos_adding_tokenizer_matches_brute_force(family):
     lm = tiny_lm(family)
     bos = lm.tokenizer.bos_token_id
@@ -220,7 +220,7 @@ def test_scoring_with_a_bos_adding_tokenizer_matches_brute_force(family):
     torch.testing.assert_close(target_nll(lm, [prompt], [target])[0], brute, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma3_text", "olmo", "olmo2"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo", "olmo2"])
 def test_new_rows_coefficients_are_the_values_module_input(family):
     lm = tiny_lm(family)
     coeffs, mask = memory_coefficients(lm, PROMPTS, [1])

@@ -26,7 +26,7 @@ EXPECTED = {
 LLAMA_ROLES = {"attn-qv": ["self_attn.q_proj", "self_attn.v_proj"], "key-gate": ["mlp.gate_proj"],
                "key-up": ["mlp.up_proj"], "keys": ["mlp.gate_proj", "mlp.up_proj"], "values": ["mlp.down_proj"]}
 EXPECTED |= {family: LLAMA_ROLES
-             for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "olmo", "olmo2")}
+             for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")}
 LAYER_LISTS = {"gpt2": "transformer.h", "gptj": "transformer.h", "gpt_neox": "gpt_neox.layers",
                "opt": "model.decoder.layers", "bert": "bert.encoder.layer"}
 

@@ -8,6 +8,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     BertConfig,
+    Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
@@ -86,12 +87,14 @@ TINY_CONFIGS: dict[str, PretrainedConfig] = {
     "bert": BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                        max_position_embeddings=64, **SMALL),
     "gemma": GemmaConfig(**LLAMA_SIZES, head_dim=8, **SMALL),
+    # a soft-cap near the tiny model's logits (|z| ≤ 0.3 at init): scoring must apply it as the forward does
+    "gemma2": Gemma2Config(**LLAMA_SIZES, head_dim=8, sliding_window=16, final_logit_softcapping=1.0, **SMALL),
     "gemma3_text": Gemma3TextConfig(**LLAMA_SIZES, head_dim=8, sliding_window=16, **SMALL),
     "olmo": OlmoConfig(**LLAMA_SIZES, **SMALL),
     "olmo2": Olmo2Config(**LLAMA_SIZES, **SMALL),
 }
 #: families whose real tokenizer adds a BOS token; their tiny models do too
-BOS_FAMILIES = ("gemma", "gemma3_text")
+BOS_FAMILIES = ("gemma", "gemma2", "gemma3_text")
 assert set(TINY_CONFIGS) == set(ARCHITECTURES), "every architecture row needs a tiny config"
 
 

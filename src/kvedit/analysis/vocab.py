@@ -34,9 +34,9 @@ def project(lm: LM, vectors: torch.Tensor, apply_final_norm: bool = False) -> to
 @torch.no_grad()
 def logit_lens(lm: LM, residual: torch.Tensor) -> torch.Tensor:
     """Logits the model would output if its residual stream ended here: unembed(final_norm(residual)),
-    bias included, `[..., vocab]` float32. At the last layer this is the model's own output."""
-    head = lm.module(lm.arch.unembed)
-    return head(final_norm(lm, residual.to(head.weight.dtype))).float()
+    bias and any final-logit soft-cap included, `[..., vocab]` float32. At the last layer this is the model's
+    own output."""
+    return lm.unembed(final_norm(lm, residual.to(unembedding(lm).dtype))).float()
 
 
 def token_strings(lm: LM) -> list[str]:

@@ -65,6 +65,7 @@ FT_DEFAULT_DEPTH: Mapping[str, float] = MappingProxyType({
     "opt": 0.1,
     "bert": 0.5,
     "gemma": 0.1,
+    "gemma2": 0.1,
     "gemma3_text": 0.1,
     "olmo": 0.1,
     "olmo2": 0.1,

@@ -145,6 +145,13 @@ _ROWS: dict[str, Architecture] = {
     "qwen2": Architecture(family="Qwen2", **_LLAMA_LIKE),
     "qwen3": Architecture(family="Qwen3", **_LLAMA_LIKE),
     "gemma": Architecture(family="Gemma", **_LLAMA_LIKE, norm_weight_offset=1.0),
+    "gemma2": Architecture(
+        family="Gemma-2",
+        **{**_LLAMA_LIKE, "activation_attr": "hidden_activation"},
+        post_ffn_norm="post_feedforward_layernorm",
+        post_attn_norm="post_attention_layernorm",
+        norm_weight_offset=1.0,
+    ),
     "gemma3_text": Architecture(
         family="Gemma-3 (text)",
         **{**_LLAMA_LIKE, "activation_attr": "hidden_activation"},
