@@ -66,6 +66,8 @@ class MEMITHyperParams(ClosedFormHyperParams):
 
 #: REFERENCE.md §4. "smollm2": window, λ and δ decay chosen by benchmarks/select_presets.py (docs/presets.md;
 #: 48 settings on 50 tuning cases, the grid PMET shares): 3–7, λ 500, δ decay 0.5 score 100 / 96 / 74.
+#: "gemma3-270m" likewise (25 settings): 1–5, λ 1500 (tied down to λ 50: the largest), δ decay 0.5 (tied with
+#: 1e-3) score 98 / 96 / 82.
 MEMIT_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
     "gpt2-xl": dict(layers=(13, 14, 15, 16, 17), max_steps=20, lr=0.5, weight_decay=0.5, mom2_update_weight=20000.0),
     "gpt-j": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=25, lr=0.5, weight_decay=0.5, mom2_update_weight=15000.0),
@@ -73,6 +75,8 @@ MEMIT_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
     "llama": dict(layers=(4, 5, 6, 7, 8), max_steps=25, lr=0.1, weight_decay=1e-3, mom2_update_weight=15000.0),
     "smollm2": dict(layers=(3, 4, 5, 6, 7), max_steps=25, lr=0.5, weight_decay=0.5, mom2_update_weight=500.0,
                     stats_tokens=20_000),
+    "gemma3-270m": dict(layers=(1, 2, 3, 4, 5), max_steps=25, lr=0.5, weight_decay=0.5, mom2_update_weight=1500.0,
+                        stats_tokens=20_000),
 })
 
 
