@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,39 @@ def test_fine_tuning_takes_the_layer_and_lr_chosen_for_the_model_unless_told_oth
     smol = LM.wrap(lm.model, lm.tokenizer, name="SmolLM2-135M-Instruct")
     assert chosen_for_model(smol, "rome") and chosen_for_model(smol, "pmet-even-spread")
     assert not chosen_for_model(lm, "memit")  # a tiny Llama takes its family's row
+
+
+def test_gemma3_takes_the_closed_form_presets_chosen_for_it():
+    """The name the packaged Gemma-3-270M loads under selects its own rows, not the Llama family's."""
+    from kvedit.editing.registry import chosen_for_model, get_method
+    from kvedit.models.lm import LM
+
+    lm = tiny_lm("gemma3_text")
+    gemma = LM.wrap(lm.model, lm.tokenizer, name="gemma-3-270m-q4_k_m")
+    one_at_a_time = ["ft-keys", "ft-values", "rome", "memit", "pmet", "pmet-no-attn-delta", "pmet-update-attn",
+                     "pmet-even-spread"]
+    assert [m for m in one_at_a_time if not chosen_for_model(gemma, m)] == []
+    assert not chosen_for_model(lm, "pmet")  # the tiny model's name selects no row
+    memit, pmet = get_method("memit").make_hparams(gemma), get_method("pmet").make_hparams(gemma)
+    assert (memit.layers, memit.mom2_update_weight) == ((1, 2, 3, 4, 5), 1500.0)
+    assert (pmet.layers, pmet.mom2_update_weight, pmet.weight_decay) == ((2, 3, 4, 5, 6), 1500.0, 1e-3)
+    assert get_method("pmet-update-attn").make_hparams(gemma).layers == pmet.layers  # ablations share the row
+    assert get_method("rome").make_hparams(gemma).layers == (2,)
+
+
+@pytest.mark.parametrize("folder, row", [("select-smollm2", "smollm2"), ("select-gemma3", "gemma3-270m")])
+def test_preset_tables_hold_what_the_selection_chose(folder, row):
+    """Each model's preset rows equal the chosen.json its selection wrote (results/ in this repository), so a
+    table run on the model's defaults runs the settings docs/presets.md reports."""
+    from kvedit.editing.finetune import FT_MODEL_SETTINGS
+    from kvedit.editing.memit import MEMIT_PRESETS
+    from kvedit.editing.pmet import PMET_PRESETS
+    from kvedit.editing.rome import ROME_PRESETS
+
+    chosen = json.loads((Path(__file__).parents[1] / "results" / folder / "chosen.json").read_text())
+    tables = {"rome": ROME_PRESETS, "memit": MEMIT_PRESETS, "pmet": PMET_PRESETS}
+    assert set(chosen) == {"ft-keys", "ft-values", *tables}
+    for method, settings in chosen.items():
+        preset = (FT_MODEL_SETTINGS[row][method.removeprefix("ft-")] if method.startswith("ft-")
+                  else tables[method][row])
+        assert {k: list(v) if k == "layers" else v for k, v in preset.items() if k in settings} == settings, method
