@@ -14,7 +14,8 @@ from ..models.lm import LM
 #: take the Llama presets, the post-norm Gemma/OLMo-2 rows included); anything else starts from GPT-2 XL's.
 FAMILY_PRESETS: Mapping[str, str] = MappingProxyType({
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-    "gemma2": "llama", "gemma3_text": "llama", "olmo": "llama", "olmo2": "llama", "gptj": "gpt-j", "gpt_neox": "gpt-neox",
+    "gemma2": "llama", "gemma3_text": "llama", "olmo": "llama", "olmo2": "llama", "gptj": "gpt-j",
+    "gpt_neox": "gpt-neox",
 })
 
 #: Presets chosen for one model ahead of its family's (benchmarks/select_presets.py): a part of the model's
