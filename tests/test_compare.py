@@ -82,3 +82,27 @@ def test_a_pair_stored_the_other_way_round_is_turned_round(tmp_path):
     assert "Efficacy" not in text  # only what some folder holds
     got = json.loads((tmp_path / "out" / "compare.json").read_text())["columns"]["cf-model · counterfact"]
     assert (got["pmet|memit|Paraphrase"]["wins"], got["pmet|memit|Paraphrase"]["losses"]) == (2, 21)
+
+
+def test_compare_lists_every_runs_scores_side_by_side(two_folders, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", *map(str, two_folders), "--out", str(out), "--labels", "first,second"]) == 0
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    table = (out / "compare.md").read_text()
+    for label, folder in zip(("first", "second"), two_folders):
+        stored = json.loads((folder / "summary.json").read_text())["runs"]["ft-keys"]["metrics"]
+        got = runs[label]["ft-keys"]
+        assert got["Paraphrase"] == pytest.approx(stored["paraphrase_success"]["mean"])
+        assert got["Score"] == pytest.approx(stored["score"]["mean"])
+        assert got["n"] == len(FACTS)
+    first = runs["first"]["ft-values"]
+    cell = f"{first['Efficacy']:.1f} / {first['Paraphrase']:.1f} / {first['Specificity']:.1f} ({first['Score']:.1f})"
+    assert f"| ft-values | {cell} |" in table
+
+
+def test_a_run_short_of_its_folders_cases_says_so():
+    from kvedit.compare import _run_cell
+    run = {"Efficacy": 96.0, "Paraphrase": 84.5, "Specificity": None, "Score": 88.25, "n": 55}
+    assert _run_cell(run, 200) == "96.0 / 84.5 / – (88.2, 55 of 200 cases)"
+    assert _run_cell({**run, "n": 200}, 200) == "96.0 / 84.5 / – (88.2)"
+    assert _run_cell(None, 200) == "–"

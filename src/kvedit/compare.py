@@ -4,8 +4,9 @@
 For each pair of runs (A, B) and each of the suite's three success metrics (efficacy, paraphrase,
 specificity), the paired difference A − B over a folder's shared cases is read from its summary.json
 (bootstrap 95 % interval, exact sign test), turned round when the folder stored it as B − A. Writes to OUT:
-compare.md (a table, one column per folder), compare.json (the same numbers) and compare.png (a forest plot:
-one panel per pair and metric, one bar per folder).
+compare.md (a table, one column per folder; then every run's efficacy / paraphrase / specificity and Score side
+by side), compare.json (the same numbers) and compare.png (a forest plot: one panel per pair and metric, one bar
+per folder).
 """
 
 from __future__ import annotations
@@ -64,6 +65,30 @@ def folder_comparisons(summary: Mapping[str, Any], pairs: Sequence[tuple[str, st
     return found
 
 
+def folder_runs(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{run: {"Efficacy": mean, "Paraphrase": …, "Specificity": …, "Score": …, "n": cases scored}} × 100 from one
+    bench summary, in the folder's run order; a metric the run lacks is None."""
+    suite = SUITES[summary["suite"]]
+    runs = {}
+    for name, run in summary.get("runs", {}).items():
+        metrics = run.get("metrics", {})
+        values = {title: metrics.get(key, {}).get("mean")
+                  for key, title in zip((*suite.score_of, "score"), (*METRIC_TITLES, "Score"))}
+        runs[name] = {**values, "n": run.get("n")}
+    return runs
+
+
+def _run_cell(run: Mapping[str, Any] | None, cases: int | None) -> str:
+    """"E / P / S (Score)", with the case count when it falls short of the folder's."""
+    if run is None:
+        return "–"
+    def f(x: float | None) -> str:
+        return "–" if x is None else f"{x:.1f}"
+
+    short = f", {run['n']} of {cases} cases" if cases and run.get("n") is not None and run["n"] < cases else ""
+    return " / ".join(f(run[t]) for t in METRIC_TITLES) + f" ({f(run['Score'])}{short})"
+
+
 def _label(summary: Mapping[str, Any]) -> str:
     model = Path(str(summary.get("model", "?"))).name
     return f"{model} · {summary['suite']}"
@@ -84,6 +109,8 @@ def write_comparison(folders: Sequence[str | Path], out: str | Path,
     if labels is not None and len(labels) != len(folders):
         raise ValueError(f"{len(labels)} labels for {len(folders)} folders")
     columns: dict[str, dict[str, dict[str, Any]]] = {}
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    cases: dict[str, int | None] = {}
     for i, folder in enumerate(folders):
         path = Path(folder) / "summary.json"
         if not path.is_file():
@@ -95,6 +122,8 @@ def write_comparison(folders: Sequence[str | Path], out: str | Path,
         if label in columns:
             label = f"{label} ({folder})"
         columns[label] = folder_comparisons(summary, pairs)
+        runs[label] = folder_runs(summary)
+        cases[label] = (summary.get("cases") or {}).get("cases")  # the folder's case count
     rows = [f"{a}|{b}|{t}" for a, b in pairs for t in METRIC_TITLES
             if any(f"{a}|{b}|{t}" in col for col in columns.values())]
     out = Path(out)
@@ -103,11 +132,17 @@ def write_comparison(folders: Sequence[str | Path], out: str | Path,
     for row in rows:
         a, b, title = row.split("|")
         lines.append(f"| {a} − {b} | {title} | " + " | ".join(_cell(col.get(row)) for col in columns.values()) + " |")
+    names = list(dict.fromkeys(name for col in runs.values() for name in col))
+    run_lines = ["| Run | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
+    run_lines += [f"| {name} | " + " | ".join(_run_cell(runs[label].get(name), cases[label]) for label in runs) + " |"
+                  for name in names]
     text = ("Paired differences A − B × 100 over each folder's shared cases: mean [bootstrap 95 % interval], "
-            "exact sign-test p.\n\n" + "\n".join(lines) + "\n\n![compare](compare.png)\n")
+            "exact sign-test p.\n\n" + "\n".join(lines) + "\n\n![compare](compare.png)\n\n"
+            "Every run side by side: efficacy / paraphrase / specificity (Score), × 100.\n\n"
+            + "\n".join(run_lines) + "\n")
     (out / "compare.md").write_text(text)
-    (out / "compare.json").write_text(json.dumps({"folders": [str(f) for f in folders], "columns": columns},
-                                                 indent=1) + "\n")
+    (out / "compare.json").write_text(json.dumps({"folders": [str(f) for f in folders], "columns": columns,
+                                                  "runs": runs}, indent=1) + "\n")
     _plot(columns, rows, out / "compare.png")
     return out / "compare.md"
 
