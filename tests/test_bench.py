@@ -97,6 +97,24 @@ def test_bench_writes_results_and_resumes_after_a_kill(tiny_llama, dataset, tmp_
     assert calls == [[4]]
 
 
+def test_a_finished_run_is_summarised_while_the_next_one_runs(tiny_llama, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = batch_runner_module.edit
+
+    def killed_in_values(lm, requests, method, **kw):
+        if method == "ft-values":
+            raise KeyboardInterrupt  # e.g. Ctrl-C in the second run of a long bench
+        return real(lm, requests, method, **kw)
+
+    monkeypatch.setattr(batch_runner_module, "edit", killed_in_values)
+    config = BenchConfig(dataset=str(dataset), methods=("ft-keys", "ft-values"), n=3)
+    with pytest.raises(KeyboardInterrupt):
+        Bench(tiny_llama, config, out, progress=False).run()
+    summary = json.loads((out / "summary.json").read_text())
+    assert not summary["complete"] and summary["runs"]["ft-keys"]["n"] == 3 and "ft-values" not in summary["runs"]
+    assert "| ft-keys" in (out / "table.md").read_text()
+
+
 def test_bench_prepares_each_run_before_its_timed_edits(tiny_llama, dataset, tmp_path, monkeypatch):
     order = []
     monkeypatch.setattr(batch_runner_module, "prepare", lambda lm, method, **kw: order.append(("prepare", method)))

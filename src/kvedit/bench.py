@@ -233,7 +233,8 @@ class Bench:
     # ------------------------------------------------------------------ running
 
     def run(self, ray: "RaySettings | None" = None, on_progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
-        """Run all missing work, then write and return the summary.
+        """Run all missing work, then write and return the summary (also written after each run that did work,
+        marked incomplete until the last).
 
         ray: spread the batches over Ray workers (`kvedit.distributed`); sequential runs stay in this
         process. on_progress: called with the worker pool after each batch a worker finishes.
@@ -254,10 +255,13 @@ class Bench:
         if ray is not None:
             self._run_distributed(ray, done, on_progress)
         for spec in tqdm(self.specs, desc="runs", unit="run", disable=not self.progress or len(self.specs) == 1):
+            ran = any((spec.key, c.case_id) not in done for c in self.cases)
             if spec.sequential:
                 self._run_sequential(spec, done)
             elif ray is None:
                 self._run_batches(spec, done)
+            if ran and spec is not self.specs[-1]:
+                self.write_summary()  # a long bench's finished runs can be read (and reported) while it goes on
         return self.write_summary()
 
     def _pending(self, spec: RunSpec, done: set[tuple[str, Any]]) -> list[tuple[int, list[EditRequest]]]:
@@ -357,7 +361,8 @@ class Bench:
             first = records[0]
             setting = asdict(spec) if spec else {k: first.get(k) for k in ("method", "layer", "batch_size", "sequential")}
             summaries[name] = summarize_run(records, self.suite, seed=self.config.seed) | setting
-        complete = all(len(r) == len(self.cases) for r in runs.values())
+        expected = {"unedited", *specs, *runs}  # a run this config asks for and has not started is missing
+        complete = all(len(runs.get(name, ())) == len(self.cases) for name in expected)
         edited = {k: v for k, v in runs.items() if k != "unedited"}
         path = self.out / "settings.json"  # every run's, this invocation's and earlier ones'
         known = (json.loads(path.read_text()) if path.exists() else {}) | self.run_settings
