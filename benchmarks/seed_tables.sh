@@ -7,10 +7,16 @@
 # CounterFact: the report split (known cases after the tuning split select_presets.py chose presets on);
 # zsRE: its first 200 valid records. Resumable: run it again after a kill. Uses the presets chosen for the model
 # (it stops if an editor has none); table.md and summary.json name the settings each run used.
-# Usage: benchmarks/seed_tables.sh MODEL cf|zsre OUT [TUNING_CASES=50] [N=200]
+# Usage: benchmarks/seed_tables.sh MODEL cf|zsre OUT [TUNING_CASES=50] [N=200] [-- BENCH_ARGS...]
 #   e.g. OMP_NUM_THREADS=1 benchmarks/seed_tables.sh smollm2-135m cf results/tables-smollm2 &
 #        OMP_NUM_THREADS=1 benchmarks/seed_tables.sh smollm2-135m zsre results/tables-smollm2 &
+#        benchmarks/seed_tables.sh gemma3-270m zsre results/tables-gemma3 50 200 -- --ray --workers 2   # 2 cores, 1 folder
 set -euo pipefail
+positional=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do positional+=("$1"); shift; done
+[ $# -gt 0 ] && shift
+extra=("$@")  # after --: passed to both bench calls, e.g. --ray --workers 2
+set -- ${positional[@]+"${positional[@]}"}
 model=${1:?usage: seed_tables.sh MODEL cf|zsre OUT [TUNING_CASES] [N]}
 dataset=${2:?cf or zsre}
 out=${3:?output folder}
@@ -37,6 +43,6 @@ EOF
 # timing.log: one line per step and invocation (a resumed table adds lines; its cost is their sum)
 step() { local start=$SECONDS; "$@"; echo "$(date -u +%FT%TZ) $((SECONDS - start)) s: ${*:2}" >> "$out/$dataset/timing.log"; }
 mkdir -p "$out/$dataset"
-step kvedit bench --model "$model" "${args[@]}" --methods "$one_at_a_time" --reuse-targets --out "$out/$dataset"
-step kvedit bench --model "$model" "${args[@]}" --methods memit,pmet --batch-size 100 --reuse-targets --out "$out/$dataset"
+step kvedit bench --model "$model" "${args[@]}" --methods "$one_at_a_time" --reuse-targets --out "$out/$dataset" ${extra[@]+"${extra[@]}"}
+step kvedit bench --model "$model" "${args[@]}" --methods memit,pmet --batch-size 100 --reuse-targets --out "$out/$dataset" ${extra[@]+"${extra[@]}"}
 kvedit report "$out/$dataset"
