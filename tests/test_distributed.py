@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -89,6 +90,22 @@ def test_sharded_run_equals_one_process_and_computes_statistics_once(ray_instanc
     assert seen and all(counts == [0, 0] for counts in seen)
     assert not list(ray_instance.glob("stats/*/*.tmp"))
     assert list(ray_instance.glob("stats/*/*.safetensors"))  # shipped through the object store
+
+
+def test_sharded_run_reusing_targets_scores_as_one_process(ray_instance, setup, tmp_path):
+    """--reuse-targets on workers: PMET and an ablation that takes its targets score as in one process, whichever
+    worker optimises a case's targets first."""
+    config, settings = setup
+    config = replace(config, methods=("pmet", "pmet-even-spread"), reuse_targets=True,
+                     extra={"layers": (0, 1), "max_steps": 3})
+    Bench(load_model(settings.model), config, tmp_path / "local", progress=False).run()
+    summary = Bench(load_model(settings.model), config, tmp_path / "ray", progress=False).run(ray=settings)
+    assert summary["complete"]
+    without_reuse = [[{k: v for k, v in r.items() if k != "targets_reused_s"} for r in comparable(tmp_path / f)]
+                     for f in ("ray", "local")]
+    assert_same_records(*without_reuse)
+    reused = [r for r in load_cases_file(tmp_path / "ray" / "cases.jsonl") if "targets_reused_s" in r]
+    assert reused and all(r["time_s"] > r["targets_reused_s"] > 0 for r in reused)
 
 
 def test_a_killed_worker_loses_and_duplicates_nothing(ray_instance, setup, tmp_path):
