@@ -106,17 +106,26 @@ def test_gated_only_targets_are_refused_on_ungated_models():
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if ARCHITECTURES[f].objective == "causal"])
-def test_cached_decoding_equals_full_passes_without_deprecated_cache_arguments(family):
-    """Greedy decoding through the KV cache gives the tokens full forward passes give, and passes the cache under
-    the name this transformers takes (a FutureWarning on a renamed argument fails the test)."""
+def test_cached_decoding_equals_full_passes_without_deprecated_cache_arguments(family, monkeypatch):
+    """Greedy decoding through the KV cache gives the tokens full forward passes give, and every cached forward
+    (decoding, the split prefix/suffix pass of target optimisation) passes and reads the cache under the names
+    this transformers takes: a FutureWarning or transformers' deprecation log line fails the test."""
     import warnings
+
+    import transformers.utils.generic as hf_generic
 
     from kvedit.evaluation.generation import generate_ids
 
+    deprecations = []
+    monkeypatch.setattr(hf_generic.logger, "warning_once", lambda msg, *a, **k: deprecations.append(msg))
     lm = tiny_lm(family)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         cached = generate_ids(lm, PROMPTS[:1], total_tokens=12, top_k=1)[0]
+        request = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome",
+                              target_true="paris")
+        edit(lm, request, "rome", layers=(1,), max_steps=2, stats_tokens=200).revert(lm)
+    assert not deprecations
     ids = lm.tokenizer(PROMPTS[0])["input_ids"]
     with torch.no_grad():
         while len(ids) < 12:

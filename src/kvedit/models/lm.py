@@ -142,5 +142,7 @@ def cache_keyword(module: nn.Module, cache: Any) -> dict[str, Any]:
 
 
 def returned_cache(output: Any) -> Any:
-    """The KV cache a forward with `use_cache=True` returned, under either name (see `cache_keyword`)."""
-    return output.get("cache", output.get("past_key_values"))
+    """The KV cache a forward with `use_cache=True` returned, read from the field this transformers declares (see
+    `cache_keyword`): asking a new output for the old name logs a deprecation warning."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
