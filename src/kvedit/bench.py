@@ -255,7 +255,7 @@ class Bench:
         if ray is not None:
             self._run_distributed(ray, done, on_progress)
         for spec in tqdm(self.specs, desc="runs", unit="run", disable=not self.progress or len(self.specs) == 1):
-            ran = any((spec.key, c.case_id) not in done for c in self.cases)
+            ran = (spec.sequential or ray is None) and any((spec.key, c.case_id) not in done for c in self.cases)
             if spec.sequential:
                 self._run_sequential(spec, done)
             elif ray is None:
