@@ -108,6 +108,27 @@ def test_sharded_run_reusing_targets_scores_as_one_process(ray_instance, setup, 
     assert reused and all(r["time_s"] > r["targets_reused_s"] > 0 for r in reused)
 
 
+def test_a_finished_run_is_summarised_while_the_next_goes_on(ray_instance, setup, tmp_path):
+    """One worker takes the batches in order: when ft-values' last batch is back its summary is on disk, marked
+    incomplete, before memit's first batch returns."""
+    config, settings = setup
+    out = tmp_path / "ray"
+    seen = []
+
+    def snapshot(pool):
+        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+        seen.append(None if summary is None else (summary["complete"], {k: v["n"] for k, v in summary["runs"].items()}))
+
+    Bench(load_model(settings.model), config, out, progress=False).run(
+        ray=RaySettings(workers=1, model=settings.model), on_progress=snapshot)
+    n = len(FACTS)
+    assert seen[: n - 1] == [None] * (n - 1)  # ft-values still running: nothing written yet
+    assert seen[n - 1] == (False, {"unedited": n, "ft-values": n})
+    assert seen[n:] == [(False, {"unedited": n, "ft-values": n})] * n  # memit's batches: no new summary until the end
+    final = json.loads((out / "summary.json").read_text())
+    assert final["complete"] and final["runs"]["memit"]["n"] == n
+
+
 def test_a_killed_worker_loses_and_duplicates_nothing(ray_instance, setup, tmp_path):
     config, settings = setup
     killed = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -234,7 +235,7 @@ class Bench:
 
     def run(self, ray: "RaySettings | None" = None, on_progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
         """Run all missing work, then write and return the summary (also written after each run that did work,
-        marked incomplete until the last).
+        on Ray as its last batch comes back, marked incomplete until the last).
 
         ray: spread the batches over Ray workers (`kvedit.distributed`); sequential runs stay in this
         process. on_progress: called with the worker pool after each batch a worker finishes.
@@ -284,12 +285,17 @@ class Bench:
             tasks += [(spec, index, batch) for index, batch in pending]
         if not tasks:
             return
+        batches_left = Counter(spec.key for spec, _, _ in tasks)
+
+        def on_records(spec: RunSpec, records: list[dict[str, Any]]) -> None:
+            append_records(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
+            batches_left[spec.key] -= 1
+            if batches_left[spec.key] == 0 and sum(batches_left.values()):
+                self.write_summary()  # this run is whole: readable (and reportable) while the others go on
+
         pool = WorkerPool(ray, self.runner)
         try:
-            pool.run(tasks, self.runner.unedited_predictions,
-                     lambda spec, records: append_records(self.cases_file, [r for r in records
-                                                                    if (spec.key, r["case_id"]) not in done]),
-                     on_progress, progress=self.progress)
+            pool.run(tasks, self.runner.unedited_predictions, on_records, on_progress, progress=self.progress)
         finally:
             pool.close()
 
