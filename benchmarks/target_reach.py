@@ -8,7 +8,10 @@ then write them into weights. Per request this prints, as token accuracy of targ
 - reach: with every optimised vector added (no weight change), what the optimisation achieved;
 - written only: with only the vectors the editor writes into weights added (PMET writes δ_m, not δ_a);
 - edited: after the weight edit (the editor's efficacy);
-- at clamp: requests whose vector ended at its norm bound (clamp_norm_factor · ‖init‖), per site.
+- at clamp: requests whose vector ended at its norm bound (clamp_norm_factor · ‖init‖), per site;
+- for MEMIT and PMET, the spread: the FFN remainder's norm as the first and the last edit layer see it (what the
+  editor measures, in what reaches the residual stream), and the norm of all layers' shares summed over the first
+  remainder's (1 when the layers together write exactly what was first missing).
 
 Issue 13 used it to ask why PMET fails on zsRE while MEMIT does not (docs/seed-tables.md).
 
@@ -29,6 +32,7 @@ from tqdm.auto import tqdm
 from kvedit import edit, load_model
 from kvedit.data.loaders import load_requests
 from kvedit.editing.context import MEMIT_TEMPLATES, ROME_TEMPLATES, context_templates
+from kvedit.editing.memit import spread_fraction
 from kvedit.editing.pmet import PMETHyperParams
 from kvedit.editing.registry import make_settings
 from kvedit.editing.rome import ROMEHyperParams
@@ -93,11 +97,26 @@ def measure(lm, requests, method: str, overrides: dict[str, Any]) -> dict[str, A
         finally:
             delta.revert(lm)
         rows.append(dict(case_id=request.case_id, steps=steps[0], reach=reach, written_only=written_only,
-                         edited=edited, at_clamp={s[0]: bool(found[s][1].norm() >= 0.99 * bound[s]) for s in optimised}))
-    mean = lambda key: 100 * sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    return dict(n=len(rows), reach=mean("reach"), written_only=mean("written_only"), edited=mean("edited"),
-                at_clamp={s[0]: sum(r["at_clamp"][s[0]] for r in rows) for s in optimised},
-                ran_all_steps=sum(r["steps"] == settings.max_steps - 1 for r in rows), cases=rows)
+                         edited=edited, at_clamp={s[0]: bool(found[s][1].norm() >= 0.99 * bound[s]) for s in optimised},
+                         **spread_of(delta.records, settings)))
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    spread = {k: mean(k) for k in ("remainder_first", "remainder_last", "written_sum") if k in rows[0]}
+    return dict(n=len(rows), reach=100 * mean("reach"), written_only=100 * mean("written_only"),
+                edited=100 * mean("edited"), at_clamp={s[0]: sum(r["at_clamp"][s[0]] for r in rows) for s in optimised},
+                ran_all_steps=sum(r["steps"] == settings.max_steps - 1 for r in rows), **spread, cases=rows)
+
+
+def spread_of(records: Any, settings: Any) -> dict[str, float]:
+    """The FFN remainder's norm at the first and last edit layer, and ‖Σ layers' shares‖ / ‖first remainder‖
+    (MEMIT and PMET; empty for ROME's single layer)."""
+    layers = getattr(records, "ffn", records)
+    if isinstance(settings, ROMEHyperParams) or not layers:
+        return {}
+    spread = settings.spread if isinstance(settings, PMETHyperParams) else "even"
+    shares = sum(r.remaining * spread_fraction(i, len(layers), spread) for i, r in enumerate(layers))
+    first = layers[0].remaining.norm().item()
+    return dict(remainder_first=first, remainder_last=layers[-1].remaining.norm().item(),
+                written_sum=shares.norm().item() / first)
 
 
 def main() -> None:
@@ -115,13 +134,16 @@ def main() -> None:
     requests = load_requests(args.dataset, limit=args.n, skip_invalid=True)
     results = {}
     print(f"{lm.name}, {len(requests)} requests of {args.dataset}; token accuracy of target_new × 100")
-    print("| variant | reach | written only | edited | at clamp | ran all steps |\n|---|---:|---:|---:|---|---:|")
+    print("| variant | reach | written only | edited | at clamp | ran all steps | remainder first → last | "
+          "shares ÷ first |\n|---|---:|---:|---:|---|---:|---|---:|")
     for text in args.variants.split(","):
         method, overrides = parse_variant(text)
         r = results[text] = measure(lm, requests, method, overrides)
         clamp = ", ".join(f"{site} {k}/{r['n']}" for site, k in r["at_clamp"].items())
+        spread = (f"{r['remainder_first']:.1f} → {r['remainder_last']:.1f} | {r['written_sum']:.2f}"
+                  if "written_sum" in r else "– | –")
         print(f"| {text} | {r['reach']:.1f} | {r['written_only']:.1f} | {r['edited']:.1f} | {clamp} | "
-              f"{r['ran_all_steps']}/{r['n']} |", flush=True)
+              f"{r['ran_all_steps']}/{r['n']} | {spread} |", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

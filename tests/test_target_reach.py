@@ -64,3 +64,8 @@ def test_written_sites_and_clamp(reach, setup):
     tight = reach.measure(lm, requests, "pmet-no-attn-delta", kw | dict(clamp_norm_factor=1e-4, lr=1.0))
     assert tight["at_clamp"] == {"ffn_out": len(requests)}
     assert reach.sites_of(reach.make_settings(lm, "pmet-update-attn", **kw))[1] == [("attn_out", 2), ("ffn_out", 2)]
+    # one edit layer writes exactly the remainder it measured (ROME: one layer, no spread to report)
+    one = reach.measure(lm, requests, "memit", kw | dict(layers=(2,)))
+    assert one["written_sum"] == pytest.approx(1.0)
+    assert one["remainder_first"] == pytest.approx(one["remainder_last"])
+    assert "written_sum" not in reach.measure(lm, requests[:1], "rome", kw | dict(layers=(1,)))
