@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,11 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value)
     return method, overrides
+
+
+def split_variants(text: str) -> list[str]:
+    """Split the --variants list at commas outside brackets ("memit:layers=[6,7],pmet" → two variants)."""
+    return [v for v in re.split(r",(?![^\[]*\])", text) if v]
 
 
 def sites_of(settings: Any) -> tuple[list[Site], list[Site], tuple[tuple[int, int], ...]]:
@@ -136,7 +142,7 @@ def main() -> None:
     print(f"{lm.name}, {len(requests)} requests of {args.dataset}; token accuracy of target_new × 100")
     print("| variant | reach | written only | edited | at clamp | ran all steps | remainder first → last | "
           "shares ÷ first |\n|---|---:|---:|---:|---|---:|---|---:|")
-    for text in args.variants.split(","):
+    for text in split_variants(args.variants):
         method, overrides = parse_variant(text)
         r = results[text] = measure(lm, requests, method, overrides)
         clamp = ", ".join(f"{site} {k}/{r['n']}" for site, k in r["at_clamp"].items())

@@ -39,6 +39,8 @@ def test_parse_variant(reach):
     assert reach.parse_variant("pmet") == ("pmet", {})
     assert reach.parse_variant("pmet:clamp_norm_factor=4;attn_delta=false") == (
         "pmet", {"clamp_norm_factor": 4, "attn_delta": False})
+    assert reach.split_variants("memit:layers=[6,7],pmet,pmet:layers=[1, 2];lr=0.5") == [
+        "memit:layers=[6,7]", "pmet", "pmet:layers=[1, 2];lr=0.5"]
 
 
 def test_accuracies_are_the_harness_efficacy_and_weights_come_back(reach, setup):
