@@ -149,12 +149,15 @@ class WorkerPool:
         in_flight: dict[Any, tuple[Any, Task]] = {}
         bar = tqdm(total=len(queue), unit="batch", desc=f"batches on {len(self.actors)} Ray workers",
                    disable=not progress)
-        while queue or in_flight:
+        def dispatch() -> None:
             while idle and queue:
                 actor, task = idle.pop(), queue.popleft()
                 spec, index, batch = task
                 wanted = {r.case_id: predictions[r.case_id] for r in batch if r.case_id in predictions}
                 in_flight[actor.run_batch.remote(spec, batch, index, wanted)] = (actor, task)
+
+        while queue or in_flight:
+            dispatch()
             (ref,), _ = self.ray.wait(list(in_flight), num_returns=1)
             actor, task = in_flight.pop(ref)
             try:
@@ -164,8 +167,9 @@ class WorkerPool:
                 queue.appendleft(task)
                 idle.append(self.actors[-1])
                 continue
-            on_records(task[0], records)
             idle.append(actor)
+            dispatch()  # the worker starts its next batch while this process writes (on_records may summarise)
+            on_records(task[0], records)
             bar.update(1)
             if on_progress is not None:
                 on_progress(self)
