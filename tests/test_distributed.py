@@ -7,13 +7,14 @@ import sys
 from dataclasses import replace
 
 import pytest
+import torch
 
 from kvedit.bench import Bench, BenchConfig, load_cases_file
 from kvedit.cli import main
 from kvedit.models import load_model
 
 ray = pytest.importorskip("ray")
-from kvedit.distributed import RaySettings  # noqa: E402
+from kvedit.distributed import BenchWorker, RaySettings  # noqa: E402
 
 FACTS = [
     ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
@@ -177,3 +178,18 @@ def test_ray_missing_is_a_clear_error(capsys, monkeypatch, setup, tmp_path):
     code = main(["bench", "--dataset", config.dataset, "--out", str(tmp_path / "x"), "--ray"])
     assert code == 2 and "pip install 'kvedit[ray]'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_worker_runs_as_many_threads_as_cpus_it_holds(setup, tiny_folder):
+    """Whatever thread count the driver's environment sets, a worker uses the CPUs Ray reserved for it."""
+    _, settings = setup
+    lm = load_model(settings.model)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        BenchWorker(replace(settings, worker_cpus=1.0), lm.fingerprint(), "counterfact", 0, {}, None, {})
+        assert torch.get_num_threads() == 1
+        BenchWorker(replace(settings, worker_cpus=2.5), lm.fingerprint(), "counterfact", 0, {}, None, {})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

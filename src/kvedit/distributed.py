@@ -88,9 +88,14 @@ class BenchWorker:
     def __init__(self, settings: RaySettings, fingerprint: str, suite: str, seed: int,
                  edit_settings: dict[str, Any], snippets: Any, cache_files: dict[str, bytes],
                  reuse_targets: bool = False) -> None:
+        import torch
+
         from .models.devices import resolve_device
         from .models.loading import load_model
 
+        # as many threads as the CPUs Ray reserved: the driver's OMP_NUM_THREADS reaches every worker, and two
+        # workers at 2 threads each on 2 cores would fight over them
+        torch.set_num_threads(max(1, int(settings.worker_cpus)))
         root = cache_dir()
         for rel, data in cache_files.items():  # the driver's statistics and templates, where missing
             path = root / rel
