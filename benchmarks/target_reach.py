@@ -39,7 +39,7 @@ from kvedit.editing.registry import make_settings
 from kvedit.editing.rome import ROMEHyperParams
 from kvedit.editing.target_store import reused_targets
 from kvedit.editing.targets import optimize_targets, subject_position
-from kvedit.evaluation.scoring import encode_target
+from kvedit.evaluation.scoring import score_targets
 from kvedit.models.tracing import Addition, Site, Trace
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/editing/zsre/zsre_mend_train-1k.json"
@@ -76,13 +76,10 @@ def sites_of(settings: Any) -> tuple[list[Site], list[Site], tuple[tuple[int, in
 def token_accuracy(lm, request, additions: dict[Site, torch.Tensor]) -> float:
     """Fraction of target_new's tokens that are the argmax after the rewrite prompt, with `additions`
     `{site: [d]}` added at the subject's last token."""
-    encoded = encode_target(lm, request.rewrite_prompt, request.target_new)
     position = torch.tensor([subject_position(lm, request.prompt, request.subject)])
     add = {site: Addition(delta[None], position) for site, delta in additions.items()}
-    with Trace(lm, add=add):
-        logits = lm.model(torch.tensor([encoded.input_ids], device=lm.device)).logits[0]
-    predicted = logits[list(encoded.positions)].argmax(-1).cpu()
-    return (predicted == torch.tensor(encoded.target_ids)).float().mean().item()
+    with Trace(lm, add=add):  # scored as the bench scores zsRE efficacy
+        return score_targets(lm, [request.rewrite_prompt], [request.target_new]).token_accuracy.item()
 
 
 def measure(lm, requests, method: str, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -180,7 +180,7 @@ def test_ray_missing_is_a_clear_error(capsys, monkeypatch, setup, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_a_worker_runs_as_many_threads_as_cpus_it_holds(setup, tiny_folder):
+def test_a_worker_runs_as_many_threads_as_cpus_it_holds(setup):
     """Whatever thread count the driver's environment sets, a worker uses the CPUs Ray reserved for it."""
     _, settings = setup
     lm = load_model(settings.model)

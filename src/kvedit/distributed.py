@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from .batch_runner import BatchRunner, RunSpec
@@ -88,8 +89,6 @@ class BenchWorker:
     def __init__(self, settings: RaySettings, fingerprint: str, suite: str, seed: int,
                  edit_settings: dict[str, Any], snippets: Any, cache_files: dict[str, bytes],
                  reuse_targets: bool = False) -> None:
-        import torch
-
         from .models.devices import resolve_device
         from .models.loading import load_model
 
