@@ -3,6 +3,8 @@ known-fact filter, sequential runs, restored weights, and clear errors."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from types import MappingProxyType
 
@@ -15,6 +17,7 @@ from kvedit.cli import main
 from kvedit.data.download import download, resolve_dataset
 from kvedit.data.loaders import DatasetError, load_requests
 from kvedit.evaluation import target_nll
+from kvedit.report import write_report
 
 FACTS = [
     ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
@@ -351,3 +354,90 @@ def test_official_dataset_downloads_once_into_the_cache(tmp_path, monkeypatch):
         assert resolve_dataset("zsre")[0] == path
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------- the suite is explicit (issue 34)
+
+
+def _own_facts(tmp_path, name="my_facts.json", **extra):
+    """kvedit-format records without target_true: what a user writing zsRE-style facts would have."""
+    path = tmp_path / name
+    path.write_text(json.dumps([{"prompt": p, "subject": s, "target_new": n, "case_id": f"fact-{i}",
+                                 "paraphrase_prompts": [f"{s} lies in"], **extra}
+                                for i, (p, s, n, _) in enumerate(FACTS[:2])]))
+    return path
+
+
+def test_a_file_without_target_true_is_not_silently_scored_as_zsre(tiny_llama, tmp_path):
+    path = _own_facts(tmp_path)
+    with pytest.raises(BenchError, match=r"case 'fact-0' has no target_true.*--suite zsre"):
+        Bench(tiny_llama, BenchConfig(dataset=str(path), methods=("ft-keys",)), tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()  # refused before anything is written
+
+
+def test_suite_zsre_asked_for_scores_token_accuracy_and_says_so(tiny_llama, tmp_path):
+    path = _own_facts(tmp_path, neighborhood_prompts=["the louvre is located in"], neighborhood_target="paris")
+    out = tmp_path / "z"
+    summary = Bench(tiny_llama, BenchConfig(dataset=str(path), methods=("ft-keys",), suite="zsre"), out,
+                    progress=False).run()
+    assert summary["suite"] == "zsre" and "efficacy_accuracy" in summary["runs"]["ft-keys"]["metrics"]
+    title = (out / "table.md").read_text().splitlines()[0]
+    assert title.startswith("my_facts.json, zsRE metrics on ") and summary["title"] == title
+    assert json.loads((out / "config.json").read_text())["suite"] == "zsre"
+    # the same folder cannot be resumed under the other suite: its records hold the other metrics
+    with pytest.raises(BenchError, match="suite"):
+        Bench(tiny_llama, BenchConfig(dataset=str(path), methods=("ft-keys",), suite="counterfact"), out,
+              progress=False)
+
+
+def test_a_file_that_does_not_fit_the_suite_asked_for_names_case_and_field(tiny_llama, dataset, tmp_path):
+    with pytest.raises(BenchError, match=r"case 0 has neighborhood_prompts but no neighborhood_target.*--suite zsre"):
+        Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), suite="zsre"), tmp_path / "a")
+    zsre = tmp_path / "zsre.json"
+    zsre.write_text(json.dumps([{"subject": "rome", "src": "where is rome?", "answers": ["italy"],
+                                 "rephrase": "rome is in?", "loc": "nq question: who is", "loc_ans": "paris"}]))
+    with pytest.raises(BenchError, match=r"case 0 has no target_true, which --suite counterfact needs"):
+        Bench(tiny_llama, BenchConfig(dataset=str(zsre), methods=("ft-keys",), suite="counterfact"), tmp_path / "b")
+    with pytest.raises(BenchError, match="--suite 'squad'"):
+        BenchConfig(dataset=str(zsre), methods=("ft-keys",), suite="squad").specs()
+
+
+def test_a_users_file_is_titled_by_its_name_and_metrics_are_named_as_in_the_table(tiny_llama, dataset, tmp_path):
+    out = tmp_path / "run"
+    summary = Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=2), out, progress=False).run()
+    table = (out / "table.md").read_text()
+    assert table.startswith("facts.json, CounterFact metrics on ") and not table.startswith("counterfact on")
+    assert summary["suite"] == "counterfact"
+    titles = summary["metric_titles"]
+    assert titles["neighborhood_success"] == "Specificity" and titles["efficacy_success"] == "Efficacy"
+    assert all(key in titles for key in summary["runs"]["ft-keys"]["metrics"])
+    rows = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert {r["metric_title"] for r in rows if r["metric"] == "neighborhood_success"} == {"Specificity"}
+    # report and compare still read a summary written before titles were recorded, and name the file
+    old = {k: v for k, v in summary.items() if k not in ("title", "metric_titles")}
+    (out / "summary.json").write_text(json.dumps(old))
+    report = write_report(out).read_text()
+    assert report.startswith("# kvedit bench: facts.json, CounterFact metrics on ")
+    assert "Specificity is `neighborhood_success`" in report
+
+
+def test_a_folder_written_before_the_suite_was_recorded_resumes(tiny_llama, dataset, tmp_path):
+    out = tmp_path / "run"
+    config = BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=2)
+    Bench(tiny_llama, config, out, progress=False).run()
+    stored = json.loads((out / "config.json").read_text())
+    del stored["suite"]
+    (out / "config.json").write_text(json.dumps(stored))
+    summary = Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=3), out, progress=False).run()
+    assert summary["complete"] and summary["runs"]["ft-keys"]["n"] == 3
+
+
+def test_cli_bench_suite_flag(capsys, tiny_folder, tmp_path):
+    path = _own_facts(tmp_path, neighborhood_prompts=["the louvre is located in"], neighborhood_target="paris")
+    out = tmp_path / "cli"
+    assert main(["bench", "--model", str(tiny_folder), "--dataset", str(path), "--suite", "zsre", "--methods",
+                 "ft-keys", "--out", str(out)]) == 0
+    assert "my_facts.json, zsRE metrics on" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "--dataset", str(path), "--suite", "squad", "--out", str(tmp_path / "x")])
+    assert "invalid choice: 'squad'" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from .data.download import resolve_dataset
-from .data.loaders import DatasetError, load_requests
+from .data.loaders import DatasetError, detect_format, load_requests
 from .batch_runner import BatchRunner, RunSpec, neighborhood_predictions
 from .bench_folder import (BenchError, append_records, check_bench_folder, file_sha256, load_cases_file, reuse_line,
                            runs_on_file, settings_line)
@@ -40,7 +40,8 @@ from .evaluation.counterfact import counterfact_case_metrics
 from .evaluation.easyedit import add_locality
 from .evaluation.generation import AttributeSnippets, load_attribute_snippets
 from .evaluation.scoring import target_nll
-from .evaluation.summary import SUITES, Suite, compare_runs, easyedit_table, markdown_table, summarize_run, summary_csv
+from .evaluation.summary import (SUITES, Suite, compare_runs, dataset_title, easyedit_table, markdown_table,
+                                 summarize_run, summary_csv)
 from .evaluation.zsre import zsre_case_metrics
 from .models.lm import LM
 
@@ -70,8 +71,11 @@ class BenchConfig:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # hparam overrides for every method
     reuse_targets: bool = False  # runs not sequential share target vectors (BatchRunner); scores unchanged
+    suite: str | None = None  # "counterfact" or "zsre"; None: the dataset format's (FORMAT_SUITES)
 
     def specs(self) -> list[RunSpec]:
+        if self.suite is not None and self.suite not in SUITES:
+            raise BenchError(f"--suite {self.suite!r}: expected one of {sorted(SUITES)}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise BenchError(f"--methods: unknown {unknown or 'none given'}; expected some of {sorted(METHODS)}")
@@ -114,6 +118,35 @@ def known_filter(lm: LM, requests: Sequence[EditRequest], batch_size: int = 32) 
     return (true < new).tolist()
 
 
+#: The suite a dataset format is scored with when none is asked for: kvedit's own files are CounterFact's.
+FORMAT_SUITES: Mapping[str, str] = MappingProxyType({
+    "counterfact": "counterfact", "easyedit": "counterfact", "kvedit": "counterfact", "zsre": "zsre",
+})
+
+
+def choose_suite(asked: str | None, fmt: str, requests: Sequence[EditRequest], dataset: str | Path) -> Suite:
+    """The suite that scores `requests` (`asked`, else the format's), checked against every request: CounterFact
+    compares target_new with target_true, so each needs target_true; zsRE scores each neighbourhood prompt's own
+    answer, so a request with neighbourhood prompts needs neighborhood_target. A misfit names the case."""
+    name = asked or FORMAT_SUITES.get(fmt, "counterfact")
+    if name not in SUITES:
+        raise BenchError(f"--suite {name!r}: expected one of {sorted(SUITES)}")
+    how = f"--suite {name}" if asked else f"the {name} suite ({fmt} format's default; --suite chooses another)"
+    for request in requests:
+        where = f"{dataset}: case {request.case_id!r}"
+        if name == "counterfact" and request.target_true is None:
+            raise BenchError(
+                f"{where} has no target_true, which {how} needs (efficacy compares P(target_new) with "
+                "P(target_true)); add target_true to every record, or pass --suite zsre to score the token "
+                "accuracy of target_new instead")
+        if name == "zsre" and request.neighborhood_prompts and request.neighborhood_target is None:
+            raise BenchError(
+                f"{where} has neighborhood_prompts but no neighborhood_target, which {how} needs (zsRE "
+                "specificity is the token accuracy of each neighbourhood prompt's own answer); add "
+                "neighborhood_target, or use --suite counterfact")
+    return SUITES[name]
+
+
 class Bench:
     """A benchmark over one output folder; `run()` executes whatever is not yet in cases.jsonl."""
 
@@ -122,13 +155,14 @@ class Bench:
         self.specs = config.specs()
         check_bench_folder(self.out)
         path, fmt = resolve_dataset(config.dataset)
-        resume_key = config.resume_key(lm, path)
-        self._check_resume(resume_key)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.requests = load_requests(path, fmt, skip_invalid=True)
         if not self.requests:
             raise BenchError(f"dataset {config.dataset} has no records")
-        self.suite: Suite = SUITES["zsre" if all(r.target_true is None for r in self.requests) else "counterfact"]
+        self.suite: Suite = choose_suite(config.suite, (detect_format(path) or "kvedit") if fmt == "auto" else fmt,
+                                         self.requests, config.dataset)
+        resume_key = config.resume_key(lm, path) | {"suite": self.suite.name}
+        self._check_resume(resume_key)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.cases, self.filter_info = self._select_cases()
         self.cases_file = self.out / "cases.jsonl"
         settings = dict(config.extra)
@@ -185,6 +219,9 @@ class Bench:
                 path.write_text(json.dumps(old | {"dataset_sha256": key["dataset_sha256"]}, indent=2) + "\n")
                 old["dataset_sha256"] = key["dataset_sha256"]
             old.setdefault("skip", 0)  # folders written before --skip existed skipped nothing
+            # before --suite, the suite followed the records (zsRE when none had target_true): every folder that
+            # still loads without an error was scored with the suite chosen now
+            old.setdefault("suite", key["suite"])
             diff = sorted(k for k in key if old.get(k) != key[k])
             if diff == ["dataset_sha256"]:
                 raise BenchError(f"{self.out} holds results for another version of {self.config.dataset}: the file's "
@@ -375,7 +412,7 @@ class Bench:
         settings = {name: known[name] for name in edited if name in known}
         summary = {
             "model": self.lm.name, "dataset": self.config.dataset, "suite": self.suite.name,
-            "cases": self.filter_info, "complete": complete, "runs": summaries,
+            "title": self.title(), "metric_titles": self.suite.metric_titles(), "cases": self.filter_info, "complete": complete, "runs": summaries,
             "comparisons": compare_runs(edited, self.suite, seed=self.config.seed), "settings": settings,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -397,5 +434,6 @@ class Bench:
         info = self.filter_info
         known = f", known to the unedited model ({info['known_kept']} of {info['dataset_records']})" \
             if "known_kept" in info else ""
-        return f"{self.suite.name} on {self.lm.name}: {info['cases']} cases{known}; means × 100, ± half the 95 % interval"
+        data = dataset_title(self.config.dataset, self.suite.name)
+        return f"{data} on {self.lm.name}: {info['cases']} cases{known}; means × 100, ± half the 95 % interval"
 

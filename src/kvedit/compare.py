@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .evaluation.summary import SUITES
+from .evaluation.summary import SUITES, dataset_title
 from .report import _pyplot
 
 #: The seed papers' comparisons (A, B), A the method a paper says is better: keys vs values (Qiu et al. 2024),
@@ -91,7 +91,7 @@ def _run_cell(run: Mapping[str, Any] | None, cases: int | None) -> str:
 
 def _label(summary: Mapping[str, Any]) -> str:
     model = Path(str(summary.get("model", "?"))).name
-    return f"{model} · {summary['suite']}"
+    return f"{model} · {dataset_title(summary.get('dataset'), summary['suite'])}"
 
 
 def _cell(c: Mapping[str, Any] | None) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import load_cases_file
-from .evaluation.summary import SUITES, Suite, easyedit_table, markdown_table
+from .evaluation.summary import SUITES, Suite, dataset_title, easyedit_table, markdown_table
 
 PLOTTED = 4  # the suite's three table metrics and Score
 
@@ -170,11 +170,13 @@ def write_report(folder: str | Path) -> Path:
     suite = SUITES[summary["suite"]]
     runs = summary["runs"]
     info = summary["cases"]
-    lines = [f"# kvedit bench: {summary['suite']} on {summary['model']}", ""]
+    lines = [f"# kvedit bench: {dataset_title(summary.get('dataset'), summary['suite'])} on {summary['model']}", ""]
     known = f", {info['known_kept']} of {info['dataset_records']} known to the unedited model" \
         if "known_kept" in info else ""
     lines.append(f"Dataset `{summary['dataset']}`: {info['cases']} cases{known}. "
                  "Means × 100; ± is half the 95 % bootstrap interval; Time is the wall time of one edit call (s).")
+    names = ", ".join(f"{_titles(suite)[k]} is `{k}`" for k in suite.score_of)
+    lines.append(f"\nIn summary.json and summary.csv: {names}.")
     if not summary.get("complete", True):
         lines.append("\n**Incomplete:** some runs have not covered every case yet (resume the bench).")
     lines += ["", markdown_table(runs, suite), "![metrics](metrics.png)", ""]

@@ -24,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 
     b = sub.add_parser("bench", help="edit, evaluate and revert over CounterFact or zsRE; resumable")
     b.add_argument("--dataset", required=True,
-                   help="counterfact, multi_counterfact or zsre (downloaded to the cache), or a file path")
+                   help="counterfact, multi_counterfact or zsre (downloaded to the cache), or a file path "
+                        "(format: docs/requests.md)")
+    b.add_argument("--suite", choices=["counterfact", "zsre"], default=None,
+                   help="metrics to score with: counterfact (P(new) vs P(true); every record needs target_true) or "
+                        "zsre (token accuracy; neighbourhood prompts need neighborhood_target). Default: the "
+                        "dataset's own (zsre for MEND zsRE, counterfact for the rest, kvedit's files included)")
     b.add_argument("--methods", default=None, help="comma-separated methods (default ft-keys,ft-values)")
     b.add_argument("--n", type=int, default=None, help="use the first N cases (after --known-only and --skip)")
     b.add_argument("--skip", type=non_negative_int, default=0,
@@ -117,7 +122,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dataset=args.dataset, methods=tuple(m.strip() for m in methods if m.strip()), n=args.n,
         skip=args.skip, batch_sizes=args.batch_sizes or preset.get("batch_sizes", (1,)), sequential=args.sequential,
         known_only=args.known_only, layers=args.layers, stats_source=args.stats_source,
-        stats_tokens=args.stats_tokens, seed=args.seed, reuse_targets=args.reuse_targets,
+        stats_tokens=args.stats_tokens, seed=args.seed, reuse_targets=args.reuse_targets, suite=args.suite,
     ))
 
 

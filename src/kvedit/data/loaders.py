@@ -20,6 +20,7 @@ from .requests import EditRequest, RequestError
 __all__ = [
     "DatasetError",
     "SUPPORTED_FORMATS",
+    "detect_format",
     "load_counterfact",
     "load_easyedit_counterfact",
     "load_zsre",
@@ -306,6 +307,14 @@ def _detect_format(path: Path, first: Any) -> str:
         "'easyedit' (keys 'rephrase_prompt', 'ground_truth'), "
         f"'kvedit' (EditRequest fields, at least {list(_KVEDIT_REQUIRED)}); pass format= to force one"
     )
+
+
+def detect_format(path: PathLike) -> str | None:
+    """The format `load_requests(path)` would read the file as (one of `SUPPORTED_FORMATS`), from its first
+    record's keys; None for an empty record list."""
+    path = Path(path)
+    records = _read_records(path, 1)
+    return _detect_format(path, records[0]) if records else None
 
 
 def load_counterfact(path: PathLike, limit: int | None = None, *, skip_invalid: bool = False) -> list[EditRequest]:

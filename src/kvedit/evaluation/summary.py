@@ -12,12 +12,14 @@ import csv
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import harmonic_mean
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
+from ..data.download import OFFICIAL_DATASETS
 from .comparison import bootstrap_ci, mean_with_ci, paired_comparison
 
 
@@ -33,12 +35,18 @@ class Metric:
 @dataclass(frozen=True)
 class Suite:
     """The metrics of a dataset family; `score_of` are the success rates whose harmonic mean is Score;
-    `easyedit` are the keys of EasyEdit's rewrite accuracy, rephrase accuracy and locality."""
+    `easyedit` are the keys of EasyEdit's rewrite accuracy, rephrase accuracy and locality; `title` is how
+    titles name the suite ("CounterFact", "zsRE")."""
 
     name: str
     metrics: tuple[Metric, ...]
     score_of: tuple[str, ...]  # also the columns of the printed table, before Score
     easyedit: tuple[str, str, str]
+    title: str = ""
+
+    def metric_titles(self) -> dict[str, str]:
+        """Record key -> column title, e.g. ``neighborhood_success`` -> ``Specificity`` (and ``score`` -> Score)."""
+        return {m.key: m.title for m in self.metrics} | {"score": "Score"}
 
 
 EASYEDIT_TITLES = ("Rewrite acc", "Rephrase acc", "Locality")
@@ -62,6 +70,7 @@ SUITES: Mapping[str, Suite] = MappingProxyType({
         ),
         ("efficacy_success", "paraphrase_success", "neighborhood_success"),
         ("efficacy_token_accuracy", "paraphrase_token_accuracy", "neighborhood_unchanged"),
+        "CounterFact",
     ),
     "zsre": Suite(
         "zsre",
@@ -74,8 +83,22 @@ SUITES: Mapping[str, Suite] = MappingProxyType({
         ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_accuracy"),
         # on zsRE EasyEdit's rewrite and rephrase accuracies are the reference efficacy and paraphrase
         ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_unchanged"),
+        "zsRE",
     ),
 })
+
+
+def dataset_title(dataset: str | None, suite: str) -> str:
+    """How titles name a bench's data: a built-in name as it is ("counterfact", "zsre"), a file by its name
+    and the suite that scored it ("my_facts.json, CounterFact metrics"); without a dataset (an old summary),
+    the suite's name."""
+    if not dataset:
+        return suite
+    name = Path(str(dataset)).name
+    if name == str(dataset) and name in OFFICIAL_DATASETS:
+        return name
+    titled = SUITES[suite].title if suite in SUITES else suite
+    return f"{name}, {titled} metrics"
 
 
 def _score(columns: np.ndarray) -> float:
@@ -180,15 +203,18 @@ def aligned_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> st
 
 def summary_csv(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per run and metric: run, method, layer, batch_size, metric, mean, ci_low, ci_high, count,
-    edit_time_s."""
+    edit_time_s, metric_title (the metric's column title in table.md, e.g. Specificity for neighborhood_success;
+    last, so readers of the older columns are unaffected)."""
+    titles = {k: t for suite in SUITES.values() for k, t in suite.metric_titles().items()}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["run", "method", "layer", "batch_size", "sequential", "metric", "mean", "ci_low", "ci_high",
-                     "count", "edit_time_s"])
+                     "count", "edit_time_s", "metric_title"])
     for name, s in summaries.items():
         for metric, stat in s["metrics"].items():
             low, high = stat["ci"] if stat.get("ci") else ("", "")
             writer.writerow([name, s.get("method", name), s.get("layer", ""), s.get("batch_size", ""),
                              s.get("sequential", ""), metric, "" if stat["mean"] is None else stat["mean"], low, high,
-                             stat["count"], "" if s.get("edit_time_s") is None else s["edit_time_s"]])
+                             stat["count"], "" if s.get("edit_time_s") is None else s["edit_time_s"],
+                             titles.get(metric, "")])
     return buffer.getvalue()
