@@ -31,6 +31,11 @@ TEXT = ("the eiffel tower is located in the city of paris. the colosseum is loca
 FAST = {"lr": 0.01, "max_steps": 4}  # a few steps: the tests check bookkeeping, not edit quality
 
 
+def page_client(app, base_url: str = "http://testserver") -> TestClient:
+    """A client that sends what the explorer's own page sends: its Origin and the server's token."""
+    return TestClient(app, base_url=base_url, headers={"Origin": base_url, "X-Kvedit-Token": app.state.token})
+
+
 def edit_body(**kw):
     body = {"prompt": PROMPT, "subject": "the eiffel tower", "target_new": "rome", "target_true": "paris",
             "method": "ft-keys", "layers": [1], **FAST}
@@ -57,7 +62,7 @@ def corpus(tmp_path, monkeypatch):
 def app(corpus):
     lm = tiny_lm("llama")
     session = ExploreSession(lm, ExploreSettings(corpus=corpus, mine_tokens=300, mine_k=5))
-    with TestClient(create_app(session)) as client:
+    with page_client(create_app(session)) as client:
         yield client, session
     session.close()
 
@@ -102,7 +107,7 @@ def test_value_cache_follows_the_weights(corpus):
     inspect_prompt on the edited model, and again after the revert."""
     lm = tiny_lm("llama")
     session = ExploreSession(lm, ExploreSettings(corpus=corpus, prefetch_values=False))
-    client = TestClient(create_app(session))
+    client = page_client(create_app(session))
     session.values.fill_now()
     run_job(client, session, client.post("/api/edits", json=edit_body()))  # keys of layer 1
     assert session.values.ready == 4
@@ -145,9 +150,25 @@ def test_prompt_endpoint_and_bad_prompts(app):
     assert data["watch"]["token"] == "paris" and 1 <= data["watch"]["rank"] <= 80
     assert data["layers"][-1]["watch"]["prob"] == pytest.approx(data["watch"]["prob"], rel=1e-5)  # lens at the end = output
     for body, message in [({"prompt": "  "}, "empty"), ({"prompt": "the zzz tower"}, "does not know"),
-                          ({"prompt": PROMPT, "watch": "qqq"}, "not a token"), ({}, "prompt: Field required")]:
+                          ({}, "prompt: Field required")]:
         r = client.post("/api/prompt", json=body)
         assert r.status_code == 400 and message in r.json()["error"], r.json()
+
+
+def test_a_follow_token_that_is_not_one_token_does_not_block_the_analysis(app):
+    """Issue 34: a follow token of two tokens is followed by its first token, and the answer says so; one the
+    tokenizer does not know switches the follow column off, saying why; the analysis runs in both cases."""
+    client, _ = app
+    r = client.post("/api/prompt", json={"prompt": PROMPT, "watch": "tower is"})
+    assert r.status_code == 200, r.json()
+    data = r.json()
+    assert data["watch"]["token"] == "tower" and data["layers"][0]["watch"]["token"] == "tower"
+    assert "is 2 tokens" in data["watch_note"] and "following its first token 'tower'" in data["watch_note"]
+    r = client.post("/api/prompt", json={"prompt": PROMPT, "watch": "qqq"})
+    assert r.status_code == 200 and "watch" not in r.json() and "follow column is off" in r.json()["watch_note"]
+    r = client.post("/api/intervene", json={"prompt": PROMPT, "watch": "tower is",
+                                            "interventions": [{"layer": 1, "key": 3, "factor": 0}]})
+    assert r.status_code == 200 and "following its first token" in r.json()["watch_note"]
 
 
 def test_memory_view_and_bad_memories(app):
@@ -353,7 +374,7 @@ def test_quick_views_are_refused_while_a_job_holds_the_model(app):
                 break
             threading.Event().wait(0.01)
         r = client.post("/api/prompt", json={"prompt": PROMPT})
-        assert r.status_code == 409 and "busy with a long test job" in r.json()["error"]
+        assert r.status_code == 409 and "busy with job 1: a long test job" in r.json()["error"]
         r = client.post("/api/edits", json=edit_body())
         assert r.status_code == 409 and "still running" in r.json()["error"]
         assert client.get("/api/info").json()["job"]["title"] == "a long test job"
@@ -391,7 +412,7 @@ def test_command_refuses_bad_options_before_loading(tmp_path, capsys):
 
 def test_trusted_hosts(corpus):
     session = ExploreSession(tiny_lm("llama"))
-    client = TestClient(create_app(session, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1")
+    client = page_client(create_app(session, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1")
     assert client.get("/api/info").status_code == 200
     assert client.get("/api/info", headers={"host": "evil.example"}).status_code == 400
     session.close()

@@ -51,3 +51,25 @@ def test_target_as_part_of_a_word_is_not_containment():
 def test_unknown_fields_are_named():
     with pytest.raises(RequestError, match="unknown request field"):
         EditRequest.from_dict({"prompt": "{} is in", "subject": "X", "target_new": "Y", "colour": "red"})
+
+
+@pytest.mark.parametrize("field", ["prompt", "subject", "target_new", "target_true"])
+def test_a_lone_surrogate_is_refused_naming_the_field(field):
+    value = {"prompt": "{} is located in \ud800 the city of"}.get(field, "abc \ud800")
+    with pytest.raises(RequestError, match=f"{field} holds a character that is not valid Unicode"):
+        make(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["paraphrase_prompts", "neighborhood_prompts", "generation_prompts"])
+def test_a_lone_surrogate_in_a_prompt_list_names_the_item(field):
+    with pytest.raises(RequestError, match=rf"{field}\[1\] holds a character that is not valid Unicode"):
+        make(**{field: ("fine", "abc \udfff")})
+
+
+def test_check_text():
+    from kvedit.data.requests import check_text
+
+    assert check_text("Paris ☃", "x") == "Paris ☃"
+    for bad, message in [(3, "x must be text"), ("a\x00b", "NUL"), ("abcd", "at most 3")]:
+        with pytest.raises(RequestError, match=message):
+            check_text(bad, "x", max_chars=3)

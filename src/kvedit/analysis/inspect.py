@@ -3,6 +3,7 @@ value tokens and trigger examples, the logit lens per layer, and interventions o
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -16,13 +17,30 @@ from .triggers import TriggerSet
 from .vocab import logit_lens, project, token_strings
 
 
+#: the largest |factor| an intervention accepts: far past any factor that reads as "this memory, stronger", and
+#: far below what overflows a forward pass (a factor of 1e308 turns the output into NaN)
+MAX_FACTOR = 1e4
+
+
 @dataclass(frozen=True)
 class Intervention:
-    """Multiply memory `key` of `layer` by `factor` at every position (0 switches it off)."""
+    """Multiply memory `key` of `layer` by `factor` at every position (0 switches it off).
+
+    `factor` must be a finite number with |factor| <= MAX_FACTOR; anything else raises ValueError."""
 
     layer: int
     key: int
     factor: float
+
+    def __post_init__(self) -> None:
+        where = f"memory {self.layer}:{self.key}"
+        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)):
+            raise ValueError(f"the factor of {where} must be a number, got {self.factor!r}")
+        if not math.isfinite(self.factor):
+            raise ValueError(f"the factor of {where} must be a finite number, got {self.factor}")
+        if abs(self.factor) > MAX_FACTOR:
+            raise ValueError(f"the factor of {where} is {self.factor:g}; expected a factor between {-MAX_FACTOR:g} "
+                             f"and {MAX_FACTOR:g} (0 switches the memory off, 2 doubles it)")
 
     @classmethod
     def parse(cls, text: str, zero: bool = False) -> "Intervention":
@@ -46,6 +64,16 @@ def intervention_scales(lm: LM, interventions: list[Intervention]) -> dict[tuple
         by_layer.setdefault(layer, {})[iv.key] = iv.factor
     return {("coefficients", l): Scaling(torch.tensor(list(d)), torch.tensor(list(d.values()), dtype=torch.float32))
             for l, d in by_layer.items()}
+
+
+def check_distribution(probs: torch.Tensor, interventions: list[Intervention]) -> torch.Tensor:
+    """`probs` if every probability is finite; else ValueError: the interventions broke the forward pass (so
+    nothing about the result, such as "the top token changed", may be reported)."""
+    if not bool(torch.isfinite(probs).all()):
+        what = ", ".join(f"{iv.layer}:{iv.key}×{iv.factor:g}" for iv in interventions)
+        raise ValueError(f"the intervention {what} made the model's output NaN/Inf (the scaled activations overflow "
+                         "this model's number format); use a smaller factor")
+    return probs
 
 
 def _encode(lm: LM, prompt: str) -> dict[str, torch.Tensor]:
@@ -104,7 +132,7 @@ def inspect_prompt(
     result["next_token"] = _top(probs, strings, top_tokens)
     if interventions:
         with Trace(lm, scale=intervention_scales(lm, interventions)):
-            after = torch.softmax(lm.model(**enc).logits[0, -1].float(), -1)
+            after = check_distribution(torch.softmax(lm.model(**enc).logits[0, -1].float(), -1), interventions)
         change = after - probs
         moved = change.abs().topk(top_tokens).indices.tolist()
         result["intervention"] = {

@@ -80,6 +80,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
     from ..analysis.triggers import TRIGGERS_FILE, TriggerSet
     from ..explore import ExploreSession, ExploreSettings, create_app
+    from ..explore.security import loopback_origins
 
     if args.mined is not None and not (args.mined / TRIGGERS_FILE).is_file():
         raise FileNotFoundError(f"--mined {args.mined} holds no mined triggers ({TRIGGERS_FILE}); run `kvedit analyze "
@@ -92,8 +93,9 @@ def cmd_explore(args: argparse.Namespace) -> int:
     session = ExploreSession(lm, settings, triggers, str(args.mined) if args.mined else "")
     loopback = is_loopback(args.host)
     hosts = None if not loopback else ["127.0.0.1", "localhost", "[::1]", "::1"]
-    app = create_app(session, allowed_hosts=hosts)
     host, port = sock.getsockname()[:2]
+    # changes are accepted only from this server's own page: its origins (on loopback, the bound port's) + token
+    app = create_app(session, allowed_hosts=hosts, origins=loopback_origins(port) if loopback else None)
     shown = f"[{host}]" if ":" in host else host
     print(f"kvedit explore: {lm.name} ({lm.num_layers} layers) at http://{shown}:{port}/")
     if loopback:
@@ -103,11 +105,12 @@ def cmd_explore(args: argparse.Namespace) -> int:
         print(f"listening on {host}: anyone who can reach this address can look at and edit the model")
     if triggers is not None:
         print(f"trigger examples of layers {triggers.layers[0]}–{triggers.layers[-1]} from {args.mined}")
-    print("Ctrl-C stops the server (edits live in memory only; download a patch to keep one)")
+    print("Ctrl-C stops the server (edits live in memory only; download a patch to keep one); a running job is "
+          "cancelled first and its weights restored")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     try:
         server.run(sockets=[sock])
     finally:
-        session.close()
+        session.close()  # cancels the running job and waits for its thread: no torch thread outlives the server
         sock.close()
     return 0

@@ -11,6 +11,26 @@ class RequestError(ValueError):
     """An edit request that cannot be carried out as written."""
 
 
+def check_text(value: Any, field: str, max_chars: int | None = None) -> str:
+    """`value` if it is text a tokenizer can read; else raise `RequestError` naming `field`.
+
+    Refuses a non-string, text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``, which JSON
+    can carry but UTF-8 cannot encode), NUL characters, and, with `max_chars`, text longer than that.
+    """
+    if not isinstance(value, str):
+        raise RequestError(f"{field} must be text, got {type(value).__name__} {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(f"{field} holds a character that is not valid Unicode ({value[err.start]!r} at "
+                           f"position {err.start}: a lone surrogate); send the text as valid UTF-8") from None
+    if "\x00" in value:
+        raise RequestError(f"{field} holds a NUL character (at position {value.index(chr(0))}); remove it")
+    if max_chars is not None and len(value) > max_chars:
+        raise RequestError(f"{field} is {len(value)} characters long; at most {max_chars} are accepted")
+    return value
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """Change `(subject, relation) -> target_true` into `target_new`.
@@ -56,6 +76,12 @@ class EditRequest:
     def validate(self) -> None:
         """Raise `RequestError` naming the field that is wrong."""
         who = f"request {self.case_id!r}" if self.case_id is not None else "request"
+        for name in ("prompt", "subject", "target_new", "target_true", "neighborhood_target", "attribute"):
+            if getattr(self, name) is not None:
+                check_text(getattr(self, name), f"{who}: {name}")
+        for name in ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts"):
+            for i, text in enumerate(getattr(self, name)):
+                check_text(text, f"{who}: {name}[{i}]")
         if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
             raise RequestError(
                 f"{who}: prompt must contain exactly one '{{}}' where the subject goes, "

@@ -7,6 +7,7 @@ checks only what needs no model, so a command can refuse bad input before loadin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,11 @@ NON_NEGATIVE_SETTINGS = ("weight_decay", "kl_factor")
 
 
 def check_ranges(settings: Any) -> None:
-    """Raise ValueError naming the first setting outside its range."""
+    """Raise ValueError naming the first setting outside its range (NaN and ±Inf are outside every range)."""
+    for name in POSITIVE_SETTINGS + NON_NEGATIVE_SETTINGS:
+        value = getattr(settings, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
     for name in POSITIVE_SETTINGS:
         value = getattr(settings, name, None)
         if value is not None and not value > 0:

@@ -1,13 +1,18 @@
 """The explorer's HTTP API (FastAPI) and the page it serves.
 
-Every error is JSON `{"error": message}`: 400 for bad input (nothing changed), 404 for an unknown edit or
-job, 409 when the model is busy with a job or an edit cannot be reverted on its own. Long work (edits,
-mining) answers 202 with a job to poll at `/api/jobs/{id}`.
+Every error is JSON `{"error": message}`: 400 for bad input (nothing changed), 403 for a request that changes
+or starts something without coming from the explorer's own page (`security.PageOnly`), 404 for an unknown
+edit or job, 409 when the model is busy (with a job, or another request) or an edit cannot be reverted on its
+own. Long work (edits, mining) answers 202 with a job to poll at `/api/jobs/{id}` and to cancel with
+`DELETE /api/jobs/{id}` (or `POST /api/jobs/{id}/cancel`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from html import escape
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,14 +20,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..analysis.inspect import Intervention
 from .edits import RevertConflict
-from .jobs import Busy, NotFound
+from .jobs import Busy, JobFinished, NotFound
+from .security import PageOnly, new_token
 from .session import EditForm, ExploreSession
 
 STATIC = Path(str(resources.files("kvedit.explore") / "static"))
@@ -88,17 +94,31 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(session: ExploreSession, allowed_hosts: list[str] | None = None) -> FastAPI:
+def create_app(session: ExploreSession, allowed_hosts: list[str] | None = None,
+               origins: Collection[str] | None = None, token: str | None = None) -> FastAPI:
     """The web app over `session`. `allowed_hosts`: Host headers to accept (None: any), which keeps pages
-    of other sites from reaching a loopback server through DNS rebinding."""
+    of other sites from reaching a loopback server through DNS rebinding. `origins`: the page's origins, the
+    only ones whose requests may change anything (None: the origin the Host header names); `token`: the
+    secret the page sends with every such request (None: a new random one; it is `app.state.token`).
+    When the server shuts down, the running job is cancelled and its thread joined."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(session.jobs.shutdown)
+
     # no /docs or /redoc pages: FastAPI's load their scripts from a CDN; the schema stays at /openapi.json
     app = FastAPI(title="kvedit explore", description="FFN key-value memories of one model: look, intervene, edit",
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.session = session
+    app.state.token = token or new_token()
+    app.add_middleware(PageOnly, token=app.state.token, origins=origins)
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+    page = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{KVEDIT_TOKEN}}", escape(app.state.token))
 
     @app.exception_handler(Busy)
+    @app.exception_handler(JobFinished)
     @app.exception_handler(RevertConflict)
     async def conflict(request: Request, err: Exception) -> JSONResponse:
         return _error(409, str(err))
@@ -121,8 +141,9 @@ def create_app(session: ExploreSession, allowed_hosts: list[str] | None = None) 
         return _error(400, "; ".join(parts))
 
     @app.get("/", include_in_schema=False)
-    def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
+    def index() -> HTMLResponse:
+        """The page, with this server's token in it (a page of another site cannot read it: no CORS)."""
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -150,6 +171,12 @@ def create_app(session: ExploreSession, allowed_hosts: list[str] | None = None) 
     @app.get("/api/jobs/{job_id}")
     def job(job_id: int) -> JSONResponse:
         return JSONResponse(jsonable(session.jobs.get(job_id).to_dict()))
+
+    @app.delete("/api/jobs/{job_id}")
+    @app.post("/api/jobs/{job_id}/cancel")
+    def cancel(job_id: int) -> JSONResponse:
+        """Stop a running job at its next step; the weights end as they were before it."""
+        return JSONResponse(jsonable(session.cancel(job_id)))
 
     @app.post("/api/edits", status_code=202)
     def start_edit(body: EditBody) -> JSONResponse:

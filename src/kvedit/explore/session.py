@@ -7,7 +7,6 @@ weights only after every check has passed, so bad input changes nothing.
 
 from __future__ import annotations
 
-import math
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from ..models.memory import ffn_memory
 from . import views
 from .edits import AppliedEdit, EditLog
 from .jobs import Job, JobRunner
+from .limits import Limits
 from .value_cache import ValueTokenCache
 
 #: the methods the page offers first (every registered method is accepted)
@@ -41,7 +41,8 @@ class ExploreSettings:
     """corpus / mine_tokens / mine_k / mine_rank: what on-the-fly mining reads (a text file, a folder of .txt
     files, `hf:<dataset>` or `self`), keeps, and ranks by ("value": the signed coefficient, "abs": |m|); stats_source / stats_tokens: the key-statistics corpus of
     ROME/MEMIT/PMET (None: the preset's); top_memories / top_tokens / next_tokens: sizes of the views;
-    prefetch_values: project every layer's values in the background so prompts answer faster."""
+    prefetch_values: project every layer's values in the background so prompts answer faster; limits: the
+    bounds on one request (`limits.Limits`)."""
 
     corpus: str = "self"
     mine_tokens: int = 20_000
@@ -53,11 +54,14 @@ class ExploreSettings:
     top_tokens: int = 5
     next_tokens: int = 10
     prefetch_values: bool = True
+    limits: Limits = Limits()
 
     def __post_init__(self) -> None:
         for name in ("mine_tokens", "mine_k", "top_memories", "top_tokens", "next_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.mine_tokens > self.limits.mine_tokens:
+            raise ValueError(f"mine_tokens must be at most {self.limits.mine_tokens}, got {self.mine_tokens}")
         if self.mine_rank not in ("value", "abs"):
             raise ValueError(f"mine_rank must be 'value' or 'abs', got {self.mine_rank!r}")
         if self.stats_tokens is not None and self.stats_tokens < 1:
@@ -104,7 +108,7 @@ class ExploreSession:
         self.lm = lm
         self.settings = settings or ExploreSettings()
         self.vocab = views.Vocabulary(token_strings(lm))
-        self.jobs = JobRunner(threading.Lock())
+        self.jobs = JobRunner(threading.Lock(), cancel_points=list(lm.module(lm.arch.layers)))
         self.edits = EditLog()
         self.triggers: dict[int, tuple[TriggerSet, str]] = {}
         if triggers is not None:
@@ -126,7 +130,7 @@ class ExploreSession:
             "methods": [{"name": n, "summary": m.summary, "main": n in MAIN_METHODS} for n, m in METHODS.items()],
             "mined_layers": sorted(self.triggers), "corpus": self.settings.corpus,
             "value_tokens_ready": self.values.ready,
-            "mine_tokens": self.settings.mine_tokens,
+            "mine_tokens": self.settings.mine_tokens, "limits": self.settings.limits.to_dict(),
             "edits": [e.to_dict() for e in self.edits.entries], "applied": len(self.edits.applied()),
             "job": active.to_dict() if active else None,
         }
@@ -138,12 +142,15 @@ class ExploreSession:
     # ---- quick views ---------------------------------------------------------------------------
     def prompt(self, prompt: str, watch: str | None = None) -> dict[str, Any]:
         s = self.settings
-        with self.jobs.quick_use():
+        s.limits.text(self.lm, prompt, "prompt")
+        with self.jobs.quick_use(f"a prompt view of {prompt[:40]!r}"):
             return views.prompt_view(self.lm, self.vocab, prompt, s.top_memories, s.top_tokens, s.next_tokens, watch,
                                      self.values.get)
 
     def memory(self, layer: int, key: int, prompt: str | None = None) -> dict[str, Any]:
-        with self.jobs.quick_use():
+        if prompt:
+            self.settings.limits.text(self.lm, prompt, "prompt")
+        with self.jobs.quick_use(f"a view of memory {layer}:{key}"):
             layer = self.lm.check_layer(layer)
             out = views.memory_view(self.lm, self.vocab, layer, key, prompt or None, self._triggers(layer))
         if layer in self.triggers:
@@ -151,19 +158,16 @@ class ExploreSession:
         return out
 
     def intervene(self, prompt: str, interventions: Sequence[Intervention], watch: str | None = None) -> dict[str, Any]:
-        for iv in interventions:
-            if not math.isfinite(iv.factor):
-                raise ValueError(f"the factor of memory {iv.layer}:{iv.key} must be a finite number, got {iv.factor}")
-        with self.jobs.quick_use():
+        self.settings.limits.text(self.lm, prompt, "prompt")
+        self.settings.limits.count(interventions, "interventions", self.settings.limits.interventions)
+        with self.jobs.quick_use(f"an intervention on {prompt[:40]!r}"):
             return views.intervene(self.lm, self.vocab, prompt, interventions, self.settings.next_tokens, watch)
 
     # ---- mining ----------------------------------------------------------------------------------
     def start_mining(self, layer: int, tokens: int | None = None) -> Job:
         """Mine trigger examples of every memory of `layer` from the session's corpus, in the background."""
         layer = self.lm.check_layer(layer)
-        tokens = tokens or self.settings.mine_tokens
-        if tokens < 1:
-            raise ValueError(f"tokens must be at least 1, got {tokens}")
+        tokens = self.settings.limits.mine(self.settings.mine_tokens if tokens is None else tokens)
         corpus = self.settings.corpus
 
         def work(job: Job) -> dict[str, Any]:
@@ -187,13 +191,19 @@ class ExploreSession:
     def start_edit(self, form: EditForm) -> Job:
         """Check the form (bad input raises here and changes nothing), then edit in the background:
         p(new), p(true) on every prompt before and after, the next token, and the patch view."""
-        lm = self.lm
+        lm, limits = self.lm, self.settings.limits
+        limits.count(form.paraphrases, "paraphrases", limits.prompts)
+        limits.count(form.neighbours, "neighbourhood prompts", limits.prompts)
+        limits.edit_settings(form.lr, form.max_steps, form.layers, lm)
+        for what, text in (("prompt", form.prompt), ("subject", form.subject)):
+            limits.text(lm, text, what)
         template = edit_template(form.prompt, form.subject)
         texts = {"prompt": form.prompt, "subject": form.subject, "new object": form.target_new,
                  **({"true object": form.target_true} if form.target_true else {}),
                  **{f"paraphrase {i + 1}": p for i, p in enumerate(form.paraphrases)},
                  **{f"neighbourhood prompt {i + 1}": p for i, p in enumerate(form.neighbours)}}
         for what, text in texts.items():
+            limits.text(lm, text, what)
             if not text.strip():
                 raise RequestError(f"the {what} is empty")
             views.check_known(lm, text, what)
@@ -222,7 +232,9 @@ class ExploreSession:
         before = target_probabilities(lm, request)
         next_before = views.next_token(lm, self.vocab, request.rewrite_prompt)
         job.set_phase(f"editing with {form.method}")
+        job.expect_steps(getattr(settings, "max_steps", None), f"{form.method} optimisation steps (at most)")
         delta = edit(lm, request, form.method, hparams=settings)
+        job.expect_steps(None, "")
         try:
             job.set_phase("scoring the prompts after the edit")
             after = target_probabilities(lm, request)
@@ -248,7 +260,7 @@ class ExploreSession:
             delta.apply(self.lm)
 
     def revert(self, edit_id: int, cascade: bool = False) -> dict[str, Any]:
-        with self.jobs.quick_use(), self.values.writing():
+        with self.jobs.quick_use(f"reverting edit #{edit_id}"), self.values.writing():
             reverted = self.edits.revert(self.lm, edit_id, cascade)
         for done in reverted:
             self.values.invalidate(self.edits.get(done).delta.names)
@@ -288,7 +300,7 @@ class ExploreSession:
             if request.target_true is not None:
                 requests.append(request)
         total, requests = len(requests), requests[:SCORED_REQUESTS]  # a batch patch: score the first few
-        with self.jobs.quick_use(), self.values.writing():
+        with self.jobs.quick_use(f"loading the patch {name}"), self.values.writing():
             missing = [n for n in delta.names if n not in dict(self.lm.model.named_parameters())]
             if missing:
                 raise PatchMismatchError(f"{name} was made for {meta.get('model_name', 'another model')!r}: this model "
@@ -308,14 +320,22 @@ class ExploreSession:
                                f"loaded from {name} ({meta.get('method', '?')})", summary)
         return entry.to_dict(detail=True)
 
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        """Ask job `job_id` to stop at its next step (its weights are then restored); returns the job."""
+        return self.jobs.cancel(job_id).to_dict()
+
     def close(self) -> None:
+        """Cancel and wait for the running job, stop the background projection, delete the session's files."""
+        self.jobs.shutdown()
         self.values.stop()
         self._files.cleanup()
 
 
 def _summary(requests: Sequence[EditRequest], before: Any, after: Any) -> dict[str, Any]:
-    """Rows of p(new) and p(true) before and after, per request and prompt; `flipped` when every rewrite
-    prompt now prefers the new object."""
+    """Rows of p(new) and p(true) before and after, per request and prompt, each with its `outcome`: a rewrite
+    or paraphrase prompt "flipped" (p(new) > p(true) after) or "not flipped"; a neighbourhood prompt "kept"
+    (p(true) still above p(new)) or "leaked". `flipped` when every rewrite prompt now prefers the new object;
+    `leaked`: how many neighbourhood prompts leaked."""
     if isinstance(before, dict):
         before, after = [before], [after]
     rows = []
@@ -328,5 +348,11 @@ def _summary(requests: Sequence[EditRequest], before: Any, after: Any) -> dict[s
                              "target_true": request.target_true,
                              "new_before": b[group][i]["target_new"], "new_after": a[group][i]["target_new"],
                              "true_before": b[group][i]["target_true"], "true_after": a[group][i]["target_true"]})
+    for r in rows:
+        if r["kind"] == "neighborhood":
+            r["outcome"] = "kept" if r["true_after"] > r["new_after"] else "leaked"
+        else:
+            r["outcome"] = "flipped" if r["new_after"] > r["true_after"] else "not flipped"
     rewrites = [r for r in rows if r["kind"] == "efficacy"]
-    return {"rows": rows, "flipped": bool(rewrites) and all(r["new_after"] > r["true_after"] for r in rewrites)}
+    return {"rows": rows, "flipped": bool(rewrites) and all(r["outcome"] == "flipped" for r in rewrites),
+            "leaked": sum(r["outcome"] == "leaked" for r in rows)}

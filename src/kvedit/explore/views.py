@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from ..analysis.inspect import Intervention, intervention_scales
+from ..analysis.inspect import Intervention, check_distribution, intervention_scales
 from ..analysis.triggers import TriggerSet
 from ..analysis.values import ValueProjection
 from ..analysis.vocab import logit_lens, project
+from ..data.requests import RequestError, check_text
 from ..models.lm import LM
 from ..models.memory import ffn_memory
 from ..models.tracing import Trace
@@ -52,11 +53,47 @@ class Vocabulary:
         raise ValueError(f"{text!r} is not one token of this model's vocabulary: the tokenizer splits it into "
                          f"{pieces}; give a single token such as {pieces[0]!r}")
 
+    def follow(self, lm: LM, text: str | None) -> tuple[int | None, str | None]:
+        """The token to follow for `text` and a note for the page: `text`'s own token (no note); the first
+        token of a text the tokenizer splits (a note saying so); or None (a note saying the column is off)."""
+        if not text or not text.strip():
+            return None, None
+        check_text(text, "the followed token", max_chars=200)
+        try:
+            return self.token_id(lm, text), None
+        except ValueError as err:
+            ids = lm.tokenizer((" " + text) if not text[0].isspace() else text, add_special_tokens=False)["input_ids"]
+            if not ids or lm.tokenizer.unk_token_id in ids:
+                return None, f"the follow column is off: {err}"
+            pieces = [self.strings[i] for i in ids]
+            return ids[0], (f"{text!r} is {len(ids)} tokens of this model ({' + '.join(map(repr, pieces))}); "
+                            f"following its first token {pieces[0]!r}")
+
+
+def context_length(lm: LM) -> int | None:
+    """The most positions the model reads (its config's max_position_embeddings), if it says."""
+    n = getattr(lm.model.config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_prompt(lm: LM, text: str, what: str, max_chars: int, max_tokens: int | None = None) -> int:
+    """Check a text before it reaches the model: valid Unicode, at most `max_chars` characters, and at most
+    `max_tokens` tokens and the model's context; returns its number of tokens. Raises RequestError naming `what`."""
+    check_text(text, f"the {what}", max_chars=max_chars)
+    n = len(lm.tokenizer(text)["input_ids"])
+    limits = [(m, why) for m, why in ((max_tokens, "the explorer's limit"),
+                                      (context_length(lm), f"{lm.name}'s context")) if m is not None]
+    for limit, why in sorted(limits, key=lambda x: x[0])[:1]:
+        if n > limit:
+            raise RequestError(f"the {what} is {n} tokens long; at most {limit} are accepted ({why})")
+    return n
+
 
 def encode(lm: LM, text: str, what: str = "prompt") -> dict[str, torch.Tensor]:
     """Tokenise one text `[1, T]`; refuse an empty text and text the tokenizer can only read as unknown."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"the {what} is empty; type some text")
+    check_text(text, f"the {what}")
     check_known(lm, text, what)
     return lm.tokenizer(text, return_tensors="pt").to(lm.device)
 
@@ -102,7 +139,7 @@ def prompt_view(
     probability and rank are also given per layer and at the output. `cached(layer)`: that layer's value
     projection with at least `top_tokens` tokens per memory, if already computed (`ValueTokenCache.get`)."""
     enc = encode(lm, prompt)
-    watch_id = vocab.token_id(lm, watch) if watch else None
+    watch_id, watch_note = vocab.follow(lm, watch)
     layers = list(range(lm.num_layers))
     with Trace(lm, read=[(kind, l) for l in layers for kind in ("coefficients", "residual")]) as tr:
         logits = lm.model(**enc).logits[0, -1].float()
@@ -139,6 +176,8 @@ def prompt_view(
                               "layers": out_layers, "next_token": _top(probs, vocab, next_tokens)}
     if watch_id is not None:
         result["watch"] = _watch(probs, watch_id, vocab)
+    if watch_note:
+        result["watch_note"] = watch_note
     return result
 
 
@@ -210,11 +249,11 @@ def intervene(
     if not interventions:
         raise ValueError("no memories chosen; add at least one LAYER:MEMORY to zero or scale")
     enc = encode(lm, prompt)
-    watch_id = vocab.token_id(lm, watch) if watch else None
+    watch_id, watch_note = vocab.follow(lm, watch)
     scales = intervention_scales(lm, list(interventions))
     before = torch.softmax(lm.model(**enc).logits[0, -1].float(), -1)
     with Trace(lm, scale=scales):
-        after = torch.softmax(lm.model(**enc).logits[0, -1].float(), -1)
+        after = check_distribution(torch.softmax(lm.model(**enc).logits[0, -1].float(), -1), list(interventions))
     moved = (after - before).abs().topk(k).indices.tolist()
     result: dict[str, Any] = {
         "prompt": prompt,
@@ -226,6 +265,8 @@ def intervene(
     }
     if watch_id is not None:
         result["watch"] = {"before": _watch(before, watch_id, vocab), "after": _watch(after, watch_id, vocab)}
+    if watch_note:
+        result["watch_note"] = watch_note
     return result
 
 

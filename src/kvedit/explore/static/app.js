@@ -40,8 +40,16 @@ function showMessage(text, kind = "error") {
 }
 function clearMessage() { $("message").className = "message hidden"; }
 
+// the server's token, written into this page when it was served: every request that changes or starts
+// something sends it (a page of another site cannot read it), and the browser adds this page's Origin
+function pageToken() {
+  const meta = document.querySelector('meta[name="kvedit-token"]');
+  return meta ? meta.content : "";
+}
+
 async function api(path, body, method) {
   const opts = { method: method || (body === undefined ? "GET" : "POST"), headers: {} };
+  if (opts.method !== "GET") opts.headers["X-Kvedit-Token"] = pageToken();
   if (body !== undefined) { opts.headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(body); }
   const res = await fetch(path, opts);
   const data = await res.json().catch(() => ({ error: `the server answered ${res.status} without JSON` }));
@@ -111,7 +119,13 @@ async function followJob(job, done) {
       $("job-elapsed").textContent = `· ${job.elapsed_s.toFixed(1)} s`;
       const list = $("job-bars");
       list.innerHTML = "";
-      const shown = job.bars.length ? job.bars : [{ desc: job.phase, n: 0, total: null, unit: "", working: true }];
+      const cancel = $("job-cancel");
+      cancel.dataset.job = job.id;
+      cancel.disabled = !!job.cancel_requested;
+      const p = job.progress;
+      const shown = p ? [{ desc: p.what, n: p.done, total: p.total, unit: p.unit }]
+        : job.bars.length ? job.bars : [{ desc: job.phase, n: 0, total: null, unit: "", working: true }];
+      $("job-fraction").textContent = p ? `${Math.round(100 * p.fraction)}%` : "";
       for (const b of shown) {
         const frac = b.total ? Math.min(1, b.n / b.total) : null;
         list.append(h("div", { class: "bar-row" }, h("div", { class: "bar-label wide" }, b.desc || "working"),
@@ -119,7 +133,7 @@ async function followJob(job, done) {
             style: `width:${frac === null ? 100 : 100 * frac}%` })),
           h("div", { class: "bar-value" }, b.working ? "working…" : b.total ? `${Math.round(b.n)} / ${Math.round(b.total)} ${b.unit}` : `${Math.round(b.n)} ${b.unit}`)));
       }
-      if (job.state === "done" || job.state === "failed") break;
+      if (!["queued", "running"].includes(job.state)) break;
       await new Promise((r) => setTimeout(r, 300));
       job = await api(`/api/jobs/${job.id}`);
     }
@@ -128,8 +142,17 @@ async function followJob(job, done) {
     panel.classList.add("hidden");
   }
   if (job.state === "failed") showMessage(`${job.title} failed: ${job.error}`);
+  if (job.state === "cancelled") showMessage(`${job.title} was cancelled; the model is exactly as it was before it.`, "info");
   await done(job);
   return job;
+}
+
+async function cancelJob() {
+  const button = $("job-cancel");
+  if (!button.dataset.job) return;
+  button.disabled = true;
+  try { await api(`/api/jobs/${button.dataset.job}`, undefined, "DELETE"); }
+  catch (err) { showMessage(`could not cancel: ${err.message}`); button.disabled = false; }
 }
 
 // ---- prompt view ---------------------------------------------------------------------------------
@@ -166,7 +189,8 @@ function renderPrompt(r) {
   $("prompt-result").classList.remove("hidden");
   $("prompt-tokens").replaceChildren(h("span", { class: "muted" }, `${r.tokens.length} tokens: `), ...r.tokens.map(tok));
   $("next-token").replaceChildren(bars(r.next_token, { mark: r.watch && r.watch.token }));
-  $("watch-final").textContent = r.watch ? `followed token ${JSON.stringify(r.watch.token)}: ${pct(r.watch.prob)}, rank ${r.watch.rank}` : "";
+  $("watch-final").textContent = (r.watch ? `followed token ${JSON.stringify(r.watch.token)}: ${pct(r.watch.prob)}, rank ${r.watch.rank}` : "")
+    + (r.watch_note ? ` (${r.watch_note})` : "");
   document.querySelectorAll(".watch-col").forEach((c) => c.classList.toggle("hidden", !r.watch));
   state.lastPrompt = r;
   const body = $("layers").querySelector("tbody");
@@ -266,7 +290,8 @@ async function runIntervention() {
     const what = r.interventions.map((i) => `${i.layer}:${i.key}×${i.factor}`).join(", ");
     $("iv-summary").textContent = `${what} on ${JSON.stringify(r.prompt)}: KL(before‖after) = ${num(r.kl_before_after, 4)} nats; ` +
       (r.top_changed ? "the top token changed." : "the top token stayed.") +
-      (r.watch ? ` Followed token: ${pct(r.watch.before.prob)} → ${pct(r.watch.after.prob)}.` : "");
+      (r.watch ? ` Followed token: ${pct(r.watch.before.prob)} → ${pct(r.watch.after.prob)}.` : "") +
+      (r.watch_note ? ` (${r.watch_note})` : "");
     $("iv-before").replaceChildren(bars(r.before));
     $("iv-after").replaceChildren(bars(r.after));
     $("iv-changes").replaceChildren(h("thead", {}, h("tr", {}, h("th", {}, "token"), h("th", {}, "before"), h("th", {}, "after"))),
@@ -314,15 +339,26 @@ function renderEditResult(e, into) {
     h("p", { class: "muted" }, `${e.source}; layers ${JSON.stringify(e.layers)}; ` +
       (e.time_s ? `${e.steps} steps in ${num(e.time_s, 2)} s; ` : "") + `state: ${e.state}`)];
   if (s.rows) {
-    parts.push(h("p", { class: s.flipped ? "flip yes" : "flip no" }, s.flipped ? "The rewrite prompt now prefers the new object."
-      : "The rewrite prompt does not prefer the new object yet."));
+    if (e.state === "reverted") {
+      parts.push(h("p", { class: "flip reverted" }, "Reverted: the model is back to the weights before this edit; the table shows what the edit did while it was applied."));
+    } else {
+      parts.push(h("p", { class: s.flipped ? "flip yes" : "flip no" }, s.flipped ? "The rewrite prompt now prefers the new object."
+        : "The rewrite prompt does not prefer the new object yet."));
+    }
+    const leaked = s.rows.filter((r) => outcome(r) === "leaked").length;
+    if (leaked) parts.push(h("p", { class: "flip no leak" }, `${leaked} neighbourhood prompt${leaked === 1 ? "" : "s"} now prefer${leaked === 1 ? "s" : ""} the new object: the edit leaked beyond its subject.`));
     parts.push(h("table", { class: "plain probs" }, h("thead", {}, h("tr", {}, h("th", {}, "prompt"), h("th", {}, "kind"),
-      h("th", {}, "p(new) before"), h("th", {}, "p(new) after"), h("th", {}, "p(true) before"), h("th", {}, "p(true) after"))),
-    h("tbody", {}, s.rows.map((r) => h("tr", { class: r.kind },
-      h("td", {}, r.prompt, h("small", { class: "muted" }, ` new ${JSON.stringify(r.target_new)}, true ${JSON.stringify(r.target_true)}`)),
-      h("td", {}, r.kind === "efficacy" ? "rewrite" : r.kind),
-      h("td", { class: "num" }, pct(r.new_before)), h("td", { class: "num " + (r.new_after > r.new_before ? "up" : "down") }, pct(r.new_after)),
-      h("td", { class: "num" }, pct(r.true_before)), h("td", { class: "num " + (r.true_after > r.true_before ? "up" : "down") }, pct(r.true_after)))))));
+      h("th", {}, "p(new) before"), h("th", {}, "p(new) after"), h("th", {}, "p(true) before"), h("th", {}, "p(true) after"),
+      h("th", { title: "rewrite/paraphrase: flipped when p(new) > p(true) after the edit; neighbourhood: kept when p(true) is still above p(new)" }, "outcome"))),
+    h("tbody", {}, s.rows.map((r) => {
+      const o = outcome(r), good = o === "flipped" || o === "kept";
+      return h("tr", { class: `${r.kind} ${good ? "good" : "bad"}`, "data-outcome": o },
+        h("td", {}, r.prompt, h("small", { class: "muted" }, ` new ${JSON.stringify(r.target_new)}, true ${JSON.stringify(r.target_true)}`)),
+        h("td", {}, r.kind === "efficacy" ? "rewrite" : r.kind),
+        h("td", { class: "num" }, pct(r.new_before)), h("td", { class: "num after " + (good ? "good" : "bad") }, pct(r.new_after), arrow(r.new_before, r.new_after)),
+        h("td", { class: "num" }, pct(r.true_before)), h("td", { class: "num" }, pct(r.true_after), arrow(r.true_before, r.true_after)),
+        h("td", { class: "outcome " + (good ? "good" : "bad") }, good ? `✓ ${o}` : `✗ ${o}`));
+    }))));
   }
   if (s.next_before) {
     parts.push(h("div", { class: "columns" },
@@ -331,6 +367,17 @@ function renderEditResult(e, into) {
   }
   if (s.patch_view) parts.push(renderPatchView(s.patch_view));
   into.replaceChildren(...parts);
+}
+
+// what a row's probabilities mean: a rewrite or paraphrase prompt "flipped" (p(new) > p(true) now) or "not
+// flipped"; a neighbourhood prompt "kept" (p(true) still above p(new)) or "leaked" (the edit reached it: a failure)
+function outcome(r) {
+  if (r.outcome) return r.outcome;
+  if (r.kind === "neighborhood") return r.true_after > r.new_after ? "kept" : "leaked";
+  return r.new_after > r.true_after ? "flipped" : "not flipped";
+}
+function arrow(before, after) {
+  return h("small", { class: "muted" }, after > before ? " ↑" : after < before ? " ↓" : "");
 }
 
 function renderPatchView(p) {
@@ -357,7 +404,9 @@ function renderPatchView(p) {
 
 function renderEdits(edits) {
   $("edits-table").querySelector("tbody").replaceChildren(...edits.map((e) => h("tr", { class: e.state, "data-edit": e.id },
-    h("td", { class: "num" }, `#${e.id}`), h("td", {}, e.label, e.flipped ? h("span", { class: "pill small" }, "flipped") : null),
+    h("td", { class: "num" }, `#${e.id}`), h("td", {}, e.label,
+      e.state === "reverted" ? h("span", { class: "pill small reverted" }, "reverted")
+        : e.flipped ? h("span", { class: "pill small" }, "flipped") : null),
     h("td", {}, e.source), h("td", {}, JSON.stringify(e.layers)), h("td", {}, e.state),
     h("td", { class: "actions" },
       h("button", { type: "button", onclick: () => showEdit(e.id) }, "details"),
@@ -391,7 +440,7 @@ async function loadPatch() {
   busy(button, true);
   try {
     const res = await fetch("/api/patches", { method: "POST", headers: { "Content-Type": "application/octet-stream",
-      "X-Filename": file.name }, body: await file.arrayBuffer() });
+      "X-Filename": file.name, "X-Kvedit-Token": pageToken() }, body: await file.arrayBuffer() });
     const data = await res.json();
     if (!res.ok) throw new Error(data.error || `error ${res.status}`);
     showMessage(`Patch ${file.name} applied as edit #${data.id}.`, "info");
@@ -420,6 +469,7 @@ window.addEventListener("DOMContentLoaded", async () => {
   $("iv-run").addEventListener("click", runIntervention);
   $("edit-form").addEventListener("submit", runEdit);
   $("patch-load").addEventListener("click", loadPatch);
+  $("job-cancel").addEventListener("click", cancelJob);
   try { fillMethods(await refreshInfo()); } catch (err) { showMessage(`cannot reach the server: ${err.message}`); }
   $("prompt").focus();
 });
