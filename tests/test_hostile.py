@@ -27,7 +27,11 @@ SENTENCE = "the eiffel tower is located in the city of paris and rome is the cap
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+    """The exit code a shell would see (argument errors exit while parsing), stdout and stderr."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
     out, err = capsys.readouterr()
     return code, out, err
 

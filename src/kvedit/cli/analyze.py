@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .common import add_model_args, layer_list, load, positive_int
+from .folders import results_folder
 
 
 def key_list(text: str) -> tuple[tuple[int, int], ...]:
@@ -83,7 +84,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     _components_opts(al, required=False)
 
     for p in (t, v, l, c, al):
-        p.add_argument("--out", type=Path, required=True, help="results folder (mined triggers in it are reused)")
+        p.add_argument("--out", type=results_folder("analyze"), required=True,
+                       help="results folder (mined triggers in it are reused)")
         if p in (t, v):
             p.add_argument("--layers", type=layer_list, default=None, help="layers (default all)")
         if p in (v, l, al):
@@ -103,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     i.add_argument("--patch", type=Path, default=None, help="a kvedit patch: show what it changed on this prompt")
     i.add_argument("--neighborhood", action="append", default=[], metavar="PROMPT",
                    help="with --patch: neighbourhood prompts (default: the patch's own)")
-    i.add_argument("--out", type=Path, default=None, help="also write inspect.json and inspect.md (or patch.*) here")
+    i.add_argument("--out", type=results_folder("inspect"), default=None, help="also write inspect.json and inspect.md (or patch.*) here")
     i.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     add_model_args(i)
     return {"analyze": cmd_analyze, "inspect": cmd_inspect}

@@ -80,3 +80,31 @@ def load(args: argparse.Namespace):
     return load_model(args.model, device=resolve_device(getattr(args, "device", "cpu")), dtype=args.dtype,
                       trust_remote_code=getattr(args, "trust_remote_code", False),
                       device_map=getattr(args, "device_map", None))
+
+
+def method_list(text: str) -> tuple[str, ...]:
+    """Parse `ft-keys,ft-values` into method names, each one kvedit has (checked without importing torch)."""
+    from ..editing.method_names import METHOD_NAMES
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not methods:
+        raise argparse.ArgumentTypeError(f"expected comma-separated methods out of {', '.join(METHOD_NAMES)}; "
+                                         f"got {text!r}")
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method {', '.join(map(repr, unknown))}; expected methods out of "
+                                         f"{', '.join(METHOD_NAMES)}")
+    return methods
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """Give `parser` and every sub-command under it `--threads` (torch's CPU threads)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        if not any("--threads" in a.option_strings for a in parser._actions):
+            parser.add_argument("--threads", type=positive_int, default=None,
+                                help="CPU threads for torch (default: one per core, waiting without spinning so "
+                                     "that two kvedit processes share the cores)")
+        return
+    for child in {id(p): p for s in subs for p in s.choices.values()}.values():
+        add_threads_option(child)

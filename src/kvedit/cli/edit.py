@@ -13,12 +13,12 @@ LAYERS_HELP = "edit layers, e.g. 3 or 2,3 (negative numbers count from the last 
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    from ..editing.registry import METHODS
+    from ..editing.method_names import METHOD_NAMES
 
     sub.add_parser("models", help="list the supported model families")
 
     e = sub.add_parser("edit", help="edit one fact and show p(new), p(true) before and after")
-    e.add_argument("--method", default="ft-keys", choices=list(METHODS), help="editing method")
+    e.add_argument("--method", default="ft-keys", choices=METHOD_NAMES, help="editing method")
     e.add_argument("--prompt", required=True, help="relation template with {} for the subject")
     e.add_argument("--subject", required=True)
     e.add_argument("--new", required=True, dest="target_new", help="the new object")

@@ -6,19 +6,20 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import add_model_args, layer_list, load, non_negative_int, positive_ints
+from .common import add_model_args, layer_list, load, method_list, non_negative_int, positive_ints
+from .folders import results_folder
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    from ..distributed import RAY_INSTALL
-    from ..editing.registry import METHODS
+    from ..extras import RAY_INSTALL
+    from ..editing.method_names import METHOD_NAMES
 
     d = sub.add_parser("demo", help="the main job: FT on keys vs values over the built-in demo facts "
                                     "(a bench run over kvedit/data/demo_facts.json)")
-    d.add_argument("--out", type=Path, default=Path("runs/demo"),
+    d.add_argument("--out", type=results_folder("demo"), default=Path("runs/demo"),
                    help="output folder (default runs/demo); an existing one is resumed, as with bench")
-    d.add_argument("--methods", default="ft-keys,ft-values",
-                   help=f"comma-separated methods out of {', '.join(METHODS)} (default: ft-keys,ft-values)")
+    d.add_argument("--methods", type=method_list, default=("ft-keys", "ft-values"),
+                   help=f"comma-separated methods out of {', '.join(METHOD_NAMES)} (default: ft-keys,ft-values)")
     d.add_argument("--n", type=int, default=None, help="use only the first N demo facts")
     add_model_args(d)
 
@@ -30,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
                    help="metrics to score with: counterfact (P(new) vs P(true); every record needs target_true) or "
                         "zsre (token accuracy; neighbourhood prompts need neighborhood_target). Default: the "
                         "dataset's own (zsre for MEND zsRE, counterfact for the rest, kvedit's files included)")
-    b.add_argument("--methods", default=None, help="comma-separated methods (default ft-keys,ft-values)")
+    b.add_argument("--methods", type=method_list, default=None,
+                   help="comma-separated methods (default ft-keys,ft-values)")
     b.add_argument("--n", type=int, default=None, help="use the first N cases (after --known-only and --skip)")
     b.add_argument("--skip", type=non_negative_int, default=0,
                    help="leave out the first SKIP cases (after --known-only), e.g. the tuning split of select_presets")
@@ -49,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
                    help="runs that are not --sequential take the target vectors (v*, z, δ) optimised before for the "
                         "same case, settings and model from the cache, e.g. PMET's ablations PMET's, a ×100 run the "
                         "one-at-a-time run's; edit times add the stored optimisation time")
-    b.add_argument("--out", type=Path, required=True, help="output folder; an existing one is resumed")
+    b.add_argument("--out", type=results_folder("bench"), required=True,
+                   help="output folder; an existing one is resumed")
     b.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="spread the batches over Ray workers: no ADDRESS starts a local Ray instance, 'auto' "
                         "joins this machine's cluster, host:6379 or ray://host:10001 a head node "
@@ -65,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     c = sub.add_parser("compare", help="the same paired comparisons side by side across bench folders "
                                        "(models, datasets): compare.md, compare.json, compare.png")
     c.add_argument("folders", type=Path, nargs="+", help="bench folders, e.g. one per model and dataset")
-    c.add_argument("--out", type=Path, required=True, help="output folder")
+    c.add_argument("--out", type=results_folder("compare"), required=True, help="output folder")
     c.add_argument("--pairs", default=None,
                    help="A:B run pairs, comma-separated, e.g. 'ft-keys:ft-values,pmet x100:memit x100' "
                         "(default: the seed papers' comparisons)")
@@ -109,17 +112,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..bench import BenchConfig
     from ..data.demo_facts import demo_facts_path
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    return _run_bench(args, BenchConfig(dataset=str(demo_facts_path()), methods=methods, n=args.n))
+    return _run_bench(args, BenchConfig(dataset=str(demo_facts_path()), methods=args.methods, n=args.n))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import PRESETS, BenchConfig
 
     preset = PRESETS[args.preset] if args.preset else {}
-    methods = args.methods.split(",") if args.methods else preset.get("methods", ("ft-keys", "ft-values"))
+    methods = args.methods or preset.get("methods", ("ft-keys", "ft-values"))
     return _run_bench(args, BenchConfig(
-        dataset=args.dataset, methods=tuple(m.strip() for m in methods if m.strip()), n=args.n,
+        dataset=args.dataset, methods=tuple(methods), n=args.n,
         skip=args.skip, batch_sizes=args.batch_sizes or preset.get("batch_sizes", (1,)), sequential=args.sequential,
         known_only=args.known_only, layers=args.layers, stats_source=args.stats_source,
         stats_tokens=args.stats_tokens, seed=args.seed, reuse_targets=args.reuse_targets, suite=args.suite,
@@ -140,7 +142,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     pairs = parse_pairs(args.pairs) if args.pairs else SEED_PAIRS
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    path = write_comparison(args.folders, args.out, pairs, labels)
+    path = write_comparison(args.folders, args.out, pairs, labels, strict=args.pairs is not None)
     print(path.read_text())
     print(f"wrote {path}, {path.with_suffix('.json').name} and compare.png")
     return 0

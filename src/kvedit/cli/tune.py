@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .common import add_model_args, layer_list, load
+from .folders import results_folder
 
 TARGET_HELP = ("comma-separated target sets; a set is roles joined by '+': attn-qv (attention q and v; the fused "
                "q/k/v projection in GPT-2 and GPT-NeoX), key-gate, key-up (gated FFNs), key (non-gated FFNs), keys "
@@ -14,8 +15,7 @@ TARGET_HELP = ("comma-separated target sets; a set is roles joined by '+': attn-
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    from ..tuning.presets import PRESETS
-    from ..tuning.targets import IA3_CAVEAT
+    from ..tuning.presets import IA3_CAVEAT, PRESETS
 
     t = sub.add_parser("tune", help="train adapters by FFN role (attention q/v, keys, values) and compare them")
     t.add_argument("--targets", default="attn-qv,keys,values", help=TARGET_HELP + " (default attn-qv,keys,values)")
@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     data.add_argument("--task-source", action="append", default=[], metavar="TASK=PATH",
                       help="read TASK from PATH (a split folder or one file in the official or llm-foundry format)")
     data.add_argument("--task-file", type=Path, default=None, help="your own task: a JSONL/JSON/CSV/TSV file")
+    data.add_argument("--task-name", default=None,
+                      help="what the tables call --task-file's task (default: the file's name without suffix)")
     data.add_argument("--task-test-file", type=Path, default=None,
                       help="its test file (default: a seeded split of --task-file)")
     data.add_argument("--template", default=None,
@@ -65,12 +67,12 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
                     help="load the base model in 4-bit NF4 (bitsandbytes; needs a CUDA GPU)")
     t.add_argument("--no-untuned", action="store_true", help="skip evaluating the model without an adapter")
     t.add_argument("--eval-batch-size", type=int, default=8, help="test examples per forward pass (8)")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--adapter", type=Path, default=None,
                    help="a saved adapter folder (runs/<target>/adapter): evaluate it on the data instead of training")
     t.add_argument("--merge-out", type=Path, default=None,
                    help="with --adapter: write the base model with the adapter merged into its weights here")
-    t.add_argument("--out", type=Path, default=None, help="output folder; an existing one is resumed")
+    t.add_argument("--out", type=results_folder("tune"), default=None,
+                   help="output folder; an existing one is resumed")
     add_model_args(t)
     return {"tune": cmd_tune}
 
@@ -83,12 +85,16 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.adapter is None:
             raise ValueError("--merge-out needs --adapter (the saved adapter to merge)")
         return
+    if not [t for t in args.targets.split(",") if t.strip()]:
+        raise ValueError(f"--targets {args.targets!r} names no target set; expected e.g. attn-qv,keys,values")
     if len(modes) != 1:
         raise ValueError(f"give exactly one of --tasks, --task-file or --instruct (got {modes or 'none'})")
     if args.out is None:
         raise ValueError("--out is required (the results folder)")
     if args.instruct and args.mmlu is None:
         raise ValueError("--instruct needs --mmlu (the zero-shot MMLU file that measures it)")
+    if args.task_name is not None and (not args.task_file or not args.task_name.strip()):
+        raise ValueError("--task-name names a --task-file's task: give it with --task-file, and not empty")
     if args.task_file and (not args.template or not args.label_words):
         raise ValueError("--task-file needs --template (naming the file's fields) and --label-words")
     for opt in ("train_n", "test_n", "eval_batch_size"):
@@ -104,7 +110,7 @@ def _data(args: argparse.Namespace):
         return instruct_data(args.instruct, args.mmlu, args.train_n, args.test_n)
     if args.task_file:
         task = load_user_task(args.task_file, args.template, args.label_field, parse_label_words(args.label_words),
-                              args.train_n, args.test_n, args.task_test_file, args.seed)
+                              args.train_n, args.test_n, args.task_test_file, args.seed, name=args.task_name)
         return TuneData(task.train, {task.name: task}, notes=[f"{task.name}: {task.note}"])
     sources = {}
     for item in args.task_source:
@@ -127,10 +133,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
                     lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                     grad_accum=args.grad_accum, max_length=args.max_length, packing=args.packing,
                     loss_on=args.loss_on, checkpoint_every=args.checkpoint_every, seed=args.seed)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     data = None if args.merge_out is not None else _data(args)  # data errors before the model loads
     if args.four_bit:
         from ..tuning.quantize import load_4bit

@@ -10,7 +10,7 @@ import torch
 
 from ..models.lm import LM
 from .presets import TrainConfig
-from .targets import TargetSet
+from .targets import TargetSet, quiet_peft
 
 
 def save_adapter(peft_model: torch.nn.Module, folder: Path, targets: TargetSet, config: TrainConfig,
@@ -31,7 +31,8 @@ def load_adapter(lm: LM, folder: str | Path) -> torch.nn.Module:
     folder = Path(folder)
     if not (folder / "adapter_config.json").exists():
         raise FileNotFoundError(f"{folder} is not a saved adapter (no adapter_config.json)")
-    return PeftModel.from_pretrained(lm.model, folder)
+    with quiet_peft():
+        return PeftModel.from_pretrained(lm.model, folder)
 
 
 def adapter_metadata(folder: str | Path) -> dict[str, Any]:

@@ -14,6 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 
+#: what an IA3 adapter on each role means (shown by `kvedit tune --help`)
+IA3_CAVEAT = (
+    "IA3 rescales activations: on values it scales down_proj's input, which equals rescaling each value vector "
+    "(memory cell) and leaves which cells fire unchanged; only gate-side scaling changes key selectivity."
+)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a tuning run's result (recorded with every adapter and result).

@@ -11,7 +11,9 @@ Roles (combine with `+`, e.g. ``attn-qv+key-up``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,13 +21,10 @@ import torch
 from torch import nn
 
 from ..models.lm import LM
+from .presets import IA3_CAVEAT
 
 AdapterType = Literal["lora", "ia3"]
 
-IA3_CAVEAT = (
-    "IA3 rescales activations: on values it scales down_proj's input, which equals rescaling each value vector "
-    "(memory cell) and leaves which cells fire unchanged; only gate-side scaling changes key selectivity."
-)
 
 
 def role_modules(lm: LM) -> dict[str, tuple[str, ...]]:
@@ -126,9 +125,18 @@ def attach_adapter(lm: LM, targets: TargetSet, adapter: AdapterType = "lora", ra
     if lm.arch.objective != "causal":
         raise ValueError(f"tuning needs a causal language model; {lm.arch.family} is a masked LM")
     devices = [lm.device] if lm.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # seeded adapter init; the caller's RNG state is left alone
+    with torch.random.fork_rng(devices=devices), quiet_peft():  # seeded init; the caller's RNG state is left alone
         torch.manual_seed(seed)
         return get_peft_model(lm.model, adapter_config(lm, targets, adapter, rank, alpha, dropout))
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Hide the FutureWarning transformers raises when peft reads the deprecated `is_gradient_checkpointing`
+    while wrapping a model (peft's doing, nothing a kvedit user can act on); every other warning shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def detach_adapter(peft_model: nn.Module) -> nn.Module:

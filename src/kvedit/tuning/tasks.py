@@ -268,13 +268,20 @@ def user_task(name: str, template: str, label_field: str, label_words: Mapping[s
     return TaskSpec(name, template, spec.labels, parse)
 
 
-def check_user_records(spec: TaskSpec, records: Sequence[Mapping[str, Any]], label_field: str, path: Path) -> None:
-    """Raise a clear error if the file lacks a template field or the label field."""
+def check_user_records(spec: TaskSpec, records: Sequence[Mapping[str, Any]], label_field: str, path: Path,
+                       label_words: Mapping[str, str]) -> None:
+    """Raise a clear error if the file lacks a template field or the label field, or no record's label is one
+    of `label_words` (the error lists the labels the file has)."""
     if not records:
         raise TaskDataError(f"{path} holds no records")
     missing = [f for f in [*spec.fields(), label_field] if f not in records[0]]
     if missing:
         raise TaskDataError(f"{path}: the first record has no field {missing}; it has {sorted(records[0])}")
+    found = list(dict.fromkeys(str(r.get(label_field)).strip() for r in records))
+    if not set(found) & {str(k) for k in label_words}:
+        shown = ", ".join(map(repr, found[:10])) + (f" and {len(found) - 10} more" if len(found) > 10 else "")
+        raise TaskDataError(f"{path}: no record's {label_field!r} is one of the --label-words values "
+                            f"{sorted(label_words)}; the file's labels are {shown}")
 
 
 def parse_label_words(text: str) -> dict[str, str]:
@@ -292,12 +299,12 @@ def load_user_task(path: str | Path, template: str, label_field: str, label_word
     if not path.is_file():
         raise TaskDataError(f"task file {path} does not exist")
     records = read_records(path)
-    check_user_records(spec, records, label_field, path)
+    check_user_records(spec, records, label_field, path, label_words)
     if test_path is None:
         data = load_task(spec, path, n_train, n_test, seed)
         return TaskData(spec.name, data.train, data.test, str(path), data.note)
     test_records = read_records(Path(test_path))
-    check_user_records(spec, test_records, label_field, Path(test_path))
+    check_user_records(spec, test_records, label_field, Path(test_path), label_words)
     train, _ = take_clean(spec, records)
     test, _ = take_clean(spec, test_records)
     if not train or not test:
