@@ -103,9 +103,11 @@ def _cell(c: Mapping[str, Any] | None) -> str:
 
 
 def write_comparison(folders: Sequence[str | Path], out: str | Path,
-                     pairs: Sequence[tuple[str, str]] = SEED_PAIRS, labels: Sequence[str] | None = None) -> Path:
+                     pairs: Sequence[tuple[str, str]] = SEED_PAIRS, labels: Sequence[str] | None = None,
+                     strict: bool = False) -> Path:
     """Compare `pairs` across bench `folders` (labelled by model and dataset unless `labels` are given);
-    returns the path of compare.md."""
+    returns the path of compare.md. `strict`: every run the pairs name must be in some folder (pairs a user
+    typed); otherwise pairs absent everywhere are left out. Raises ValueError when no pair is found at all."""
     if labels is not None and len(labels) != len(folders):
         raise ValueError(f"{len(labels)} labels for {len(folders)} folders")
     columns: dict[str, dict[str, dict[str, Any]]] = {}
@@ -126,6 +128,12 @@ def write_comparison(folders: Sequence[str | Path], out: str | Path,
         cases[label] = (summary.get("cases") or {}).get("cases")  # the folder's case count
     rows = [f"{a}|{b}|{t}" for a, b in pairs for t in METRIC_TITLES
             if any(f"{a}|{b}|{t}" in col for col in columns.values())]
+    known = list(dict.fromkeys(name for col in runs.values() for name in col))
+    missing = [name for name in dict.fromkeys(x for pair in pairs for x in pair) if name not in known]
+    if (strict and missing) or not rows:
+        what = f"no folder has a run named {', '.join(map(repr, missing))}" if missing else "no folder compares them"
+        raise ValueError(f"pairs {', '.join(f'{a}:{b}' for a, b in pairs)}: {what}; the folders' runs are "
+                         f"{', '.join(map(repr, known)) or 'none'}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| A − B | Metric | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
