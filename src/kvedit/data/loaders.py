@@ -301,6 +301,12 @@ def _detect_format(path: Path, first: Any) -> str:
         return "easyedit"
     if set(_KVEDIT_REQUIRED) <= keys <= _KVEDIT_FIELDS:
         return "kvedit"
+    if set(_KVEDIT_REQUIRED) <= keys:
+        raise DatasetError(
+            f"{path} record 0: has kvedit's fields {list(_KVEDIT_REQUIRED)} but also unknown key(s) "
+            f"{sorted(keys - _KVEDIT_FIELDS)}; expected only EditRequest fields {sorted(_KVEDIT_FIELDS)} "
+            "(docs/requests.md)"
+        )
     raise DatasetError(
         f"{path} record 0: cannot tell the dataset format from its keys {sorted(keys)}; supported formats: "
         "'counterfact' (key 'requested_rewrite'), 'zsre' (keys 'src', 'answers', 'loc'), "
