@@ -125,7 +125,28 @@ def test_inspect_a_patch_made_by_kvedit_edit(capsys, tiny_folder, tmp_path):
     assert json.loads(text)["neighborhood"] == ["berlin is the capital of"]
 
 
+def test_inspect_several_prompts_in_one_call(capsys, tiny_folder, tmp_path, monkeypatch):
+    import kvedit.cli.common as common
+
+    loads = []
+    real_load = common.load
+    monkeypatch.setattr("kvedit.cli.analyze.load", lambda args: loads.append(1) or real_load(args))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeffberlin is the capital of\n\nmadrid is\n".encode())
+    code, text, err = run(capsys, "inspect", "the eiffel tower is in", "--prompts-file", prompts,
+                          "--model", tiny_folder, "--top", "2", "--out", tmp_path / "many")
+    assert code == 0, err
+    assert len(loads) == 1  # one model load for all three
+    reports = json.loads((tmp_path / "many" / "inspect.json").read_text())
+    assert [r["prompt"] for r in reports] == ["the eiffel tower is in", "berlin is the capital of", "madrid is"]
+    one = run(capsys, "inspect", "madrid is", "--model", tiny_folder, "--top", "2", "--json")[1]
+    assert json.loads(one) == reports[2]  # each prompt's page is the one a single call gives
+    assert text.count("# 'madrid is'") == 1 and text.count("## Logit lens") == 3
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["inspect"], "at least one non-empty PROMPT"),
+    (["inspect", "--prompts-file", "missing.txt"], "is not a file"),
     (["analyze", "triggers", "--out", "x", "--keys", "3"], "LAYER:MEMORY pairs"),
     (["analyze", "layers", "--out", "x", "--tokens", "0"], "positive integer"),
     (["inspect", "p", "--zero", "1:2", "--patch", "nope.safetensors"], "cannot be combined"),

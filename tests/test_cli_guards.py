@@ -129,10 +129,11 @@ def test_a_utf8_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
 
 
 def test_a_latin1_file_is_refused_with_file_line_and_encoding(tmp_path):
-    from kvedit.tuning.records import RecordFormatError, read_records
+    from kvedit.data.textfiles import TextFileError
+    from kvedit.tuning.records import read_records
 
     path = _task(tmp_path, "latin1.csv", "text,label\nok,pos\nCaf\u00e9,neg\n".encode("latin-1"))
-    with pytest.raises(RecordFormatError, match=r"latin1.csv line 3, column 4: byte 0xe9 is not UTF-8"):
+    with pytest.raises(TextFileError, match=r"latin1.csv line 3, column 4: byte 0xe9 is not UTF-8"):
         read_records(path)
 
 

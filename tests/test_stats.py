@@ -151,3 +151,17 @@ def test_self_statistics_for_a_new_layer_set_never_resample(cache, monkeypatch):
     monkeypatch.setattr(self_corpus, "sample_block", lambda *a, **k: pytest.fail("resampled the self corpus"))
     both = key_statistics(tiny_lm("llama"), [1, 2], "self", 100, seq_len=16, progress=False)
     assert both[2].count == 100 and torch.equal(both[1].sum_kkT, first.sum_kkT)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_first_pass_says_what_it_computes_how_long_and_how_to_prepare_it(capsys, cache, family):
+    lm = tiny_lm(family)
+    key_statistics(lm, [0, 1], "self", 300, seq_len=SEQ, batch_size=4)
+    err = capsys.readouterr().err
+    notice = next(line for line in err.splitlines() if line.startswith("kvedit: key statistics"))
+    assert "layers 0,1 are not cached yet" in notice and "300 tokens of text the model samples itself" in notice
+    assert "(300 of them to sample first)" in notice
+    assert "min on this machine" in notice and "cached for every later edit" in notice
+    assert "`kvedit stats --layers 0,1 --source self --tokens 300` prepares them ahead" in notice
+    key_statistics(lm, [0, 1], "self", 300, seq_len=SEQ, batch_size=4)  # cached now: nothing to say
+    assert "kvedit: key statistics" not in capsys.readouterr().err

@@ -95,8 +95,11 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
                        help="sentences per forward pass (default: 512 for mining, 8 for layer statistics)")
         add_model_args(p)
 
-    i = sub.add_parser("inspect", help="one prompt: top memories, logit lens, interventions; or what a patch changed")
-    i.add_argument("prompt", help="the prompt, e.g. 'The capital of France is'")
+    i = sub.add_parser("inspect", help="prompts: top memories, logit lens, interventions; or what a patch changed "
+                                       "(several prompts share one model load)")
+    i.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts, e.g. 'The capital of France is'")
+    i.add_argument("--prompts-file", type=Path, default=None,
+                   help="a UTF-8 text file with one prompt per line (blank lines skipped), after any PROMPTs")
     i.add_argument("--triggers", type=Path, default=None, help="a folder with mined triggers to show per memory")
     i.add_argument("--top", type=positive_int, default=10, help="memories per layer (default 10)")
     i.add_argument("--zero", action="append", default=[], metavar="L:i", help="switch memory i of layer L off")
@@ -157,6 +160,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from ..analysis.patch_view import patch_markdown, patch_report
     from ..analysis.runs import triggers_in
 
+    prompts = _inspect_prompts(args)
     interventions = [Intervention.parse(t, zero=True) for t in args.zero] + [Intervention.parse(t) for t in args.scale]
     if args.patch is not None and interventions:
         raise ValueError("--patch shows what a patch changed; --zero/--scale cannot be combined with it")
@@ -168,17 +172,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
         delta = WeightDelta.load(args.patch)
         lm = load(args)
-        report = patch_report(lm, delta, [args.prompt], args.neighborhood, args.top, apply_final_norm=args.final_norm)
+        report = patch_report(lm, delta, prompts, args.neighborhood, args.top, apply_final_norm=args.final_norm)
         text, name = patch_markdown(report), "patch"
     else:
         lm = load(args)
         triggers = triggers_in(args.triggers, lm) if args.triggers else None
-        report = inspect_prompt(lm, args.prompt, args.top, triggers=triggers, apply_final_norm=args.final_norm,
-                                interventions=interventions)
-        text, name = inspect_markdown(report), "inspect"
+        reports = [inspect_prompt(lm, prompt, args.top, triggers=triggers, apply_final_norm=args.final_norm,
+                                  interventions=interventions) for prompt in _progress(prompts)]
+        report = reports[0] if len(reports) == 1 else reports  # one prompt: the page as before
+        text, name = "\n".join(inspect_markdown(r) for r in reports), "inspect"
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
         (args.out / f"{name}.md").write_text(text)
     print(json.dumps(report, default=str) if args.json else text)
     return 0
+
+
+def _inspect_prompts(args: argparse.Namespace) -> list[str]:
+    """The PROMPT arguments, then --prompts-file's lines; at least one."""
+    prompts = list(args.prompts)
+    if args.prompts_file is not None:
+        from ..data.textfiles import read_utf8
+
+        if not args.prompts_file.is_file():
+            raise FileNotFoundError(f"--prompts-file {args.prompts_file} is not a file")
+        prompts += [line.strip() for line in read_utf8(args.prompts_file).splitlines() if line.strip()]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("give at least one non-empty PROMPT (or --prompts-file with one prompt per line)")
+    return prompts
+
+
+def _progress(prompts: list[str]):
+    """`prompts`, with a progress bar when there are several."""
+    from tqdm.auto import tqdm
+
+    return tqdm(prompts, desc="inspect", unit="prompt", disable=len(prompts) < 2)

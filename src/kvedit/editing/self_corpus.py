@@ -57,6 +57,12 @@ def _save(lm: LM, path: Path, ids: torch.Tensor, mask: torch.Tensor) -> None:
     path.with_suffix(".txt").write_text("\n\n".join(t.replace("\n", " ") for t in texts) + "\n")
 
 
+def cached_self_tokens(lm: LM, seq_len: int = 256, seed: int = 0, block_rows: int = 64) -> int:
+    """How many valid tokens of `lm`'s own text the cache holds for these settings (0 if none)."""
+    cached = _load(_cache_path(lm, seed, seq_len, block_rows))
+    return 0 if cached is None else int(cached[1].sum())
+
+
 @torch.no_grad()
 def sample_block(lm: LM, block: int, seed: int, rows: int, seq_len: int, top_k: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """Block `block`: `rows` sequences of `seq_len` tokens, top-k sampling with a generator seeded by

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import re
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ..models.lm import LM
 from ..models.cache import cache_dir, write_atomic
 from ..models.tracing import Trace
 from .self_corpus import sample_block, self_token_rows
+from .stats_notice import statistics_notice
 
 #: which module input a statistic is taken from -> Trace site kind
 STAT_SITES: Mapping[str, str] = MappingProxyType({"values": "coefficients", "attn_out": "attn_heads"})
@@ -189,6 +191,8 @@ def key_statistics(
     if not todo:
         return result
     seq_len = min(seq_len, getattr(lm.model.config, "max_position_embeddings", seq_len) or seq_len)
+    if progress:
+        tqdm.write(statistics_notice(lm, todo, source, n_tokens, kind, seq_len, batch_size), file=sys.stderr)
     fresh = _accumulate(lm, todo, source, n_tokens, kind, seq_len, batch_size, progress)
     lm.memo["key_statistics_computed"] = lm.memo.get("key_statistics_computed", 0) + len(fresh)
     for layer, stats in fresh.items():

@@ -7,23 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..data.textfiles import read_utf8
+
 
 class RecordFormatError(ValueError):
     """A record file is not JSONL, a JSON list of objects, CSV or TSV."""
-
-
-def read_text(path: Path) -> str:
-    """`path` decoded as UTF-8; a byte-order mark (as spreadsheet programs write it) is dropped. Bytes that are not
-    UTF-8 (a Latin-1 or Windows-1252 file, say) are refused with the line and column, never replaced."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise RecordFormatError(
-            f"{path} line {line}, column {column}: byte 0x{data[err.start]:02x} is not UTF-8; expected a UTF-8 file "
-            "(re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`)") from None
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -32,7 +20,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    text = read_text(path)
+    text = read_utf8(path)
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         delimiter = "\t" if suffix == ".tsv" else ","
