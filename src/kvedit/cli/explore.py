@@ -109,8 +109,13 @@ def cmd_explore(args: argparse.Namespace) -> int:
           "cancelled first and its weights restored")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock])  # Ctrl-C: uvicorn shuts down (the app's lifespan cancels the job), then re-raises
+    except KeyboardInterrupt:
+        print("kvedit explore: stopped")
     finally:
         session.close()  # cancels the running job and waits for its thread: no torch thread outlives the server
         sock.close()
+        stopped = session.jobs.stopped
+        if stopped is not None:
+            print(f"job {stopped.id} ({stopped.title}) {stopped.state}: {stopped.phase}")
     return 0

@@ -131,6 +131,7 @@ class JobRunner:
         self._holder: str | None = None  # what holds model_lock, for the busy message
         self._threads: dict[int, threading.Thread] = {}
         self._closing = False
+        self.stopped: Job | None = None  # the job that shutdown() cancelled, if any
 
     def active(self) -> Job | None:
         with self._mutex:
@@ -250,15 +251,18 @@ class JobRunner:
             time.sleep(0.02)
         return job
 
-    def shutdown(self, timeout: float = 60.0) -> None:
+    def shutdown(self, timeout: float = 60.0) -> Job | None:
         """Refuse new work, cancel the running job and wait for its thread to end (a clean exit: no torch
-        thread is left running while the interpreter shuts down)."""
+        thread is left running while the interpreter shuts down); returns the job it cancelled, if any
+        (also kept as `stopped`)."""
         self._closing = True
         job = self.active()
         if job is not None:
             job.cancel_requested.set()
+            self.stopped = job
         for thread in list(self._threads.values()):
             thread.join(timeout)
+        return job
 
     @contextmanager
     def quick_use(self, what: str = "another request") -> Iterator[None]:
