@@ -2,6 +2,7 @@
 
 Layout of the output folder::
 
+    .kvedit-lock     held (flock) by the one process running the folder, and who that is (`lock_bench_folder`)
     config.json      settings that must match for a run to resume (dataset, filter, statistics, model)
     known.json       the known-fact filter's result (kept case ids, counts)
     settings.json    per run, the settings its edits used as resolved for the model (a changed one is refused)
@@ -31,8 +32,8 @@ from tqdm.auto import tqdm
 from .data.download import resolve_dataset
 from .data.loaders import DatasetError, detect_format, load_requests
 from .batch_runner import BatchRunner, RunSpec, neighborhood_predictions
-from .bench_folder import (BenchError, append_records, check_bench_folder, file_sha256, load_cases_file, reuse_line,
-                           runs_on_file, settings_line)
+from .bench_folder import (BenchError, append_records, check_bench_folder, file_sha256, load_cases_file,
+                           lock_bench_folder, reuse_line, runs_on_file, settings_line)
 from .data.requests import EditRequest
 from .editing.delta import WeightDelta
 from .editing.registry import METHODS, make_settings
@@ -161,6 +162,7 @@ class Bench:
         self.suite: Suite = choose_suite(config.suite, (detect_format(path) or "kvedit") if fmt == "auto" else fmt,
                                          self.requests, config.dataset)
         resume_key = config.resume_key(lm, path) | {"suite": self.suite.name}
+        lock_bench_folder(self.out)  # held until this process exits: another process on the folder is refused
         self._check_resume(resume_key)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cases, self.filter_info = self._select_cases()
