@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -32,9 +33,16 @@ def prompts(n: int) -> list[str]:
     return [r.rewrite_prompt for r in requests[::step][:n]]
 
 
-def post(url: str, body: dict) -> tuple[float, dict]:
+def page_headers(base: str) -> dict[str, str]:
+    """What the explorer's own page sends with every POST: its Origin and the server's token (read from the page)."""
+    page = urllib.request.urlopen(base + "/", timeout=30).read().decode()
+    token = re.search(r'<meta name="kvedit-token" content="([^"]+)"', page)[1]
+    return {"Origin": base, "X-Kvedit-Token": token}
+
+
+def post(url: str, body: dict, headers: dict[str, str]) -> tuple[float, dict]:
     data = json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
     start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=120) as response:
         payload = json.loads(response.read())
@@ -86,7 +94,8 @@ def main() -> int:
     started = time.perf_counter()
     proc, url = start_server(args.model, args.threads)
     try:
-        first, _ = post(url + "/api/prompt", {"prompt": texts[0]})
+        headers = page_headers(url)
+        first, _ = post(url + "/api/prompt", {"prompt": texts[0]}, headers)
         print(f"first prompt after start-up (value tokens still being projected in the background): {first:.3f} s")
         info = json.loads(urllib.request.urlopen(url + "/api/info").read())
         while info["value_tokens_ready"] < info["layers"]:
@@ -96,7 +105,7 @@ def main() -> int:
         times = []
         for r in range(args.repeats):
             for text in texts:
-                elapsed, payload = post(url + "/api/prompt", {"prompt": text})
+                elapsed, payload = post(url + "/api/prompt", {"prompt": text}, headers)
                 times.append(elapsed)
                 if r == 0:
                     top = payload["next_token"][0]

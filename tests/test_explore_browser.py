@@ -1,6 +1,8 @@
 """The explorer in a real browser: headless Chromium (Debian's `chromium` + `chromium-driver`) driven by Selenium,
 on the bundled model served by uvicorn. Types a prompt, opens a memory and mines its layer, applies an FT-keys edit
-that flips Eiffel Tower → Rome, sees the flip, reverts it (weights bit-identical), and saves screenshots.
+that flips Eiffel Tower → Rome, sees the flip, sees each prompt's outcome coloured by what it means (a neighbourhood
+prompt that now prefers the new object is a red "leaked" failure), reverts it (weights bit-identical, the badge says
+"reverted", not "flipped"), cancels a long edit from the page, follows a two-token word, and saves screenshots.
 
 Screenshots go to the test's tmp folder; with KVEDIT_SCREENSHOTS=DIR they are copied there too (the docs'
 images/explore-*.png come from such a run).
@@ -150,7 +152,8 @@ def test_prompt_memory_edit_revert_in_a_browser(served, browser, tmp_path):
     find("#ed-subject").send_keys("Eiffel Tower")
     find("#ed-new").send_keys("Rome")
     find("#ed-para").send_keys("The Eiffel Tower stands in the city of")
-    find("#ed-neigh").send_keys("The Louvre is located in the city of")
+    # the second neighbourhood prompt is the rewrite prompt itself: whatever flips it leaks there, by construction
+    find("#ed-neigh").send_keys("The Louvre is located in the city of\nThe Eiffel Tower is located in the city of")
     Select(find("#ed-method")).select_by_value("ft-keys")
     find("#ed-run").click()
     wait(300).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#edit-result .flip") or "failed" in message())
@@ -161,6 +164,25 @@ def test_prompt_memory_edit_revert_in_a_browser(served, browser, tmp_path):
     assert p_new_after > p_true_after
     assert browser.find_elements(By.CSS_SELECTOR, "#edit-result .patch-layer")
     assert "1 edit applied" in find("#applied").text
+    # colours by meaning: each row's outcome follows from its numbers, and a leaked neighbour is a failure
+    red = "rgb(180, 35, 24)"  # --warn
+    for row in browser.find_elements(By.CSS_SELECTOR, "#edit-result table.probs tbody tr"):
+        cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+        new_after, true_after = (float(cells[i].split("%")[0]) for i in (3, 5))
+        kind, outcome = cells[1], row.get_attribute("data-outcome")
+        if kind == "neighborhood":
+            assert outcome == ("kept" if true_after > new_after else "leaked"), cells
+        else:
+            assert outcome == ("flipped" if new_after > true_after else "not flipped"), cells
+        failure = outcome in ("leaked", "not flipped")
+        mark = row.find_element(By.CSS_SELECTOR, "td.outcome")
+        assert ("bad" in mark.get_attribute("class")) == failure and mark.text.startswith("✗" if failure else "✓")
+        colour = row.find_element(By.CSS_SELECTOR, "td.after").value_of_css_property("color")
+        assert (colour == red) == failure, (cells, colour)
+    leaked = browser.find_elements(By.CSS_SELECTOR, '#edit-result tr.neighborhood[data-outcome="leaked"]')
+    assert leaked and "The Eiffel Tower is located" in leaked[0].text
+    assert "leaked beyond its subject" in find("#edit-result .leak").text
+    assert "flipped" in find('#edits-table tr[data-edit="1"] .pill').text
     shot("edit")
     # the prompt view now shows the edited model: Rome first
     wait().until(lambda d: "Rome" in d.find_element(By.CSS_SELECTOR, "#next-token .bar-row .bar-label").get_attribute("textContent"))
@@ -173,4 +195,32 @@ def test_prompt_memory_edit_revert_in_a_browser(served, browser, tmp_path):
     assert find("#applied").get_attribute("class").find("hidden") >= 0
     now = lm.model.state_dict()
     assert all(torch.equal(now[n], original[n]) for n in original)
+    badges = [b.text for b in browser.find_elements(By.CSS_SELECTOR, '#edits-table tr[data-edit="1"] .pill')]
+    assert badges == ["reverted"], badges  # no green "flipped" badge on an edit that is no longer applied
+    find('#edits-table tr[data-edit="1"] button').click()  # its details say it is reverted
+    wait().until(lambda d: d.find_elements(By.CSS_SELECTOR, "#edit-detail .flip"))
+    assert "Reverted" in find("#edit-detail .flip").text and not browser.find_elements(By.CSS_SELECTOR, "#edit-detail .flip.yes")
     shot("edits")
+
+    # a long edit is cancelled from the page: the job panel shows its progress and Cancel restores the weights
+    find('#tabs button[data-tab="edit"]').click()
+    for field, value in (("#ed-steps", "1000"), ("#ed-lr", "0.000000001")):
+        find(field).clear()
+        find(field).send_keys(value)
+    find("#ed-run").click()
+    wait(120).until(lambda d: "%" in d.find_element(By.ID, "job-fraction").text)
+    assert "step" in find("#job-bars").text
+    shot("job")
+    find("#job-cancel").click()
+    wait(120).until(lambda d: "was cancelled" in message())
+    now = lm.model.state_dict()
+    assert all(torch.equal(now[n], original[n]) for n in original)
+    assert len(session.edits.entries) == 1
+
+    # a follow token of two tokens: the analysis runs, following its first token, and says so
+    find('#tabs button[data-tab="prompt"]').click()
+    find("#watch").clear()
+    find("#watch").send_keys("Airbus")
+    find("#analyze").click()
+    wait().until(lambda d: "following its first token" in d.find_element(By.ID, "watch-final").text)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#layers tbody tr")) == 30
