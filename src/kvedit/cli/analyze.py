@@ -22,6 +22,14 @@ def key_list(text: str) -> tuple[tuple[int, int], ...]:
     return pairs  # type: ignore[return-value]
 
 
+def trace_kinds(text: str) -> tuple[str, ...]:
+    """Parse `residual,ffn` into the states causal tracing restores."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds or any(k not in ("residual", "ffn", "attn") for k in kinds) or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"expected distinct kinds out of residual, ffn, attn; got {text!r}")
+    return kinds
+
+
 def _corpus(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="self",
                    help="text file, folder of .txt files, hf:<dataset> (needs a hub) or self (text the model "
@@ -83,9 +91,25 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     _layers_opts(al, "--layer-tokens")
     _components_opts(al, required=False)
 
-    for p in (t, v, l, c, al):
+    tr = asub.add_parser("trace", help="causal tracing (ROME): which states carry a fact, per token and layer, "
+                                       "restoring the residual stream, FFN or attention output")
+    tr.add_argument("--dataset", required=True,
+                    help="facts with their true object (any format kvedit loads, e.g. CounterFact); facts the model "
+                         "does not predict are skipped, as ROME does")
+    tr.add_argument("--n", type=positive_int, default=200, help="facts to trace (default 200)")
+    tr.add_argument("--kinds", type=trace_kinds, default=("residual", "ffn", "attn"),
+                    help="states to restore: residual, ffn, attn (comma-separated; default all three)")
+    tr.add_argument("--samples", type=positive_int, default=10, help="noisy copies per fact (default 10, ROME's)")
+    tr.add_argument("--window", type=positive_int, default=10,
+                    help="layers restored at once for ffn and attn (default 10, ROME's [l−5, l+5))")
+    tr.add_argument("--plots", type=int, default=3, help="facts drawn as heat maps (default 3)")
+
+    for p in (t, v, l, c, al, tr):
         p.add_argument("--out", type=results_folder("analyze"), required=True,
                        help="results folder (mined triggers in it are reused)")
+        if p is tr:
+            add_model_args(p)
+            continue
         if p in (t, v):
             p.add_argument("--layers", type=layer_list, default=None, help="layers (default all)")
         if p in (v, l, al):
@@ -121,6 +145,8 @@ def _print_files(files) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis import runs
 
+    if args.analysis == "trace":
+        return _cmd_trace(args)
     if args.analysis in ("components", "all") and args.dataset is not None and not Path(args.dataset).is_file():
         raise FileNotFoundError(f"--dataset {args.dataset} is not a file")
     threshold = getattr(args, "active_threshold", None)
@@ -208,3 +234,29 @@ def _progress(prompts: list[str]):
     from tqdm.auto import tqdm
 
     return tqdm(prompts, desc="inspect", unit="prompt", disable=len(prompts) < 2)
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from ..analysis.trace_effects import write_trace_results, trace_facts
+    from ..data.loaders import load_requests
+    from ..editing.registry import make_settings
+
+    if not Path(args.dataset).is_file():
+        raise FileNotFoundError(f"--dataset {args.dataset} is not a file")
+    requests = load_requests(args.dataset)
+    lm = load(args)
+    marks = {}
+    for method in ("rome", "memit"):  # where the editors' presets edit, drawn beside the effects
+        try:
+            marks[method.upper()] = list(make_settings(lm, method).layers)
+        except ValueError:  # no preset fits this model (e.g. its layers are fewer than the family's)
+            pass
+    facts = trace_facts(lm, args.out, requests, args.n, args.samples, args.window, args.kinds,
+                        source=str(args.dataset))
+    if not facts:
+        raise ValueError(f"the model predicts the true object of none of the {len(requests)} facts in "
+                         f"{args.dataset}; nothing to trace")
+    files = write_trace_results(args.out, facts, lm.name, marks, args.plots)
+    print(files[0].read_text())
+    _print_files(files)
+    return 0

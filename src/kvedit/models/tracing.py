@@ -66,6 +66,19 @@ class Addition:
 
 
 @dataclass
+class Replacement:
+    """Put `values` (`[B, d]`, one vector per sequence) at token `positions` (`[B]`) in place of what the site
+    computed there, e.g. a clean run's state restored into corrupted runs (causal tracing)."""
+
+    values: torch.Tensor
+    positions: torch.Tensor
+
+    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden.index_put((batch, self.positions.to(hidden.device)), self.values.to(hidden.device, hidden.dtype))
+
+
+@dataclass
 class Scaling:
     """Multiply units `units` (`[n]` indices into the last dimension) of a site by `factors` (`[n]`),
     at every position, or at token `positions` (`[B]`, one per sequence) only."""
@@ -123,6 +136,7 @@ class Trace:
 
     read: sites whose tensor is kept (full `[B, T, d]`, or `[B, d]` when `positions` is given).
     add: site -> `Addition` applied to that site's tensor before the rest of the model sees it.
+    replace: site -> `Replacement` of some of that site's vectors (before any addition).
     scale: site -> `Scaling` applied to that site's tensor (after any addition, before reading).
     positions: `[B]` token index per sequence to keep for reads (None keeps every position).
     detach: keep read tensors out of the autograd graph (default). Set False to backprop through them.
@@ -138,11 +152,13 @@ class Trace:
         detach: bool = True,
         stop: bool = False,
         scale: Mapping[Site, Scaling] | None = None,
+        replace: Mapping[Site, Replacement] | None = None,
     ) -> None:
         self.lm = lm
         self.reads = [(str(k), lm.check_layer(l)) for k, l in read]
         self.adds = {(str(k), lm.check_layer(l)): a for (k, l), a in (add or {}).items()}
         self.scales = {(str(k), lm.check_layer(l)): a for (k, l), a in (scale or {}).items()}
+        self.replaces = {(str(k), lm.check_layer(l)): r for (k, l), r in (replace or {}).items()}
         self.positions = positions
         self.detach = detach
         self.stop = stop
@@ -166,6 +182,8 @@ class Trace:
         flat = hidden.dim() == 2  # some FFNs (OPT) see tokens flattened to [B*T, d]
         if flat:
             hidden = hidden.view(*self._batch_shape, hidden.shape[-1])
+        if site in self.replaces:
+            hidden = self.replaces[site].apply(hidden)
         if site in self.adds:
             hidden = self.adds[site].apply(hidden)
         if site in self.scales:
@@ -179,7 +197,7 @@ class Trace:
         self._batch_shape = tuple(hidden.shape[:2])
 
     def __enter__(self) -> "Trace":
-        sites = list(dict.fromkeys([*self.reads, *self.adds, *self.scales]))
+        sites = list(dict.fromkeys([*self.reads, *self.adds, *self.scales, *self.replaces]))
         for layer in sorted({layer for _, layer in sites}):
             block = self.lm.module(f"{self.lm.arch.layers}.{layer}")
             self._handles.append(block.register_forward_pre_hook(self._record_batch_shape, with_kwargs=True))
