@@ -160,12 +160,12 @@ def test_prompt_memory_edit_revert_in_a_browser(served, browser, tmp_path):
     wait().until(lambda d: d.find_element(By.ID, "ed-run").is_enabled())
     assert "now prefers the new object" in find("#edit-result .flip").text, message()
     rewrite = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#edit-result table.probs tr.efficacy td")]
-    p_new_after, p_true_after = (float(rewrite[i].rstrip("%")) for i in (3, 5))
+    p_new_after, p_true_after = (float(rewrite[i].split("%")[0]) for i in (3, 5))
     assert p_new_after > p_true_after
     assert browser.find_elements(By.CSS_SELECTOR, "#edit-result .patch-layer")
     assert "1 edit applied" in find("#applied").text
     # colours by meaning: each row's outcome follows from its numbers, and a leaked neighbour is a failure
-    red = "rgb(180, 35, 24)"  # --warn
+    red = ("rgb(180, 35, 24)", "rgba(180, 35, 24, 1)")  # --warn
     for row in browser.find_elements(By.CSS_SELECTOR, "#edit-result table.probs tbody tr"):
         cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
         new_after, true_after = (float(cells[i].split("%")[0]) for i in (3, 5))
@@ -178,11 +178,11 @@ def test_prompt_memory_edit_revert_in_a_browser(served, browser, tmp_path):
         mark = row.find_element(By.CSS_SELECTOR, "td.outcome")
         assert ("bad" in mark.get_attribute("class")) == failure and mark.text.startswith("✗" if failure else "✓")
         colour = row.find_element(By.CSS_SELECTOR, "td.after").value_of_css_property("color")
-        assert (colour == red) == failure, (cells, colour)
+        assert (colour in red) == failure, (cells, colour)
     leaked = browser.find_elements(By.CSS_SELECTOR, '#edit-result tr.neighborhood[data-outcome="leaked"]')
     assert leaked and "The Eiffel Tower is located" in leaked[0].text
     assert "leaked beyond its subject" in find("#edit-result .leak").text
-    assert "flipped" in find('#edits-table tr[data-edit="1"] .pill').text
+    assert find('#edits-table tr[data-edit="1"] .pill').get_attribute("textContent") == "flipped"  # (a hidden tab)
     shot("edit")
     # the prompt view now shows the edited model: Rome first
     wait().until(lambda d: "Rome" in d.find_element(By.CSS_SELECTOR, "#next-token .bar-row .bar-label").get_attribute("textContent"))

@@ -232,7 +232,7 @@ class ExploreSession:
         before = target_probabilities(lm, request)
         next_before = views.next_token(lm, self.vocab, request.rewrite_prompt)
         job.set_phase(f"editing with {form.method}")
-        job.expect_steps(getattr(settings, "max_steps", None), f"{form.method} optimisation steps (at most)")
+        job.expect_steps(getattr(settings, "max_steps", None), "optimisation steps (limit)")
         delta = edit(lm, request, form.method, hparams=settings)
         job.expect_steps(None, "")
         try:
