@@ -155,22 +155,6 @@ def test_prompt_endpoint_and_bad_prompts(app):
         assert r.status_code == 400 and message in r.json()["error"], r.json()
 
 
-def test_a_follow_token_that_is_not_one_token_does_not_block_the_analysis(app):
-    """Issue 34: a follow token of two tokens is followed by its first token, and the answer says so; one the
-    tokenizer does not know switches the follow column off, saying why; the analysis runs in both cases."""
-    client, _ = app
-    r = client.post("/api/prompt", json={"prompt": PROMPT, "watch": "tower is"})
-    assert r.status_code == 200, r.json()
-    data = r.json()
-    assert data["watch"]["token"] == "tower" and data["layers"][0]["watch"]["token"] == "tower"
-    assert "is 2 tokens" in data["watch_note"] and "following its first token 'tower'" in data["watch_note"]
-    r = client.post("/api/prompt", json={"prompt": PROMPT, "watch": "qqq"})
-    assert r.status_code == 200 and "watch" not in r.json() and "follow column is off" in r.json()["watch_note"]
-    r = client.post("/api/intervene", json={"prompt": PROMPT, "watch": "tower is",
-                                            "interventions": [{"layer": 1, "key": 3, "factor": 0}]})
-    assert r.status_code == 200 and "following its first token" in r.json()["watch_note"]
-
-
 def test_memory_view_and_bad_memories(app):
     client, session = app
     r = client.post("/api/memory", json={"layer": 2, "key": 7, "prompt": PROMPT}).json()

@@ -127,3 +127,19 @@ def test_settings_are_finite_in_the_shared_validation(method, setting):
         overrides = {setting: float("inf"), "layers": (1,)}
     with pytest.raises(ValueError, match=f"{setting} must be a finite number, got inf"):
         make_settings(None, method, **overrides)
+
+
+def test_a_follow_token_that_is_not_one_token_does_not_block_the_analysis(api):
+    """Issue 34: a follow token of two tokens is followed by its first token, and the answer says so; one the
+    tokenizer does not know switches the follow column off, saying why; the analysis runs in both cases."""
+    client, _ = api
+    r = client.post("/api/prompt", json={"prompt": PROMPT, "watch": "tower is"})
+    assert r.status_code == 200, r.json()
+    data = r.json()
+    assert data["watch"]["token"] == "tower" and data["layers"][0]["watch"]["token"] == "tower"
+    assert "is 2 tokens" in data["watch_note"] and "following its first token 'tower'" in data["watch_note"]
+    r = client.post("/api/prompt", json={"prompt": PROMPT, "watch": "qqq"})
+    assert r.status_code == 200 and "watch" not in r.json() and "follow column is off" in r.json()["watch_note"]
+    r = client.post("/api/intervene", json={"prompt": PROMPT, "watch": "tower is",
+                                            "interventions": [{"layer": 1, "key": 3, "factor": 0}]})
+    assert r.status_code == 200 and "following its first token" in r.json()["watch_note"]
