@@ -45,6 +45,15 @@ def test_hub_ids_are_not_paths():
     assert not looks_like_path("gpt2") and not looks_like_path("made-up-org/made-up-model")
 
 
+def test_a_relative_folder_without_dot_slash_is_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edited-model").mkdir()
+    assert looks_like_path("edited-model/") and looks_like_path("edited-model")
+    assert looks_like_path("missing-model/")  # a trailing slash means a folder
+    with pytest.raises(ModelLoadError, match="edited-model/ is not a model folder"):
+        load_model("edited-model/")
+
+
 def test_a_folder_without_config_is_not_a_model(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="not a model folder"):

@@ -134,8 +134,11 @@ SHORT_NAMES: dict[str, tuple[str, Callable[[], Path]]] = {
 
 
 def looks_like_path(source: str) -> bool:
-    """Is `source` meant as a local path: it starts with /, ./, ../ or ~, or its first part exists here."""
+    """Is `source` meant as a local path: it starts with /, ./, ../ or ~, ends with a slash, exists here (a local
+    folder wins over a hub id of the same name, as in transformers), or its first part exists here."""
     if source in (".", "..") or source.startswith(("/", "./", "../", "~", ".\\", "..\\")):
+        return True
+    if source.endswith(("/", "\\")) or Path(source).exists():
         return True
     parts = Path(source).parts
     return len(parts) > 1 and Path(parts[0]).exists()
