@@ -275,6 +275,17 @@ def test_bad_patches_change_nothing(app):
     assert same(weights(lm), original) and client.get("/api/edits").json() == []
 
 
+def test_a_patch_upload_larger_than_any_patch_of_the_model_is_refused_unread(app):
+    client, session = app
+    limit = session.patch_size_limit()
+    weights_bytes = sum(p.numel() * p.element_size() for p in session.lm.model.parameters())
+    assert limit == 2 * weights_bytes + (1 << 20)
+    chunks = (b"\0" * (1 << 20) for _ in range(limit // (1 << 20) + 2))  # streamed: no length header
+    r = client.post("/api/patches", content=chunks, headers={"X-Filename": "huge.safetensors"})
+    assert r.status_code == 413 and "larger than" in r.json()["error"]
+    assert client.get("/api/edits").json() == []
+
+
 @pytest.mark.parametrize("body, message", [
     (edit_body(prompt="the louvre is located in the city of"), "does not contain the subject"),
     (edit_body(prompt=""), "prompt is empty"),

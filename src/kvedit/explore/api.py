@@ -205,7 +205,19 @@ def create_app(session: ExploreSession, allowed_hosts: list[str] | None = None,
     @app.post("/api/patches")
     async def upload(request: Request) -> JSONResponse:
         """The body is the patch file's bytes; `X-Filename` names it."""
-        data = await request.body()
+        limit = session.patch_size_limit()
+        too_large = _error(413, f"the patch is larger than {limit:,} bytes (twice this model's weights); a kvedit "
+                                "patch of this model is never that large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a body without a length is bounded too
+            size += len(chunk)
+            if size > limit:
+                return too_large
+            chunks.append(chunk)
+        data = b"".join(chunks)
         name = request.headers.get("x-filename", "patch.safetensors")
         return JSONResponse(jsonable(await run_in_threadpool(session.load_patch, data, name)))
 

@@ -274,6 +274,12 @@ class ExploreSession:
             entry.delta.save(path)
         return path
 
+    def patch_size_limit(self) -> int:
+        """The largest patch upload accepted, in bytes: twice the model's weights (a patch stores at most the old
+        and new values of what it changes) plus 1 MiB of metadata."""
+        weights = sum(p.numel() * p.element_size() for p in self.lm.model.parameters())
+        return 2 * weights + (1 << 20)
+
     def load_patch(self, data: bytes, filename: str = "patch.safetensors") -> dict[str, Any]:
         """Verify a patch file's bytes and apply it on top of the current weights; refuse (changing nothing)
         a damaged file or one made for other weights."""
