@@ -13,6 +13,7 @@ from ..models.lm import LM
 from ..version import __version__
 from .delta import EditError, WeightDelta, WeightGuard
 from .finetune import FT_PRESETS, FTHyperParams, finetune_edit, finetune_parameters, model_settings
+from .alphaedit import ALPHAEDIT_PRESETS, AlphaEditHyperParams, alphaedit_edit, alphaedit_parameters, alphaedit_prepare
 from .hparams import EditOutcome
 from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_parameters, memit_prepare
 from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit, pmet_parameters, pmet_prepare
@@ -31,6 +32,8 @@ class EditMethod:
     context templates), so that an edit's time is its own.
 
     Overrides every method accepts: preset, layers, lr, max_steps (`presets`: the names a preset may take).
+    carries_history: `run` also takes `history=` (state a sequential run carries from batch to batch, e.g.
+    AlphaEdit's Σ K Kᵀ) and returns the next one in its outcome's records (`records.history`).
     """
 
     name: str
@@ -40,6 +43,7 @@ class EditMethod:
     run: Callable[[LM, Sequence[EditRequest], Any], EditOutcome]
     prepare: Callable[[LM, Any], None] | None = None
     presets: tuple[str, ...] = ()
+    carries_history: bool = False
 
 
 def _finetune(name: str, target: str, summary: str) -> EditMethod:
@@ -63,6 +67,7 @@ def _closed_form(name: str, cls: type, presets: Mapping[str, Any], parameters: C
 _ROME = (ROMEHyperParams, ROME_PRESETS, rome_parameters, rome_edit, rome_prepare)
 _MEMIT = (MEMITHyperParams, MEMIT_PRESETS, memit_parameters, memit_edit, memit_prepare)
 _PMET = (PMETHyperParams, PMET_PRESETS, pmet_parameters, pmet_edit, pmet_prepare)
+_ALPHAEDIT = (AlphaEditHyperParams, ALPHAEDIT_PRESETS, alphaedit_parameters, alphaedit_edit, alphaedit_prepare)
 
 #: The `-fast` variants (not the reference algorithm): the preset's learning rate × FAST_LR_FACTOR, and each request
 #: stops once target_new's mean NLL is below FAST_STOP_NLL nats. Chosen from traces of the optimisation on
@@ -103,6 +108,8 @@ METHODS: Mapping[str, EditMethod] = MappingProxyType(
                          "PMET ablation: also update the attention output weights", update_attn=True),
             _closed_form("pmet-even-spread", *_PMET,
                          "PMET ablation: MEMIT's even spread", spread="even"),
+            replace(_closed_form("alphaedit", *_ALPHAEDIT, "MEMIT's targets, update projected onto the null "
+                                 "space of preserved keys"), carries_history=True),
             _fast(_ROME_METHOD),
             _fast(_MEMIT_METHOD),
         )
@@ -148,6 +155,7 @@ def edit(
     requests: EditRequest | Sequence[EditRequest],
     method: str = "ft-keys",
     hparams: Any | None = None,
+    history: Any | None = None,
     **overrides: Any,
 ) -> WeightDelta:
     """Edit `requests` into `lm` in place with `method`; return the exact, reversible `WeightDelta`.
@@ -157,8 +165,14 @@ def edit(
     the weights are restored bit-exactly and the error propagates. The delta's metadata names the
     method as registered here, its settings, the requests, the model, the edited layers, and the
     result (steps, time_s: the edit's wall time in s).
+
+    history: for methods that carry one (`EditMethod.carries_history`, e.g. alphaedit), the state of the
+    sequential run so far; it is not changed, the next one is `delta.records.history`.
     """
     chosen = get_method(method)
+    if history is not None and not chosen.carries_history:
+        raise ValueError(f"{method} carries no history across batches; history= is for "
+                         f"{', '.join(n for n, m in METHODS.items() if m.carries_history)}")
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
     if not requests:
         raise ValueError("requests is empty; expected at least one EditRequest")
@@ -175,7 +189,7 @@ def edit(
     }
     start = time.perf_counter()
     with WeightGuard(lm, names) as guard:
-        outcome = chosen.run(lm, requests, settings)
+        outcome = chosen.run(lm, requests, settings, **({"history": history} if history is not None else {}))
         metadata["result"] = {"steps": outcome.steps, "time_s": time.perf_counter() - start, **outcome.result}
         delta = guard.finish(metadata)
     delta.records = outcome.records
