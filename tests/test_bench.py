@@ -528,4 +528,3 @@ def test_a_killed_holder_leaves_no_false_lock(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lock_bench_folder(done)
-
