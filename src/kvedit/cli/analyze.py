@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,17 @@ def key_list(text: str) -> tuple[tuple[int, int], ...]:
     if not pairs or any(len(p) != 2 or p[1] < 0 for p in pairs):
         raise argparse.ArgumentTypeError(f"expected LAYER:MEMORY pairs like 3:7,12:345; got {text!r}")
     return pairs  # type: ignore[return-value]
+
+
+def unit_fraction(text: str) -> float:
+    """Parse a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 def trace_kinds(text: str) -> tuple[str, ...]:
@@ -104,10 +116,24 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
                     help="layers restored at once for ffn and attn (default 10, ROME's [l−5, l+5))")
     tr.add_argument("--plots", type=int, default=3, help="facts drawn as heat maps (default 3)")
 
-    for p in (t, v, l, c, al, tr):
+    kn = asub.add_parser("neurons", help="knowledge neurons (Dai et al.): the memories each fact's answer depends "
+                                         "on, by integrated gradients, and what suppressing them does")
+    kn.add_argument("--dataset", required=True,
+                    help="facts with their true object (any format kvedit loads); each is asked by its rewrite "
+                         "prompt and its paraphrases")
+    kn.add_argument("--n", type=positive_int, default=100, help="facts (default 100)")
+    kn.add_argument("--all-facts", action="store_true",
+                    help="also facts the model does not know (default: only those with P(true) > P(new))")
+    kn.add_argument("--steps", type=positive_int, default=20, help="integration steps (default 20, the paper's)")
+    kn.add_argument("--threshold", type=unit_fraction, default=0.2,
+                    help="coarse neurons: attribution ≥ this × the prompt's largest (default 0.2)")
+    kn.add_argument("--bag-ratio", type=unit_fraction, default=0.7,
+                    help="knowledge neurons: coarse in at least this share of the fact's prompts (default 0.7)")
+
+    for p in (t, v, l, c, al, tr, kn):
         p.add_argument("--out", type=results_folder("analyze"), required=True,
                        help="results folder (mined triggers in it are reused)")
-        if p is tr:
+        if p in (tr, kn):
             add_model_args(p)
             continue
         if p in (t, v):
@@ -147,6 +173,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     if args.analysis == "trace":
         return _cmd_trace(args)
+    if args.analysis == "neurons":
+        return _cmd_neurons(args)
     if args.analysis in ("components", "all") and args.dataset is not None and not Path(args.dataset).is_file():
         raise FileNotFoundError(f"--dataset {args.dataset} is not a file")
     threshold = getattr(args, "active_threshold", None)
@@ -257,6 +285,31 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         raise ValueError(f"the model predicts the true object of none of the {len(requests)} facts in "
                          f"{args.dataset}; nothing to trace")
     files = write_trace_results(args.out, facts, lm.name, marks, args.plots)
+    print(files[0].read_text())
+    _print_files(files)
+    return 0
+
+
+def _cmd_neurons(args: argparse.Namespace) -> int:
+    from ..analysis.neuron_runs import find_neurons, write_neuron_results
+    from ..bench import known_filter
+    from ..data.loaders import load_requests
+
+    if not Path(args.dataset).is_file():
+        raise FileNotFoundError(f"--dataset {args.dataset} is not a file")
+    requests = load_requests(args.dataset)
+    lm = load(args)
+    if not args.all_facts:
+        kept: list = []
+        read = 0
+        while read < len(requests) and len(kept) < args.n:  # the known-fact filter, until n are found
+            chunk = requests[read:read + 64]
+            kept += [r for r, known in zip(chunk, known_filter(lm, chunk)) if known]
+            read += len(chunk)
+        print(f"known-fact filter: {len(kept)} facts with P(true) > P(new) in the first {read}")
+        requests = kept
+    records = find_neurons(lm, args.out, requests[:args.n], args.steps, args.threshold, args.bag_ratio)
+    files = write_neuron_results(args.out, records, lm.name, lm.num_layers)
     print(files[0].read_text())
     _print_files(files)
     return 0
