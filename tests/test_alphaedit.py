@@ -295,6 +295,8 @@ def test_presets_follow_the_reference_files():
     assert ALPHAEDIT_PRESETS["gpt-j"]["layers"] == (3, 4, 5, 6, 7, 8) and ALPHAEDIT_PRESETS["gpt-j"]["max_steps"] == 25
     assert ALPHAEDIT_PRESETS["llama"]["lr"] == 0.1 and ALPHAEDIT_PRESETS["llama"]["weight_decay"] == 0.5
     assert ALPHAEDIT_PRESETS["smollm2"]["layers"] == MEMIT_PRESETS["smollm2"]["layers"]
+    with pytest.raises(TypeError):
+        ALPHAEDIT_PRESETS["llama"]["lr"] = 1.0  # read-only, as every preset table
     hp = make_settings(None, "alphaedit", preset="gpt2-xl")
     assert (hp.clamp_norm_factor, hp.kl_factor, hp.precision) == (0.75, 0.0625, "float32")
     lm = tiny_lm("llama")
@@ -325,3 +327,17 @@ def test_kvedit_edit_method_alphaedit_end_to_end(capsys, tiny_folder, corpus, tm
     delta.apply(lm)
     delta.revert(lm)
     assert all(torch.equal(original[n], t) for n, t in weights(lm).items())
+
+
+def test_kvedit_bench_methods_alphaedit(capsys, tiny_folder, corpus, tmp_path):
+    dataset = tmp_path / "facts.json"
+    dataset.write_text(json.dumps([
+        {"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new, "target_true": r.target_true,
+         "case_id": i, "paraphrase_prompts": [f"{r.subject} lies in"], "neighborhood_prompts": ["the louvre is located in"]}
+        for i, r in enumerate(REQUESTS)]))
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", str(tiny_folder), "--dataset", str(dataset), "--methods", "alphaedit", "--n", "2",
+                 "--layers", "1", "--stats", corpus, "--stats-tokens", "300", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert "alphaedit@L1" in summary["runs"] and summary["settings"]["alphaedit@L1"]["l2"] == 10.0
