@@ -15,6 +15,7 @@ from .delta import EditError, WeightDelta, WeightGuard
 from .finetune import FT_PRESETS, FTHyperParams, finetune_edit, finetune_parameters, model_settings
 from .alphaedit import ALPHAEDIT_PRESETS, AlphaEditHyperParams, alphaedit_edit, alphaedit_parameters, alphaedit_prepare
 from .hparams import EditOutcome
+from .kn import KN_PRESETS, KNHyperParams, kn_edit, kn_parameters
 from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_parameters, memit_prepare
 from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit, pmet_parameters, pmet_prepare
 from .presets import make_hparams, model_row
@@ -53,6 +54,15 @@ def _finetune(name: str, target: str, summary: str) -> EditMethod:
         return FTHyperParams.from_preset(preset or "default", target=target, **merged)
 
     return EditMethod(name, summary, make, finetune_parameters, finetune_edit, presets=tuple(FT_PRESETS))
+
+
+def _kn() -> EditMethod:
+    def make(lm: LM | None, preset: str | None = None, **overrides: Any) -> KNHyperParams:
+        return make_hparams(KNHyperParams, KN_PRESETS, preset, lm, **{k: v for k, v in overrides.items()
+                                                                      if v is not None})
+
+    return EditMethod("kn", "knowledge neurons of the true object: their value rows moved towards the new "
+                      "object's embedding (EasyEdit's KN)", make, kn_parameters, kn_edit, presets=tuple(KN_PRESETS))
 
 
 def _closed_form(name: str, cls: type, presets: Mapping[str, Any], parameters: Callable, run: Callable,
@@ -112,6 +122,7 @@ METHODS: Mapping[str, EditMethod] = MappingProxyType(
                                  "space of preserved keys"), carries_history=True),
             _fast(_ROME_METHOD),
             _fast(_MEMIT_METHOD),
+            _kn(),
         )
     }
 )

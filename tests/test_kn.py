@@ -1,0 +1,96 @@
+"""The KN editor (EasyEdit's): the value rows of the true object's knowledge neurons move by the embedding
+difference, and nothing else changes; every family; the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kvedit
+from kvedit.analysis.neurons import attributions, coarse_neurons
+from kvedit.cli import main
+from kvedit.models.architectures import ARCHITECTURES
+from tiny_models import tiny_lm
+
+REQUEST = kvedit.EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome",
+                             target_true="paris")
+
+
+def state(lm):
+    return {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
+
+
+def test_the_value_rows_of_the_neurons_move_by_the_embedding_difference():
+    lm = tiny_lm("llama")
+    before = state(lm)
+    layers = list(range(lm.num_layers))
+    scores = attributions(lm, REQUEST.rewrite_prompt, "paris", 20, layers)
+    neurons = coarse_neurons(scores, layers, 0.2)
+    ids = lm.tokenizer(REQUEST.rewrite_prompt, return_tensors="pt")["input_ids"]
+    greedy = int(lm.model(input_ids=ids).logits[0, -1].argmax())
+    new = lm.tokenizer(" rome", add_special_tokens=False)["input_ids"]
+    embed = lm.model.get_input_embeddings().weight.detach()
+    shift = 2 * (embed[new[0]] - embed[greedy])
+    delta = kvedit.edit(lm, REQUEST, "kn", preset="gpt2-xl")  # 20 steps, threshold 0.2
+    after = state(lm)
+    assert [(l, i) for l, i, _ in delta.records.neurons[0]] and \
+        sorted((l, i) for l, i, _ in delta.records.neurons[0]) == sorted(neurons)
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        if not any(name == f"{lm.values_path(l)}.weight" for l, _ in neurons):
+            assert not changed, name
+    for layer, memory in neurons:
+        name = f"{lm.values_path(layer)}.weight"
+        torch.testing.assert_close(after[name][:, memory], before[name][:, memory] + shift)
+        others = [c for c in range(after[name].shape[1]) if (layer, c) not in neurons]
+        assert torch.equal(after[name][:, others], before[name][:, others])
+    delta.revert(lm)
+    assert all(torch.equal(state(lm)[n], before[n]) for n in before)
+
+
+def test_a_multi_token_new_object_adds_each_token_once():
+    lm = tiny_lm("llama")
+    request = kvedit.EditRequest(REQUEST.prompt, REQUEST.subject, target_new="big ben", target_true="paris")
+    new = lm.tokenizer(" big ben", add_special_tokens=False)["input_ids"]
+    assert len(new) == 2 and len(set(new)) == 2 and lm.tokenizer.unk_token_id not in new
+    ids = lm.tokenizer(request.rewrite_prompt, return_tensors="pt")["input_ids"]
+    greedy = []
+    with torch.no_grad():  # the model's own two next tokens
+        for _ in new:
+            greedy.append(int(lm.model(input_ids=ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[greedy[-1]]])], 1)
+    embed = lm.model.get_input_embeddings().weight.detach().clone()
+    before = state(lm)
+    delta = kvedit.edit(lm, request, "kn", preset="gpt2-xl")
+    layer, memory, _ = delta.records.neurons[0][0]
+    name = f"{lm.values_path(layer)}.weight"
+    shift = embed[new].sum(0) - embed[greedy].sum(0)  # coefficient 1 for each token, not 2
+    torch.testing.assert_close(state(lm)[name][:, memory], before[name][:, memory] + shift)
+
+
+@pytest.mark.parametrize("family", [f for f, a in ARCHITECTURES.items() if a.objective == "causal"])
+def test_kn_edits_every_causal_family_and_reverts_bit_exactly(family):
+    lm = tiny_lm(family)
+    before = state(lm)
+    delta = kvedit.edit(lm, REQUEST, "kn", preset="gpt2-xl")
+    assert delta.metadata["method"] == "kn" and delta.records.neurons[0]
+    values = {f"{lm.values_path(l)}.weight" for l in range(lm.num_layers)}
+    assert all(n in values for n in delta.names)
+    delta.revert(lm)
+    assert all(torch.equal(state(lm)[n], before[n]) for n in before)
+
+
+def test_kn_on_a_masked_lm_is_refused():
+    with pytest.raises(ValueError, match="masked"):
+        kvedit.edit(tiny_lm("bert"), REQUEST, "kn")
+
+
+def test_kvedit_edit_method_kn(capsys, tiny_folder, tmp_path):
+    patch = tmp_path / "kn.safetensors"
+    assert main(["edit", "--method", "kn", "--prompt", REQUEST.prompt, "--subject", REQUEST.subject, "--new", "rome",
+                 "--true", "paris", "--preset", "gpt2-xl", "--model", str(tiny_folder), "--save", str(patch),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "kn" and patch.is_file()
