@@ -63,7 +63,7 @@ def test_every_method_edits_from_the_command_line(capsys, tiny_folder, corpus, t
     save = tmp_path / f"{method}.safetensors"
     code, out, err = run(capsys, "edit", "--model", str(tiny_folder), "--method", method, *EDIT, "--layers", layers,
                          "--steps", "3", "--save", str(save), "--json",
-                         *([] if method.startswith("ft-") else ["--stats", str(corpus), "--stats-tokens", "300"]))
+                         *(["--stats", str(corpus), "--stats-tokens", "300"] if METHODS[method].uses_statistics else []))
     assert code == 0, err
     result = json.loads(out)
     assert result["layers"] == [int(x) for x in layers.split(",")] and result["patch"] == str(save)

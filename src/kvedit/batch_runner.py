@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .data.requests import EditRequest
 from .editing.delta import WeightDelta
-from .editing.registry import edit, prepare
+from .editing.registry import edit, get_method, prepare
 from .editing.target_store import TargetStore, reused_targets, store_folder
 from .evaluation.counterfact import counterfact_case_metrics
 from .evaluation.easyedit import Predictions, add_locality
@@ -87,7 +87,7 @@ class BatchRunner:
 
     def edit_kwargs(self, spec: RunSpec) -> dict[str, Any]:
         kwargs = dict(self.settings) | spec.overrides()
-        if spec.method.startswith("ft-"):  # statistics settings mean nothing to fine-tuning
+        if not get_method(spec.method).uses_statistics:  # e.g. fine-tuning: statistics settings mean nothing
             kwargs = {k: v for k, v in kwargs.items() if k not in ("stats_source", "stats_tokens")}
         return kwargs
 

@@ -63,12 +63,13 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 def cmd_edit(args: argparse.Namespace) -> int:
     from ..data.requests import EditRequest
     from ..editing.delta import patch_paths
-    from ..editing.registry import edit, make_settings
+    from ..editing.registry import METHODS, edit, make_settings
     from ..evaluation.probe import greedy_answer, target_probabilities
 
-    is_ft = args.method.startswith("ft-")
-    if is_ft and (args.stats_source or args.stats_tokens):
-        raise ValueError("--stats and --stats-tokens apply to rome, memit and pmet; fine-tuning needs no statistics")
+    if not METHODS[args.method].uses_statistics and (args.stats_source or args.stats_tokens):
+        readers = ", ".join(n for n, m in METHODS.items() if m.uses_statistics)
+        raise ValueError(f"--stats and --stats-tokens apply to the methods that read key statistics ({readers}); "
+                         f"{args.method} needs none")
     overrides = dict(preset=args.preset, layers=args.layers, lr=args.lr, max_steps=args.max_steps,
                      stats_source=args.stats_source, stats_tokens=args.stats_tokens)
     # everything that needs no model is checked before loading it

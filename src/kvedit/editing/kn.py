@@ -31,20 +31,20 @@ from .presets import frozen_presets
 #: Its llama rows integrate with one step (the gradient at zero × the activation); kvedit keeps 20 for every
 #: family it has no row for, as the paper does.
 KN_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
-    "gpt2-xl": {"steps": 20, "threshold": 0.2, "edit_factor": 2.0},
-    "gpt-j": {"steps": 20, "threshold": 0.1, "edit_factor": 2.0},
-    "llama": {"steps": 1, "threshold": 0.2, "edit_factor": 2.0},
-    "gpt-neox": {"steps": 20, "threshold": 0.2, "edit_factor": 2.0},
+    "gpt2-xl": {"max_steps": 20, "threshold": 0.2, "edit_factor": 2.0},
+    "gpt-j": {"max_steps": 20, "threshold": 0.1, "edit_factor": 2.0},
+    "llama": {"max_steps": 1, "threshold": 0.2, "edit_factor": 2.0},
+    "gpt-neox": {"max_steps": 20, "threshold": 0.2, "edit_factor": 2.0},
 })
 
 
 @dataclass(frozen=True)
 class KNHyperParams:
-    """steps: integration steps; threshold: coarse neurons have attribution ≥ threshold × the largest;
+    """max_steps: integration steps; threshold: coarse neurons have attribution ≥ threshold × the largest;
     edit_factor: the embedding coefficient for a one-token new object (EasyEdit: 2); max_neurons: at most this
     many neurons (strongest first) per request, None for all; layers: only neurons in these layers (None: all)."""
 
-    steps: int = 20
+    max_steps: int = 20
     threshold: float = 0.2
     edit_factor: float = 2.0
     max_neurons: int | None = None
@@ -53,7 +53,7 @@ class KNHyperParams:
 
     def validate(self, lm: LM | None) -> "KNHyperParams":
         check_ranges(self)
-        for name in ("steps", "max_neurons"):
+        for name in ("max_steps", "max_neurons"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -110,7 +110,7 @@ def kn_edit(lm: LM, requests: Sequence[EditRequest], hp: KNHyperParams) -> EditO
     for request in requests:
         if request.target_true is None:
             raise ValueError(f"case {request.case_id}: KN finds the neurons of the true object; give target_true")
-        scores = attributions(lm, request.rewrite_prompt, request.target_true, hp.steps, layers)
+        scores = attributions(lm, request.rewrite_prompt, request.target_true, hp.max_steps, layers)
         neurons = sorted(((l, i, float(scores[layers.index(l), i])) for l, i in coarse_neurons(scores, layers,
                                                                                              hp.threshold)),
                          key=lambda n: -n[2])[: hp.max_neurons]
@@ -123,5 +123,5 @@ def kn_edit(lm: LM, requests: Sequence[EditRequest], hp: KNHyperParams) -> EditO
                 rows = _value_rows(lm, layer)
                 rows[memory] += shift.to(rows.dtype)
         edited.append(neurons)
-    return EditOutcome(steps=len(requests) * hp.steps, records=KNRecords(edited),
+    return EditOutcome(steps=len(requests) * hp.max_steps, records=KNRecords(edited),
                        result={"neurons": [len(n) for n in edited]})

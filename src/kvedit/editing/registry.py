@@ -45,6 +45,7 @@ class EditMethod:
     prepare: Callable[[LM, Any], None] | None = None
     presets: tuple[str, ...] = ()
     carries_history: bool = False
+    uses_statistics: bool = False  # reads key statistics (stats_source / stats_tokens settings, `prepare`)
 
 
 def _finetune(name: str, target: str, summary: str) -> EditMethod:
@@ -71,7 +72,7 @@ def _closed_form(name: str, cls: type, presets: Mapping[str, Any], parameters: C
         given = {k: v for k, v in overrides.items() if v is not None}  # a setting the caller gives wins
         return make_hparams(cls, presets, preset, lm, **{**fixed, **given})
 
-    return EditMethod(name, summary, make, parameters, run, prepare, presets=tuple(presets))
+    return EditMethod(name, summary, make, parameters, run, prepare, presets=tuple(presets), uses_statistics=True)
 
 
 _ROME = (ROMEHyperParams, ROME_PRESETS, rome_parameters, rome_edit, rome_prepare)
@@ -94,7 +95,7 @@ def _fast(base: EditMethod) -> EditMethod:
                        stop_nll=hp.stop_nll if "stop_nll" in given else FAST_STOP_NLL)
 
     summary = f"{base.name.upper()} with a faster target optimisation (lr ×{FAST_LR_FACTOR:g}, stop at NLL < {FAST_STOP_NLL})"
-    return EditMethod(f"{base.name}-fast", summary, make, base.parameters, base.run, base.prepare, base.presets)
+    return replace(base, name=f"{base.name}-fast", summary=summary, make_hparams=make)
 
 
 _ROME_METHOD = _closed_form("rome", *_ROME, "rank-one update of one layer's values")
