@@ -67,6 +67,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
                    help="split a model too large for one device over every device present (transformers' "
                         "device_map; replaces --device)")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the editors' inner loops (target optimisation, fine-tuning steps); the "
+                        "weights written stay exact. bfloat16 needs bfloat16 matrix units (AMX, AVX512-BF16, a GPU); "
+                        "`kvedit models` says whether they were found")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model folder's own Python code to run (off by default: kvedit never runs it "
                         "unless asked)")
@@ -74,12 +78,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace):
     """Load the model the command's --model/--dtype options name."""
+    from ..models.compute import check_compute_dtype, set_compute_dtype
     from ..models.devices import resolve_device
     from ..models.loading import load_model
 
-    return load_model(args.model, device=resolve_device(getattr(args, "device", "cpu")), dtype=args.dtype,
-                      trust_remote_code=getattr(args, "trust_remote_code", False),
-                      device_map=getattr(args, "device_map", None))
+    device = resolve_device(getattr(args, "device", "cpu"))
+    compute = check_compute_dtype(getattr(args, "compute_dtype", "float32"), device)  # before the model loads
+    lm = load_model(args.model, device=device, dtype=args.dtype,
+                    trust_remote_code=getattr(args, "trust_remote_code", False),
+                    device_map=getattr(args, "device_map", None))
+    return set_compute_dtype(lm, compute)
 
 
 def method_list(text: str) -> tuple[str, ...]:

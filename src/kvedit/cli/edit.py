@@ -142,6 +142,11 @@ def cmd_models(args: argparse.Namespace) -> int:
                                   ("masked LM", a.objective == "masked")) if on]
         keys = ", ".join(a.keys.values())
         print(f"{key:<10} {a.family:<20} {keys:<32} {a.values:<18} {a.attn_out:<24} {'; '.join(notes)}")
+    from ..models.compute import bf16_support
+
+    support = bf16_support("cpu")
+    print(f"\nbfloat16 matrix units: {'yes' if support.units else 'no'} ({support.detail}); --compute-dtype bfloat16 "
+          f"{'is available' if support.units else 'is refused here'}")
     return 0
 
 

@@ -198,6 +198,7 @@ def edit(
         "method": method, "hparams": asdict(settings), "requests": [r.to_dict() for r in requests],
         "model_name": lm.name, "model_fingerprint": lm.fingerprint(), "kvedit_version": __version__,
         "layers": _layers_touched(lm, names),
+        "compute_dtype": lm.compute_dtype,  # precision of the inner loops; the weights written are exact regardless
     }
     start = time.perf_counter()
     with WeightGuard(lm, names) as guard:

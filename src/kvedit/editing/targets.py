@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data.requests import EditRequest
 from ..evaluation.scoring import encode_target
+from ..models.compute import compute_view
 from ..models.lm import LM
 from ..models.split import SplitBatch
 from ..models.tracing import Addition, Site, Trace
@@ -106,6 +107,7 @@ class TargetOptions:
     early_stop_loss: float = 5e-2
     pmet_schedule: bool = False
     stop_nll: float | None = None
+    compute_dtype: str = "float32"  # precision of the loop's forward/backward (`models.compute`); set from the LM
 
 
 @dataclass
@@ -181,6 +183,7 @@ def optimize_targets(
     is more than one group. Inside `reused_targets`, a request optimised before with the same sites, templates and
     options is served from the store.
     """
+    opts = replace(opts, compute_dtype=lm.compute_dtype)  # part of a stored result's key
     store = open_store(lm)
     if store is None:
         return _optimize_targets(lm, requests, sites, templates, opts, group_size)
@@ -212,11 +215,17 @@ def _optimize_targets(
     results: list[dict[Site, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in requests]
     steps = [0] * len(requests)
     lm.model.requires_grad_(False)
+    view = compute_view(lm)  # the loop's model: lm itself in float32, else its frozen bfloat16 copy
+    inits: dict[tuple[int, Site], torch.Tensor] = {}
+    if view is not lm:  # the sites' starting values, which the solves add δ to, are read from the float32 model
+        for s in sites:
+            for i, value in enumerate(site_values(lm, s, requests)):
+                inits[(i, s)] = value.to(lm.device)
     with tqdm(total=len(requests), desc="target vectors", unit="request", leave=False,
               disable=len(requests) <= group_size) as bar:
         for start in range(0, len(requests), group_size):
             owners = list(range(start, min(start + group_size, len(requests))))
-            _optimize_group(lm, items, owners, sites, opts, results, steps)
+            _optimize_group(view, items, owners, sites, opts, results, steps, inits)
             bar.update(len(owners))
     return results, steps
 
@@ -224,12 +233,16 @@ def _optimize_targets(
 def _optimize_group(
     lm: LM, items: Sequence[_RequestRows], owners: list[int], sites: Sequence[Site], opts: TargetOptions,
     results: list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], steps: list[int],
+    inits: dict[tuple[int, Site], torch.Tensor],
 ) -> None:
-    """Optimise the δs of requests `owners` together, writing `results` and `steps` in place."""
+    """Optimise the δs of requests `owners` together, writing `results` and `steps` in place.
+
+    `lm` is the model the loop runs on (a bfloat16 compute view, or the model); δ and Adam's state are float32 and
+    cast to the model's precision where δ is added. `inits` holds each site's starting value `[d]` float32 where it
+    was read beforehand (from the float32 model); missing ones are read in the first step."""
     deltas = {(i, s): torch.zeros(lm.d_model, device=lm.device, requires_grad=True) for i in owners for s in sites}
     optimizer = torch.optim.Adam(list(deltas.values()), lr=opts.lr)
     out = lm.output_device  # δs live on lm.device; per-request losses where the logits are
-    inits: dict[tuple[int, Site], torch.Tensor] = {}
     kl_init: dict[int, torch.Tensor] = {}
     nll_factor = {i: 1.0 for i in owners}
     active = list(owners)

@@ -30,6 +30,9 @@ class LM:
     #: results computed once per loaded model and reused within the process (key statistics, their
     #: inverses), keyed as their disk cache is; they depend on the unedited weights only
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: precision of the editors' inner loops ("float32" or "bfloat16"; `models.compute`): set it with
+    #: `set_compute_dtype`, which checks the device has bfloat16 matrix units
+    compute_dtype: str = "float32"
 
     @classmethod
     def wrap(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "") -> "LM":
