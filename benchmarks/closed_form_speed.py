@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from kvedit import edit, load_model
-from kvedit.bench import known_filter
+from kvedit.evaluation.known import known_filter
 from kvedit.data.loaders import load_requests
 from kvedit.editing import prepare
 

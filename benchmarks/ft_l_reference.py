@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kvedit import edit, load_model
-from kvedit.bench import known_filter
+from kvedit.evaluation.known import known_filter
 from kvedit.data.loaders import load_requests
 from kvedit.evaluation import target_nll
 

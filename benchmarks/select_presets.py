@@ -23,7 +23,8 @@ from pathlib import Path
 
 from kvedit import load_model
 from kvedit.data.loaders import load_requests
-from kvedit.selection import (CaseLog, best_setting, default_grid, end_cut_line, known_split, select,
+from kvedit.data.jsonl import cut_torn_tail
+from kvedit.selection import (CaseLog, best_setting, default_grid, known_split, select,
                              setting_key, sweep_table)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -91,7 +92,7 @@ def main() -> None:
                                                     "tune": [r.case_id for r in split.tune],
                                                     "report": [r.case_id for r in split.report]}, indent=1))
     path = out / "grid.jsonl"
-    end_cut_line(path)
+    cut_torn_tail(path)
     methods = args.methods.split(",")
 
     def write(row: dict) -> None:

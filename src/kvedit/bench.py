@@ -40,7 +40,7 @@ from .editing.registry import METHODS, make_settings
 from .evaluation.counterfact import counterfact_case_metrics
 from .evaluation.easyedit import add_locality
 from .evaluation.generation import AttributeSnippets, load_attribute_snippets
-from .evaluation.scoring import target_nll
+from .evaluation.known import known_filter
 from .evaluation.summary import (SUITES, Suite, compare_runs, dataset_title, easyedit_table, markdown_table,
                                  summarize_run, summary_csv)
 from .evaluation.zsre import zsre_case_metrics
@@ -106,17 +106,6 @@ def _absolute(name_or_path: str) -> str:
     """An existing path made absolute (so the same file matches from any folder); names unchanged."""
     path = Path(name_or_path).expanduser()
     return str(path.resolve()) if path.exists() else str(name_or_path)
-
-
-def known_filter(lm: LM, requests: Sequence[EditRequest], batch_size: int = 32) -> list[bool]:
-    """Per request: does the unedited model prefer target_true to target_new on the rewrite prompt
-    (P(true) > P(new), i.e. lower mean NLL)?"""
-    if any(r.target_true is None for r in requests):
-        raise BenchError("--known-only needs target_true for every case (CounterFact); this dataset has none")
-    prompts = [r.rewrite_prompt for r in requests]
-    new = target_nll(lm, prompts, [r.target_new for r in requests], batch_size)
-    true = target_nll(lm, prompts, [r.target_true for r in requests], batch_size)
-    return (true < new).tolist()
 
 
 #: The suite a dataset format is scored with when none is asked for: kvedit's own files are CounterFact's.
@@ -242,7 +231,10 @@ class Bench:
             if path.exists():
                 kept_ids = json.loads(path.read_text())["kept_case_ids"]
             else:
-                flags = known_filter(self.lm, requests)
+                try:
+                    flags = known_filter(self.lm, requests)
+                except ValueError as err:  # cases without target_true
+                    raise BenchError(str(err)) from None
                 kept_ids = [r.case_id for r, keep in zip(requests, flags) if keep]
                 path.write_text(json.dumps({"scored": len(requests), "kept": len(kept_ids),
                                             "kept_case_ids": kept_ids}) + "\n")

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .data.jsonl import append_jsonl, read_jsonl
+
 
 #: the lock file in a bench folder: an flock held by the process that runs the folder, and who that is (JSON)
 LOCK_FILE = ".kvedit-lock"
@@ -202,21 +204,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_cases_file(path: Path) -> list[dict[str, Any]]:
-    """Records of cases.jsonl; a truncated last line (a killed write) is dropped with a warning."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise BenchError(f"{path} line {i + 1} is not JSON; the file is damaged") from None
-            warnings.warn(f"{path}: dropped a partly written last line (interrupted run)", stacklevel=2)
-    return records
+    """Records of cases.jsonl; a torn last line (a killed write) is dropped with a warning (`data.jsonl`)."""
+    return read_jsonl(path)
 
 
 def runs_on_file(path: Path) -> set[str]:
@@ -232,17 +221,6 @@ def runs_on_file(path: Path) -> set[str]:
 
 
 def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Append records as JSON lines and flush them to disk (a finished batch is never lost).
-
-    A torn last line left by a killed run is cut off first."""
-    if not records:
-        return
-    if path.exists() and path.stat().st_size:
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):
-            with path.open("r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-    with path.open("a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
+    """Append records as JSON lines and flush them to disk (a finished batch is never lost); a torn last line
+    left by a killed run is cut off first."""
+    append_jsonl(path, records)

@@ -30,11 +30,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .bench import known_filter
+from .data.jsonl import append_jsonl, read_jsonl
 from .data.requests import EditRequest
 from .editing.registry import edit, get_method, prepare
 from .editing.target_store import reused_targets
 from .evaluation.counterfact import counterfact_case_metrics
+from .evaluation.known import known_filter
 from .models.lm import LM
 
 METRICS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
@@ -137,31 +138,15 @@ def setting_key(method: str, setting: Mapping[str, Any]) -> str:
     return json.dumps(row, sort_keys=True)
 
 
-def end_cut_line(path: Path) -> None:
-    """End a JSONL file's last line if a kill cut it short, so the next appended row starts a line of its own."""
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb+") as f:
-            f.seek(-1, 2)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-
-
 class CaseLog:
     """Finished tuning cases, one JSON line each (setting key, case id, metrics, edit time), so a killed sweep
-    resumes inside a setting instead of redoing it. A line cut short by a kill is skipped."""
+    resumes inside a setting instead of redoing it. A line cut short by a kill is dropped (`data.jsonl`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.rows: dict[str, dict[Any, dict[str, Any]]] = {}
-        if self.path.is_file():
-            text = self.path.read_text()
-            for line in text.splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.rows.setdefault(row["setting"], {})[row["case_id"]] = row
-            end_cut_line(self.path)
+        for row in read_jsonl(self.path):
+            self.rows.setdefault(row["setting"], {})[row["case_id"]] = row
 
     def done(self, key: str) -> Mapping[Any, dict[str, Any]]:
         return self.rows.get(key, {})
@@ -169,8 +154,7 @@ class CaseLog:
     def add(self, key: str, row: dict[str, Any]) -> None:
         row = {"setting": key, **row}
         self.rows.setdefault(key, {})[row["case_id"]] = row
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, [row], sync=False)
 
 
 def score_setting(lm: LM, requests: Sequence[EditRequest], method: str, setting: Mapping[str, Any],

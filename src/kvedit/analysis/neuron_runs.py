@@ -12,24 +12,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..data.jsonl import jsonl_appender, read_jsonl
 from ..data.requests import EditRequest
 from ..models.lm import LM
 from .neurons import BAG_RATIO, STEPS, THRESHOLD, fact_neurons, suppression_effect
 from .plots import layer_plot
 
 NEURONS_FILE = "neurons.jsonl"
-
-
-def _done(path: Path) -> list[dict[str, Any]]:
-    """Records written so far; a torn last line (an interrupted write) is dropped."""
-    records: list[dict[str, Any]] = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return records
 
 
 def find_neurons(lm: LM, out: str | Path, requests: Sequence[EditRequest], steps: int = STEPS,
@@ -44,10 +33,10 @@ def find_neurons(lm: LM, out: str | Path, requests: Sequence[EditRequest], steps
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{out} holds knowledge neurons found with other settings; choose another --out")
     settings_path.write_text(json.dumps(settings, indent=1) + "\n")
-    records = _done(out / NEURONS_FILE)
+    records = read_jsonl(out / NEURONS_FILE)
     done = {r["case_id"] for r in records}
     todo = [r for r in requests if r.case_id not in done]
-    with (out / NEURONS_FILE).open("a") as f:
+    with jsonl_appender(out / NEURONS_FILE) as write:
         for request in tqdm(todo, desc="knowledge neurons", unit="fact", disable=not progress):
             if request.target_true is None:
                 raise ValueError(f"case {request.case_id}: knowledge neurons need the true object (target_true)")
@@ -56,8 +45,7 @@ def find_neurons(lm: LM, out: str | Path, requests: Sequence[EditRequest], steps
             record = {"case_id": request.case_id, "prompts": prompts, "answer": request.target_true,
                       "neurons": [list(n) for n in fact.neurons], "coarse": [len(c) for c in fact.coarse],
                       "suppression": suppression_effect(lm, fact, seed=len(records))}
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+            write(record)
             records.append(record)
     wanted = {r.case_id for r in requests}
     return [r for r in records if r["case_id"] in wanted]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..data.jsonl import jsonl_appender, read_jsonl
 from ..data.requests import EditRequest
 from ..models.lm import LM
 from .causal_trace import KIND_SITES, SAMPLES, WINDOW, FactTrace, embedding_noise_scale, trace_fact
@@ -73,19 +74,6 @@ def peak(effects: Mapping[str, Any], kind: str, category: str = "last subject to
     return layer, curve[layer]
 
 
-def _read_facts(path: Path) -> list[dict[str, Any]]:
-    """The traced records so far; a torn last line (an interrupted write) is dropped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
-
-
 def trace_facts(lm: LM, out: str | Path, requests: Sequence[EditRequest], n: int, samples: int = SAMPLES,
                 window: int = WINDOW, kinds: Sequence[str] = tuple(KIND_SITES), source: str = "",
                 progress: bool = True) -> list[FactTrace]:
@@ -107,18 +95,16 @@ def trace_facts(lm: LM, out: str | Path, requests: Sequence[EditRequest], n: int
                              "another --out")
     else:
         config_path.write_text(json.dumps(config, indent=1) + "\n")
-    done = _read_facts(out / FACTS_FILE)
+    done = read_jsonl(out / FACTS_FILE)
     facts = [FactTrace.from_dict(r["fact"]) for r in done if r.get("fact")]
     bar = tqdm(total=n, initial=min(len(facts), n), unit="fact", desc="causal tracing", disable=not progress)
-    with (out / FACTS_FILE).open("a") as f:
+    with jsonl_appender(out / FACTS_FILE) as write:
         for index in range(len(done), len(requests)):
             if len(facts) >= n:
                 break
             r = requests[index]
             fact = trace_fact(lm, r.rewrite_prompt, r.subject, nu, r.target_true, kinds, samples, window)
-            f.write(json.dumps({"index": index, "case_id": r.case_id, "fact": fact.to_dict() if fact else None})
-                    + "\n")
-            f.flush()
+            write({"index": index, "case_id": r.case_id, "fact": fact.to_dict() if fact else None})
             if fact is not None:
                 facts.append(fact)
                 bar.update(1)

@@ -292,7 +292,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 def _cmd_neurons(args: argparse.Namespace) -> int:
     from ..analysis.neuron_runs import find_neurons, write_neuron_results
-    from ..bench import known_filter
+    from ..evaluation.known import known_filter
     from ..data.loaders import load_requests
 
     if not Path(args.dataset).is_file():

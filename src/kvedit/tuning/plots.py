@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .tables import METRIC_TITLES, TASK_TITLES, markdown
+from .tables import METRIC_TITLES, TASK_TITLES, markdown, run_dir_name
 
 
 def _pyplot():
@@ -62,7 +62,6 @@ def plot_targets(summary: Mapping[str, Any], path: Path) -> Path:
 
 def plot_losses(folder: Path, summary: Mapping[str, Any], path: Path, smooth: int = 5) -> Path | None:
     """Training loss per optimiser step (moving average over `smooth` steps); None if nothing was trained."""
-    from .runner import run_dir_name
 
     curves = {}
     for name in summary["runs"]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 
+from ..data.jsonl import append_jsonl, read_jsonl
 from ..models.lm import LM
 from .adapters import adapter_metadata, load_adapter, save_adapter
 from .evaluate import predict
 from .instruct import MMLUItem, load_alpaca, load_mmlu, mmlu_predictions
 from .presets import TrainConfig
-from .tables import summarize_tune, write_tables
+from .tables import run_dir_name, summarize_tune, write_tables
 from .targets import (TargetSet, attach_adapter, describe, detach_adapter, parameter_counts, parse_targets)
 from .tasks import TASKS, Example, TaskData, load_task
 from .train import PeakMemory, train_adapter
@@ -103,22 +103,6 @@ def instruct_data(alpaca: str | Path, mmlu: str | Path, n_train: int, n_test: in
                     notes=[f"MMLU: {len(items)} questions over {len({i.subject for i in items})} subjects"])
 
 
-def run_dir_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is redone
-    return out
-
-
 def evaluate_model(lm: LM, data: TuneData, batch_size: int, desc: str) -> list[dict[str, Any]]:
     """Per-example records of the model as it is now (adapter attached or not)."""
     if data.kind == "instruct":
@@ -180,20 +164,18 @@ def run_tune(lm: LM, targets: Sequence[str], data: TuneData, out: str | Path, co
 
 def _finished(path: Path, run: str, expected: int) -> bool:
     """Whether `predictions.jsonl` holds every test record of `run` (re-read: another process may add runs)."""
-    return sum(1 for r in _read_jsonl(path) if r["run"] == run) == expected
+    return sum(1 for r in read_jsonl(path) if r["run"] == run) == expected
 
 
 def _write_predictions(path: Path, run: str, records: list[dict[str, Any]]) -> None:
     """Append the run's records in one write (processes sharing a folder on different target sets do not
     clash); rewrite the file only to drop an earlier partial copy of the same run."""
-    block = "".join(json.dumps({"run": run} | r) + "\n" for r in records)
-    old = _read_jsonl(path)
+    old = read_jsonl(path)
     if any(r["run"] == run for r in old):
         kept = "".join(json.dumps(r) + "\n" for r in old if r["run"] != run)
-        path.write_text(kept + block)
+        path.write_text(kept + "".join(json.dumps({"run": run} | r) + "\n" for r in records))
         return
-    with path.open("a") as f:
-        f.write(block)
+    append_jsonl(path, [{"run": run} | r for r in records], sync=False)
 
 
 def _run_one(lm: LM, target: TargetSet, data: TuneData, out: Path, config: TrainConfig, eval_batch_size: int,

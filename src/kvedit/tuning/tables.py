@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..data.jsonl import read_jsonl
 from ..evaluation.comparison import bootstrap_ci, mean_with_ci, paired_comparison
 from ..evaluation.summary import aligned_markdown
 from .evaluate import accuracy_and_f1
@@ -73,22 +75,21 @@ def compare_pairs(by_run: Mapping[str, Sequence[Mapping[str, Any]]], keys: Seque
     return out
 
 
+def run_dir_name(name: str) -> str:
+    """A target set's folder name under runs/ (characters outside [A-Za-z0-9_.+-] become _)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
 def summarize_tune(folder: str | Path, kind: str) -> dict[str, Any]:
     """The summary of a tune folder from `predictions.jsonl`, `runs/*/train.json` and `config.json`."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     records: dict[str, list[dict[str, Any]]] = {}
-    for line in (folder / "predictions.jsonl").read_text().splitlines() if (folder / "predictions.jsonl").exists() else []:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            break
+    for r in read_jsonl(folder / "predictions.jsonl"):
         records.setdefault(r["run"], []).append(r)
     order = [n for n in config["targets"] if n in records]
     labels = {n: t["labels"] for n, t in config["data"]["tasks"].items()}
     runs: dict[str, Any] = {}
-    from .runner import run_dir_name
-
     for name in order:
         train_path = folder / "runs" / run_dir_name(name) / "train.json"
         train = json.loads(train_path.read_text()) if train_path.exists() else {}
