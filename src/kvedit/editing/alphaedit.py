@@ -37,7 +37,7 @@ from .alphaedit_state import PRECISIONS, AlphaEditHistory, Precision, null_space
 from .context import MEMIT_TEMPLATES, context_templates
 from .delta import EditError
 from .hparams import ClosedFormHyperParams, EditOutcome
-from .memit import (MEMIT_PRESETS, LayerRecord, Target, _has_post_norm, _output_change, _written_remaining,
+from .memit import (MEMIT_PRESETS, LayerRecord, Target, has_post_norm, output_change, written_remaining,
                     spread_fraction, summarize_records)
 from .presets import frozen_presets
 from .stats import key_statistics
@@ -172,9 +172,9 @@ def alphaedit_edit(lm: LM, requests: Sequence[EditRequest], hparams: AlphaEditHy
         measured = site_values(lm, site, requests).to(dev).double()
         target.goal = target.goal.to(dev)
         share = spread_fraction(i, len(layers), "even")
-        if _has_post_norm(lm, target):
-            remaining = _written_remaining(lm, target, measured)
-            assigned = _output_change(lm, layer, target, requests, remaining * share)
+        if has_post_norm(lm, target):
+            remaining = written_remaining(lm, target, measured)
+            assigned = output_change(lm, layer, target, requests, remaining * share)
         else:
             remaining = target.goal.double() - measured
             assigned = remaining * share

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from ..models.cache import cache_dir, write_atomic
 from ..models.lm import LM
-from .stats import _slug, key_statistics
+from .stats import source_slug, key_statistics
 
 Precision = Literal["float32", "float64"]
 PRECISIONS: tuple[str, ...] = ("float32", "float64")
@@ -94,7 +94,7 @@ def projector_from_mom2(mom2: torch.Tensor, threshold: float, precision: Precisi
 
 
 def _projector_path(lm: LM, layer: int, source: str, n_tokens: int, threshold: float, precision: str) -> Path:
-    name = f"P-L{layer}-{_slug(source)}-{n_tokens}-t{threshold!r}-{precision}.safetensors"
+    name = f"P-L{layer}-{source_slug(source)}-{n_tokens}-t{threshold!r}-{precision}.safetensors"
     return cache_dir() / "alphaedit" / lm.base_fingerprint / name
 
 

@@ -116,11 +116,11 @@ class Target:
         return "ffn_out" if self.sublayer == "ffn" else "attn_out"
 
 
-def _has_post_norm(lm: LM, target: Target) -> bool:
+def has_post_norm(lm: LM, target: Target) -> bool:
     return (lm.arch.post_ffn_norm if target.sublayer == "ffn" else lm.arch.post_attn_norm) is not None
 
 
-def _written_remaining(lm: LM, target: Target, measured: torch.Tensor) -> torch.Tensor:
+def written_remaining(lm: LM, target: Target, measured: torch.Tensor) -> torch.Tensor:
     """Goal − measured, in what reaches the residual (goals at the module's own output are passed
     through the post-norm of the layer they were measured at)."""
     if target.measure_site[0] != target.output_site:
@@ -130,7 +130,7 @@ def _written_remaining(lm: LM, target: Target, measured: torch.Tensor) -> torch.
             - written_output(lm, layer, measured, target.sublayer))
 
 
-def _output_change(
+def output_change(
     lm: LM, layer: int, target: Target, requests: Sequence[EditRequest], written_change: torch.Tensor
 ) -> torch.Tensor:
     """`[N, d_out]`: the change of `layer`'s module output that changes its write by `written_change`."""
@@ -163,9 +163,9 @@ def distribute(
             keys = subject_keys(lm, layer, requests, templates, site=target.key_site).to(dev).double()  # [N, d_in]
             measured = site_values(lm, target.measure_site, requests).to(dev).double()
             target.goal = target.goal.to(dev)
-            if _has_post_norm(lm, target):
-                remaining = _written_remaining(lm, target, measured)
-                assigned = _output_change(lm, layer, target, requests,
+            if has_post_norm(lm, target):
+                remaining = written_remaining(lm, target, measured)
+                assigned = output_change(lm, layer, target, requests,
                                           remaining * spread_fraction(i, len(layers), spread))
             else:
                 remaining = target.goal.double() - measured

@@ -110,14 +110,14 @@ def _self_texts(lm: LM, seed: int, block_rows: int = 64, seq_len: int = 256) -> 
         yield from lm.tokenizer.batch_decode([r[m.bool()] for r, m in zip(ids, mask)], skip_special_tokens=True)
 
 
-def _slug(source: str) -> str:
+def source_slug(source: str) -> str:
     tail = Path(source).name if not source.startswith("hf:") and source != "self" else source
     digest = hashlib.sha1(source.encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9._-]+", "_", tail)[:40] + "-" + digest
 
 
 def _cache_path(lm: LM, kind: str, layer: int, source: str, n_tokens: int) -> Path:
-    return cache_dir() / "stats" / lm.base_fingerprint / f"{kind}-L{layer}-{_slug(source)}-{n_tokens}.safetensors"
+    return cache_dir() / "stats" / lm.base_fingerprint / f"{kind}-L{layer}-{source_slug(source)}-{n_tokens}.safetensors"
 
 
 def _cache_meta(lm: LM, kind: str, layer: int, source: str, n_tokens: int) -> dict[str, str]:

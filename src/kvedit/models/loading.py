@@ -78,7 +78,7 @@ def gemma3_folder() -> Path:
             gguf = package.assemble(Path(scratch) / package.MODEL_NAME)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not assemble {GEMMA3_NAME} ({err}); reinstall it with: {GEMMA3_INSTALL}")
-        return _converted_gguf_folder(Path(gguf), folder)
+        return converted_gguf_folder(Path(gguf), folder)
 
 
 def _auto_class(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
@@ -105,7 +105,7 @@ def _is_converted(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
-def _converted_gguf_folder(path: Path, folder: Path | None = None) -> Path:
+def converted_gguf_folder(path: Path, folder: Path | None = None) -> Path:
     """Convert a GGUF file once into a safetensors folder in the cache (default name: the file's stem
     and size) and return the folder."""
     folder = folder or cache_dir() / "models" / f"{path.stem}-{path.stat().st_size}"
@@ -128,7 +128,7 @@ def _converted_gguf_folder(path: Path, folder: Path | None = None) -> Path:
 
 #: short names of packaged models: name -> (display name, the converted folder, made on first use)
 SHORT_NAMES: dict[str, tuple[str, Callable[[], Path]]] = {
-    "smollm2-135m": (BUNDLED_NAME, lambda: _converted_gguf_folder(bundled_gguf_path())),
+    "smollm2-135m": (BUNDLED_NAME, lambda: converted_gguf_folder(bundled_gguf_path())),
     "gemma3-270m": (GEMMA3_NAME, gemma3_folder),
 }
 
@@ -177,7 +177,7 @@ def _resolve_source(name_or_path: str | os.PathLike[str] | None) -> tuple[str, s
         if not path.exists():
             raise ModelLoadError(f"model path {text} does not exist")
         if path.is_file() and path.suffix == ".gguf":
-            return str(_converted_gguf_folder(path)), text, "a local file"
+            return str(converted_gguf_folder(path)), text, "a local file"
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model path {text} is not a model folder (no config.json) nor a .gguf file")
         return str(path), text, "a local folder"
