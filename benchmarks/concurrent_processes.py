@@ -7,8 +7,9 @@ at once, the last worker alone. Variants are interleaved within each repeat (the
 drifts in the machine's load hit them alike. Printed per variant: median step time alone and concurrent, and
 kept = alone / concurrent (the share of its solo speed each process keeps; 0.5 is a fair half of the cores).
 
-Variants: `spin` = libgomp's default wait policy (idle threads poll ~300k times before sleeping), `passive` =
-`kvedit.runtime.configure_threads` (OMP_WAIT_POLICY=PASSIVE); threads 1, 2, or `default` (torch: one per core).
+Variants POLICY/THREADS: `spin` = libgomp's default wait policy (idle threads poll ~300k times before sleeping),
+`passive` = `kvedit.runtime.configure_threads` (OMP_WAIT_POLICY=PASSIVE), `spinN` = GOMP_SPINCOUNT=N (a shorter
+spin, e.g. spin10k); threads 1, 2, or `default` (torch: one per core).
 
 Usage: python benchmarks/concurrent_processes.py [--seconds 10] [--repeats 2] [--procs 2]
            [--variants spin/default,passive/default,spin/1,passive/1] [--model smollm2-135m] [--batch 1]
@@ -38,9 +39,11 @@ def worker(policy: str, threads: str, model: str | None, batch: int) -> None:
         from kvedit.runtime import configure_threads
 
         configure_threads(None if threads == "default" else int(threads))
+    elif policy != "spin":
+        os.environ["GOMP_SPINCOUNT"] = policy.removeprefix("spin")
     import torch
 
-    if policy == "spin" and threads != "default":
+    if policy != "passive" and threads != "default":
         torch.set_num_threads(int(threads))
     from kvedit import load_model
     from kvedit.data.demo_facts import demo_requests
