@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from .batch_runner import BatchRunner, RunSpec
 from .data.requests import EditRequest
 from .evaluation.summary import SUITES
+from .extras import RAY_INSTALL
 from .models.cache import cache_dir, write_atomic
 from .models.lm import LM
 
-RAY_INSTALL = "pip install 'kvedit[ray]'"
 
 #: a batch of work: the run, the batch's index in the run, its cases
 Task = tuple[RunSpec, int, list[EditRequest]]
