@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,8 @@ from kvedit.evaluation.portability import (
     relation_locality,
     summarize_portability,
 )
-from tiny_models import tiny_lm
+from kvedit.models import LM
+from tiny_models import LLAMA_SIZES, SPECIALS, WORDS, tiny_lm
 
 EDITING = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "editing"
 SHARED = {
@@ -50,6 +53,25 @@ def shared_file(fmt: str) -> Path:
             pytest.fail(f"{path} is missing; CI needs ../shared/data (see shared/data/README.md)")
         pytest.skip(f"{path} is missing (the shared data sets are not checked out next to the project)")
     return path
+
+
+def tiny_qa_lm(texts: Sequence[str] = (), seed: int = 0) -> LM:
+    """The tiny Llama with a word-level vocabulary of `WORDS`, "q", ":", "?" and every word of `texts`, so
+    questions, ``Q: … A:`` prompts and real records' answers hold no [UNK] (the scorer drops trailing special
+    tokens; a real tokenizer has no unknown words)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    words = dict.fromkeys([*WORDS, "q", ":", "?", *(w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t.lower()))])
+    vocab = {t: i for i, t in enumerate(SPECIALS + [w for w in words if w not in SPECIALS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                                  bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(**LLAMA_SIZES, vocab_size=len(vocab), pad_token_id=0, bos_token_id=5, eos_token_id=6)
+    return LM.wrap(AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok, name="tiny-qa-llama")
 
 
 def _write(path: Path, records: list) -> Path:
@@ -270,7 +292,8 @@ def test_real_records_load_and_score(fmt: str) -> None:
         assert (first.request.subject, first.request.target_new, first.request.target_true) == (
             "Epaspidoceras", "Noctuidae", "Aspidoceratidae")
         assert [p.kind for p in first.portability] == ["reasoning"] and len(first.locality) == 2
-    lm = tiny_lm("llama")
+    lm = tiny_qa_lm([t for c in cases for p in (*c.portability, *c.locality) for t in (p.prompt, p.answer)])
+    assert lm.tokenizer.unk_token_id not in lm.tokenizer(first.portability[0].prompt)["input_ids"]
     got = portability_case_metrics(lm, cases)
     for case, metrics in zip(cases, got):
         values = [_hand_accuracy(lm, p.prompt, p.answer)[0] for p in case.portability]
