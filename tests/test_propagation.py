@@ -170,6 +170,10 @@ def test_loader_errors_name_record_and_field(tmp_path: Path) -> None:
     no_question = json.loads(json.dumps(CF_RECORD)) | {"portability": {"New Answer": "italy"}}
     with pytest.raises(DatasetError, match=r"record 0 \(case_id 7\): missing key 'portability\.New Question'"):
         load_counterfact_portability(_write(tmp_path / "cf.json", [no_question]))
+    no_truth = json.loads(json.dumps(CF_RECORD))
+    del no_truth["requested_rewrite"]["target_true"]["str"]  # the request part is read by load_counterfact
+    with pytest.raises(DatasetError, match=r"record 0 \(case_id 7\): missing key 'requested_rewrite\.target_true\.str'"):
+        load_counterfact_portability(_write(tmp_path / "cf2.json", [no_truth]))
     with pytest.raises(DatasetError, match="cannot tell the propagation format"):
         load_propagation(_write(tmp_path / "x.json", [{"a": 1}]))
     with pytest.raises(DatasetError, match="unknown format 'cf'"):

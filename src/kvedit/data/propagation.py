@@ -17,27 +17,18 @@ Four formats, each read from any path (the official files or copies of them):
 
 The first three give `PortabilityCase`s (one `EditRequest` and its probes), MQuAKE gives `MquakeCase`s (all of a
 case's edits, applied together). Problems raise `DatasetError` naming the file, the record index (and case_id)
-and the field, as `data/loaders.py` does; its file reader and field helpers are reused.
+and the field, as `data/loaders.py` does; CounterFact's requests come from its `load_counterfact`.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .loaders import (
-    DatasetError,
-    PathLike,
-    _from_counterfact,
-    _from_zsre,
-    _get,
-    _get_strs,
-    _read_records,
-    _RecordProblem,
-    _template,
-)
+from .loaders import DatasetError, PathLike, load_counterfact
 from .requests import EditRequest, RequestError
 
 __all__ = [
@@ -128,6 +119,73 @@ class MquakeCase:
     new_single_hops: tuple[Hop, ...]
 
 
+# ---------------------------------------------------------------- reading and field helpers
+
+
+class _RecordProblem(Exception):
+    """Raised inside a record converter; the caller adds file / record context."""
+
+
+def _read_records(path: Path, limit: int | None) -> list[Any]:
+    """The records of a JSON list or JSON Lines file (the first `limit`)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file; expected a dataset as a JSON list or JSON Lines")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read the file as UTF-8 text ({e})") from e
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return records[:limit] if limit is not None else records
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if limit is not None and len(records) >= limit:
+            break
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path} record {len(records)} (line {lineno}): invalid JSON: {e.msg}; expected "
+                                   "a JSON list of records or JSON Lines") from None
+    return records
+
+
+def _get(record: Mapping[str, Any], dotted: str, kind: type | tuple[type, ...] = str) -> Any:
+    """`record["a"]["b"]` for ``dotted="a.b"``, checked to be of type `kind`."""
+    value: Any = record
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(value, dict):
+            raise _RecordProblem(f"key {'.'.join(parts[:depth])!r} should be an object, got {type(value).__name__}")
+        if part not in value:
+            raise _RecordProblem(f"missing key {'.'.join(parts[: depth + 1])!r}")
+        value = value[part]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise _RecordProblem(f"key {dotted!r} should be {names}, got {type(value).__name__} {value!r:.80}")
+    return value
+
+
+def _get_strs(record: Mapping[str, Any], dotted: str) -> tuple[str, ...]:
+    value = _get(record, dotted, list)
+    for j, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _RecordProblem(f"key '{dotted}[{j}]' should be str, got {type(item).__name__}")
+    return tuple(value)
+
+
+def _template(text: str, subject: str, field: str) -> str:
+    """`text` with its first `subject` replaced by ``{}``; a `RequestError` (skippable) when it lacks it."""
+    if not subject.strip():
+        raise _RecordProblem("key 'subject' is empty; expected the entity to edit")
+    if subject not in text:  # locate-then-edit methods need the subject's tokens in the prompt
+        raise RequestError(f"subject {subject!r} does not occur in {field} {text!r}")
+    return text.replace(subject, "{}", 1)
+
+
 # ---------------------------------------------------------------- record converters
 
 
@@ -140,11 +198,9 @@ def _one_hop(record: Mapping[str, Any]) -> tuple[tuple[Probe, ...], str | None]:
     return (Probe("one_hop", question, (answer,)),), relation if isinstance(relation, str) else None
 
 
-def _from_counterfact_portability(record: Mapping[str, Any], index: int) -> PortabilityCase:
+def _from_counterfact_portability(record: Mapping[str, Any], index: int, request: EditRequest) -> PortabilityCase:
     probes, relation = _one_hop(record)
-    request = _from_counterfact(record, index)
-    assert request.target_true is not None
-    return PortabilityCase(request, probes, true_answers=(request.target_true,), recalled_relation=relation)
+    return PortabilityCase(request, probes, true_answers=(request.target_true or "",), recalled_relation=relation)
 
 
 def _from_zsre_portability(record: Mapping[str, Any], index: int) -> PortabilityCase:
@@ -152,10 +208,17 @@ def _from_zsre_portability(record: Mapping[str, Any], index: int) -> Portability
     alt = _get(record, "alt")
     if not alt.strip():
         raise _RecordProblem("key 'alt' is empty; expected the new answer the edit writes")
-    request = _from_zsre(record, index)  # answers[0] as target_new: MEMIT's convention, replaced below
-    truth = request.target_new
-    request = replace(request, target_new=alt, target_true=None if truth.strip() == alt.strip() else truth)
-    return PortabilityCase(request, probes, true_answers=_get_strs(record, "answers"), recalled_relation=relation)
+    subject, answers = _get(record, "subject"), _get_strs(record, "answers")
+    if not answers:
+        raise _RecordProblem("key 'answers' is empty; expected the true answer(s)")
+    # EasyEdit's zsRE edit (target_new = alt, ground truth = answers[0]); neighborhood as kvedit's zsRE loader
+    request = EditRequest(
+        prompt=_template(_get(record, "src"), subject, "src"), subject=subject, target_new=alt,
+        target_true=None if answers[0].strip() == alt.strip() else answers[0],
+        paraphrase_prompts=(_get(record, "rephrase"),), neighborhood_prompts=(_get(record, "loc") + "?",),
+        neighborhood_target=_get(record, "loc_ans"), case_id=index,
+    )
+    return PortabilityCase(request, probes, true_answers=answers, recalled_relation=relation)
 
 
 def _probe_list(record: Mapping[str, Any], dotted: str, kind: str) -> tuple[Probe, ...]:
@@ -196,8 +259,6 @@ def _from_knowedit(record: Mapping[str, Any], index: int) -> PortabilityCase:
     locality = record.get("locality") or {}
     relation = _probe_list(record, "locality.Relation_Specificity", "relation_specificity") \
         if "Relation_Specificity" in locality else ()
-    if subject not in prompt:  # locate-then-edit methods need the subject's tokens in the prompt
-        raise RequestError(f"subject {subject!r} does not occur in prompt {prompt!r}")
     request = EditRequest(
         prompt=_template(prompt, subject, "prompt"),
         subject=subject,
@@ -268,8 +329,8 @@ def _from_mquake(record: Mapping[str, Any], index: int) -> MquakeCase:
     )
 
 
-_CONVERTERS: Mapping[str, Callable[[Mapping[str, Any], int], Any]] = {
-    "counterfact-portability": _from_counterfact_portability,
+_CONVERTERS: Mapping[str, Callable[[Mapping[str, Any], int], Any] | None] = {
+    "counterfact-portability": None,  # needs the record's EditRequest from `load_counterfact`, see `_convert`
     "zsre-portability": _from_zsre_portability,
     "knowedit": _from_knowedit,
     "mquake": _from_mquake,
@@ -280,7 +341,12 @@ _CONVERTERS: Mapping[str, Callable[[Mapping[str, Any], int], Any]] = {
 
 
 def _convert(path: Path, records: Sequence[Any], fmt: str, skip_invalid: bool) -> list[Any]:
-    """Each record through its converter; problems become `DatasetError`s naming the record."""
+    """Each record through its converter; problems become `DatasetError`s naming the record. CounterFact
+    records get their `EditRequest` from `load_counterfact` (which names a bad record itself and, with
+    `skip_invalid`, warns about the records it leaves out; their cases are left out too)."""
+    requests: dict[Any, EditRequest] = {}
+    if fmt == "counterfact-portability":
+        requests = {r.case_id: r for r in load_counterfact(path, len(records), skip_invalid=skip_invalid)}
     cases: list[Any] = []
     skipped: list[int] = []
     seen: dict[Any, int] = {}
@@ -291,7 +357,14 @@ def _convert(path: Path, records: Sequence[Any], fmt: str, skip_invalid: bool) -
         try:
             if not isinstance(record, dict):
                 raise _RecordProblem(f"expected a JSON object, got {type(record).__name__}")
-            case = _CONVERTERS[fmt](record, index)
+            convert = _CONVERTERS[fmt]
+            if convert is None:
+                request = requests.get(_get(record, "case_id", (int, str)))
+                if request is None:  # load_counterfact skipped it (and said so)
+                    continue
+                case = _from_counterfact_portability(record, index, request)
+            else:
+                case = convert(record, index)
             if case.case_id in seen:
                 raise _RecordProblem(f"case_id {case.case_id!r} was already used by record {seen[case.case_id]}; "
                                      "every case needs its own id")
