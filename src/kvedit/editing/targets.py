@@ -139,7 +139,9 @@ def _request_rows(lm: LM, request: EditRequest, contexts: Sequence[str]) -> _Req
 class _Group:
     """The rows of several requests as one `SplitBatch`, with the index maps the loss needs."""
 
-    def __init__(self, lm: LM, items: Sequence[_RequestRows], owners: Sequence[int], start: int) -> None:
+    def __init__(self, lm: LM, items: Sequence[_RequestRows], owners: Sequence[int], start: int,
+                 batch: SplitBatch | None = None) -> None:
+        """`batch`: these rows' `SplitBatch` taken from a larger group (`kept`), else it is computed."""
         self.owners = list(owners)  # request index per item
         input_ids, lookups, self.row_owner, self.kl_rows, self.first_rows = [], [], [], [], []
         ctx_rows, rel_pos, tgt = [], [], []
@@ -156,7 +158,7 @@ class _Group:
             input_ids.append(item.input_ids[-1])
             lookups.append(item.lookups[-1])
             self.row_owner.append(k)
-        self.batch = SplitBatch(lm, input_ids, lookups, start)
+        self.batch = batch if batch is not None else SplitBatch(lm, input_ids, lookups, start)
         width = max(len(t) for t in tgt)
         device = lm.output_device  # the loss is computed where the logits are
         self.ctx_rows = torch.tensor(ctx_rows, device=device)
@@ -166,6 +168,17 @@ class _Group:
         self.target_mask = torch.tensor([[1.0] * len(t) + [0.0] * (width - len(t)) for t in tgt], device=device)
         self.kl_index = torch.tensor(self.kl_rows, device=device)
         self.at_lookup = torch.zeros(len(input_ids), dtype=torch.long)
+
+    def kept(self, lm: LM, items: Sequence[_RequestRows], keep: Sequence[int]) -> "_Group":
+        """The group of items `keep` (positions in this group) only; its batch is sliced from this one's."""
+        chosen = set(keep)
+        rows = [r for r, k in enumerate(self.row_owner) if k in chosen]
+        try:
+            batch = self.batch.select(rows)
+        except NotImplementedError:
+            batch = None
+        return _Group(lm, [items[self.owners[k]] for k in keep], [self.owners[k] for k in keep], self.batch.start,
+                      batch)
 
 
 def optimize_targets(
@@ -249,8 +262,8 @@ def _optimize_group(
     start = min(lm.check_layer(layer) for _, layer in sites)  # nothing below this layer changes
     group = _Group(lm, [items[i] for i in active], active, start)
     for step in range(opts.steps):
-        if len(active) < len(group.owners):  # finished requests leave the batch
-            group = _Group(lm, [items[i] for i in active], active, start)
+        if len(active) < len(group.owners):  # finished requests leave the batch (its rows are sliced out)
+            group = group.kept(lm, items, [group.owners.index(i) for i in active])
         n = len(active)
         additions = {
             s: Addition(torch.stack([deltas[(active[k], s)] for k in group.row_owner]), group.at_lookup)

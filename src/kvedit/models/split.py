@@ -88,6 +88,26 @@ class SplitBatch:
             if self.start:
                 self._store_entry()
 
+    def select(self, rows: Sequence[int]) -> "SplitBatch":
+        """The same batch with only `rows` (indices into this one's rows), sharing the computed prefix cache and
+        layer input: no forward pass. Padding widths stay (the extra columns are masked)."""
+        cache_layers = getattr(self.cache, "layers", None)
+        if self.cache is not None and cache_layers is None:  # a cache this code cannot slice: compute it again
+            raise NotImplementedError("this transformers' KV cache has no per-layer batch selection")
+        index = torch.tensor(list(rows), dtype=torch.long)
+        new = copy.copy(self)
+        new.lookups = [self.lookups[r] for r in rows]
+        for name in ("prefix", "prefix_mask", "suffix", "suffix_mask", "suffix_positions"):
+            setattr(new, name, getattr(self, name)[index])
+        if self.cache is not None:
+            new.cache = copy.copy(self.cache)
+            new.cache.layers = [copy.copy(layer) for layer in cache_layers]
+            for layer in new.cache.layers:
+                layer.batch_select_indices(index.to(self.lm.device))
+        if self.entry is not None:
+            new.entry = self.entry[index.to(self.entry.device)]
+        return new
+
     def _store_entry(self) -> None:
         """Run the suffix through the layers below `start` once; keep layer `start`'s input."""
         below = self.lm.module(f"{self.lm.arch.layers}.{self.start - 1}")
