@@ -182,6 +182,28 @@ def test_mining_a_layer_on_the_fly(app, corpus):
     assert all(e["trigger"] for e in view["triggers"]) and "mined here" in view["triggers_origin"]
 
 
+def test_a_facts_knowledge_neurons_are_found_as_a_job_with_their_memories(app):
+    from kvedit.analysis.neurons import fact_neurons
+
+    client, session = app
+    prompts = [PROMPT, "the eiffel tower lies in the city of"]
+    done = run_job(client, session, client.post("/api/neurons", json={"prompts": prompts, "answer": "paris",
+                                                                       "steps": 3}))
+    want = fact_neurons(session.lm, prompts, "paris", 3)
+    got = done["result"]["neurons"]
+    assert [(n["layer"], n["key"]) for n in got] == [(l, i) for l, i, _ in want.neurons] and got
+    assert [n["attribution"] for n in got] == pytest.approx([a for _, _, a in want.neurons])
+    assert set(done["result"]["suppression"]) == {"knowledge", "random"}
+    first = got[0]  # each links to its memory view
+    assert client.post("/api/memory", json={"layer": first["layer"], "key": first["key"]}).status_code == 200
+    for body, message in [({"prompts": [], "answer": "paris"}, "at least one prompt"),
+                          ({"prompts": [PROMPT], "answer": " "}, "answer is empty"),
+                          ({"prompts": [PROMPT], "answer": "paris", "steps": 0}, "steps must be"),
+                          ({"prompts": [PROMPT] * 21, "answer": "paris"}, "at most 20")]:
+        r = client.post("/api/neurons", json=body)
+        assert r.status_code == 400 and message in r.json()["error"], r.json()
+
+
 def test_given_triggers_are_checked_against_the_model(corpus):
     lm = tiny_lm("llama")
     other = mine_triggers(tiny_lm("llama", seed=1), corpus, layers=[0], k=3, max_tokens=200, progress=False)

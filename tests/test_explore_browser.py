@@ -135,6 +135,22 @@ def test_prompt_memory_edit_revert_in_a_browser(served, browser, tmp_path):
     browser.execute_script("window.scrollTo(0, 0)")
     shot("prompt")
 
+    # the answer's knowledge neurons, each a link to its memory
+    find("#kn-answer").send_keys("Paris")
+    steps = find("#kn-steps")
+    steps.clear()
+    steps.send_keys("2")
+    find("#kn-run").click()
+    wait(300).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#kn-chips .chip") or "No memory" in find("#kn-result").text)
+    chips = browser.find_elements(By.CSS_SELECTOR, "#kn-chips .chip")
+    assert chips, find("#kn-result").text
+    browser.execute_script("document.getElementById('kn-card').scrollIntoView()")
+    shot("neurons")
+    layer, key = chips[0].get_attribute("data-key").split(":")
+    chips[0].click()
+    wait().until(lambda d: find("#mem-title").text.startswith(f"Memory {layer}:{key}"))
+    find('#tabs button[data-tab="prompt"]').click()
+
     # memory view: the top memory of layer 20, then mine its layer on the fly
     find('#layers tbody tr[data-layer="20"] .chip').click()
     wait().until(EC.visibility_of_element_located((By.ID, "memory-result")))

@@ -113,6 +113,7 @@ ENDPOINTS = {
     "memory": ("POST", "/api/memory", {"json": {"layer": 1, "key": 3, "prompt": PROMPT}}),
     "intervene": ("POST", "/api/intervene", {"json": {"prompt": PROMPT, "interventions": [{"layer": 1, "key": 3}]}}),
     "mine": ("POST", "/api/mine", {"json": {"layer": 1, "tokens": 100}}),
+    "neurons": ("POST", "/api/neurons", {"json": {"prompts": [PROMPT], "answer": "paris", "steps": 2}}),
     "edit": ("POST", "/api/edits", {"json": EDIT}),
     "revert": ("POST", "/api/edits/{edit}/revert", {"json": {}}),
     "patch": ("POST", "/api/patches", {"content": "{patch}", "headers": {"Content-Type": "text/plain"}}),

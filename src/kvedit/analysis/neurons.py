@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ..models.lm import LM
 from ..models.split import replayed_layers
@@ -55,9 +56,10 @@ def _answer_token(lm: LM, answer: str) -> int:
 
 
 def attributions(lm: LM, prompt: str, answer: str, steps: int = STEPS,
-                 layers: Sequence[int] | None = None) -> torch.Tensor:
+                 layers: Sequence[int] | None = None, on_layer: Callable[[], None] | None = None) -> torch.Tensor:
     """Integrated-gradient attributions `[layers, d_ff]` (float32) of P(answer's first token) to every memory
-    coefficient at the prompt's last token; rows follow `layers` (default: all)."""
+    coefficient at the prompt's last token; rows follow `layers` (default: all). `on_layer` is called after each
+    layer (progress)."""
     if lm.arch.objective != "causal":
         raise ValueError(f"knowledge neurons are read at the last token of a causal LM; {lm.arch.family} is masked")
     if steps < 1:
@@ -87,6 +89,8 @@ def attributions(lm: LM, prompt: str, answer: str, steps: int = STEPS,
             p = lm.unembed(hidden).float().softmax(-1)[:, target]
             (grad,) = torch.autograd.grad(p.sum(), scaled)
         result.append((coefficients.float() * grad.float().sum(0) / steps).detach().cpu())
+        if on_layer is not None:
+            on_layer()
     return torch.stack(result)
 
 
@@ -111,17 +115,20 @@ def coarse_neurons(scores: torch.Tensor, layers: Sequence[int], threshold: float
 
 
 def fact_neurons(lm: LM, prompts: Sequence[str], answer: str, steps: int = STEPS, threshold: float = THRESHOLD,
-                 bag_ratio: float = BAG_RATIO) -> FactNeurons:
-    """The knowledge neurons of one fact asked by several `prompts` (see the module's rule)."""
+                 bag_ratio: float = BAG_RATIO, progress: bool = False) -> FactNeurons:
+    """The knowledge neurons of one fact asked by several `prompts` (see the module's rule); `progress` shows a bar
+    over prompts × layers."""
     if not prompts:
         raise ValueError("a fact needs at least one prompt")
     layers = list(range(lm.num_layers))
     total: torch.Tensor | None = None
     coarse: list[list[Neuron]] = []
+    bar = tqdm(total=len(prompts) * len(layers), desc="knowledge neurons", unit="layer", disable=not progress)
     for prompt in prompts:
-        scores = attributions(lm, prompt, answer, steps, layers)
+        scores = attributions(lm, prompt, answer, steps, layers, on_layer=lambda: bar.update(1))
         total = scores if total is None else total + scores
         coarse.append(coarse_neurons(scores, layers, threshold))
+    bar.close()
     assert total is not None
     needed = max(bag_ratio * len(prompts), min(MIN_PROMPTS, len(prompts)))
     counts = Counter(n for found in coarse for n in set(found))

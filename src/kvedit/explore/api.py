@@ -75,6 +75,12 @@ class EditBody(BaseModel):
     max_steps: int | None = Field(None, description="step limit (default: the method's preset)")
 
 
+class NeuronsBody(BaseModel):
+    prompts: list[str] = Field(description="prompts that ask for the answer (the fact's phrasings)")
+    answer: str
+    steps: int = Field(20, description="integration steps (the paper's 20)")
+
+
 class RevertBody(BaseModel):
     cascade: bool = Field(False, description="also revert the newer edits that changed the same weights")
 
@@ -184,6 +190,12 @@ def create_app(session: ExploreSession, allowed_hosts: list[str] | None = None,
                         tuple(p for p in body.paraphrases if p.strip()), tuple(p for p in body.neighbours if p.strip()),
                         body.method, tuple(body.layers) if body.layers else None, body.lr, body.max_steps)
         return JSONResponse(jsonable(session.start_edit(form).to_dict()), status_code=202)
+
+    @app.post("/api/neurons", status_code=202)
+    def neurons(body: NeuronsBody) -> JSONResponse:
+        prompts = [p for p in body.prompts if p.strip()]
+        return JSONResponse(jsonable(session.start_neurons(prompts, body.answer, body.steps).to_dict()),
+                            status_code=202)
 
     @app.get("/api/edits")
     def edits() -> JSONResponse:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.inspect import Intervention
+from ..analysis.neurons import fact_neurons, suppression_effect
 from ..analysis.patch_view import patch_report
 from ..analysis.triggers import TriggerSet, check_for_model, mine_triggers
 from ..analysis.vocab import token_strings
@@ -181,12 +182,38 @@ class ExploreSession:
 
         return self.jobs.submit("mine", f"mining layer {layer}", work)
 
+    # ---- knowledge neurons ------------------------------------------------------------------------
+    def start_neurons(self, prompts: Sequence[str], answer: str, steps: int = 20) -> Job:
+        """Find the knowledge neurons of `answer` asked by `prompts` (Dai et al.; `analysis.neurons`) in the
+        background; each neuron comes with its memory's place so the page can link to it."""
+        limits = self.settings.limits
+        if not prompts:
+            raise RequestError("give at least one prompt that asks for the answer")
+        limits.count(prompts, "prompts", limits.prompts)
+        for i, text in enumerate(prompts, 1):
+            limits.text(self.lm, text, f"prompt {i}")
+        limits.text(self.lm, answer, "answer")
+        if not answer.strip():
+            raise RequestError("the answer is empty")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limits.max_steps:
+            raise RequestError(f"steps must be a whole number from 1 to {limits.max_steps}, got {steps!r}")
+
+        def work(job: Job) -> dict[str, Any]:
+            job.set_phase(f"integrated gradients over {len(prompts)} prompt(s) × {self.lm.num_layers} layers")
+            fact = fact_neurons(self.lm, list(prompts), answer, steps, progress=True)
+            effect = suppression_effect(self.lm, fact) if fact.neurons else None
+            return {"prompts": list(prompts), "answer": answer, "steps": steps,
+                    "neurons": [{"layer": l, "key": i, "attribution": a} for l, i, a in fact.neurons],
+                    "coarse": [len(c) for c in fact.coarse], "suppression": effect}
+
+        return self.jobs.submit("neurons", f"knowledge neurons of {answer!r}", work)
+
     # ---- editing ---------------------------------------------------------------------------------
     def _overrides(self, form: EditForm) -> dict[str, Any]:
-        closed_form = not form.method.startswith("ft-")
+        reads_statistics = METHODS[form.method].uses_statistics if form.method in METHODS else False
         return dict(layers=form.layers, lr=form.lr, max_steps=form.max_steps,
-                    stats_source=self.settings.stats_source if closed_form else None,
-                    stats_tokens=self.settings.stats_tokens if closed_form else None)
+                    stats_source=self.settings.stats_source if reads_statistics else None,
+                    stats_tokens=self.settings.stats_tokens if reads_statistics else None)
 
     def start_edit(self, form: EditForm) -> Job:
         """Check the form (bad input raises here and changes nothing), then edit in the background:

@@ -388,6 +388,7 @@ window.addEventListener("DOMContentLoaded", async () => {
   $("edit-form").addEventListener("submit", runEdit);
   $("patch-load").addEventListener("click", loadPatch);
   $("job-cancel").addEventListener("click", cancelJob);
+  $("kn-form").addEventListener("submit", findNeurons);
   try { fillMethods(await refreshInfo()); } catch (err) { showMessage(`cannot reach the server: ${err.message}`); }
   $("prompt").focus();
 });
