@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_propagation import SHARED, _hand_nll, shared_file, tiny_qa_lm
+from tiny_models import tiny_lm
 
 from kvedit.data import EditRequest
 from kvedit.data.propagation import MquakeCase, load_mquake
@@ -18,8 +20,6 @@ from kvedit.evaluation.multihop import (
     question_prompt,
     summarize_multihop,
 )
-from test_propagation import SHARED, _hand_nll, shared_file, tiny_qa_lm
-from tiny_models import tiny_lm
 
 FEWSHOT = "paris is the capital of france and rome is the capital of italy "
 MAX_NEW = 3

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import LLAMA_SIZES, SPECIALS, WORDS, tiny_lm
 
 from kvedit.data import DatasetError, EditRequest
 from kvedit.data.propagation import (
@@ -34,7 +35,6 @@ from kvedit.evaluation.portability import (
     summarize_portability,
 )
 from kvedit.models import LM
-from tiny_models import LLAMA_SIZES, SPECIALS, WORDS, tiny_lm
 
 EDITING = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "editing"
 SHARED = {

@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from .loaders import DatasetError, PathLike, load_counterfact
 from .requests import EditRequest, RequestError
 
 __all__ = [
-    "PROPAGATION_FORMATS",
     "PORTABILITY_KINDS",
+    "PROPAGATION_FORMATS",
     "Hop",
     "MquakeCase",
     "PortabilityCase",

@@ -93,7 +93,7 @@ def greedy_continuations(lm: LM, prompts: Sequence[str], max_new_tokens: int = 1
         ids = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         width = enc["input_ids"].shape[1]
-        out += [tok.decode(row[width:], skip_special_tokens=True) for row in ids]
+        out += [str(tok.decode(row[width:], skip_special_tokens=True)) for row in ids]
     return out
 
 

@@ -63,12 +63,12 @@ def portability_case_metrics(lm: LM, cases: Sequence[PortabilityCase], batch_siz
         per_kind[i].setdefault(kind, []).append(value)
         if kind == LOCALITY_KIND:
             out[i].setdefault("relation_specificity_argmax", []).append(ids)
-    for case, kinds in zip(out, per_kind):
+    for record, kinds in zip(out, per_kind):
         portable = [v for kind, values in kinds.items() if kind != LOCALITY_KIND for v in values]
         if portable:
-            case["portability_accuracy"] = sum(portable) / len(portable)
+            record["portability_accuracy"] = sum(portable) / len(portable)
         for kind, values in kinds.items():
-            case[f"{kind}_accuracy"] = sum(values) / len(values)
+            record[f"{kind}_accuracy"] = sum(values) / len(values)
     return out
 
 
