@@ -12,7 +12,8 @@ import argparse
 from pathlib import Path
 
 from kvedit import load_model
-from kvedit.bench import Bench, BenchConfig
+from kvedit.bench.config import BenchConfig
+from kvedit.bench.harness import Bench
 from kvedit.data.demo_facts import demo_facts_path
 
 

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from kvedit import load_model
-from kvedit.bench import Bench, BenchConfig
-from kvedit.distributed import RaySettings
+from kvedit.bench.config import BenchConfig
+from kvedit.bench.harness import Bench
+from kvedit.bench.ray import RaySettings
 
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "editing" / "counterfact" / "counterfact-edit-1k.json"
 

@@ -1,4 +1,4 @@
-"""Choose every editor's preset alike on a tuning split of known CounterFact cases (kvedit.selection).
+"""Choose every editor's preset alike on a tuning split of known CounterFact cases (kvedit.bench.selection).
 
 Writes to --out: split.json (the case ids of the tuning and report splits), grid.jsonl (one line per method and
 setting, appended as each finishes), cases.jsonl (one line per finished tuning case and setting: a
@@ -24,7 +24,7 @@ from pathlib import Path
 from kvedit import load_model
 from kvedit.data.loaders import load_requests
 from kvedit.data.jsonl import cut_torn_tail
-from kvedit.selection import (CaseLog, best_setting, default_grid, known_split, select,
+from kvedit.bench.selection import (CaseLog, best_setting, default_grid, known_split, select,
                              setting_key, sweep_table)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -16,14 +16,16 @@ from types import MappingProxyType
 import pytest
 import torch
 
-import kvedit.batch_runner as batch_runner_module
-from kvedit.bench import Bench, BenchConfig, BenchError, known_filter, load_cases_file
-from kvedit.bench_folder import LOCK_FILE, FolderInUseError, check_bench_folder, lock_bench_folder
+import kvedit.bench.runner as batch_runner_module
+from kvedit.bench.config import BenchConfig
+from kvedit.bench.folder import LOCK_FILE, BenchError, FolderInUseError, check_bench_folder, load_cases_file, lock_bench_folder
+from kvedit.bench.harness import Bench
+from kvedit.evaluation.known import known_filter
 from kvedit.cli import main
 from kvedit.data.download import download, resolve_dataset
 from kvedit.data.loaders import DatasetError, load_requests
 from kvedit.evaluation import target_nll
-from kvedit.report import write_report
+from kvedit.reports.bench_report import write_report
 
 FACTS = [
     ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
@@ -209,7 +211,7 @@ def test_known_filter_compares_true_and_new(tiny_llama, dataset, tmp_path):
 
 
 def test_skip_leaves_out_the_first_known_cases(tiny_llama, dataset, tmp_path, capsys, tiny_folder, monkeypatch):
-    import kvedit.bench as bench_module
+    import kvedit.bench.harness as bench_module
 
     requests = load_requests(dataset)
     flags = [i % 2 == 0 for i in range(len(requests))]  # a random tiny model knows nothing: say which it knows
@@ -452,7 +454,7 @@ def test_cli_bench_suite_flag(capsys, tiny_folder, tmp_path):
 # ---------------------------------------------------------------------------------------------- one process per folder
 
 CLI = "import sys; from kvedit.cli import main; sys.exit(main())"
-HOLD = ("import sys, time; from kvedit.bench_folder import lock_bench_folder; lock_bench_folder(sys.argv[1]); "
+HOLD = ("import sys, time; from kvedit.bench.folder import lock_bench_folder; lock_bench_folder(sys.argv[1]); "
         "print('locked', flush=True); time.sleep(float(sys.argv[2]))")
 
 

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from kvedit.bench import Bench, BenchConfig
+from kvedit.bench.config import BenchConfig
+from kvedit.bench.harness import Bench
 from kvedit.cli import main
-from kvedit.compare import parse_pairs
+from kvedit.reports.compare import parse_pairs
 from tiny_models import tiny_lm
 
 FACTS = [("{} is located in the city of", "the eiffel tower", "rome", "paris"),
@@ -66,7 +67,7 @@ def test_compare_refuses_what_it_cannot_read(two_folders, tmp_path, capsys):
 
 
 def test_a_pair_stored_the_other_way_round_is_turned_round(tmp_path):
-    from kvedit.compare import write_comparison
+    from kvedit.reports.compare import write_comparison
 
     stored = {"a": "memit", "b": "pmet", "metric": "paraphrase_success", "mean_difference": 9.5,
               "ci": [5.0, 14.0], "sign_test_p": 7e-5, "wins": 21, "losses": 2, "ties": 177, "count": 200}
@@ -101,7 +102,7 @@ def test_compare_lists_every_runs_scores_side_by_side(two_folders, tmp_path):
 
 
 def test_a_run_short_of_its_folders_cases_says_so():
-    from kvedit.compare import _run_cell
+    from kvedit.reports.compare import _run_cell
     run = {"Efficacy": 96.0, "Paraphrase": 84.5, "Specificity": None, "Score": 88.25, "n": 55}
     assert _run_cell(run, 200) == "96.0 / 84.5 / – (88.2, 55 of 200 cases)"
     assert _run_cell({**run, "n": 200}, 200) == "96.0 / 84.5 / – (88.2)"

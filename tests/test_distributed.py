@@ -9,12 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvedit.bench import Bench, BenchConfig, load_cases_file
+from kvedit.bench.config import BenchConfig
+from kvedit.bench.folder import load_cases_file
+from kvedit.bench.harness import Bench
 from kvedit.cli import main
 from kvedit.models import load_model
 
 ray = pytest.importorskip("ray")
-from kvedit.distributed import BenchWorker, RaySettings  # noqa: E402
+from kvedit.bench.ray import BenchWorker, RaySettings  # noqa: E402
 
 FACTS = [
     ("{} is located in the city of", "the eiffel tower", "rome", "paris"),

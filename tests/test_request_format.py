@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kvedit.bench import Bench, BenchConfig, BenchError
+from kvedit.bench.config import BenchConfig
+from kvedit.bench.folder import BenchError
+from kvedit.bench.harness import Bench
 from kvedit.data.loaders import DatasetError, detect_format, load_requests
 from kvedit.data.requests import EditRequest
 

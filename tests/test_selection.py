@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kvedit.selection as selection
+import kvedit.bench.selection as selection
 from kvedit import EditRequest
 from kvedit.data.loaders import load_requests
 from tiny_models import tiny_lm

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-import kvedit.sequential as sequential_module
+import kvedit.bench.sequential as sequential_module
 from kvedit import EditRequest, edit
 from kvedit.editing import FTHyperParams, make_settings
-from kvedit.sequential import sequential_edit
+from kvedit.bench.sequential import sequential_edit
 from tiny_models import tiny_lm
 
 REQUESTS = [

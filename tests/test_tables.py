@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvedit.bench import PRESETS
+from kvedit.bench.config import BENCH_PRESETS as PRESETS
 from kvedit.data.download import OFFICIAL_DATASETS
 from kvedit.editing import METHODS
 from kvedit.editing.finetune import FT_PRESETS

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kvedit.bench import load_cases_file
+from kvedit.bench.folder import load_cases_file
 from kvedit.cli import main
 from kvedit.data.requests import EditRequest
 from kvedit.editing import edit, targets

@@ -81,7 +81,7 @@ def _ray_settings(args: argparse.Namespace):
     """The --ray settings, checked (Ray installed, sizes valid) before anything loads; None without --ray."""
     if getattr(args, "ray", None) is None:
         return None
-    from ..distributed import RaySettings, require_ray
+    from ..bench.ray import RaySettings, require_ray
 
     require_ray()
     return RaySettings(address=None if args.ray == "local" else args.ray, workers=args.workers,
@@ -91,10 +91,10 @@ def _ray_settings(args: argparse.Namespace):
 
 def _run_bench(args: argparse.Namespace, config) -> int:
     """Check the settings and the folder, load the model, run what the folder lacks, print the table."""
-    from ..bench import Bench, check_bench_folder
+    from ..bench.folder import check_bench_folder
+    from ..bench.harness import Bench
 
-    config.specs()  # check the settings and the output folder before loading anything
-    check_bench_folder(args.out)
+    check_bench_folder(args.out)  # before loading anything (the config checked its settings when it was made)
     ray = _ray_settings(args)
     bench = Bench(load(args), config, args.out)
     info = bench.filter_info
@@ -109,16 +109,16 @@ def _run_bench(args: argparse.Namespace, config) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..bench import BenchConfig
+    from ..bench.config import BenchConfig
     from ..data.demo_facts import demo_facts_path
 
     return _run_bench(args, BenchConfig(dataset=str(demo_facts_path()), methods=args.methods, n=args.n))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench import PRESETS, BenchConfig
+    from ..bench.config import BENCH_PRESETS, BenchConfig
 
-    preset = PRESETS[args.preset] if args.preset else {}
+    preset = BENCH_PRESETS[args.preset] if args.preset else {}
     methods = args.methods or preset.get("methods", ("ft-keys", "ft-values"))
     return _run_bench(args, BenchConfig(
         dataset=args.dataset, methods=tuple(methods), n=args.n,
@@ -129,7 +129,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import write_report
+    from ..reports.bench_report import write_report
 
     path = write_report(args.folder)
     pngs = sorted(p.name for p in args.folder.glob("*.png"))
@@ -138,7 +138,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..compare import SEED_PAIRS, parse_pairs, write_comparison
+    from ..reports.compare import SEED_PAIRS, parse_pairs, write_comparison
 
     pairs = parse_pairs(args.pairs) if args.pairs else SEED_PAIRS
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None

@@ -9,6 +9,7 @@ edit call's wall time, shared by a batch's cases) and `batch_size`.
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,13 +37,22 @@ class Metric:
 class Suite:
     """The metrics of a dataset family; `score_of` are the success rates whose harmonic mean is Score;
     `easyedit` are the keys of EasyEdit's rewrite accuracy, rephrase accuracy and locality; `title` is how
-    titles name the suite ("CounterFact", "zsRE")."""
+    titles name the suite ("CounterFact", "zsRE"); `scorer` scores its cases, as memit pairs each dataset with its
+    evaluator, so no code asks which dataset it has."""
 
     name: str
     metrics: tuple[Metric, ...]
     score_of: tuple[str, ...]  # also the columns of the printed table, before Score
     easyedit: tuple[str, str, str]
     title: str = ""
+    scorer: str = ""  # "module:function" in kvedit.evaluation scoring a case per request (imported on use)
+    generation: bool = False  # cases with generation prompts also get fluency and consistency
+
+    def case_metrics(self, lm: Any, requests: Sequence[Any]) -> list[dict[str, Any]]:
+        """The suite's per-case metrics of `requests` on `lm` as it is now (without generation metrics)."""
+        module, name = self.scorer.split(":")
+        score = getattr(importlib.import_module(f"kvedit.evaluation.{module}"), name)
+        return score(lm, requests)
 
     def metric_titles(self) -> dict[str, str]:
         """Record key -> column title, e.g. ``neighborhood_success`` -> ``Specificity`` (and ``score`` -> Score)."""
@@ -71,6 +81,8 @@ SUITES: Mapping[str, Suite] = MappingProxyType({
         ("efficacy_success", "paraphrase_success", "neighborhood_success"),
         ("efficacy_token_accuracy", "paraphrase_token_accuracy", "neighborhood_unchanged"),
         "CounterFact",
+        scorer="counterfact:counterfact_case_metrics",
+        generation=True,
     ),
     "zsre": Suite(
         "zsre",
@@ -84,6 +96,7 @@ SUITES: Mapping[str, Suite] = MappingProxyType({
         # on zsRE EasyEdit's rewrite and rephrase accuracies are the reference efficacy and paraphrase
         ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_unchanged"),
         "zsRE",
+        scorer="zsre:zsre_case_metrics",
     ),
 })
 

@@ -1,5 +1,5 @@
 """The files of a `kvedit bench` folder: checking a folder before use, locking it for one process, reading and
-appending cases.jsonl, and the lines table.md adds under its table (settings, reused target vectors)."""
+appending cases.jsonl (`data.jsonl`)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .data.jsonl import append_jsonl, read_jsonl
+from ..data.jsonl import append_jsonl, read_jsonl
 
 
 #: the lock file in a bench folder: an flock held by the process that runs the folder, and who that is (JSON)
@@ -172,26 +172,6 @@ def _release(fd: int, holder_pid: int) -> None:
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)
-
-
-def settings_line(settings: Mapping[str, Mapping[str, Any]]) -> str:
-    """One line naming each run's preset row and layers (the full settings are in summary.json)."""
-    parts = []
-    for name, hp in settings.items():
-        layers = hp.get("layers") or []
-        where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}" if layers else ""
-        extra = [f"λ {hp['mom2_update_weight']:g}" if "mom2_update_weight" in hp else "",
-                 f"lr {hp['lr']:g}" if "target" in hp else ""]
-        parts.append(f"{name}: preset {hp.get('preset')}, " + ", ".join(x for x in (where, *extra) if x))
-    return "Settings: " + "; ".join(parts) + "." if parts else ""
-
-
-def reuse_line(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
-    """One line naming the runs whose edits took stored target vectors (--reuse-targets), or ""."""
-    parts = [f"{name} ({sum('targets_reused_s' in r for r in records)} of {len(records)} cases)"
-             for name, records in runs.items() if any("targets_reused_s" in r for r in records)]
-    return ("Target vectors served from the cache (optimised by an earlier run with the same settings; the edit "
-            "time counts their optimisation time as then measured): " + ", ".join(parts) + ".") if parts else ""
 
 
 def file_sha256(path: str | Path) -> str:

@@ -7,16 +7,16 @@ After each batch the new edits are scored, and so are all earlier ones again (do
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data.requests import EditRequest
-from .editing.delta import WeightDelta
-from .editing.registry import edit
-from .evaluation.counterfact import counterfact_case_metrics, summarize_counterfact
-from .models.lm import LM
+from ..data.requests import EditRequest
+from ..editing.delta import WeightDelta
+from ..editing.registry import edit
+from ..evaluation.counterfact import counterfact_case_metrics, summarize_counterfact
+from ..models.lm import LM
 
 
 def chain(deltas: Sequence[WeightDelta], metadata: dict[str, Any] | None = None) -> WeightDelta:
@@ -28,6 +28,28 @@ def chain(deltas: Sequence[WeightDelta], metadata: dict[str, Any] | None = None)
             before.setdefault(name, delta.before[name])
             after[name] = delta.after[name]
     return WeightDelta(before, after, metadata or {"method": "chain", "parts": [d.metadata for d in deltas]})
+
+
+def edit_in_order(
+    lm: LM,
+    batches: Sequence[list[EditRequest]],
+    step: Callable[[int, list[EditRequest]], WeightDelta],
+    desc: str = "sequential",
+    progress: bool = True,
+    leave: bool = True,
+) -> list[WeightDelta]:
+    """The one sequential loop: `step(index, batch)` edits each batch onto the model the earlier ones left and
+    returns its delta. Returns the deltas (the model stays edited); on any failure every delta already applied is
+    reverted, newest first, and the error propagates (`step` reverts its own batch if it fails after editing)."""
+    deltas: list[WeightDelta] = []
+    try:
+        for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=leave)):
+            deltas.append(step(index, batch))
+    except BaseException:
+        for delta in reversed(deltas):
+            delta.revert(lm)
+        raise
+    return deltas
 
 
 def sequential_edit(
@@ -46,22 +68,24 @@ def sequential_edit(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    deltas: list[WeightDelta] = []
     history: list[dict[str, Any]] = []
     batches = [list(requests[i : i + batch_size]) for i in range(0, len(requests), batch_size)]
-    try:
-        for index, batch in enumerate(tqdm(batches, desc=f"{method} sequential", unit="batch", disable=not progress)):
-            start = time.perf_counter()
-            deltas.append(edit(lm, batch, method, **overrides))
-            elapsed = time.perf_counter() - start
+
+    def step(index: int, batch: list[EditRequest]) -> WeightDelta:
+        start = time.perf_counter()
+        delta = edit(lm, batch, method, **overrides)
+        elapsed = time.perf_counter() - start
+        try:
             done = [r for b in batches[: index + 1] for r in b]
-            record = {"batch": index, "n_edited": len(done), "time_s": elapsed}
+            record: dict[str, Any] = {"batch": index, "n_edited": len(done), "time_s": elapsed}
             record |= {f"batch_{k}": v for k, v in summarize_counterfact(counterfact_case_metrics(lm, batch)).items()}
             record |= {f"all_{k}": v for k, v in summarize_counterfact(counterfact_case_metrics(lm, done)).items()}
-            history.append(record)
-    except BaseException:
-        for delta in reversed(deltas):
+        except BaseException:
             delta.revert(lm)
-        raise
+            raise
+        history.append(record)
+        return delta
+
+    deltas = edit_in_order(lm, batches, step, desc=f"{method} sequential", progress=progress)
     return chain(deltas, {"method": method, "sequential": True, "batch_size": batch_size,
                           "parts": [d.metadata for d in deltas]}), history

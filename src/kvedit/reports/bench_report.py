@@ -1,6 +1,6 @@
 """`kvedit report DIR`: a Markdown report with plots from a `kvedit bench` or `kvedit tune` folder.
 
-A tune folder (its summary.json has a `kind`) is rendered by `kvedit.tuning.plots.write_tune_report`.
+A tune folder (its summary.json has a `kind`) is rendered by `kvedit.reports.tune_report.write_tune_report`.
 
 Writes into DIR: report.md, metrics.png (bar chart per metric and run, 95 % intervals), and when
 the runs call for them layers.png (metrics against layer, for sweeps), batch_size.png (metrics
@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .bench import load_cases_file
-from .evaluation.summary import SUITES, Suite, dataset_title, easyedit_table, markdown_table
+from ..bench.folder import load_cases_file
+from ..evaluation.summary import SUITES, Suite, dataset_title, easyedit_table, markdown_table
+from .plotting import pyplot
 
 PLOTTED = 4  # the suite's three table metrics and Score
 
@@ -28,18 +29,10 @@ def _titles(suite: Suite) -> dict[str, str]:
     return {m.key: m.title for m in suite.metrics} | {"score": "Score"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def plot_metrics(runs: Mapping[str, Mapping[str, Any]], suite: Suite, path: Path) -> Path:
     """One panel per metric: a bar per run with its 95 % interval."""
-    plt = _pyplot()
+    plt = pyplot()
     keys, titles = _plotted_keys(suite), _titles(suite)
     names = list(runs)
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 0.35 * len(names) + 2.2), sharey=True)
@@ -81,7 +74,7 @@ def plot_against(
     series = {m: sorted(points, key=lambda p: p[0]) for m, points in series.items() if len({p[0] for p in points}) > 1}
     if not series:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     keys, titles = _plotted_keys(suite), _titles(suite)
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), sharey=True)
     for ax, key in zip(axes, keys):
@@ -117,7 +110,7 @@ def plot_sequential(records: Sequence[Mapping[str, Any]], suite: Suite, path: Pa
             runs.setdefault(r["run"], []).append(r)
     if not runs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     key = suite.score_of[0]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, rs in runs.items():
@@ -164,7 +157,7 @@ def write_report(folder: str | Path) -> Path:
                                 f"`kvedit tune --out {folder}` first")
     summary = json.loads(summary_path.read_text())
     if "kind" in summary:
-        from .tuning.plots import write_tune_report
+        from .tune_report import write_tune_report
 
         return write_tune_report(folder)
     suite = SUITES[summary["suite"]]

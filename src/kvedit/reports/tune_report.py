@@ -8,16 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .tables import METRIC_TITLES, TASK_TITLES, markdown, run_dir_name
+from ..tuning.tables import METRIC_TITLES, TASK_TITLES, markdown, run_dir_name
+from .plotting import pyplot
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _panels(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, Mapping[str, Any]]]]:
@@ -33,7 +26,7 @@ def _panels(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, Mapping[str
 
 def plot_targets(summary: Mapping[str, Any], path: Path) -> Path:
     """One panel per metric (and per task): a bar per target set with its 95 % bootstrap interval."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = _panels(summary)
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
@@ -71,7 +64,7 @@ def plot_losses(folder: Path, summary: Mapping[str, Any], path: Path, smooth: in
             curves[name] = losses
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for name, losses in curves.items():
         k = max(1, min(smooth, len(losses)))

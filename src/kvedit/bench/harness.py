@@ -21,120 +21,33 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from .data.download import resolve_dataset
-from .data.loaders import DatasetError, detect_format, load_requests
-from .batch_runner import BatchRunner, RunSpec, neighborhood_predictions
-from .bench_folder import (BenchError, append_records, check_bench_folder, file_sha256, load_cases_file,
-                           lock_bench_folder, reuse_line, runs_on_file, settings_line)
-from .data.requests import EditRequest
-from .editing.delta import WeightDelta
-from .editing.registry import METHODS, make_settings
-from .evaluation.counterfact import counterfact_case_metrics
-from .evaluation.easyedit import add_locality
-from .evaluation.generation import AttributeSnippets, load_attribute_snippets
-from .evaluation.known import known_filter
-from .evaluation.summary import (SUITES, Suite, compare_runs, dataset_title, easyedit_table, markdown_table,
-                                 summarize_run, summary_csv)
-from .evaluation.zsre import zsre_case_metrics
-from .models.lm import LM
+from ..data.download import resolve_dataset
+from ..data.loaders import DatasetError, detect_format, load_requests
+from ..data.requests import EditRequest
+from ..editing.delta import WeightDelta
+from ..editing.registry import make_settings
+from ..evaluation.easyedit import add_locality
+from ..evaluation.generation import AttributeSnippets, load_attribute_snippets
+from ..evaluation.known import known_filter
+from ..evaluation.summary import Suite, compare_runs, dataset_title, easyedit_table, markdown_table, summarize_run, summary_csv
+from ..models.lm import LM
+from .config import BenchConfig, RunSpec, choose_suite
+from .folder import BenchError, append_records, check_bench_folder, load_cases_file, lock_bench_folder, runs_on_file
+from .lines import reuse_line, settings_line
+from .runner import BatchRunner, neighborhood_predictions
+from .sequential import edit_in_order
 
 if TYPE_CHECKING:
-    from .distributed import RaySettings
+    from .ray import RaySettings
 
-#: `--preset table3`: the seed's Table 3 protocol, FT on keys vs values with 1 and 10 counterfacts per edit.
-PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    "table3": MappingProxyType({"methods": ("ft-keys", "ft-values"), "batch_sizes": (1, 10)}),
-})
-
-
-@dataclass
-class BenchConfig:
-    """What to run. `dataset`: an official name (counterfact, multi_counterfact, zsre) or a path."""
-
-    dataset: str
-    methods: tuple[str, ...]
-    n: int | None = None
-    skip: int = 0  # cases left out before the first N (after the known filter), e.g. a tuning split
-    batch_sizes: tuple[int, ...] = (1,)
-    sequential: bool = False
-    known_only: bool = False
-    layers: tuple[int, ...] | None = None
-    stats_source: str | None = None
-    stats_tokens: int | None = None
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # hparam overrides for every method
-    reuse_targets: bool = False  # runs not sequential share target vectors (BatchRunner); scores unchanged
-    suite: str | None = None  # "counterfact" or "zsre"; None: the dataset format's (FORMAT_SUITES)
-
-    def specs(self) -> list[RunSpec]:
-        if self.suite is not None and self.suite not in SUITES:
-            raise BenchError(f"--suite {self.suite!r}: expected one of {sorted(SUITES)}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise BenchError(f"--methods: unknown {unknown or 'none given'}; expected some of {sorted(METHODS)}")
-        if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
-            raise BenchError(f"--batch-size must be positive integers, got {list(self.batch_sizes)}")
-        if self.n is not None and self.n < 1:
-            raise BenchError(f"--n must be >= 1, got {self.n}")
-        if self.skip < 0:
-            raise BenchError(f"--skip must be >= 0, got {self.skip}")
-        layers: Sequence[int | None] = self.layers or (None,)
-        return [RunSpec(m, b, layer, self.sequential) for b in self.batch_sizes for m in self.methods for layer in layers]
-
-    def resume_key(self, lm: LM, dataset_path: str | Path | None = None) -> dict[str, Any]:
-        """Settings that change every number: a folder holding other values cannot be resumed.
-
-        The dataset is keyed by its content (`dataset_sha256` of the resolved file), not only its path."""
-        content = file_sha256(dataset_path) if dataset_path is not None else None
-        key = {"dataset": _absolute(self.dataset), "dataset_sha256": content, "known_only": self.known_only,
-               "skip": self.skip,
-               "stats_source": None if self.stats_source is None else _absolute(self.stats_source),
-               "stats_tokens": self.stats_tokens, "seed": self.seed, "extra": self.extra,
-               "model": lm.name, "model_fingerprint": lm.fingerprint()}
-        return json.loads(json.dumps(key))  # as stored in config.json (tuples become lists)
-
-
-def _absolute(name_or_path: str) -> str:
-    """An existing path made absolute (so the same file matches from any folder); names unchanged."""
-    path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.exists() else str(name_or_path)
-
-
-#: The suite a dataset format is scored with when none is asked for: kvedit's own files are CounterFact's.
-FORMAT_SUITES: Mapping[str, str] = MappingProxyType({
-    "counterfact": "counterfact", "easyedit": "counterfact", "kvedit": "counterfact", "zsre": "zsre",
-})
-
-
-def choose_suite(asked: str | None, fmt: str, requests: Sequence[EditRequest], dataset: str | Path) -> Suite:
-    """The suite that scores `requests` (`asked`, else the format's), checked against every request: CounterFact
-    compares target_new with target_true, so each needs target_true; zsRE scores each neighbourhood prompt's own
-    answer, so a request with neighbourhood prompts needs neighborhood_target. A misfit names the case."""
-    name = asked or FORMAT_SUITES.get(fmt, "counterfact")
-    if name not in SUITES:
-        raise BenchError(f"--suite {name!r}: expected one of {sorted(SUITES)}")
-    how = f"--suite {name}" if asked else f"the {name} suite ({fmt} format's default; --suite chooses another)"
-    for request in requests:
-        where = f"{dataset}: case {request.case_id!r}"
-        if name == "counterfact" and request.target_true is None:
-            raise BenchError(
-                f"{where} has no target_true, which {how} needs (efficacy compares P(target_new) with "
-                "P(target_true)); add target_true to every record, or pass --suite zsre to score the token "
-                "accuracy of target_new instead")
-        if name == "zsre" and request.neighborhood_prompts and request.neighborhood_target is None:
-            raise BenchError(
-                f"{where} has neighborhood_prompts but no neighborhood_target, which {how} needs (zsRE "
-                "specificity is the token accuracy of each neighbourhood prompt's own answer); add "
-                "neighborhood_target, or use --suite counterfact")
-    return SUITES[name]
+Done = set[tuple[str, Any]]
 
 
 class Bench:
@@ -142,7 +55,7 @@ class Bench:
 
     def __init__(self, lm: LM, config: BenchConfig, out: str | Path, progress: bool = True) -> None:
         self.lm, self.config, self.out, self.progress = lm, config, Path(out), progress
-        self.specs = config.specs()
+        self.specs = config.specs()  # the config checked its settings when it was made
         check_bench_folder(self.out)
         path, fmt = resolve_dataset(config.dataset)
         self.requests = load_requests(path, fmt, skip_invalid=True)
@@ -259,8 +172,7 @@ class Bench:
         """Unedited neighborhood predictions for cases scored before cases.jsonl kept them (held in memory)."""
         if not requests:
             return
-        score = zsre_case_metrics if self.suite.name == "zsre" else counterfact_case_metrics
-        self.runner.unedited_predictions |= neighborhood_predictions(score(self.lm, requests))
+        self.runner.unedited_predictions |= neighborhood_predictions(self.suite.case_metrics(self.lm, requests))
 
     # ------------------------------------------------------------------ running
 
@@ -268,7 +180,7 @@ class Bench:
         """Run all missing work, then write and return the summary (also written after each run that did work,
         on Ray as its last batch comes back, marked incomplete until the last).
 
-        ray: spread the batches over Ray workers (`kvedit.distributed`); sequential runs stay in this
+        ray: spread the batches over Ray workers (`kvedit.bench.ray`); sequential runs stay in this
         process. on_progress: called with the worker pool after each batch a worker finishes.
         """
         existing = load_cases_file(self.cases_file)
@@ -296,13 +208,17 @@ class Bench:
                 self.write_summary()  # a long bench's finished runs can be read (and reported) while it goes on
         return self.write_summary()
 
-    def _pending(self, spec: RunSpec, done: set[tuple[str, Any]]) -> list[tuple[int, list[EditRequest]]]:
+    def _pending(self, spec: RunSpec, done: Done) -> list[tuple[int, list[EditRequest]]]:
         return [(i, b) for i, b in enumerate(self._batches(spec)) if any((spec.key, r.case_id) not in done for r in b)]
 
-    def _run_distributed(self, ray: "RaySettings", done: set[tuple[str, Any]],
+    def _append_new(self, spec: RunSpec, records: Sequence[dict[str, Any]], done: Done) -> None:
+        """Append the records of cases this run has not recorded yet (a resumed batch's others are kept)."""
+        append_records(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
+
+    def _run_distributed(self, ray: "RaySettings", done: Done,
                          on_progress: Callable[[Any], None] | None) -> None:
         """Every non-sequential run's pending batches on Ray workers; statistics prepared here, once."""
-        from .distributed import WorkerPool
+        from .ray import WorkerPool
 
         tasks = []
         for spec in self.specs:
@@ -319,7 +235,7 @@ class Bench:
         batches_left = Counter(spec.key for spec, _, _ in tasks)
 
         def on_records(spec: RunSpec, records: list[dict[str, Any]]) -> None:
-            append_records(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
+            self._append_new(spec, records, done)
             batches_left[spec.key] -= 1
             if batches_left[spec.key] == 0 and sum(batches_left.values()):
                 self.write_summary()  # this run is whole: readable (and reportable) while the others go on
@@ -334,46 +250,47 @@ class Bench:
         b = spec.batch_size
         return [self.cases[i : i + b] for i in range(0, len(self.cases), b)]
 
-    def _run_batches(self, spec: RunSpec, done: set[tuple[str, Any]]) -> None:
+    def _run_batches(self, spec: RunSpec, done: Done) -> None:
         batches = self._pending(spec, done)
         if batches:
             self.runner.prepare(spec)
         for index, batch in tqdm(batches, desc=spec.key, unit="batch", disable=not self.progress, leave=False):
-            records = self.runner.run_batch(spec, batch, index)
-            append_records(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
+            self._append_new(spec, self.runner.run_batch(spec, batch, index), done)
 
-    def _run_sequential(self, spec: RunSpec, done: set[tuple[str, Any]]) -> None:
-        """Batches applied one after another; after each, the batch's cases are scored and every
+    def _run_sequential(self, spec: RunSpec, done: Done) -> None:
+        """Batches applied one after another (`edit_in_order`); after each, the batch's cases are scored and every
         earlier case's efficacy is re-checked (`history` records). Saved patches make it resumable."""
         patch_dir = self.out / "patches" / spec.key.replace(" ", "_")
         patch_dir.mkdir(parents=True, exist_ok=True)
-        applied: list[WeightDelta] = []
         batches = self._batches(spec)
-        if any((spec.key, r.case_id) not in done for b in batches for r in b):
+        if self._pending(spec, done):
             self.runner.prepare(spec)
-        try:
-            for index, batch in enumerate(tqdm(batches, desc=spec.key, unit="batch",
-                                               disable=not self.progress, leave=False)):
-                patch = patch_dir / f"batch-{index:05d}.safetensors"
-                if patch.exists() and all((spec.key, r.case_id) in done for r in batch):
-                    saved = WeightDelta.load(patch)
-                    saved.apply(self.lm)
-                    applied.append(saved)
-                    continue
-                delta, elapsed, _ = self.runner.edit(spec, batch)  # sequential: never reused
-                applied.append(delta)
+
+        def step(index: int, batch: list[EditRequest]) -> WeightDelta:
+            patch = patch_dir / f"batch-{index:05d}.safetensors"
+            if patch.exists() and all((spec.key, r.case_id) in done for r in batch):
+                saved = WeightDelta.load(patch)
+                saved.apply(self.lm)
+                return saved
+            delta, elapsed, _ = self.runner.edit(spec, batch)  # sequential: never reused
+            try:
                 earlier = [r for b in batches[:index] for r in b]
-                history = {"n_edited": len(earlier) + len(batch)}
+                history: dict[str, Any] = {"n_edited": len(earlier) + len(batch)}
                 if earlier:
                     kept = self.runner.evaluate(earlier)
                     key = self.suite.score_of[0]
                     history["earlier_efficacy"] = 100.0 * sum(c[key] for c in kept) / len(kept)
                 records = self.runner.records(spec, batch, delta, elapsed, index, history)
                 delta.save(patch)
-                append_records(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
-        finally:
-            for delta in reversed(applied):
-                delta.revert(self.lm)
+                self._append_new(spec, records, done)
+            except BaseException:
+                delta.revert(self.lm)  # the batches before it are reverted by edit_in_order
+                raise
+            return delta
+
+        applied = edit_in_order(self.lm, batches, step, desc=spec.key, progress=self.progress, leave=False)
+        for delta in reversed(applied):
+            delta.revert(self.lm)
 
     # ------------------------------------------------------------------ summaries
 

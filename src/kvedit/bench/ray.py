@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .batch_runner import BatchRunner, RunSpec
-from .data.requests import EditRequest
-from .evaluation.summary import SUITES
-from .extras import RAY_INSTALL
-from .models.cache import cache_dir, write_atomic
-from .models.lm import LM
+from .runner import BatchRunner, RunSpec
+from ..data.requests import EditRequest
+from ..evaluation.summary import SUITES
+from ..extras import RAY_INSTALL
+from ..models.cache import cache_dir, write_atomic
+from ..models.lm import LM
 
 
 #: a batch of work: the run, the batch's index in the run, its cases
@@ -89,8 +89,8 @@ class BenchWorker:
     def __init__(self, settings: RaySettings, fingerprint: str, suite: str, seed: int,
                  edit_settings: dict[str, Any], snippets: Any, cache_files: dict[str, bytes],
                  reuse_targets: bool = False) -> None:
-        from .models.devices import resolve_device
-        from .models.loading import load_model
+        from ..models.devices import resolve_device
+        from ..models.loading import load_model
 
         # as many threads as the CPUs Ray reserved: the driver's OMP_NUM_THREADS reaches every worker, and two
         # workers at 2 threads each on 2 cores would fight over them

@@ -14,37 +14,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data.requests import EditRequest
-from .editing.delta import WeightDelta
-from .editing.registry import edit, get_method, prepare
-from .editing.target_store import TargetStore, reused_targets, store_folder
-from .evaluation.counterfact import counterfact_case_metrics
-from .evaluation.easyedit import Predictions, add_locality
-from .evaluation.generation import AttributeSnippets, generation_case_metrics
-from .evaluation.summary import Suite
-from .evaluation.zsre import zsre_case_metrics
-from .models.cache import cache_dir
-from .models.lm import LM
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One method at one setting; `key` names it in cases.jsonl and the tables."""
-
-    method: str
-    batch_size: int = 1
-    layer: int | None = None  # None: the method's preset layers
-    sequential: bool = False
-
-    @property
-    def key(self) -> str:
-        name = self.method if self.layer is None else f"{self.method}@L{self.layer}"
-        if self.batch_size > 1 or self.sequential:
-            name += f" x{self.batch_size}"
-        return name + (" seq" if self.sequential else "")
-
-    def overrides(self) -> dict[str, Any]:
-        return {} if self.layer is None else {"layers": [self.layer]}
+from ..data.requests import EditRequest
+from ..editing.delta import WeightDelta
+from ..editing.registry import edit, get_method, prepare
+from ..editing.target_store import TargetStore, reused_targets, store_folder
+from ..evaluation.easyedit import Predictions, add_locality
+from ..evaluation.generation import AttributeSnippets, generation_case_metrics
+from ..evaluation.summary import Suite
+from ..models.cache import cache_dir
+from ..models.lm import LM
+from .config import RunSpec
 
 
 def neighborhood_predictions(records: Sequence[dict[str, Any]]) -> dict[Any, Predictions]:
@@ -76,10 +55,8 @@ class BatchRunner:
     def evaluate(self, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:
         """The suite's per-case metrics, with fluency/consistency where the cases have generation prompts
         and EasyEdit's locality where the unedited model's predictions are known."""
-        if self.suite.name == "zsre":
-            cases = zsre_case_metrics(self.lm, requests)
-        else:
-            cases = counterfact_case_metrics(self.lm, requests)
+        cases = self.suite.case_metrics(self.lm, requests)
+        if self.suite.generation:
             generated = generation_case_metrics(self.lm, requests, seed=self.seed, snippets=self.snippets)
             cases = [c | g for c, g in zip(cases, generated)]
         add_locality(cases, self.unedited_predictions)

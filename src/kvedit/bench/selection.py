@@ -30,13 +30,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data.jsonl import append_jsonl, read_jsonl
-from .data.requests import EditRequest
-from .editing.registry import edit, get_method, prepare
-from .editing.target_store import reused_targets
-from .evaluation.counterfact import counterfact_case_metrics
-from .evaluation.known import known_filter
-from .models.lm import LM
+from ..data.jsonl import append_jsonl, read_jsonl
+from ..data.requests import EditRequest
+from ..editing.registry import edit, get_method, prepare
+from ..editing.target_store import reused_targets
+from ..evaluation.counterfact import counterfact_case_metrics
+from ..evaluation.known import known_filter
+from ..models.lm import LM
 
 METRICS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
 #: Fine-tuning's learning rates, smallest first (a tie goes to the smaller step). The default preset's 2e-3 was

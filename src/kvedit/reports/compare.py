@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .evaluation.summary import SUITES, dataset_title
-from .report import _pyplot
+from ..evaluation.summary import SUITES, dataset_title
+from .plotting import pyplot
 
 #: The seed papers' comparisons (A, B), A the method a paper says is better: keys vs values (Qiu et al. 2024),
 #: PMET vs MEMIT one at a time and 100 at once, PMET vs each of its ablations (Li et al. 2024), MEMIT vs ROME.
@@ -157,7 +157,7 @@ def write_comparison(folders: Sequence[str | Path], out: str | Path,
 
 def _plot(columns: Mapping[str, Mapping[str, Mapping[str, Any]]], rows: Sequence[str], path: Path) -> None:
     """One panel per (pair, metric): each folder's mean difference with its interval; 0 marked."""
-    plt = _pyplot()
+    plt = pyplot()
     pairs = list(dict.fromkeys(r.rsplit("|", 1)[0] for r in rows))
     fig, axes = plt.subplots(max(1, len(pairs)), len(METRIC_TITLES), squeeze=False,
                              figsize=(4 * len(METRIC_TITLES), 0.5 + 0.45 * len(columns) * max(1, len(pairs))))
