@@ -19,6 +19,7 @@ import torch
 
 from ..data.requests import EditRequest
 from ..evaluation.scoring import EncodedTarget, TargetBatch, encode_target, score_batch
+from ..models.compute import compute_view, trained_through
 from ..models.lm import LM
 from .delta import check_finite
 from .hparams import EditOutcome, check_ranges
@@ -176,19 +177,30 @@ def finetune_edit(lm: LM, requests: Sequence[EditRequest], hp: FTHyperParams) ->
     optim_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
     optimizer = optim_cls(params, lr=hp.lr, weight_decay=hp.weight_decay)
     steps = 0
-    for steps in range(hp.max_steps + 1):
-        nll = score_batch(lm, batch).nll
-        losses.append(check_finite(float(nll.detach().mean()), "the fine-tuning loss"))
-        converged = hp.early_stop_nll is not None and bool((nll < hp.early_stop_nll).all())
-        if converged or steps == hp.max_steps:
-            break
-        optimizer.zero_grad(set_to_none=True)
-        nll.mean().backward()
-        optimizer.step()
-        if hp.norm_constraint:
-            with torch.no_grad():
-                for p, p0 in zip(params, originals):
-                    p.copy_(torch.maximum(torch.minimum(p, p0 + hp.norm_constraint), p0 - hp.norm_constraint))
+    view = compute_view(lm)  # the model itself in float32; else a frozen copy whose trained weights are casts of params
+    names = finetune_parameters(lm, hp)
+    with trained_through(view, dict(zip(names, params))):
+        for steps in range(hp.max_steps + 1):
+            if _ft_step(view, batch, hp, params, originals, optimizer, losses, steps):
+                break
     for p in params:
         p.grad = None
     return EditOutcome(steps=steps, result={"loss": losses})
+
+
+def _ft_step(view: LM, batch: TargetBatch, hp: FTHyperParams, params: list[torch.nn.Parameter],
+             originals: list[torch.Tensor], optimizer: torch.optim.Optimizer, losses: list[float], steps: int) -> bool:
+    """One fine-tuning step on `view` (float32 `params` stepped); appends the mean NLL before it; True when done."""
+    nll = score_batch(view, batch).nll
+    losses.append(check_finite(float(nll.detach().mean()), "the fine-tuning loss"))
+    converged = hp.early_stop_nll is not None and bool((nll < hp.early_stop_nll).all())
+    if converged or steps == hp.max_steps:
+        return True
+    optimizer.zero_grad(set_to_none=True)
+    nll.mean().backward()
+    optimizer.step()
+    if hp.norm_constraint:
+        with torch.no_grad():
+            for p, p0 in zip(params, originals):
+                p.copy_(torch.maximum(torch.minimum(p, p0 + hp.norm_constraint), p0 - hp.norm_constraint))
+    return False

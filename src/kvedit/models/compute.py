@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import platform
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,3 +160,34 @@ def compute_view(lm: LM, attn_implementation: str = "eager") -> LM:
 def compute_torch_dtype(lm: LM) -> torch.dtype:
     """torch dtype of `lm.compute_dtype`."""
     return getattr(torch, getattr(lm, "compute_dtype", "float32"))
+
+
+@contextmanager
+def trained_through(view: LM, masters: Mapping[str, nn.Parameter]) -> Iterator[None]:
+    """Within the block, each of the view's parameters named in `masters` is, at every forward of its module, the
+    float32 master parameter cast to the view's precision, so gradients reach the masters (which the optimiser
+    steps) and each step sees their current values. Nothing happens when `view` is the float32 model itself."""
+    if all(view.model.get_parameter(name) is p for name, p in masters.items()):
+        yield
+        return
+    handles, swapped = [], []
+    try:
+        for name, master in masters.items():
+            owner_path, _, attr = name.rpartition(".")
+            owner = view.model.get_submodule(owner_path)
+            dtype = owner._parameters[attr].dtype
+            swapped.append((owner, attr, owner._parameters.pop(attr)))
+
+            def cast(module: nn.Module, args: object, attr: str = attr, master: nn.Parameter = master,
+                     dtype: torch.dtype = dtype) -> None:
+                object.__setattr__(module, attr, master.to(dtype))
+
+            cast(owner, ())
+            handles.append(owner.register_forward_pre_hook(cast))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for owner, attr, parameter in swapped:
+            owner.__dict__.pop(attr, None)
+            owner._parameters[attr] = parameter
