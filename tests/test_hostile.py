@@ -59,7 +59,7 @@ def patch(tmp_path):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_edits_from_the_command_line(capsys, tiny_folder, corpus, tmp_path, method):
-    layers = "1" if method.startswith(("ft-", "rome")) else "1,2"
+    layers = "1" if method.startswith(("ft-", "rome", "t-patcher")) else "1,2"  # one-layer editors
     save = tmp_path / f"{method}.safetensors"
     code, out, err = run(capsys, "edit", "--model", str(tiny_folder), "--method", method, *EDIT, "--layers", layers,
                          "--steps", "3", "--save", str(save), "--json",

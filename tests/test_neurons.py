@@ -66,7 +66,7 @@ def test_coarse_and_refined_selection_follow_the_reference_rule(monkeypatch):
     import kvedit.analysis.neurons as neurons
 
     per_prompt = {"a": [[0.0, 1.0], [0.5, 0.0]], "b": [[0.0, 1.0], [0.0, 0.0]], "c": [[0.3, 1.0], [0.0, 0.9]]}
-    monkeypatch.setattr(neurons, "attributions", lambda lm, p, a, steps, layers: torch.tensor(per_prompt[p]))
+    monkeypatch.setattr(neurons, "attributions", lambda lm, p, a, steps, layers, on_layer=None: torch.tensor(per_prompt[p]))
 
     class Two:
         num_layers = 2

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.lm import LM
-from ..models.split import replayed_layers
+from ..models.split import layer_returns_tuple, replayed_layers
 from ..models.tracing import Replacement, Scaling, Trace
 
 STEPS = 20  # integration steps (Dai et al.: m = 20)
@@ -71,7 +71,7 @@ def attributions(lm: LM, prompt: str, answer: str, steps: int = STEPS,
     block_sites = [("residual", l - 1) for l in layers if l > 0]
     with torch.no_grad(), Trace(lm, read=[*(("coefficients", l) for l in layers), *block_sites]) as clean:
         lm.model.base_model(input_ids=ids)
-    as_tuple = _layers_return_tuples(lm, ids)
+    as_tuple = layer_returns_tuple(lm)
     alphas = torch.arange(steps, dtype=torch.float32, device=lm.device) / steps
     rows = ids.expand(steps, -1)
     result = []
@@ -92,17 +92,6 @@ def attributions(lm: LM, prompt: str, answer: str, steps: int = STEPS,
         if on_layer is not None:
             on_layer()
     return torch.stack(result)
-
-
-def _layers_return_tuples(lm: LM, ids: torch.Tensor) -> bool:
-    seen: list[bool] = []
-    handle = lm.module(f"{lm.arch.layers}.0").register_forward_hook(lambda m, a, out: seen.append(isinstance(out, tuple)))
-    try:
-        with torch.no_grad():
-            lm.model.base_model(input_ids=ids[:, :1])
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def coarse_neurons(scores: torch.Tensor, layers: Sequence[int], threshold: float = THRESHOLD) -> list[Neuron]:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models.cache import write_atomic
+from ..models.ffn_width import set_parameter
 from ..models.lm import LM
 
 
@@ -103,8 +104,13 @@ class WeightDelta:
         return list(self.before)
 
     def update(self, name: str) -> torch.Tensor:
-        """ΔW for one parameter, in float32, in the parameter's storage layout."""
-        return self.after[name].float() - self.before[name].float()
+        """ΔW for one parameter, in float32, in the parameter's storage layout. A parameter the edit grew (memories
+        added, `metadata["grown"]`) counts its new slices as the update: `before` is read padded with zeros."""
+        before, after = self.before[name].float(), self.after[name].float()
+        if before.shape != after.shape:
+            pad = [(0, a - b) for b, a in zip(before.shape, after.shape)][::-1]
+            before = torch.nn.functional.pad(before, [x for pair in pad for x in pair])
+        return after - before
 
     def relative_norm(self) -> dict[str, float]:
         """‖ΔW‖ / ‖W‖ per parameter (Frobenius)."""
@@ -141,7 +147,10 @@ class WeightDelta:
                 )
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(put[name].to(device=p.device, dtype=p.dtype))
+                if p.shape == put[name].shape:
+                    p.copy_(put[name].to(device=p.device, dtype=p.dtype))
+                else:  # memories added or removed: the parameter changes size
+                    set_parameter(lm, name, put[name])
 
     def apply(self, lm: LM) -> None:
         """Write the edited weights; refuses unless the model holds exactly the unedited ones."""
@@ -201,8 +210,11 @@ class WeightDelta:
         if odd or not before or set(before) != set(after):
             raise PatchMismatchError(f"{path} is malformed: expected matching before.<name>/after.<name> tensors, "
                                      f"got {sorted(tensors)[:6]}")
+        grown = set(metadata.get("grown", ()))
         for name in before:
-            if before[name].shape != after[name].shape or before[name].dtype != after[name].dtype:
+            resized = name in grown and before[name].dim() == after[name].dim() and sum(
+                b != a for b, a in zip(before[name].shape, after[name].shape)) <= 1
+            if (before[name].shape != after[name].shape and not resized) or before[name].dtype != after[name].dtype:
                 raise PatchMismatchError(f"{path} is malformed: {name} is {tuple(before[name].shape)} "
                                          f"{before[name].dtype} before but {tuple(after[name].shape)} "
                                          f"{after[name].dtype} after")
@@ -232,13 +244,19 @@ class WeightGuard:
     def restore(self) -> None:
         with torch.no_grad():
             for name, p in self.params.items():
-                p.copy_(self.before[name].to(p.device))
+                if p.shape == self.before[name].shape:
+                    p.copy_(self.before[name].to(p.device))
+                else:  # the editor grew it (memories added): back to its old size
+                    set_parameter(self.lm, name, self.before[name])
 
     def finish(self, metadata: dict[str, Any]) -> WeightDelta:
         after = {n: p.detach().cpu().clone() for n, p in self.params.items()}
         bad = [n for n, t in after.items() if not torch.isfinite(t).all()]
         if bad:
             raise EditError(f"the edit produced NaN/Inf weights in {bad}; weights restored")
+        grown = [n for n, t in after.items() if t.shape != self.before[n].shape]
+        if grown:  # memories were added: the patch says which parameters change size
+            metadata = {**metadata, "grown": grown}
         return WeightDelta(before=self.before, after=after, metadata=metadata)
 
     def __exit__(self, exc_type, exc, tb) -> bool:

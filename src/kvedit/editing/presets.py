@@ -46,13 +46,14 @@ def make_hparams(cls: type, presets: Mapping[str, Mapping[str, Any]], preset: st
 
 def default_preset(lm: LM | None, presets: Mapping[str, Mapping[str, Any]]) -> str:
     """The preset chosen for this model if the table has one (MODEL_PRESETS), else its family's
-    (FAMILY_PRESETS), else GPT-2 XL's."""
+    (FAMILY_PRESETS), else GPT-2 XL's; a table without those rows (one preset for every model) gives its first."""
     if lm is None:
         return next(iter(presets))
     row = model_row(lm)
     if row is not None and row in presets:
         return row
-    return FAMILY_PRESETS.get(lm.model.config.model_type, "gpt2-xl")
+    family = FAMILY_PRESETS.get(lm.model.config.model_type, "gpt2-xl")
+    return family if family in presets else next(iter(presets))
 
 
 def model_row(lm: LM | None) -> str | None:

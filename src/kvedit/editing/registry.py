@@ -16,6 +16,7 @@ from .finetune import FT_PRESETS, FTHyperParams, finetune_edit, finetune_paramet
 from .alphaedit import ALPHAEDIT_PRESETS, AlphaEditHyperParams, alphaedit_edit, alphaedit_parameters, alphaedit_prepare
 from .hparams import EditOutcome
 from .kn import KN_PRESETS, KNHyperParams, kn_edit, kn_parameters
+from .tpatcher import TPATCHER_PRESETS, TPatcherHyperParams, tpatcher_edit, tpatcher_parameters, tpatcher_prepare
 from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_parameters, memit_prepare
 from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit, pmet_parameters, pmet_prepare
 from .presets import make_hparams, model_row
@@ -124,6 +125,9 @@ METHODS: Mapping[str, EditMethod] = MappingProxyType(
             _fast(_ROME_METHOD),
             _fast(_MEMIT_METHOD),
             _kn(),
+            _closed_form("t-patcher", TPatcherHyperParams, TPATCHER_PRESETS, tpatcher_parameters, tpatcher_edit,
+                         tpatcher_prepare, "adds memories (a key and a value each) to the last FFN layer, one per "
+                         "mistaken target token (T-Patcher)"),
         )
     }
 )

@@ -203,7 +203,7 @@ def key_statistics(
     return result
 
 
-def _token_batches(
+def statistics_batches(
     lm: LM, source: str, n_tokens: int, seq_len: int, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (ids, attention mask), `[b, ≤seq_len]`, of consecutive corpus text, `n_tokens` tokens in all."""
@@ -257,7 +257,7 @@ def _accumulate(lm, layers, source, n_tokens, kind, seq_len, batch_size, progres
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"key statistics L{','.join(map(str, layers))}",
                disable=not progress)
     start = time.perf_counter()
-    for ids, mask in _token_batches(lm, source, n_tokens, seq_len, batch_size):
+    for ids, mask in statistics_batches(lm, source, n_tokens, seq_len, batch_size):
         with Trace(lm, read=[(site, l) for l in layers], stop=True) as tr:
             lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
         valid = mask.bool()

@@ -43,6 +43,8 @@ class Architecture:
         into the residual is then `post_ffn_norm(Σ m_i v_i)`, not `Σ m_i v_i`.
     post_attn_norm: the same for the attention output projection (Gemma-2/3, OLMo-2).
     norm_weight_offset: those RMSNorms scale by `offset + weight` (1 for Gemma, which stores `gain − 1`).
+    ffn_width_attr: config attribute holding the FFN width (the number of memories per layer); GPT-2 and GPT-J
+        leave it None to mean 4 × d_model.
     """
 
     family: str
@@ -65,6 +67,7 @@ class Architecture:
     post_ffn_norm: str | None = None
     post_attn_norm: str | None = None
     norm_weight_offset: float = 0.0
+    ffn_width_attr: str = "intermediate_size"
 
     @property
     def gated(self) -> bool:
@@ -95,6 +98,7 @@ _LLAMA_LIKE = dict(
 _ROWS: dict[str, Architecture] = {
     "gpt2": Architecture(
         family="GPT-2",
+        ffn_width_attr="n_inner",
         layers="transformer.h",
         keys={"key": "mlp.c_fc"},
         values="mlp.c_proj",
@@ -111,6 +115,7 @@ _ROWS: dict[str, Architecture] = {
     ),
     "gptj": Architecture(
         family="GPT-J",
+        ffn_width_attr="n_inner",
         layers="transformer.h",
         keys={"key": "mlp.fc_in"},
         values="mlp.fc_out",
@@ -168,6 +173,7 @@ _ROWS: dict[str, Architecture] = {
     ),
     "opt": Architecture(
         family="OPT",
+        ffn_width_attr="ffn_dim",
         layers="model.decoder.layers",
         keys={"key": "fc1"},
         values="fc2",

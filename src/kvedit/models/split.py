@@ -142,3 +142,17 @@ class SplitBatch:
             return self._run().last_hidden_state
         with replayed_layers(self.lm, self.start, self.entry, self.as_tuple):
             return self._run().last_hidden_state
+
+
+@torch.no_grad()
+def layer_returns_tuple(lm: LM) -> bool:
+    """Whether the family's decoder layers return a tuple (what `replayed_layers`' stand-ins must return too)."""
+    seen: list[bool] = []
+    handle = lm.module(f"{lm.arch.layers}.0").register_forward_hook(
+        lambda module, args, output: seen.append(isinstance(output, tuple)))
+    try:
+        token = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else 0
+        lm.model.base_model(input_ids=torch.tensor([[token]], device=lm.device))
+    finally:
+        handle.remove()
+    return seen[0]
