@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvedit-installed
 
-.PHONY: setup demo test bench browser
+.PHONY: setup demo test lint typecheck bench browser
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -28,8 +28,17 @@ browser:
 	  || echo "could not install chromium + chromium-driver: the browser test will skip"; \
 	else echo "no chromium/chromedriver and no apt-get as root to install them: the browser test will skip"; fi
 
-test: setup browser
+test: setup browser lint
 	$(PY) -m pytest -q -rs
+
+# ruff's lint rules (pyproject.toml) on the code, tests and benchmarks; clean
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+# not yet in `test`: mypy on src/ and ruff's format check (issue 29 leaves both to follow-up commits)
+typecheck: setup
+	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/ft_edit_speed.py

@@ -29,12 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from tiny_models import tiny_lm  # noqa: E402
+
 from kvedit import EditRequest, edit  # noqa: E402
 from kvedit.editing.alphaedit_state import AlphaEditHistory  # noqa: E402
 from kvedit.editing.context import MEMIT_TEMPLATES, context_templates  # noqa: E402
 from kvedit.editing.stats import key_statistics  # noqa: E402
 from kvedit.editing.targets import subject_keys  # noqa: E402
-from tiny_models import tiny_lm  # noqa: E402
 
 BATCHES = [
     [EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),

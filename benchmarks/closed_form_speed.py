@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from kvedit import edit, load_model
-from kvedit.evaluation.known import known_filter
 from kvedit.data.loaders import load_requests
 from kvedit.editing import prepare
+from kvedit.evaluation.known import known_filter
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 #: issue 10, as measured before the work (bundled model, 2 cores, cached statistics, known cases), and targets

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from kvedit import edit, load_model
-from kvedit.evaluation.known import known_filter
 from kvedit.data.loaders import load_requests
 from kvedit.evaluation import target_nll
+from kvedit.evaluation.known import known_filter
 
 DATA = "../shared/data/editing/counterfact/counterfact-edit-1k.json"
 

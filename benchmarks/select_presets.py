@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 from kvedit import load_model
-from kvedit.data.loaders import load_requests
+from kvedit.bench.selection import CaseLog, best_setting, default_grid, known_split, select, setting_key, sweep_table
 from kvedit.data.jsonl import cut_torn_tail
-from kvedit.bench.selection import (CaseLog, best_setting, default_grid, known_split, select,
-                             setting_key, sweep_table)
+from kvedit.data.loaders import load_requests
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

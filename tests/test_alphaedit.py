@@ -7,18 +7,18 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit import EditRequest, WeightDelta, edit
 from kvedit.cli import main
 from kvedit.editing import make_settings
-from kvedit.editing.alphaedit import ALPHAEDIT_PRESETS, alphaedit_update
-from kvedit.editing.alphaedit_state import AlphaEditHistory, null_space_projector, projector_from_mom2
+from kvedit.editing.alphaedit import ALPHAEDIT_PRESETS
+from kvedit.editing.alphaedit_state import AlphaEditHistory, null_space_projector
 from kvedit.editing.context import MEMIT_TEMPLATES, context_templates
 from kvedit.editing.memit import MEMIT_PRESETS
 from kvedit.editing.stats import key_statistics
 from kvedit.editing.targets import site_values, subject_keys
 from kvedit.evaluation.probe import target_probabilities
-from tiny_models import tiny_lm
 
 REQUESTS = [
     EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_lm
 
 from kvedit.analysis.components import component_similarity, jaccard
 from kvedit.analysis.inspect import Intervention, inspect_prompt
@@ -12,7 +13,6 @@ from kvedit.analysis.patch_view import changed_memories, memory_major, patch_rep
 from kvedit.editing.delta import WeightDelta
 from kvedit.models import ARCHITECTURES, Trace, ffn_memory
 from kvedit.models.tracing import Scaling
-from tiny_models import tiny_lm
 
 PROMPTS = ["the eiffel tower is located in the city of", "berlin is the capital of"]
 CAUSAL = sorted(k for k, a in ARCHITECTURES.items() if a.objective == "causal")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit.analysis.layers import agreement, corpus_statistics
 from kvedit.analysis.runs import analyze_layers, analyze_values
@@ -11,7 +12,6 @@ from kvedit.analysis.triggers import TriggerSet
 from kvedit.analysis.values import value_projection, value_projections
 from kvedit.analysis.vocab import logit_lens
 from kvedit.models import ARCHITECTURES, Trace, ffn_memory
-from tiny_models import tiny_lm
 
 TEXT = "the eiffel tower is located in paris. berlin is the capital of germany. french is spoken in france.\n"
 

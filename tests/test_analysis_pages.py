@@ -6,6 +6,7 @@ import re
 from html.parser import HTMLParser
 
 import pytest
+from tiny_models import SPECIALS, VOCAB, tiny_lm
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -13,7 +14,6 @@ from kvedit.analysis.pages import marked_prefix, marked_prefix_html, split_prefi
 from kvedit.analysis.runs import analyze_triggers
 from kvedit.analysis.triggers import TriggerExample, TriggerSet
 from kvedit.models import LM
-from tiny_models import SPECIALS, VOCAB, tiny_lm
 
 #: corpus words that are markup in HTML or Markdown; they replace tiny-vocabulary words so the model's size holds
 HOSTILE = ["<script>alert(1)</script>", "a&b", '"quoted"', "x|y", "*bold*", "<b>"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit.analysis import corpus
 from kvedit.analysis.runs import analyze_triggers, triggers_in
 from kvedit.analysis.topk import order_key
 from kvedit.analysis.triggers import RunningTopK, TriggerSet, load_or_mine, mine_triggers
 from kvedit.models import ARCHITECTURES, Trace
-from tiny_models import tiny_lm
 
 TEXT = (
     "the eiffel tower is located in paris. the colosseum is in rome! berlin is the capital of germany.\n"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TINY_CONFIGS, tiny_lm
 from transformers.activations import ACT2FN
 
 from kvedit import EditRequest, edit
 from kvedit.evaluation import target_nll
 from kvedit.models import ARCHITECTURES, UnsupportedModelError, architecture_for, ffn_memory, memory_coefficients
-from tiny_models import TINY_CONFIGS, tiny_lm
 
 FAMILIES = sorted(ARCHITECTURES)
 PROMPTS = ["the eiffel tower is located in the city of", "paris is the capital of"]

@@ -18,13 +18,20 @@ import torch
 
 import kvedit.bench.runner as batch_runner_module
 from kvedit.bench.config import BenchConfig
-from kvedit.bench.folder import LOCK_FILE, BenchError, FolderInUseError, check_bench_folder, load_cases_file, lock_bench_folder
+from kvedit.bench.folder import (
+    LOCK_FILE,
+    BenchError,
+    FolderInUseError,
+    check_bench_folder,
+    load_cases_file,
+    lock_bench_folder,
+)
 from kvedit.bench.harness import Bench
-from kvedit.evaluation.known import known_filter
 from kvedit.cli import main
 from kvedit.data.download import download, resolve_dataset
 from kvedit.data.loaders import DatasetError, load_requests
 from kvedit.evaluation import target_nll
+from kvedit.evaluation.known import known_filter
 from kvedit.reports.bench_report import write_report
 
 FACTS = [

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import SHARED_DATA
+
 from kvedit import EditRequest, WeightDelta, counterfact_case_metrics, edit, load_model
 from kvedit.cli import main
 from kvedit.editing.registry import get_method
-from kvedit.models import ModelLoadError, cache_dir, ffn_memory
-from kvedit.models import loading
+from kvedit.models import ModelLoadError, cache_dir, ffn_memory, loading
 
 pytestmark = pytest.mark.bundled
 WIKITEXT = SHARED_DATA / "corpus" / "wikitext-2" / "valid.txt"

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit.analysis.causal_trace import (
-    KIND_SITES, NOISE_SEED, embedding_noise_scale, subject_token_range, trace_fact,
+    KIND_SITES,
+    NOISE_SEED,
+    embedding_noise_scale,
+    subject_token_range,
+    trace_fact,
 )
-from tiny_models import tiny_lm
 
 PROMPT = "the eiffel tower is located in the city of"
 SUBJECT = "eiffel tower"
@@ -112,8 +116,8 @@ def test_a_fact_the_model_does_not_predict_is_skipped():
 def test_analyze_trace_end_to_end_resumes_and_averages_by_category(capsys, tiny_folder, tmp_path):
     import json
 
-    from kvedit.analysis.trace_effects import average_effects, token_categories
     from kvedit.analysis.causal_trace import FactTrace
+    from kvedit.analysis.trace_effects import average_effects, token_categories
     from kvedit.cli import main
     from kvedit.models import load_model
 

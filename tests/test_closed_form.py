@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TINY_CONFIGS, tiny_lm
 
 import kvedit.editing.context as context_module
 import kvedit.editing.stats as stats_module
 from kvedit import EditRequest, edit
 from kvedit.editing import prepare
+from kvedit.editing.context import MEMIT_TEMPLATES, ROME_TEMPLATES, context_templates
 from kvedit.editing.memit import spread_fraction
 from kvedit.editing.stats import key_statistics
 from kvedit.editing.targets import subject_keys
-from kvedit.editing.context import MEMIT_TEMPLATES, ROME_TEMPLATES, context_templates
 from kvedit.models.tracing import Addition, Trace
-from tiny_models import TINY_CONFIGS, tiny_lm
 
 REQUESTS = [
     EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),

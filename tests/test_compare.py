@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_models import tiny_lm
 
 from kvedit.bench.config import BenchConfig
 from kvedit.bench.harness import Bench
 from kvedit.cli import main
 from kvedit.reports.compare import parse_pairs
-from tiny_models import tiny_lm
 
 FACTS = [("{} is located in the city of", "the eiffel tower", "rome", "paris"),
          ("{} is located in the city of", "the colosseum", "london", "rome"),

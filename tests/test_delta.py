@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit import EditRequest, WeightDelta, edit
 from kvedit.editing import EditError, PatchMismatchError
 from kvedit.evaluation import target_nll
-from tiny_models import tiny_lm
 
 REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit import EditRequest, edit, load_model
 from kvedit.editing.delta import EditError
-from tiny_models import tiny_lm
 
 REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
 FAST = dict(max_steps=3, stats_source="self", stats_tokens=256)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from kvedit.data.requests import EditRequest
+from kvedit.evaluation.comparison import bootstrap_ci, mean_with_ci, paired_comparison, sign_test
 from kvedit.evaluation.counterfact import counterfact_case_metrics
 from kvedit.evaluation.easyedit import add_locality, locality_unchanged
-from kvedit.evaluation.comparison import bootstrap_ci, mean_with_ci, paired_comparison, sign_test
 from kvedit.evaluation.generation import (
     generate_ids,
     generate_texts,

@@ -9,10 +9,11 @@ import threading
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from tiny_models import tiny_lm
 
 from kvedit.analysis.inspect import inspect_prompt
 from kvedit.analysis.triggers import mine_triggers
-from kvedit.analysis.vocab import project
+from kvedit.analysis.vocab import project, token_strings
 from kvedit.cli import main
 from kvedit.cli.explore import bind_socket, is_loopback
 from kvedit.editing.delta import WeightDelta
@@ -20,9 +21,7 @@ from kvedit.explore import ExploreSession, ExploreSettings, create_app
 from kvedit.explore.api import jsonable
 from kvedit.explore.value_cache import ValueTokenCache
 from kvedit.explore.views import Vocabulary, prompt_view
-from kvedit.analysis.vocab import token_strings
 from kvedit.models import ffn_memory
-from tiny_models import tiny_lm
 
 PROMPT = "the eiffel tower is located in the city of"
 TEXT = ("the eiffel tower is located in the city of paris. the colosseum is located in the city of rome. "

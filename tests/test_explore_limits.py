@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from tiny_models import tiny_lm
 
 from kvedit.analysis.inspect import Intervention, check_distribution
 from kvedit.cli import main
 from kvedit.editing.registry import make_settings
 from kvedit.explore import ExploreSession, ExploreSettings, create_app
 from kvedit.explore.limits import Limits
-from tiny_models import tiny_lm
 
 PROMPT = "the eiffel tower is located in the city of"
 EDIT = {"prompt": PROMPT, "subject": "the eiffel tower", "target_new": "rome", "target_true": "paris",

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit.cli.explore import bind_socket
 from kvedit.explore import ExploreSession, ExploreSettings, create_app
 from kvedit.explore.limits import Limits
 from kvedit.explore.security import loopback_origins
-from tiny_models import tiny_lm
 
 PROMPT = "the eiffel tower is located in the city of"
 EDIT = {"prompt": PROMPT, "subject": "the eiffel tower", "target_new": "rome", "target_true": "paris",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_lm
 
 from kvedit import EditRequest, edit
 from kvedit.editing.finetune import FT_PRESETS, encode_request
-from tiny_models import tiny_lm
 
 # a two-token target: "prompt_last" and "teacher_forced" differ only for targets of more than one token
 REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome italy",

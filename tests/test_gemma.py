@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 import kvedit.editing.rome as rome_module
 from kvedit import EditRequest, edit
@@ -15,7 +16,6 @@ from kvedit.editing.stats import key_statistics
 from kvedit.evaluation.scoring import encode_target, target_nll
 from kvedit.models import Trace, ffn_memory, memory_coefficients
 from kvedit.models.memory import output_for_written, post_norm_gain, written_output
-from tiny_models import tiny_lm
 
 POST_NORM_FAMILIES = ["gemma2", "gemma3_text", "olmo2"]
 PROMPTS = ["the eiffel tower is located in the city of", "paris is the capital of"]

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 import kvedit
 from kvedit.analysis.neurons import attributions, coarse_neurons
 from kvedit.cli import main
 from kvedit.models.architectures import ARCHITECTURES
-from tiny_models import tiny_lm
 
 REQUEST = kvedit.EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome",
                              target_true="paris")

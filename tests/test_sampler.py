@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit.evaluation.generation import generate_ids, generate_texts
-from tiny_models import tiny_lm
 
 PROMPTS = ["the eiffel tower is", "rome is the capital of italy and"]
 

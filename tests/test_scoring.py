@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit import EditRequest, counterfact_case_metrics, summarize_counterfact
 from kvedit.evaluation import TokenScores, encode_target, score_targets, target_nll
-from tiny_models import tiny_lm
 
 
 def manual_nll(lm, prompt: str, target: str) -> float:

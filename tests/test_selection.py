@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 import kvedit.bench.selection as selection
 from kvedit import EditRequest
 from kvedit.data.loaders import load_requests
-from tiny_models import tiny_lm
 
 FIXTURE = Path(__file__).parent / "fixtures" / "counterfact_small.json"
 

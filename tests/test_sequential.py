@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 import kvedit.bench.sequential as sequential_module
 from kvedit import EditRequest, edit
-from kvedit.editing import FTHyperParams, make_settings
 from kvedit.bench.sequential import sequential_edit
-from tiny_models import tiny_lm
+from kvedit.editing import FTHyperParams, make_settings
 
 REQUESTS = [
     EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import WORDS, tiny_lm
 
 import kvedit.editing.stats as stats_module
 from kvedit.editing.context import ROME_TEMPLATES, context_templates
 from kvedit.editing.stats import KeyStats, key_statistics
 from kvedit.models import memory_coefficients
-from tiny_models import WORDS, tiny_lm
 
 SEQ = 16  # each paragraph below is 15 words + EOS = 16 tokens, so sequences never straddle files
 

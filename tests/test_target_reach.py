@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit import EditRequest, edit
 from kvedit.evaluation.zsre import zsre_case_metrics
-from tiny_models import tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit.bench.folder import load_cases_file
 from kvedit.cli import main
 from kvedit.data.requests import EditRequest
 from kvedit.editing import edit, targets
 from kvedit.editing.target_store import reused_targets
-from tiny_models import tiny_lm
 
 REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
 SETTINGS = dict(layers=(1, 2), max_steps=4, stats_source="self", stats_tokens=256)

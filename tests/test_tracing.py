@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 
 from kvedit.models import Addition, Trace
-from tiny_models import tiny_lm
 
 PROMPTS = ["the eiffel tower is located in the city of", "berlin is the capital of"]
 

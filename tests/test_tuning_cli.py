@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tuning_train import letters_lm
 
 from kvedit.cli import main
 from kvedit.models import load_model
-from test_tuning_train import letters_lm
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tuning"
 QUIET = ["--threads", "1", "--eval-batch-size", "2"]

@@ -6,11 +6,19 @@ import pytest
 import torch
 from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from tiny_models import tiny_lm
 
 from kvedit.models import ARCHITECTURES
-from kvedit.tuning.targets import (adapter_config, adapted_modules, attach_adapter, detach_adapter,
-                                   lora_parameter_count, parameter_counts, parse_targets, role_modules)
-from tiny_models import tiny_lm
+from kvedit.tuning.targets import (
+    adapted_modules,
+    adapter_config,
+    attach_adapter,
+    detach_adapter,
+    lora_parameter_count,
+    parameter_counts,
+    parse_targets,
+    role_modules,
+)
 
 # Written out by hand from each family's module names (not read from the architecture table).
 EXPECTED = {

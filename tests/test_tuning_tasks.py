@@ -6,12 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_DATA
+
 from kvedit.tuning.instruct import alpaca_prompt, load_alpaca, load_mmlu
 from kvedit.tuning.records import RecordFormatError, read_records
-from kvedit.tuning.tasks import (TASKS, TaskDataError, load_task, load_user_task, parse_boolq, parse_copa,
-                                 parse_label_words)
+from kvedit.tuning.tasks import (
+    TASKS,
+    TaskDataError,
+    load_task,
+    load_user_task,
+    parse_boolq,
+    parse_copa,
+    parse_label_words,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tuning"
 

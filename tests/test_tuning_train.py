@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_lm
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -21,7 +22,6 @@ from kvedit.tuning.targets import detach_adapter
 from kvedit.tuning.tasks import Example, TaskData
 from kvedit.tuning.tokens import encode_example
 from kvedit.tuning.train import training_sequences
-from tiny_models import tiny_lm
 
 PROMPTS = ["the capital of france is", "rome is located in", "the language spoken in berlin is", "london is in",
            "the eiffel tower stands in", "madrid is the capital of", "the louvre is in", "big ben is in"]

@@ -25,7 +25,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from kvedit.models import LM, ARCHITECTURES
+from kvedit.models import ARCHITECTURES, LM
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
 WORDS = (

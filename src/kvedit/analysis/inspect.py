@@ -16,7 +16,6 @@ from ..models.tracing import Scaling, Trace
 from .triggers import TriggerSet
 from .vocab import logit_lens, project, token_strings
 
-
 #: the largest |factor| an intervention accepts: far past any factor that reads as "this memory, stronger", and
 #: far below what overflows a forward pass (a factor of 1e308 turns the output into NaN)
 MAX_FACTOR = 1e4

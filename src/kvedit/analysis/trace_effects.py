@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from ..data.jsonl import jsonl_appender, read_jsonl
 from ..data.requests import EditRequest
 from ..models.lm import LM
-from .causal_trace import KIND_SITES, SAMPLES, WINDOW, FactTrace, embedding_noise_scale, trace_fact
 from ..reports.plotting import pyplot
+from .causal_trace import KIND_SITES, SAMPLES, WINDOW, FactTrace, embedding_noise_scale, trace_fact
 
 CATEGORIES = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
               "further tokens", "last token")

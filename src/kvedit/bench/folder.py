@@ -20,7 +20,6 @@ from typing import Any
 
 from ..data.jsonl import append_jsonl, read_jsonl
 
-
 #: the lock file in a bench folder: an flock held by the process that runs the folder, and who that is (JSON)
 LOCK_FILE = ".kvedit-lock"
 

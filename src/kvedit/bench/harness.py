@@ -36,7 +36,15 @@ from ..editing.registry import make_settings
 from ..evaluation.easyedit import add_locality
 from ..evaluation.generation import AttributeSnippets, load_attribute_snippets
 from ..evaluation.known import known_filter
-from ..evaluation.summary import Suite, compare_runs, dataset_title, easyedit_table, markdown_table, summarize_run, summary_csv
+from ..evaluation.summary import (
+    Suite,
+    compare_runs,
+    dataset_title,
+    easyedit_table,
+    markdown_table,
+    summarize_run,
+    summary_csv,
+)
 from ..models.lm import LM
 from .config import BenchConfig, RunSpec, choose_suite
 from .folder import BenchError, append_records, check_bench_folder, load_cases_file, lock_bench_folder, runs_on_file

@@ -21,13 +21,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .runner import BatchRunner, RunSpec
 from ..data.requests import EditRequest
 from ..evaluation.summary import SUITES
 from ..extras import RAY_INSTALL
 from ..models.cache import cache_dir, write_atomic
 from ..models.lm import LM
-
+from .runner import BatchRunner, RunSpec
 
 #: a batch of work: the run, the batch's index in the run, its cases
 Task = tuple[RunSpec, int, list[EditRequest]]

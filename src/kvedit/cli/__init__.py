@@ -56,8 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # loading from the cache takes well under a second
-    from ..data.requests import RequestError
     from ..bench.ray import DistributedError
+    from ..data.requests import RequestError
     from ..editing.delta import EditError, PatchMismatchError
     from ..models.architectures import UnsupportedModelError
     from ..models.loading import ModelLoadError

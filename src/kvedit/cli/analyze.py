@@ -265,7 +265,7 @@ def _progress(prompts: list[str]):
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from ..analysis.trace_effects import write_trace_results, trace_facts
+    from ..analysis.trace_effects import trace_facts, write_trace_results
     from ..data.loaders import load_requests
     from ..editing.registry import make_settings
 
@@ -292,8 +292,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 def _cmd_neurons(args: argparse.Namespace) -> int:
     from ..analysis.neuron_runs import find_neurons, write_neuron_results
-    from ..evaluation.known import known_filter
     from ..data.loaders import load_requests
+    from ..evaluation.known import known_filter
 
     if not Path(args.dataset).is_file():
         raise FileNotFoundError(f"--dataset {args.dataset} is not a file")

@@ -11,8 +11,8 @@ from .folders import results_folder
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    from ..extras import RAY_INSTALL
     from ..editing.method_names import METHOD_NAMES
+    from ..extras import RAY_INSTALL
 
     d = sub.add_parser("demo", help="the main job: FT on keys vs values over the built-in demo facts "
                                     "(a bench run over kvedit/data/demo_facts.json)")

@@ -37,8 +37,16 @@ from .alphaedit_state import PRECISIONS, AlphaEditHistory, Precision, null_space
 from .context import MEMIT_TEMPLATES, context_templates
 from .delta import EditError
 from .hparams import ClosedFormHyperParams, EditOutcome
-from .memit import (MEMIT_PRESETS, LayerRecord, Target, has_post_norm, output_change, written_remaining,
-                    spread_fraction, summarize_records)
+from .memit import (
+    MEMIT_PRESETS,
+    LayerRecord,
+    Target,
+    has_post_norm,
+    output_change,
+    spread_fraction,
+    summarize_records,
+    written_remaining,
+)
 from .presets import frozen_presets
 from .stats import key_statistics
 from .targets import optimize_targets, site_values, subject_keys

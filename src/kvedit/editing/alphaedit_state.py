@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from ..models.cache import cache_dir, write_atomic
 from ..models.lm import LM
-from .stats import source_slug, key_statistics
+from .stats import key_statistics, source_slug
 
 Precision = Literal["float32", "float64"]
 PRECISIONS: tuple[str, ...] = ("float32", "float64")

@@ -11,8 +11,8 @@ import json
 
 import torch
 
-from ..models.lm import LM
 from ..models.cache import cache_dir
+from ..models.lm import LM
 
 #: (tokens per generation, generations) per group, after the bare "{}" group
 ROME_TEMPLATES: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))

@@ -20,7 +20,7 @@ before the linear solve; R below is then that target minus the current output.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 

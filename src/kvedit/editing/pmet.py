@@ -26,8 +26,8 @@ from ..data.requests import EditRequest
 from ..models.lm import LM
 from .context import MEMIT_TEMPLATES, context_templates
 from .hparams import EditOutcome
-from .presets import frozen_presets
 from .memit import LayerRecord, MEMITHyperParams, Spread, Target, distribute, memit_prepare, summarize_records
+from .presets import frozen_presets
 from .stats import inverse_mom2, key_statistics
 from .targets import TargetOptions, optimize_targets
 

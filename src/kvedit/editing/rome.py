@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from ..data.requests import EditRequest
+from ..models.devices import float64_device
 from ..models.lm import LM
 from .context import ROME_TEMPLATES, context_templates
 from .hparams import ClosedFormHyperParams, EditOutcome
 from .presets import frozen_presets
-from ..models.devices import float64_device
 from .stats import inverse_mom2
 from .targets import optimize_targets, subject_keys
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..data.requests import RequestError, check_text
+from ..data.requests import RequestError
 from ..models.lm import LM
 from . import views
 

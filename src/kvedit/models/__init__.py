@@ -1,8 +1,8 @@
 """Models: the architecture table, loading and caching, the FFN key-value view, tracing."""
 
 from .architectures import ARCHITECTURES, Architecture, UnsupportedModelError, architecture_for, supported_families
-from .lm import LM
 from .cache import cache_dir
+from .lm import LM
 from .loading import ModelLoadError, load_model
 from .memory import FFNMemory, ffn_memory, memory_coefficients
 from .tracing import Addition, StopForward, Trace

@@ -12,7 +12,6 @@ from ..tuning.tables import METRIC_TITLES, TASK_TITLES, markdown, run_dir_name
 from .plotting import pyplot
 
 
-
 def _panels(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, Mapping[str, Any]]]]:
     """(title, {run: stat}) per panel: the task average under each metric, or MMLU."""
     runs = summary["runs"]

@@ -13,7 +13,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-
 #: what an IA3 adapter on each role means (shown by `kvedit tune --help`)
 IA3_CAVEAT = (
     "IA3 rescales activations: on values it scales down_proj's input, which equals rescaling each value vector "

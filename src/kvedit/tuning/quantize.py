@@ -28,7 +28,7 @@ def load_4bit(name_or_path: str | None) -> LM:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if name_or_path is None:
-        from ..models.loading import converted_gguf_folder, bundled_gguf_path
+        from ..models.loading import bundled_gguf_path, converted_gguf_folder
 
         name_or_path = str(converted_gguf_folder(bundled_gguf_path()))
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

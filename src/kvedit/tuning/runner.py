@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from ..data.jsonl import append_jsonl, read_jsonl
 from ..models.lm import LM
 from .adapters import adapter_metadata, load_adapter, save_adapter
@@ -27,7 +26,7 @@ from .evaluate import predict
 from .instruct import MMLUItem, load_alpaca, load_mmlu, mmlu_predictions
 from .presets import TrainConfig
 from .tables import run_dir_name, summarize_tune, write_tables
-from .targets import (TargetSet, attach_adapter, describe, detach_adapter, parameter_counts, parse_targets)
+from .targets import TargetSet, attach_adapter, describe, detach_adapter, parameter_counts, parse_targets
 from .tasks import TASKS, Example, TaskData, load_task
 from .train import PeakMemory, train_adapter
 

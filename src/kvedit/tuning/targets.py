@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ..models.lm import LM
-from .presets import IA3_CAVEAT
 
 AdapterType = Literal["lora", "ia3"]
 
