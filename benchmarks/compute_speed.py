@@ -10,6 +10,8 @@ Sections (`--sections`, comma-separated):
   step     one forward+backward of a MEMIT target-optimisation pass (7 rows per fact), f32/bf16 × sdpa/eager
   flops    optimize_targets for `--n-flops` facts: FLOPs (torch.utils.flop_counter), seconds, GFLOP/s vs peak
   batch    optimize_targets at N = --sizes facts per call with each of --group-sizes: seconds per fact, peak RSS
+  mining   trigger mining of --mine-tokens corpus tokens (every layer) in f32 and bf16: tok/s, and the share of
+           memories whose top-1 example is the same (and whose bf16 top-1 is in the f32 top-k)
 bf16 runs where the CPU has no bfloat16 matrix units only with --force-bf16 (they are 30-70x slower there).
 Usage: OMP_NUM_THREADS=2 python benchmarks/compute_speed.py --sections peak,step,flops [--force-bf16]
        python benchmarks/compute_speed.py --sections batch --sizes 1,10,100 --group-sizes 8,32
@@ -147,6 +149,30 @@ def section_batch(lm, args) -> None:
             for g, t in times.items()) + f"   peak RSS so far {peak_rss_mb():.0f} MB")
 
 
+def section_mining(lm, args) -> None:
+    from kvedit.analysis.triggers import mine_triggers
+
+    found, seconds = {}, {"float32": [], "bfloat16": []}
+    for _ in range(args.repeats if args.repeats < 3 else 2):
+        for dtype in seconds:
+            lm.compute_dtype = dtype
+            start = time.perf_counter()
+            found[dtype] = mine_triggers(lm, "self", k=10, max_tokens=args.mine_tokens, progress=False)
+            seconds[dtype].append(time.perf_counter() - start)
+    lm.compute_dtype = "float32"
+    same = in_top = total = 0
+    for layer in found["float32"].layers:
+        a, b = found["float32"].codes[layer], found["bfloat16"].codes[layer]
+        same += int((a[:, 0] == b[:, 0]).sum())
+        in_top += int((b[:, :1] == a).any(1).sum())
+        total += a.shape[0]
+    rate = {d: args.mine_tokens / statistics.median(t) for d, t in seconds.items()}
+    print(f"\ntrigger mining, {args.mine_tokens} tokens of 'self', every layer, k=10 (median of {len(seconds['float32'])}):"
+          f" float32 {rate['float32']:.0f} tok/s, bfloat16 {rate['bfloat16']:.0f} tok/s "
+          f"({rate['bfloat16'] / rate['float32']:.2f}x); top-1 example the same for {100 * same / total:.2f} % of "
+          f"{total} memories, bf16's top-1 in float32's top-10 for {100 * in_top / total:.2f} %")
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -158,6 +184,7 @@ def main() -> None:
     parser.add_argument("--n-flops", type=int, default=4)
     parser.add_argument("--sizes", default="1,10,100")
     parser.add_argument("--group-sizes", default="8,32")
+    parser.add_argument("--mine-tokens", type=int, default=4096)
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without bf16 matrix units")
     args = parser.parse_args()
     lm = load_model()
@@ -177,6 +204,8 @@ def main() -> None:
         section_flops(lm, args, peaks)
     if "batch" in sections:
         section_batch(lm, args)
+    if "mining" in sections:
+        section_mining(lm, args)
     print(f"peak RSS {peak_rss_mb():.0f} MB; load average now {os.getloadavg()[0]:.1f}")
 
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..models.compute import compute_view
 from ..models.lm import LM
 from .corpus import TokenBatch, token_batches
 from .topk import Rank, RunningTopK
@@ -153,6 +154,8 @@ class TriggerMiner:
     module's input, `[B, T, d_ff]`, or `[B·T, d_ff]` in families that flatten tokens) into each layer's running
     top-k as the forward reaches it, so only one layer's coefficients are alive at a time; the last layer's hook
     ends the forward before its values module (no later layer, no logits). Between calls the model is unhooked.
+    The passes run in `lm.compute_dtype` (a bfloat16 copy of the weights as they were when the miner was made);
+    coefficients are ranked and stored in float32.
     """
 
     def __init__(self, lm: LM, layers: Sequence[int] | None = None, k: int = 50, rank: Rank = "value",
@@ -165,6 +168,7 @@ class TriggerMiner:
         if rank not in ("value", "abs"):
             raise ValueError(f"rank must be 'value' or 'abs', got {rank!r}")
         self.lm, self.k, self.rank, self.stride = lm, k, rank, stride
+        self.view = compute_view(lm)  # lm itself in float32
         d_ff = {l: lm.module(lm.values_path(l)).weight.shape[0 if lm.arch.transposed else 1] for l in self.layers}
         self.tops = {l: RunningTopK.empty(d_ff[l], k, lm.device) for l in self.layers}
         self.sequences: dict[int, tuple[int, ...]] = {}
@@ -174,7 +178,7 @@ class TriggerMiner:
 
     def _hook(self, layer: int, codes: torch.Tensor, valid: torch.Tensor, module: torch.nn.Module,
               args: tuple[Any, ...]) -> None:
-        coefficients = args[0]
+        coefficients = args[0].float()
         self.tops[layer].update(coefficients.reshape(-1, coefficients.shape[-1]), codes, self.rank, valid)
         if layer == self.layers[-1]:
             raise _StopForward
@@ -188,10 +192,10 @@ class TriggerMiner:
         positions = torch.arange(batch.input_ids.shape[1])
         codes = (batch.sequence_ids[:, None] * self.stride + positions).reshape(-1).to(device)
         valid = batch.counted.reshape(-1).to(device)
-        handles = [self.lm.module(self.lm.values_path(l)).register_forward_pre_hook(partial(self._hook, l, codes, valid))
-                   for l in self.layers]
+        handles = [self.view.module(self.view.values_path(l)).register_forward_pre_hook(
+            partial(self._hook, l, codes, valid)) for l in self.layers]
         try:
-            self.lm.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+            self.view.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                           **self._extra)
         except _StopForward:
             pass
@@ -207,8 +211,8 @@ class TriggerMiner:
     def result(self, meta: dict[str, Any] | None = None) -> TriggerSet:
         """The mined triggers so far (tensors on the CPU), with `meta` added to the settings."""
         meta = {"model": self.lm.name, "model_fingerprint": self.lm.base_fingerprint, "tokens": self.tokens,
-                "k": self.k, "rank": self.rank, "max_length": self.stride, "coefficient": coefficient_note(self.lm)
-                } | (meta or {})
+                "k": self.k, "rank": self.rank, "max_length": self.stride, "coefficient": coefficient_note(self.lm),
+                "compute_dtype": self.lm.compute_dtype} | (meta or {})
         return TriggerSet(self.layers, {l: self.tops[l].coefficients.cpu() for l in self.layers},
                           {l: self.tops[l].codes.cpu() for l in self.layers},
                           _referenced(self.sequences, self.tops, self.stride), self.stride, meta)
