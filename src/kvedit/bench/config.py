@@ -14,6 +14,7 @@ from ..data.requests import EditRequest
 from ..editing.method_names import METHOD_NAMES
 from ..evaluation.summary import SUITES, Suite
 from .folder import BenchError, file_sha256
+from .lifelong import LifelongSettings
 
 if TYPE_CHECKING:
     from ..models.lm import LM
@@ -62,6 +63,7 @@ class BenchConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # hparam overrides for every method
     reuse_targets: bool = False  # runs not sequential share target vectors (BatchRunner); scores unchanged
     suite: str | None = None  # "counterfact" or "zsre"; None: the dataset format's (FORMAT_SUITES)
+    lifelong: LifelongSettings = field(default_factory=LifelongSettings)  # what --sequential measures per batch
 
     def __post_init__(self) -> None:
         """Every setting checked once, when the config is made (before any model or folder is touched)."""

@@ -7,7 +7,10 @@ Layout of the output folder::
     known.json       the known-fact filter's result (kept case ids, counts)
     settings.json    per run, the settings its edits used as resolved for the model (a changed one is refused)
     cases.jsonl      one record per (run, case); appended and flushed after every batch
-    patches/<run>/   sequential runs only: each batch's WeightDelta, re-applied on resume
+    state/           sequential runs only: per run the chain W₀ → last finished batch and the history (`seqrun`),
+                     the fixed samples and measurement settings (`lifelong`)
+    sequence.jsonl   sequential runs only: one record per run and batch (new batch, retention, specificity,
+                     general ability, weight change)
     summary.json     per run: every metric's mean, 95 % interval and count, edit time; paired comparisons
     summary.csv      the same means as rows
     table.md         the seed's Table 1/3 layout, then the same runs under EasyEdit's definitions
@@ -31,7 +34,6 @@ from tqdm.auto import tqdm
 from ..data.download import resolve_dataset
 from ..data.loaders import DatasetError, detect_format, load_requests
 from ..data.requests import EditRequest
-from ..editing.delta import WeightDelta
 from ..editing.registry import make_settings
 from ..evaluation.easyedit import add_locality
 from ..evaluation.generation import AttributeSnippets, load_attribute_snippets
@@ -50,7 +52,7 @@ from .config import BenchConfig, RunSpec, choose_suite
 from .folder import BenchError, append_records, check_bench_folder, load_cases_file, lock_bench_folder, runs_on_file
 from .lines import reuse_line, settings_line
 from .runner import BatchRunner, neighborhood_predictions
-from .sequential import edit_in_order
+from .seqrun import SequentialRun
 
 if TYPE_CHECKING:
     from .ray import RaySettings
@@ -266,39 +268,9 @@ class Bench:
             self._append_new(spec, self.runner.run_batch(spec, batch, index), done)
 
     def _run_sequential(self, spec: RunSpec, done: Done) -> None:
-        """Batches applied one after another (`edit_in_order`); after each, the batch's cases are scored and every
-        earlier case's efficacy is re-checked (`history` records). Saved patches make it resumable."""
-        patch_dir = self.out / "patches" / spec.key.replace(" ", "_")
-        patch_dir.mkdir(parents=True, exist_ok=True)
-        batches = self._batches(spec)
-        if self._pending(spec, done):
-            self.runner.prepare(spec)
-
-        def step(index: int, batch: list[EditRequest]) -> WeightDelta:
-            patch = patch_dir / f"batch-{index:05d}.safetensors"
-            if patch.exists() and all((spec.key, r.case_id) in done for r in batch):
-                saved = WeightDelta.load(patch)
-                saved.apply(self.lm)
-                return saved
-            delta, elapsed, _ = self.runner.edit(spec, batch)  # sequential: never reused
-            try:
-                earlier = [r for b in batches[:index] for r in b]
-                history: dict[str, Any] = {"n_edited": len(earlier) + len(batch)}
-                if earlier:
-                    kept = self.runner.evaluate(earlier)
-                    key = self.suite.score_of[0]
-                    history["earlier_efficacy"] = 100.0 * sum(c[key] for c in kept) / len(kept)
-                records = self.runner.records(spec, batch, delta, elapsed, index, history)
-                delta.save(patch)
-                self._append_new(spec, records, done)
-            except BaseException:
-                delta.revert(self.lm)  # the batches before it are reverted by edit_in_order
-                raise
-            return delta
-
-        applied = edit_in_order(self.lm, batches, step, desc=spec.key, progress=self.progress, leave=False)
-        for delta in reversed(applied):
-            delta.revert(self.lm)
+        """Batches applied one after another, measured after each and resumable at any batch (`SequentialRun`:
+        state/<run>/ keeps the chain of weights and the history; sequence.jsonl the per-batch records)."""
+        SequentialRun(self, spec).run(done)
 
     # ------------------------------------------------------------------ summaries
 

@@ -86,17 +86,20 @@ class BatchRunner:
         # the edited model's neighborhood predictions served for locality; only the unedited ones are kept
         return [{k: v for k, v in m.items() if k != "neighborhood_argmax"} | base for m in self.evaluate(batch)]
 
-    def edit(self, spec: RunSpec, batch: Sequence[EditRequest]) -> tuple[WeightDelta, float, float]:
+    def edit(self, spec: RunSpec, batch: Sequence[EditRequest],
+             history: Any | None = None) -> tuple[WeightDelta, float, float]:
         """Edit `batch` in place; return the delta, the edit's time in s and, of that time, the seconds of
         target vectors served from the store (their optimisation time when first computed; `reuse_targets`
         applies to runs that are not sequential, where every batch starts from the unedited weights: a request's
-        target vectors never depend on the others in its batch)."""
+        target vectors never depend on the others in its batch). history: a sequential run's state for methods that
+        carry one (`EditMethod.carries_history`); the next one is `delta.records.history`."""
         reuse = self.reuse_targets and not spec.sequential
         if reuse and self._targets is None:  # the weights are the unedited ones here: the folder's fingerprint
             self._targets = TargetStore(store_folder(self.lm, cache_dir() / "targets"))
         with reused_targets(self.lm, store=self._targets) if reuse else nullcontext() as store:
             start = time.perf_counter()
-            delta = edit(self.lm, list(batch), spec.method, **self.edit_kwargs(spec))
+            extra = {"history": history} if history is not None else {}
+            delta = edit(self.lm, list(batch), spec.method, **self.edit_kwargs(spec), **extra)
             elapsed = time.perf_counter() - start
         reused = store.take_reused_s() if store is not None else 0.0
         return delta, elapsed + reused, reused

@@ -7,7 +7,7 @@ After each batch the new edits are scored, and so are all earlier ones again (do
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -37,18 +37,34 @@ def edit_in_order(
     desc: str = "sequential",
     progress: bool = True,
     leave: bool = True,
+    start: int = 0,
+    status: Callable[[], Mapping[str, Any]] | None = None,
+    keep: bool = True,
 ) -> list[WeightDelta]:
     """The one sequential loop: `step(index, batch)` edits each batch onto the model the earlier ones left and
     returns its delta. Returns the deltas (the model stays edited); on any failure every delta already applied is
-    reverted, newest first, and the error propagates (`step` reverts its own batch if it fails after editing)."""
+    reverted, newest first, and the error propagates (`step` reverts its own batch if it fails after editing).
+
+    start: the index of `batches[0]` in the whole run (a resumed run: the bar says batch start + i of start + n);
+    status: after each batch, what the bar shows beside the count (e.g. the current retention);
+    keep: False for long runs whose caller keeps the weights another way (a chain): no delta is held (returns []),
+    and on a failure the caller restores the model (`step` still reverts its own batch)."""
     deltas: list[WeightDelta] = []
+    bar = tqdm(total=start + len(batches), initial=start, desc=desc, unit="batch", disable=not progress, leave=leave)
     try:
-        for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=leave)):
-            deltas.append(step(index, batch))
+        for index, batch in enumerate(batches, start):
+            delta = step(index, batch)
+            if keep:
+                deltas.append(delta)
+            bar.update(1)
+            if status is not None:
+                bar.set_postfix(status(), refresh=True)
     except BaseException:
         for delta in reversed(deltas):
             delta.revert(lm)
         raise
+    finally:
+        bar.close()
     return deltas
 
 
