@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +51,24 @@ def replayed_layers(lm: LM, start: int, entry: torch.Tensor, as_tuple: bool) -> 
     finally:
         for i, module in enumerate(originals):
             layers[i] = module
+
+
+def appendable_copy(cache: Any) -> Any:
+    """A copy of a KV cache that a forward can append to without changing `cache`. The layers' key/value tensors
+    are shared (an update concatenates them into new tensors and rebinds), their other tensors (counters) cloned;
+    a cache without per-layer objects is deep-copied."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return copy.deepcopy(cache)
+    new = copy.copy(cache)
+    new.layers = []
+    for layer in layers:
+        fresh = copy.copy(layer)
+        for name, value in vars(layer).items():
+            if isinstance(value, torch.Tensor) and name not in ("keys", "values"):
+                setattr(fresh, name, value.clone())
+        new.layers.append(fresh)
+    return new
 
 
 class SplitBatch:
@@ -91,8 +110,7 @@ class SplitBatch:
     def select(self, rows: Sequence[int]) -> "SplitBatch":
         """The same batch with only `rows` (indices into this one's rows), sharing the computed prefix cache and
         layer input: no forward pass. Padding widths stay (the extra columns are masked)."""
-        cache_layers = getattr(self.cache, "layers", None)
-        if self.cache is not None and cache_layers is None:  # a cache this code cannot slice: compute it again
+        if self.cache is not None and getattr(self.cache, "layers", None) is None:  # cannot slice: compute again
             raise NotImplementedError("this transformers' KV cache has no per-layer batch selection")
         index = torch.tensor(list(rows), dtype=torch.long)
         new = copy.copy(self)
@@ -100,8 +118,7 @@ class SplitBatch:
         for name in ("prefix", "prefix_mask", "suffix", "suffix_mask", "suffix_positions"):
             setattr(new, name, getattr(self, name)[index])
         if self.cache is not None:
-            new.cache = copy.copy(self.cache)
-            new.cache.layers = [copy.copy(layer) for layer in cache_layers]
+            new.cache = appendable_copy(self.cache)
             for layer in new.cache.layers:
                 layer.batch_select_indices(index.to(self.lm.device))
         if self.entry is not None:
@@ -128,8 +145,9 @@ class SplitBatch:
     def _run(self):
         device = self.lm.device
         mask = torch.cat([self.prefix_mask, self.suffix_mask], dim=1) if self.width else self.suffix_mask
-        # the pass appends the suffix to the cache it is given: give it a copy of the prefix cache
-        cache = copy.deepcopy(self.cache) if self.cache is not None else None
+        # the pass appends the suffix to the cache it is given: give it a copy of the prefix cache (sharing its
+        # tensors: the append makes new ones)
+        cache = appendable_copy(self.cache) if self.cache is not None else None
         return self.lm.model.base_model(
             input_ids=self.suffix.to(device), attention_mask=mask.to(device),
             position_ids=self.suffix_positions.to(device), **cache_keyword(self.lm.model.base_model, cache),
