@@ -14,7 +14,7 @@ import time
 from types import MappingProxyType
 
 import pytest
-import torch
+from helpers import same, snapshot
 
 import kvedit.bench.runner as batch_runner_module
 from kvedit.bench.config import BenchConfig
@@ -53,14 +53,6 @@ def dataset(tmp_path):
     return path
 
 
-def _weights(lm):
-    return {k: v.clone() for k, v in lm.model.state_dict().items()}
-
-
-def _same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in a)
-
-
 def _count_edits(monkeypatch):
     calls = []
     real = batch_runner_module.edit
@@ -76,9 +68,9 @@ def _count_edits(monkeypatch):
 def test_bench_writes_results_and_resumes_after_a_kill(tiny_llama, dataset, tmp_path, monkeypatch):
     out = tmp_path / "run"
     config = BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=4)
-    before = _weights(tiny_llama)
+    before = snapshot(tiny_llama)
     summary = Bench(tiny_llama, config, out, progress=False).run()
-    assert _same(before, _weights(tiny_llama))  # every edit reverted
+    assert same(before, snapshot(tiny_llama))  # every edit reverted
     records = load_cases_file(out / "cases.jsonl")
     assert sorted((r["run"], r["case_id"]) for r in records) == sorted(
         [("unedited", i) for i in range(4)] + [("ft-keys", i) for i in range(4)])
@@ -244,16 +236,16 @@ def test_skip_leaves_out_the_first_known_cases(tiny_llama, dataset, tmp_path, ca
 def test_sequential_bench_keeps_patches_and_restores_weights(tiny_llama, dataset, tmp_path, monkeypatch):
     out = tmp_path / "seq"
     config = BenchConfig(dataset=str(dataset), methods=("ft-values",), n=4, batch_sizes=(2,), sequential=True)
-    before = _weights(tiny_llama)
+    before = snapshot(tiny_llama)
     Bench(tiny_llama, config, out, progress=False).run()
-    assert _same(before, _weights(tiny_llama))
+    assert same(before, snapshot(tiny_llama))
     records = [r for r in load_cases_file(out / "cases.jsonl") if r["run"] != "unedited"]
     assert [r["n_edited"] for r in records] == [2, 2, 4, 4]
     assert "earlier_efficacy" in records[-1] and "earlier_efficacy" not in records[0]
-    assert len(list((out / "patches").rglob("*.safetensors"))) == 2
+    assert (out / "state" / "ft-values_x2_seq" / "chain.safetensors").is_file()  # W₀ → last batch (seqrun)
     calls = _count_edits(monkeypatch)
-    Bench(tiny_llama, config, out, progress=False).run()  # all done: patches re-applied, nothing edited
-    assert calls == [] and _same(before, _weights(tiny_llama))
+    Bench(tiny_llama, config, out, progress=False).run()  # all done: nothing edited
+    assert calls == [] and same(before, snapshot(tiny_llama))
 
 
 def test_failure_keeps_finished_cases_and_weights(tiny_llama, dataset, tmp_path, monkeypatch):
@@ -268,10 +260,10 @@ def test_failure_keeps_finished_cases_and_weights(tiny_llama, dataset, tmp_path,
         return real(lm, requests, method, **kw)
 
     monkeypatch.setattr(batch_runner_module, "edit", flaky)
-    before = _weights(tiny_llama)
+    before = snapshot(tiny_llama)
     with pytest.raises(RuntimeError, match="boom"):
         Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=4), out, progress=False).run()
-    assert _same(before, _weights(tiny_llama))
+    assert same(before, snapshot(tiny_llama))
     assert [r["case_id"] for r in load_cases_file(out / "cases.jsonl") if r["run"] == "ft-keys"] == [0, 1]
 
 
@@ -338,7 +330,7 @@ def test_cli_table3_preset(capsys, dataset, tiny_folder, tmp_path):
     assert runs["ft-keys x10"]["batch_size"] == 10 and runs["ft-keys x10"]["n"] == 3
 
 
-def test_official_dataset_downloads_once_into_the_cache(tmp_path, monkeypatch):
+def test_official_dataset_downloads_once_into_the_cache(tmp_path, kvedit_cache, monkeypatch):
     import functools
     import http.server
     import threading
@@ -361,9 +353,8 @@ def test_official_dataset_downloads_once_into_the_cache(tmp_path, monkeypatch):
         served_table = dict(download_module.OFFICIAL_DATASETS) | {
             "zsre": download_module.OfficialDataset("zsre_mend_eval.json", url, "zsre")}
         monkeypatch.setattr(download_module, "OFFICIAL_DATASETS", MappingProxyType(served_table))
-        monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
         path, fmt = resolve_dataset("zsre")
-        assert path == tmp_path / "cache" / "datasets" / "zsre_mend_eval.json" and fmt == "zsre"
+        assert path == kvedit_cache / "datasets" / "zsre_mend_eval.json" and fmt == "zsre"
         assert load_requests(path, fmt)[0].target_new == "italy"
         (served / "zsre_mend_eval.json").unlink()  # a second call reads the cached copy
         assert resolve_dataset("zsre")[0] == path

@@ -31,13 +31,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..data.requests import EditRequest
-from ..editing.delta import WeightDelta
-from ..evaluation.comparison import mean_with_ci
-from ..evaluation.general_ability import GeneralAbilityProbe, weight_change
-from ..evaluation.summary import Suite
-from ..models.lm import LM
+from typing import TYPE_CHECKING
+
 from .folder import BenchError
+
+if TYPE_CHECKING:  # the CLI reads the defaults here before any model library is imported
+    from ..data.requests import EditRequest
+    from ..editing.delta import WeightDelta
+    from ..evaluation.general_ability import GeneralAbilityProbe
+    from ..evaluation.summary import Suite
+    from ..models.lm import LM
 
 #: the shared data the CLI measures general ability on by default (relative to the working directory)
 DEFAULT_GENERAL_TEXT = "../shared/data/corpus/wikitext-2/test.txt"
@@ -64,6 +67,9 @@ class LifelongSettings:
         if self.retention_sample < 1 or self.specificity_sample < 0:
             raise BenchError(f"--retention-sample must be >= 1 and --specificity-sample >= 0, got "
                              f"{self.retention_sample} and {self.specificity_sample}")
+        if self.general_tokens < self.general_window or self.general_window < 2 or self.general_per_task < 1:
+            raise BenchError(f"need --general-tokens >= --general-window >= 2 and --general-per-task >= 1, got "
+                             f"{self.general_tokens}, {self.general_window} and {self.general_per_task}")
         if self.general_text is not None and not Path(self.general_text).is_file():
             raise BenchError(f"--general-text {self.general_text}: expected a text file (WikiText-2's test.txt); "
                              "pass another with --general-text or switch the probe off with --no-general")
@@ -142,6 +148,8 @@ class LifelongMeter:
     @property
     def probe(self) -> GeneralAbilityProbe | None:
         """The general-ability probe, built on first use (None when switched off)."""
+        from ..evaluation.general_ability import GeneralAbilityProbe
+
         s = self.settings
         if self._probe is None and s.general_text is not None:
             self._probe = GeneralAbilityProbe.build(self.lm, s.general_text, s.general_tasks, s.general_tokens,
@@ -149,6 +157,8 @@ class LifelongMeter:
         return self._probe
 
     def _stats(self, cases: Sequence[Mapping[str, Any]], keys: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+        from ..evaluation.comparison import mean_with_ci
+
         out = {}
         for key, name in zip(keys, names):
             values = [c[key] for c in cases if c.get(key) is not None]
@@ -159,6 +169,8 @@ class LifelongMeter:
                 chain: WeightDelta | None) -> dict[str, Any]:
         """One record's measurements (metrics × 100); `new_cases`: the new batch's per-case metrics (None: the
         record before the first batch); `earlier`: the cases edited before the new batch; `chain`: W₀ → now."""
+        from ..evaluation.general_ability import weight_change
+
         start = time.perf_counter()
         keys = self.suite.score_of
         record: dict[str, Any] = {}

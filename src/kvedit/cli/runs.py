@@ -11,6 +11,7 @@ from .folders import results_folder
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
+    from ..bench.lifelong import DEFAULT_GENERAL_TASKS, DEFAULT_GENERAL_TEXT
     from ..editing.method_names import METHOD_NAMES
     from ..extras import RAY_INSTALL
 
@@ -40,6 +41,21 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
                    help="requests per edit call, e.g. 1, 10 or 1,10 (default 1)")
     b.add_argument("--sequential", action="store_true", help="keep each batch's edit and add the next on top")
     b.add_argument("--known-only", action="store_true", help="keep cases the unedited model gets right")
+    lifelong = b.add_argument_group("measured after each --sequential batch (docs/lifelong.md)")
+    lifelong.add_argument("--retention-sample", type=int, default=200,
+                          help="earlier edits re-scored after each batch (all while fewer; default 200)")
+    lifelong.add_argument("--specificity-sample", type=int, default=100,
+                          help="cases whose neighbourhood prompts are the fixed unrelated facts (default 100)")
+    lifelong.add_argument("--general-text", default=DEFAULT_GENERAL_TEXT,
+                          help=f"held-out text for perplexity (default {DEFAULT_GENERAL_TEXT})")
+    lifelong.add_argument("--general-tasks", default=DEFAULT_GENERAL_TASKS,
+                          help=f"classification tasks for zero-shot label ranking (default {DEFAULT_GENERAL_TASKS})")
+    lifelong.add_argument("--general-tokens", type=int, default=10_000, help="tokens of the text (default 10000)")
+    lifelong.add_argument("--general-window", type=int, default=256,
+                          help="tokens per perplexity window (default 256)")
+    lifelong.add_argument("--general-per-task", type=int, default=50, help="examples per task (default 50)")
+    lifelong.add_argument("--no-general", action="store_true", help="no general-ability probe")
+    lifelong.add_argument("--no-general-tasks", action="store_true", help="perplexity only, no label ranking")
     b.add_argument("--layers", type=layer_list, default=None,
                    help="run each method at each of these layers (a sweep; -1 is the last layer)")
     b.add_argument("--preset", default=None, choices=["table3"],
@@ -115,6 +131,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_bench(args, BenchConfig(dataset=str(demo_facts_path()), methods=args.methods, n=args.n))
 
 
+def _lifelong(args: argparse.Namespace):
+    """The per-batch measurements of a --sequential bench (general ability off with --no-general)."""
+    from ..bench.lifelong import LifelongSettings
+
+    general = not args.no_general and args.sequential
+    return LifelongSettings(
+        retention_sample=args.retention_sample, specificity_sample=args.specificity_sample,
+        general_text=args.general_text if general else None,
+        general_tasks=args.general_tasks if general and not args.no_general_tasks else None,
+        general_tokens=args.general_tokens, general_window=args.general_window,
+        general_per_task=args.general_per_task, seed=args.seed)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench.config import BENCH_PRESETS, BenchConfig
 
@@ -125,6 +154,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         skip=args.skip, batch_sizes=args.batch_sizes or preset.get("batch_sizes", (1,)), sequential=args.sequential,
         known_only=args.known_only, layers=args.layers, stats_source=args.stats_source,
         stats_tokens=args.stats_tokens, seed=args.seed, reuse_targets=args.reuse_targets, suite=args.suite,
+        lifelong=_lifelong(args),
     ))
 
 
@@ -142,6 +172,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     pairs = parse_pairs(args.pairs) if args.pairs else SEED_PAIRS
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    if all((Path(f) / "sequence.jsonl").is_file() for f in args.folders):  # sequential (lifelong) folders
+        from ..reports.lifelong_report import write_lifelong_comparison
+
+        lifelong = write_lifelong_comparison(args.folders, args.out, labels)
+        print(lifelong.read_text())
+        print(f"wrote {lifelong} and {lifelong.with_suffix('.json').name}")
+        if args.pairs is None:
+            return 0
     path = write_comparison(args.folders, args.out, pairs, labels, strict=args.pairs is not None)
     print(path.read_text())
     print(f"wrote {path}, {path.with_suffix('.json').name} and compare.png")

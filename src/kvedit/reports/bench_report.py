@@ -4,7 +4,8 @@ A tune folder (its summary.json has a `kind`) is rendered by `kvedit.reports.tun
 
 Writes into DIR: report.md, metrics.png (bar chart per metric and run, 95 % intervals), and when
 the runs call for them layers.png (metrics against layer, for sweeps), batch_size.png (metrics
-against the number of edits per call) and sequential.png (metrics against edits applied so far).
+against the number of edits per call) and sequential.png (metrics against edits applied so far); for
+sequential folders collapse.png and lifelong.md (`kvedit.reports.lifelong_report`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..bench.folder import load_cases_file
 from ..evaluation.summary import SUITES, Suite, dataset_title, easyedit_table, markdown_table
+from .lifelong_report import lifelong_section
 from .plotting import pyplot
 
 PLOTTED = 4  # the suite's three table metrics and Score
@@ -184,6 +186,7 @@ def write_report(folder: str | Path) -> Path:
             lines += [f"## Metrics against {label}", "", f"![{field}]({name})", ""]
     if plot_sequential(load_cases_file(folder / "cases.jsonl"), suite, folder / "sequential.png"):
         lines += ["## Sequential editing", "", "![sequential](sequential.png)", ""]
+    lines += lifelong_section(folder)  # sequential runs: the collapse plot and the table at 100/500/1,000 edits
     if summary.get("comparisons"):
         lines += ["## Paired comparisons", "",
                   "Same cases, per-case differences of A and B; bootstrap interval of the mean difference and an "

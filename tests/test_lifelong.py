@@ -1,0 +1,189 @@
+"""Sequential bench runs at scale (lifelong editing): history carried and resumed after a kill at any batch, the
+per-batch records equal to a direct computation on the model at that point, revert of the whole chain, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+from tiny_models import tiny_lm
+
+from kvedit.bench import Bench, BenchConfig
+from kvedit.bench.lifelong import LifelongSettings
+from kvedit.bench.runner import BatchRunner
+from kvedit.bench.seqrun import SequentialRun, load_chain, run_dir, sequence_records
+from kvedit.cli import main
+from kvedit.data.loaders import load_requests
+from kvedit.editing.alphaedit_state import AlphaEditHistory
+from kvedit.evaluation.counterfact import counterfact_case_metrics
+from kvedit.evaluation.general_ability import GeneralAbilityProbe, weight_change
+from kvedit.reports.bench_report import write_report
+from kvedit.reports.lifelong_report import milestone_rows, write_lifelong_comparison
+
+FACTS = [
+    ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
+    ("{} is located in the city of", "the colosseum", "london", "rome"),
+    ("{} is the capital of", "berlin", "spain", "germany"),
+    ("{} is located in the city of", "big ben", "madrid", "london"),
+    ("the official language of {} is", "france", "german", "french"),
+]
+TASKS = SHARED_DATA / "tasks"
+CORPUS = ["the louvre is a famous landmark and it stands in france", "madrid is the capital of spain where spanish "
+          "is spoken", "big ben lies in london which is in england"]
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    """A five-fact dataset, a statistics corpus, a probe text; a private cache."""
+    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "facts.json"
+    data.write_text(json.dumps([
+        {"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": i,
+         "paraphrase_prompts": [f"{s} lies in"], "neighborhood_prompts": [f"the louvre {i} is located in"]}
+        for i, (p, s, n, t) in enumerate(FACTS)]))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS * 60))
+    text = tmp_path / "text.txt"
+    text.write_text("the eiffel tower is located in the city of paris . " * 40)
+    return {"data": data, "corpus": corpus, "text": text}
+
+
+def _weights(lm):
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _lifelong(files, general=True, **kw):
+    tasks = str(TASKS) if TASKS.is_dir() else None
+    return LifelongSettings(general_text=str(files["text"]) if general else None, general_tasks=tasks if general
+                            else None, general_tokens=64, general_window=16, general_per_task=2, **kw)
+
+
+def _alphaedit_config(files):
+    return BenchConfig(dataset=str(files["data"]), methods=("alphaedit",), batch_sizes=(2,), sequential=True,
+                       stats_source=str(files["corpus"]), stats_tokens=1000,
+                       extra={"layers": (1, 2), "nullspace_threshold": 1e-4},
+                       lifelong=_lifelong(files, general=False, retention_sample=2, specificity_sample=2))
+
+
+def _stable(records):
+    """Records without wall times (which differ run to run)."""
+    return [{k: v for k, v in r.items() if k not in ("time_s", "eval_s")} for r in records]
+
+
+@pytest.mark.parametrize("kill", ["edit", "commit"])
+def test_a_killed_run_resumes_with_its_history_and_equals_an_uninterrupted_one(files, tmp_path, monkeypatch, kill):
+    lm = tiny_lm("llama")
+    original = _weights(lm)
+    config = _alphaedit_config(files)
+    whole = tmp_path / "whole"
+    Bench(lm, config, whole, progress=False).run()
+    assert _same(original, _weights(lm))
+
+    killed = tmp_path / "killed"
+    target = (BatchRunner, "edit") if kill == "edit" else (SequentialRun, "_commit")
+    real, calls = getattr(*target), []
+
+    def dies_at_batch_2(*args, **kwargs):  # batches 0 and 1 finish; batch 2 dies (editing, or before its commit)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(*target, dies_at_batch_2)
+    with pytest.raises(KeyboardInterrupt):
+        Bench(lm, config, killed, progress=False).run()
+    monkeypatch.setattr(*target, real)
+    assert _same(original, _weights(lm))  # the finished batches were reverted too
+    folder = run_dir(killed, config.specs()[0])
+    done, _ = load_chain(folder)
+    assert done == 2 and [p.name for p in folder.glob("history-*")] == ["history-00002.safetensors"]
+    assert AlphaEditHistory.load(folder / "history-00002.safetensors").n_edits == 4
+
+    edits = []
+    monkeypatch.setattr(BatchRunner, "edit", lambda self, *a, **k: edits.append(1) or real_edit(self, *a, **k))
+    Bench(lm, config, killed, progress=False).run()
+    assert edits == [1]  # only batch 2 was edited again: 0 and 1 came back from the chain and the history
+    assert _same(original, _weights(lm))
+    (_, a), (_, b) = (load_chain(run_dir(f, config.specs()[0])) for f in (whole, killed))
+    assert a.metadata == b.metadata and _same(a.before, b.before) and _same(a.after, b.after)  # bit for bit
+    ha, hb = (AlphaEditHistory.load(run_dir(f, config.specs()[0]) / "history-00003.safetensors")
+              for f in (whole, killed))
+    assert ha.digest() == hb.digest() and ha.n_edits == 5
+    assert _stable(sequence_records(whole)) == _stable(sequence_records(killed))
+
+
+real_edit = BatchRunner.edit
+
+
+def test_per_batch_records_equal_a_direct_computation_and_the_chain_reverts_bit_exactly(files, tmp_path):
+    lm = tiny_lm("llama")
+    original = _weights(lm)
+    settings = _lifelong(files, retention_sample=1, specificity_sample=2)
+    config = BenchConfig(dataset=str(files["data"]), methods=("ft-values",), n=4, batch_sizes=(2,), sequential=True,
+                         extra={"layers": (1,), "max_steps": 5, "lr": 1e-2}, lifelong=settings)
+    out = tmp_path / "seq"
+    Bench(lm, config, out, progress=False).run()
+    records = sequence_records(out)
+    assert [r["batch"] for r in records] == [-1, 0, 1] and [r["n_edited"] for r in records] == [0, 2, 4]
+    base, first, last = records
+    assert "new" not in base and "retention" not in base and "retention" not in first
+    assert {"new", "retention", "specificity", "general", "weights", "time_s", "eval_s"} <= set(last)
+    assert set(last["new"]) == {"efficacy", "paraphrase", "specificity"}
+
+    _, chain = load_chain(run_dir(out, config.specs()[0]))
+    chain.apply(lm)  # the model after the last batch
+    requests = {r.case_id: r for r in load_requests(files["data"])}
+    samples = json.loads((out / "state" / "samples.json").read_text())
+    earlier = [c for c in samples["order"] if c in (0, 1)][:1]  # retention sample 1: the earlier case of lowest rank
+    assert last["retention_cases"] == earlier
+    direct = counterfact_case_metrics(lm, [requests[c] for c in earlier])
+    assert last["retention"]["efficacy"]["mean"] == 100 * direct[0]["efficacy_success"]
+    assert last["retention"]["paraphrase"]["mean"] == 100 * direct[0]["paraphrase_success"]
+    unrelated = counterfact_case_metrics(lm, [requests[c] for c in samples["specificity"]])
+    assert last["specificity_values"] == [c["neighborhood_success"] for c in unrelated]
+    probe = GeneralAbilityProbe.build(lm, files["text"], settings.general_tasks, 64, 16, 2)
+    measured = probe.measure(lm)
+    assert last["general"]["perplexity"] == measured["perplexity"]
+    assert last["general"]["label_accuracy"]["mean"] == 100 * measured["label_accuracy"].get("mean", 0) or not TASKS.is_dir()
+    relative = weight_change(lm, {n: original[n] for n in chain.names})
+    assert {n: w["relative"] for n, w in last["weights"].items()} == relative
+    chain.revert(lm)
+    assert _same(original, _weights(lm))  # the whole chain reverts bit for bit
+
+    report = write_report(out)
+    text = report.read_text()
+    assert (out / "collapse.png").is_file() and "## Lifelong editing" in text
+    rows = [line for line in (out / "lifelong.md").read_text().splitlines() if line.startswith("| ft-values")]
+    assert [row.split(" | ")[1] for row in rows] == ["4"]  # 100, 500, 1000 edits: the nearest batch, once
+    compared = write_lifelong_comparison([out, out], tmp_path / "cmp", labels=["a", "b"]).read_text()
+    assert "| a | ft-values x2 seq | 4 |" in compared and "| b | ft-values x2 seq | 4 |" in compared
+
+
+def test_milestones_pick_the_nearest_batch():
+    records = [{"batch": i, "n_edited": 10 * (i + 1)} for i in range(100)]
+    assert [(m, r["n_edited"]) for m, r in milestone_rows(records)] == [(100, 100), (500, 500), (1000, 1000)]
+    assert [r["n_edited"] for _, r in milestone_rows(records[:30])] == [100, 300]
+
+
+def test_cli_sequential_options_and_refused_changes(files, tiny_folder, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["bench", "--model", str(tiny_folder), "--dataset", str(files["data"]), "--methods", "ft-values",
+            "--sequential", "--n", "2", "--out", str(out), "--retention-sample", "1", "--general-text",
+            str(files["text"]), "--no-general-tasks", "--general-window", "16", "--general-tokens", "64"]
+    assert main(args) == 0
+    records = sequence_records(out)
+    assert [r["batch"] for r in records] == [-1, 0, 1] and records[-1]["general"]["label_accuracy"] == {}
+    assert main(["report", str(out)]) == 0 and (out / "lifelong.md").is_file()
+    capsys.readouterr()
+    assert main([*args[:-1], "128", "--n", "3"]) == 2  # a resumed run measures as it began
+    assert "general_tokens" in capsys.readouterr().err
+    assert main([*args[:10], "--out", str(tmp_path / "x"), "--general-text", str(tmp_path / "absent.txt")]) == 2
+    assert "--general-text" in capsys.readouterr().err
+    assert Path(out / "state" / "lifelong.json").is_file()
