@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 31's lifelong runs for one model: 1,000 CounterFact and 1,000 zsRE edits applied in order, in batches of
+# 10 and 100, for every editor that can run sequentially (FT on keys, FT on values, MEMIT, PMET, AlphaEdit; ROME one
+# edit at a time), measured after every batch (docs/lifelong.md), then each folder's report and the CounterFact vs
+# zsRE comparison. Resumable: run it again after a kill; every run continues from its last finished batch
+# (state/<run>/chain.safetensors and the AlphaEdit history beside it).
+# Usage: benchmarks/lifelong.sh [MODEL=smollm2-135m] [OUT=results/lifelong-MODEL] [N=1000] [-- BENCH_ARGS...]
+#   e.g. OMP_NUM_THREADS=1 nohup benchmarks/lifelong.sh smollm2-135m results/lifelong-smollm2 > lifelong.log 2>&1 &
+#        benchmarks/lifelong.sh gemma3-270m results/lifelong-gemma3 1000 -- --ray --workers 2
+#        STAGES="cf:100" benchmarks/lifelong.sh   # one data set and batch size (cf|zsre : 1|10|100)
+# Each (data set, batch size) is its own folder OUT/<cf|zsre>-x<B>: a sequential run edits one model in order, so
+# runs in one folder go one after another; two invocations on different STAGES use two cores. --ray is passed
+# through (runs that are not sequential go to the workers; sequential runs stay in the process, kvedit says so).
+set -euo pipefail
+positional=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do positional+=("$1"); shift; done
+[ $# -gt 0 ] && shift
+extra=("$@")
+set -- ${positional[@]+"${positional[@]}"}
+model=${1:-smollm2-135m}
+out=${2:-results/lifelong-$model}
+n=${3:-1000}
+here="$(cd "$(dirname "$0")/.." && pwd)"
+shared="$(cd "$here/.." && pwd)/shared/data"
+kvedit="${KVEDIT:-$here/.venv/bin/kvedit}"
+[ -x "$kvedit" ] || kvedit=kvedit
+stages=${STAGES:-"cf:10 cf:100 zsre:10 zsre:100 cf:1 zsre:1"}
+# CounterFact: known cases (the unedited model prefers the true object), so retention starts from knowledge the model
+# had; zsRE: the first N records. ROME edits one fact per call: batch size 1 only.
+general=(--general-text "$shared/corpus/wikitext-2/test.txt" --general-tasks "$shared/tasks")
+step() { local start=$SECONDS; "$@"; echo "$(date -u +%FT%TZ) $((SECONDS - start)) s: ${*:2}" >> "$out/timing.log"; }
+mkdir -p "$out"
+for stage in $stages; do
+  data=${stage%%:*}; batch=${stage##*:}
+  case "$data" in
+    cf) args=(--dataset "$shared/editing/counterfact/counterfact-edit-1k.json" --known-only) ;;
+    zsre) args=(--dataset "$shared/editing/zsre/zsre_mend_train-1k.json") ;;
+    *) echo "stage $stage: data set must be cf or zsre" >&2; exit 2 ;;
+  esac
+  case "$batch" in
+    1) methods=rome,alphaedit ;;  # ROME's batch; AlphaEdit one at a time as the reference's default
+    10|100) methods=ft-keys,ft-values,memit,pmet,alphaedit ;;
+    *) echo "stage $stage: batch size must be 1, 10 or 100" >&2; exit 2 ;;
+  esac
+  folder="$out/$data-x$batch"
+  step "$kvedit" bench --model "$model" "${args[@]}" --n "$n" --sequential --batch-size "$batch" \
+    --methods "$methods" "${general[@]}" --out "$folder" ${extra[@]+"${extra[@]}"}
+  "$kvedit" report "$folder"
+done
+for batch in 10 100; do
+  if [ -f "$out/cf-x$batch/sequence.jsonl" ] && [ -f "$out/zsre-x$batch/sequence.jsonl" ]; then
+    "$kvedit" compare "$out/cf-x$batch" "$out/zsre-x$batch" --labels "CounterFact x$batch,zsRE x$batch" \
+      --out "$out/compare-x$batch"
+  fi
+done
