@@ -124,7 +124,7 @@ def section_flops(lm, args, peaks: dict[str, float]) -> None:
     the loop repeats this step, so this is the loop's achieved rate."""
     requests = cases(lm, args.n_flops)
     sites, templates, _ = memit_setup(lm)
-    step = one_step(lm, requests, sites, templates)
+    step = one_step(compute_view(lm), requests, sites, templates)  # the model the loop runs on in lm.compute_dtype
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
