@@ -42,9 +42,10 @@ for stage in $stages; do
     10|100) methods=ft-keys,ft-values,memit,pmet,alphaedit ;;
     *) echo "stage $stage: batch size must be 1, 10 or 100" >&2; exit 2 ;;
   esac
+  every=$((100 / batch))  # general ability every 100 edits (one probe costs minutes); the rest after every batch
   folder="$out/$data-x$batch"
   step "$kvedit" bench --model "$model" "${args[@]}" --n "$n" --sequential --batch-size "$batch" \
-    --methods "$methods" "${general[@]}" --out "$folder" ${extra[@]+"${extra[@]}"}
+    --methods "$methods" "${general[@]}" --general-every "$every" --out "$folder" ${extra[@]+"${extra[@]}"}
   "$kvedit" report "$folder"
 done
 for batch in 10 100; do

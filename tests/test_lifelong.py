@@ -176,10 +176,11 @@ def test_cli_sequential_options_and_refused_changes(files, tiny_folder, tmp_path
     out = tmp_path / "cli"
     args = ["bench", "--model", str(tiny_folder), "--dataset", str(files["data"]), "--methods", "ft-values",
             "--sequential", "--n", "2", "--out", str(out), "--retention-sample", "1", "--general-text",
-            str(files["text"]), "--no-general-tasks", "--general-window", "16", "--general-tokens", "64"]
+            str(files["text"]), "--no-general-tasks", "--general-every", "2", "--general-window", "16", "--general-tokens", "64"]
     assert main(args) == 0
     records = sequence_records(out)
     assert [r["batch"] for r in records] == [-1, 0, 1] and records[-1]["general"]["label_accuracy"] == {}
+    assert "general" not in records[1]  # --general-every 2: batches 2, 4, … and the last
     assert main(["report", str(out)]) == 0 and (out / "lifelong.md").is_file()
     capsys.readouterr()
     assert main([*args[:-1], "128", "--n", "3"]) == 2  # a resumed run measures as it began

@@ -61,12 +61,15 @@ class LifelongSettings:
     general_tokens: int = 10_000
     general_window: int = 256
     general_per_task: int = 50
+    general_every: int = 1  # probe general ability after every k-th batch (and the last); it costs minutes per call
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.retention_sample < 1 or self.specificity_sample < 0:
             raise BenchError(f"--retention-sample must be >= 1 and --specificity-sample >= 0, got "
                              f"{self.retention_sample} and {self.specificity_sample}")
+        if self.general_every < 1:
+            raise BenchError(f"--general-every must be >= 1, got {self.general_every}")
         if self.general_tokens < self.general_window or self.general_window < 2 or self.general_per_task < 1:
             raise BenchError(f"need --general-tokens >= --general-window >= 2 and --general-per-task >= 1, got "
                              f"{self.general_tokens}, {self.general_window} and {self.general_per_task}")
@@ -166,9 +169,10 @@ class LifelongMeter:
         return out
 
     def measure(self, new_cases: Sequence[Mapping[str, Any]] | None, earlier: Sequence[EditRequest],
-                chain: WeightDelta | None) -> dict[str, Any]:
+                chain: WeightDelta | None, general: bool = True) -> dict[str, Any]:
         """One record's measurements (metrics × 100); `new_cases`: the new batch's per-case metrics (None: the
-        record before the first batch); `earlier`: the cases edited before the new batch; `chain`: W₀ → now."""
+        record before the first batch); `earlier`: the cases edited before the new batch; `chain`: W₀ → now; `general`: run the
+        general-ability probe (if there is one)."""
         from ..evaluation.general_ability import weight_change
 
         start = time.perf_counter()
@@ -186,13 +190,13 @@ class LifelongMeter:
             scored = self.suite.case_metrics(self.lm, self.unrelated)
             record["specificity"] = self._stats(scored, keys[2:], SHORT[2:])["specificity"]
             record["specificity_values"] = [c.get(keys[2]) for c in scored]
-        if self.probe is not None:
-            general = self.probe.measure(self.lm)
-            accuracy: dict[str, float] = general["label_accuracy"]  # type: ignore[assignment]
+        if general and self.probe is not None:
+            probed = self.probe.measure(self.lm)
+            accuracy: dict[str, float] = probed["label_accuracy"]  # type: ignore[assignment]
             counts = Counter(e.task for e in self.probe.examples)
             n = sum(counts.values())
             hits = round(sum(accuracy.get(t, 0.0) * c for t, c in counts.items()))
-            record["general"] = {"perplexity": general["perplexity"],
+            record["general"] = {"perplexity": probed["perplexity"],
                                  "label_accuracy": {k: 100 * v for k, v in accuracy.items()},
                                  "label_ci": wilson(hits, n), "examples": n}
         if chain is not None:

@@ -138,7 +138,8 @@ class SequentialRun:
                 n_edited = len(earlier) + len(batch)
                 records = bench.runner.records(spec, batch, delta, elapsed, index, {"n_edited": n_edited})
                 now = chain([d for d in (state["chain"], delta) if d is not None], self._chain_meta(index + 1))
-                measured = meter.measure(records, earlier, now)
+                every = bench.config.lifelong.general_every
+                measured = meter.measure(records, earlier, now, (index + 1) % every == 0 or index == len(self.batches) - 1)
                 if "retention" in measured:
                     for r in records:
                         r["earlier_efficacy"] = measured["retention"]["efficacy"]["mean"]

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     lifelong.add_argument("--general-window", type=int, default=256,
                           help="tokens per perplexity window (default 256)")
     lifelong.add_argument("--general-per-task", type=int, default=50, help="examples per task (default 50)")
+    lifelong.add_argument("--general-every", type=int, default=1,
+                          help="probe general ability after every k-th batch and the last (default 1: every batch; "
+                               "one probe costs minutes on 2 cores)")
     lifelong.add_argument("--no-general", action="store_true", help="no general-ability probe")
     lifelong.add_argument("--no-general-tasks", action="store_true", help="perplexity only, no label ranking")
     b.add_argument("--layers", type=layer_list, default=None,
@@ -140,7 +143,7 @@ def _lifelong(args: argparse.Namespace):
         retention_sample=args.retention_sample, specificity_sample=args.specificity_sample,
         general_text=args.general_text if general else None,
         general_tasks=args.general_tasks if general and not args.no_general_tasks else None,
-        general_tokens=args.general_tokens, general_window=args.general_window,
+        general_tokens=args.general_tokens, general_window=args.general_window, general_every=args.general_every,
         general_per_task=args.general_per_task, seed=args.seed)
 
 
