@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA, need_shared
 
 from kvedit import EditRequest, WeightDelta, counterfact_case_metrics, edit, load_model
 from kvedit.cli import main
@@ -79,8 +79,7 @@ def test_missing_bundled_package_names_the_install_command(monkeypatch):
 @pytest.mark.parametrize("method", ["rome", "memit", "pmet"])
 def test_closed_form_editors_run_from_the_command_line_with_preset_layers(capsys, bundled_lm, tmp_path, method):
     """`kvedit edit --method rome|memit|pmet` as the README shows it (no --layers: the preset's)."""
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} not available")
+    need_shared(WIKITEXT)
     patch = tmp_path / "eiffel.safetensors"
     code = main(["edit", "--method", method, "--prompt", REQUEST.prompt, "--subject", REQUEST.subject,
                  "--new", "Rome", "--stats", str(WIKITEXT), "--stats-tokens", "2000", "--steps", "3",

@@ -8,40 +8,32 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import SHARED_DATA, need_shared, snapshot, tiny
+from tiny_models import BOS_FAMILIES
 
 import kvedit.editing.rome as rome_module
 from kvedit import EditRequest, edit
 from kvedit.editing.stats import key_statistics
 from kvedit.evaluation.scoring import encode_target, target_nll
-from kvedit.models import Trace, ffn_memory, memory_coefficients
+from kvedit.models import ARCHITECTURES, Trace, ffn_memory, memory_coefficients
 from kvedit.models.memory import output_for_written, post_norm_gain, written_output
 
-POST_NORM_FAMILIES = ["gemma2", "gemma3_text", "olmo2"]
+#: the families whose rows name a post-FFN norm (gemma2, gemma3_text, olmo2), read from the architecture table
+POST_NORM_FAMILIES = sorted(f for f, a in ARCHITECTURES.items() if a.post_ffn_norm)
 PROMPTS = ["the eiffel tower is located in the city of", "paris is the capital of"]
 REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
 SENTENCE = "the eiffel tower is located in the city of paris and rome is the capital of italy"
+#: the statistics corpus (the `corpus` fixture in conftest writes it)
+CORPUS_TEXT = "\n\n".join(SENTENCE for _ in range(200))
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean(-1).sqrt()
 
 
-def state(lm) -> dict[str, torch.Tensor]:
-    return {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(SENTENCE for _ in range(200)))
-    return str(path)
-
-
 @pytest.mark.parametrize("family", POST_NORM_FAMILIES)
 def test_memory_view_reads_values_and_the_post_ffn_norm_gain(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     block = lm.module(f"{lm.arch.layers}.1")
     mem = ffn_memory(lm, 1)
     assert torch.equal(mem.values, block.mlp.down_proj.weight.T)
@@ -50,14 +42,14 @@ def test_memory_view_reads_values_and_the_post_ffn_norm_gain(family):
     torch.testing.assert_close(mem.post_norm_gain, gain.detach())
     assert not torch.allclose(gain, torch.ones_like(gain))  # the tiny model's gains are not trivially 1
     torch.testing.assert_close(mem.written, mem.values * gain.detach())
-    assert ffn_memory(tiny_lm("llama"), 1).post_norm_gain is None
+    assert ffn_memory(tiny("llama"), 1).post_norm_gain is None
 
 
 @pytest.mark.parametrize("family", POST_NORM_FAMILIES)
 def test_writes_rebuild_the_residual_stream(family):
     """residual[l] = residual[l-1] + attn_write[l] + ffn_write[l]: the write sites are what each sub-layer
     adds, after its own norm, and ffn_write = norm(ffn_out) = Σ m_i (g ⊙ v_i) / rms(ffn_out)."""
-    lm = tiny_lm(family)
+    lm = tiny(family)
     enc = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right")
     sites = [("residual", 0), ("residual", 1), ("attn_write", 1), ("ffn_write", 1), ("ffn_out", 1),
              ("coefficients", 1), ("attn_out", 1)]
@@ -77,7 +69,7 @@ def test_writes_rebuild_the_residual_stream(family):
 
 
 def test_write_sites_are_the_outputs_themselves_without_a_post_norm():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     enc = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right")
     with torch.no_grad(), Trace(lm, read=[("ffn_write", 2), ("ffn_out", 2), ("attn_write", 2), ("attn_out", 2)]) as tr:
         lm.model(**enc)
@@ -91,20 +83,25 @@ def _on_image(gain: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def test_output_for_written_inverts_the_norm_at_the_given_scale():
-    lm = tiny_lm("gemma3_text")
+    lm = tiny("gemma3_text")
     torch.manual_seed(1)
     x = torch.randn(3, lm.d_model) * 5
     written = written_output(lm, 2, x)
     back = output_for_written(lm, 2, written, x)
     torch.testing.assert_close(back, x, rtol=1e-4, atol=1e-4)
-    assert post_norm_gain(lm, 2, "attn") is not None and post_norm_gain(tiny_lm("llama"), 2) is None
+    block = lm.module(f"{lm.arch.layers}.2")
+    for sublayer, norm in (("attn", lm.arch.post_attn_norm), ("ffn", lm.arch.post_ffn_norm)):
+        gain = block.get_submodule(norm).weight + lm.arch.norm_weight_offset  # random, not 1 (tiny_models)
+        assert torch.equal(post_norm_gain(lm, 2, sublayer), gain.detach()), sublayer
+    assert not torch.equal(post_norm_gain(lm, 2, "attn"), post_norm_gain(lm, 2, "ffn"))
+    assert post_norm_gain(tiny("llama"), 2) is None and post_norm_gain(tiny("llama"), 2, "attn") is None
 
 
 def test_off_the_image_the_write_is_the_nearest_point_of_the_norms_image():
     """A goal the norm cannot write (here a change as large as the write itself) gets the nearest point the norm
     can write, in the residual stream. Rescaling goal/g to rms 1, as kvedit did before, is farther (on
     Gemma-3-270M the residual then moved with cosine 0.04–0.10 to MEMIT's target change; 0.79–0.86 now)."""
-    lm = tiny_lm("gemma3_text")
+    lm = tiny("gemma3_text")
     gain = post_norm_gain(lm, 2).double()
     torch.manual_seed(3)
     current = written_output(lm, 2, torch.randn(4, lm.d_model).double() * 5)
@@ -125,7 +122,7 @@ def test_off_the_image_the_write_is_the_nearest_point_of_the_norms_image():
 def test_a_zero_gain_of_the_post_norm_is_left_out_not_divided_by(corpus):
     """Gemma-3-270M's post-FFN norms have gains of exactly 0 (layers 1, 3, 4): the norm always writes 0 there,
     so the inverse leaves that component out (it was inf, and MEMIT's update NaN)."""
-    lm = tiny_lm("gemma3_text")
+    lm = tiny("gemma3_text")
     norm = lm.model.model.layers[2].post_feedforward_layernorm
     with torch.no_grad():
         norm.weight[3] = -lm.arch.norm_weight_offset  # gain 0
@@ -139,18 +136,18 @@ def test_a_zero_gain_of_the_post_norm_is_left_out_not_divided_by(corpus):
     y = output_for_written(lm, 2, written, x)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(rms(y), rms(x))
-    before = state(lm)
+    before = snapshot(lm)
     delta = edit(lm, REQUEST, "memit", layers=(2,), stats_source=corpus, stats_tokens=500)
     assert all(torch.isfinite(r.update).all() for r in delta.records)
     delta.revert(lm)
-    assert all(torch.equal(before[k], v) for k, v in state(lm).items())
+    assert all(torch.equal(before[k], v) for k, v in snapshot(lm).items())
 
 
 def test_rome_maps_k_star_to_v_star_before_the_post_ffn_norm(corpus, monkeypatch):
     """With one context template, k* is the bare prompt's key: after the edit the values module gives v*
     there and the FFN writes norm(v*) into the residual, the value the δ optimisation saw."""
     monkeypatch.setattr(rome_module, "context_templates", lambda lm, spec: [["{}"]])
-    lm = tiny_lm("gemma3_text")
+    lm = tiny("gemma3_text")
     layer = 1
     prompt = REQUEST.rewrite_prompt
     nll_before = target_nll(lm, [prompt], ["rome"]).item()
@@ -169,7 +166,7 @@ def test_rome_maps_k_star_to_v_star_before_the_post_ffn_norm(corpus, monkeypatch
 
 
 def test_memit_on_gemma3_solves_for_the_module_output_that_writes_its_share(corpus):
-    lm = tiny_lm("gemma3_text")
+    lm = tiny("gemma3_text")
     lam = 50.0
     delta = edit(lm, REQUEST, "memit", layers=(2,), stats_source=corpus, stats_tokens=500, mom2_update_weight=lam)
     (record,) = delta.records
@@ -191,8 +188,8 @@ def test_memit_on_gemma3_solves_for_the_module_output_that_writes_its_share(corp
 
 @pytest.mark.parametrize("method", ["ft-keys", "ft-values", "rome", "memit", "pmet"])
 def test_a_gemma3_patch_reverts_bit_exactly(corpus, method):
-    lm = tiny_lm("gemma3_text")
-    before = state(lm)
+    lm = tiny("gemma3_text")
+    before = snapshot(lm)
     extra = {} if method.startswith("ft") else dict(stats_source=corpus, stats_tokens=500)
     layers = (1,) if method in ("ft-keys", "ft-values", "rome") else (1, 2)
     delta = edit(lm, REQUEST, method, layers=layers, max_steps=5, **extra)
@@ -203,9 +200,9 @@ def test_a_gemma3_patch_reverts_bit_exactly(corpus, method):
         assert torch.equal(after[name], tensor), name
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", BOS_FAMILIES)
 def test_scoring_with_a_bos_adding_tokenizer_matches_brute_force(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     bos = lm.tokenizer.bos_token_id
     assert lm.tokenizer("paris")["input_ids"][0] == bos
     prompt, target = "the eiffel tower is located in", "the city of paris"
@@ -222,7 +219,7 @@ def test_scoring_with_a_bos_adding_tokenizer_matches_brute_force(family):
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo", "olmo2"])
 def test_new_rows_coefficients_are_the_values_module_input(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     coeffs, mask = memory_coefficients(lm, PROMPTS, [1])
     with torch.no_grad(), Trace(lm, read=[("ffn_out", 1)]) as tr:
         lm.model(**lm.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right"))
@@ -278,11 +275,7 @@ def test_memit_through_gemma3s_post_ffn_norms_flips_a_fact(gemma_lm, tmp_path, m
     """Layers 4–8 each write their share through their post-FFN norm. When that share was turned into an output
     by rescaling goal/g (not the nearest writable point), the residual moved in another direction and this edit
     did not flip the fact."""
-    from conftest import SHARED_DATA
-
-    wikitext = SHARED_DATA / "corpus" / "wikitext-2" / "valid.txt"
-    if not wikitext.is_file():
-        pytest.skip(f"{wikitext} not available")
+    wikitext = need_shared(SHARED_DATA / "corpus" / "wikitext-2" / "valid.txt")
     monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
     request = EditRequest("{}, developed by", "BMW E23", target_new="Suzuki", target_true="BMW")
     nll = lambda: target_nll(gemma_lm, [request.prompt.format(request.subject)] * 2, ["Suzuki", "BMW"])  # noqa: E731

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import SHARED_DATA, need_shared
 
 from kvedit.data import (
     DatasetError,
@@ -17,9 +18,8 @@ from kvedit.data import (
 )
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SHARED_CF = SHARED / "editing" / "counterfact" / "counterfact-edit-1k.json"
-SHARED_ZSRE = SHARED / "editing" / "zsre" / "zsre_mend_train-1k.json"
+SHARED_CF = SHARED_DATA / "editing" / "counterfact" / "counterfact-edit-1k.json"
+SHARED_ZSRE = SHARED_DATA / "editing" / "zsre" / "zsre_mend_train-1k.json"
 
 FIXTURE_FILES = {
     "counterfact": FIXTURES / "counterfact_small.json",
@@ -29,8 +29,19 @@ FIXTURE_FILES = {
 }
 FIXTURE_COUNTS = {"counterfact": 4, "easyedit": 3, "zsre": 3, "kvedit": 2}
 
-needs_cf = pytest.mark.skipif(not SHARED_CF.is_file(), reason=f"{SHARED_CF} missing")
-needs_zsre = pytest.mark.skipif(not SHARED_ZSRE.is_file(), reason=f"{SHARED_ZSRE} missing")
+# the shared copies: skipped when missing, a failure under CI (helpers.need_shared)
+needs_cf = pytest.mark.usefixtures("shared_cf")
+needs_zsre = pytest.mark.usefixtures("shared_zsre")
+
+
+@pytest.fixture
+def shared_cf() -> Path:
+    return need_shared(SHARED_CF)
+
+
+@pytest.fixture
+def shared_zsre() -> Path:
+    return need_shared(SHARED_ZSRE)
 
 
 def _records(fmt: str) -> list[dict]:

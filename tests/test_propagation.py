@@ -4,14 +4,14 @@ and errors, each metric against values computed by hand on a tiny model, and thr
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import LLAMA_SIZES, SPECIALS, WORDS, tiny_lm
+from helpers import SHARED_DATA, need_shared, tiny
+from tiny_models import LLAMA_SIZES, SPECIALS, WORDS
 
 from kvedit.data import DatasetError, EditRequest
 from kvedit.data.propagation import (
@@ -36,7 +36,7 @@ from kvedit.evaluation.portability import (
 )
 from kvedit.models import LM
 
-EDITING = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "editing"
+EDITING = SHARED_DATA / "editing"
 SHARED = {
     "counterfact-portability": EDITING / "portability" / "counterfact_portability_gpt4.json",
     "zsre-portability": EDITING / "portability" / "zsre_mend_eval_portability_gpt4.json",
@@ -47,12 +47,7 @@ SHARED = {
 
 def shared_file(fmt: str) -> Path:
     """The shared copy of a set; skipped when absent, a failure when absent under CI."""
-    path = SHARED[fmt]
-    if not path.is_file():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{path} is missing; CI needs ../shared/data (see shared/data/README.md)")
-        pytest.skip(f"{path} is missing (the shared data sets are not checked out next to the project)")
-    return path
+    return need_shared(SHARED[fmt])
 
 
 def tiny_qa_lm(texts: Sequence[str] = (), seed: int = 0) -> LM:
@@ -225,7 +220,7 @@ def _case() -> PortabilityCase:
 
 
 def test_portability_metrics_match_hand_computation() -> None:
-    lm, case = tiny_lm("llama"), _case()
+    lm, case = tiny("llama"), _case()
     got = portability_case_metrics(lm, [case, PortabilityCase(case.request, ())])
     hand = {p: _hand_accuracy(lm, p.prompt, p.answer) for p in (*case.portability, *case.locality)}
     reasoning = [hand[p][0] for p in case.portability[:2]]
@@ -237,7 +232,7 @@ def test_portability_metrics_match_hand_computation() -> None:
     assert "one_hop_accuracy" not in got[0] and got[1] == {"case_id": "c"}  # absent, never 0
 
     # EasyEdit's locality: the fraction of answer positions whose argmax a different ("edited") model keeps
-    edited = tiny_lm("llama", seed=1)
+    edited = tiny("llama", seed=1)
     post = portability_case_metrics(edited, [case])[0]
     fractions = []
     for probe in case.locality:
@@ -256,7 +251,7 @@ def test_summary_and_known_rules() -> None:
     assert summary["one_hop_accuracy"] == pytest.approx(50.0) and summary["n_one_hop_accuracy"] == 1
     assert summary["relation_specificity_unchanged"] == pytest.approx(25.0) and summary["reasoning_accuracy"] is None
 
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     cases = [_case(), PortabilityCase(EditRequest(prompt="{} is located in", subject="big ben", target_new="rome",
                                                   target_true="london"), ()),
              PortabilityCase(EditRequest(prompt="{} is located in", subject="big ben", target_new="rome"), ())]
@@ -269,7 +264,7 @@ def test_summary_and_known_rules() -> None:
 
 
 def test_fluency_on_generation_prompts() -> None:
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     request = EditRequest(prompt="{} is located in the city of", subject="the louvre", target_new="rome",
                           target_true="paris", generation_prompts=("the louvre is", "the louvre stands in"))
     out = portability_fluency(lm, [PortabilityCase(request, ()), _case()], seed=3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA, need_shared
 
 from kvedit.tuning.instruct import alpaca_prompt, load_alpaca, load_mmlu
 from kvedit.tuning.records import RecordFormatError, read_records
@@ -141,8 +141,8 @@ def test_alpaca_prompt_and_mmlu_round_robin(tmp_path):
     assert len(load_mmlu(mmlu)) == 6
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "tasks").exists(), reason="shared data absent")
 def test_shared_copies_load():
+    need_shared(SHARED_DATA / "tasks", SHARED_DATA / "instruct" / "alpaca_en_demo.json")
     for task, n_test in (("cb", 56), ("boolq", 5), ("copa", 5), ("qnli", 5)):
         data = load_task(TASKS[task], SHARED_DATA / "tasks" / task, n_train=5, n_test=n_test)
         assert len(data.test) == n_test and all(e.label in TASKS[task].labels for e in data.train + data.test)
