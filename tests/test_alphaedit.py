@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import snapshot, tiny, write_facts
 
 from kvedit import EditRequest, WeightDelta, edit
 from kvedit.cli import main
@@ -32,15 +32,8 @@ RELATIONS = ["the louvre is located in the city of paris", "big ben is located i
              "the colosseum is located in the city of rome"]
 LAYERS = (1, 2)
 TOKENS = 1000
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    """A small statistics corpus, and a private cache for statistics, projectors and templates."""
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(TEXTS * 60))
-    return str(path)
+#: the statistics corpus (the `corpus` fixture in conftest writes it)
+CORPUS_TEXT = "\n\n".join(TEXTS * 60)
 
 
 def mid_threshold(lm, corpus, layer=LAYERS[0], keep=0.5) -> float:
@@ -53,10 +46,6 @@ def mid_threshold(lm, corpus, layer=LAYERS[0], keep=0.5) -> float:
 
 def settings(corpus, threshold, **extra):
     return dict(layers=LAYERS, stats_source=corpus, stats_tokens=TOKENS, nullspace_threshold=threshold, **extra)
-
-
-def weights(lm):
-    return {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
 
 
 def paper_update(keys, assigned, p, c, lam):
@@ -75,7 +64,7 @@ def rel(a, b) -> float:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_one_batch_is_the_published_update_and_memit_on_projected_keys(corpus, family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     thr = mid_threshold(lm, corpus)
     delta = edit(lm, REQUESTS[:2], "alphaedit", **settings(corpus, thr, precision="float64"))
     assert delta.metadata["method"] == "alphaedit" and delta.metadata["hparams"]["l2"] == 10.0
@@ -100,7 +89,7 @@ def test_one_batch_is_the_published_update_and_memit_on_projected_keys(corpus, f
 
 
 def test_the_default_float32_agrees_with_float64(corpus):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     thr = mid_threshold(lm, corpus)
     d32 = edit(lm, REQUESTS[:2], "alphaedit", **settings(corpus, thr))
     d32.revert(lm)
@@ -116,17 +105,17 @@ def test_the_default_float32_agrees_with_float64(corpus):
 def test_with_every_eigenvector_kept_it_is_memit_with_the_l2_term(corpus, family):
     """Threshold above every eigenvalue: P = I, and ΔW = R Kᵀ (K Kᵀ + λ I)⁻¹ is MEMIT's update with λ C = λ I
     (MEMIT's C⁻¹ set to I) on the same targets."""
-    lm = tiny_lm(family)
-    original = weights(lm)
+    lm = tiny(family)
+    original = snapshot(lm)
     same = dict(lr=0.5, weight_decay=0.5, max_steps=20, clamp_norm_factor=0.75, kl_factor=0.0625)
     alpha = edit(lm, REQUESTS[:2], "alphaedit", **settings(corpus, 1e6, precision="float64", **same))
     for layer in LAYERS:
         proj = null_space_projector(lm, layer, corpus, TOKENS, 1e6, "float64")
         assert proj.null_dim == proj.matrix.shape[0]
         torch.testing.assert_close(proj.matrix, torch.eye(proj.null_dim, dtype=torch.float64), rtol=0, atol=1e-12)
-    alpha_after = weights(lm)
+    alpha_after = snapshot(lm)
     alpha.revert(lm)
-    assert all(torch.equal(original[n], t) for n, t in weights(lm).items())
+    assert all(torch.equal(original[n], t) for n, t in snapshot(lm).items())
     for layer in LAYERS:  # MEMIT with C = I: its cached C⁻¹ is the identity
         d_k = key_statistics(lm, [layer], corpus, TOKENS)[layer].sum_kkT.shape[0]
         lm.memo[("inverse_mom2", "values", layer, corpus, TOKENS)] = torch.eye(d_k, dtype=torch.float64)
@@ -134,13 +123,13 @@ def test_with_every_eigenvector_kept_it_is_memit_with_the_l2_term(corpus, family
                  mom2_update_weight=10.0, **same)
     for a, m in zip(alpha.records.layers, memit.records):
         torch.testing.assert_close(a.update, m.update, rtol=1e-6, atol=1e-9)
-    assert all(torch.equal(alpha_after[n], t) for n, t in weights(lm).items())  # the same weights, bit for bit
+    assert all(torch.equal(alpha_after[n], t) for n, t in snapshot(lm).items())  # the same weights, bit for bit
 
 
 # --------------------------------------------------------------------------------------- (c) the projector
 
 def test_p_is_an_orthogonal_projector_onto_the_small_eigenvalues(corpus):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     thr = mid_threshold(lm, corpus)
     mom2 = key_statistics(lm, [1], corpus, TOKENS)[1].mom2
     for precision, tol in (("float32", 1e-5), ("float64", 1e-12)):
@@ -161,7 +150,7 @@ def test_p_is_an_orthogonal_projector_onto_the_small_eigenvalues(corpus):
 
 
 def test_the_update_leaves_preserved_keys_alone(corpus):
-    lm = tiny_lm("gpt2")
+    lm = tiny("gpt2")
     thr = mid_threshold(lm, corpus, keep=0.5)
     alpha = edit(lm, REQUESTS[:2], "alphaedit", **settings(corpus, thr, precision="float64"))
     for a in alpha.records.layers:
@@ -174,11 +163,11 @@ def test_the_update_leaves_preserved_keys_alone(corpus):
         assert energy(a.update) <= thr * float(a.update.double().norm() ** 2) * (1 + 1e-6)
 
 
-def test_projector_is_cached_on_disk_with_a_checksum(corpus, tmp_path):
-    lm = tiny_lm("llama")
+def test_projector_is_cached_on_disk_with_a_checksum(corpus, kvedit_cache):
+    lm = tiny("llama")
     thr = mid_threshold(lm, corpus)
     first = null_space_projector(lm, 1, corpus, TOKENS, thr)
-    files = list((tmp_path / "cache" / "alphaedit").rglob("*.safetensors"))
+    files = list((kvedit_cache / "alphaedit").rglob("*.safetensors"))
     assert len(files) == 1 and lm.base_fingerprint in str(files[0])
     lm.memo.clear()
     again = null_space_projector(lm, 1, corpus, TOKENS, thr)
@@ -189,14 +178,14 @@ def test_projector_is_cached_on_disk_with_a_checksum(corpus, tmp_path):
     lm.memo.clear()
     assert torch.equal(null_space_projector(lm, 1, corpus, TOKENS, thr).matrix, first.matrix)
     assert null_space_projector(lm, 1, corpus, TOKENS, thr * 2).null_dim >= first.null_dim  # its own file
-    assert len(list((tmp_path / "cache" / "alphaedit").rglob("*.safetensors"))) == 2
+    assert len(list((kvedit_cache / "alphaedit").rglob("*.safetensors"))) == 2
 
 
 # --------------------------------------------------------------------------------------- (d) the history
 
 def test_history_over_two_batches_is_the_reference_accumulation_and_survives_a_file(corpus, tmp_path):
-    lm = tiny_lm("llama")
-    original = weights(lm)
+    lm = tiny("llama")
+    original = snapshot(lm)
     thr = mid_threshold(lm, corpus)
     kw = settings(corpus, thr, precision="float64", l2=1.0)
     templates = context_templates(lm, MEMIT_TEMPLATES)
@@ -229,18 +218,18 @@ def test_history_over_two_batches_is_the_reference_accumulation_and_survives_a_f
     assert final.n_edits == 3
 
     # resuming from the file is the same as carrying the object: bit for bit
-    edited = weights(lm)
+    edited = snapshot(lm)
     second.revert(lm)
     again = edit(lm, REQUESTS[2:], "alphaedit", history=after_first, **kw)
-    assert all(torch.equal(edited[n], t) for n, t in weights(lm).items())
+    assert all(torch.equal(edited[n], t) for n, t in snapshot(lm).items())
     assert all(torch.equal(again.records.history.sums[l], final.sums[l]) for l in LAYERS)
     again.revert(lm)
     first.revert(lm)  # the whole chain reverts bit-exactly
-    assert all(torch.equal(original[n], t) for n, t in weights(lm).items())
+    assert all(torch.equal(original[n], t) for n, t in snapshot(lm).items())
 
 
 def test_history_files_and_misuse_are_refused(corpus, tmp_path):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     thr = mid_threshold(lm, corpus)
     empty = AlphaEditHistory().save(tmp_path / "empty.safetensors")
     assert AlphaEditHistory.load(empty).n_edits == 0
@@ -256,7 +245,7 @@ def test_history_files_and_misuse_are_refused(corpus, tmp_path):
     with pytest.raises(ValueError, match="carries no history"):
         edit(lm, REQUESTS[:1], "memit", history=AlphaEditHistory(), layers=LAYERS, stats_source=corpus,
              stats_tokens=TOKENS)
-    other = tiny_lm("gpt2")
+    other = tiny("gpt2")
     with pytest.raises(ValueError, match="belongs to the model"):
         edit(other, REQUESTS[:1], "alphaedit", history=delta.records.history, **settings(corpus, thr))
 
@@ -270,11 +259,11 @@ def test_the_edit_flips_the_target_and_reverts_bit_exactly(corpus, tmp_path):
     corpus = tmp_path / "relations.txt"
     corpus.write_text("\n\n".join((TEXTS + RELATIONS) * 40))
     corpus = str(corpus)
-    lm = tiny_lm("gpt2")
+    lm = tiny("gpt2")
     request = EditRequest("{} is located in the city of", "the eiffel tower", target_new="london", target_true="paris")
     before = target_probabilities(lm, request)["efficacy"][0]
     assert before["target_new"] < before["target_true"]
-    original = weights(lm)
+    original = snapshot(lm)
     thr = mid_threshold(lm, corpus, keep=0.75)
     kw = settings(corpus, thr, l2=1e-3, lr=0.5, max_steps=100, weight_decay=0.0, kl_factor=0.0, clamp_norm_factor=50.0)
     site = ("residual", LAYERS[-1])
@@ -286,7 +275,7 @@ def test_the_edit_flips_the_target_and_reverts_bit_exactly(corpus, tmp_path):
     assert (goal - site_values(lm, site, [request])).norm() < 0.5 * (goal - gap_before).norm()
     assert after["target_new"] > after["target_true"], (before, after)
     delta.revert(lm)
-    assert all(torch.equal(original[n], t) for n, t in weights(lm).items())
+    assert all(torch.equal(original[n], t) for n, t in snapshot(lm).items())
 
 
 def test_presets_follow_the_reference_files():
@@ -299,7 +288,7 @@ def test_presets_follow_the_reference_files():
         ALPHAEDIT_PRESETS["llama"]["lr"] = 1.0  # read-only, as every preset table
     hp = make_settings(None, "alphaedit", preset="gpt2-xl")
     assert (hp.clamp_norm_factor, hp.kl_factor, hp.precision) == (0.75, 0.0625, "float32")
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     with pytest.raises(ValueError, match="nullspace_threshold"):
         make_settings(lm, "alphaedit", layers=(1,), nullspace_threshold=-1.0)
     with pytest.raises(ValueError, match="precision"):
@@ -322,19 +311,15 @@ def test_kvedit_edit_method_alphaedit_end_to_end(capsys, tiny_folder, corpus, tm
     assert delta.metadata["method"] == "alphaedit"
     assert {"l2", "nullspace_threshold", "precision"} <= set(delta.metadata["hparams"])
     assert set(delta.metadata["result"]["null_space_dims"]) == {"1", "2"}
-    lm = tiny_lm("llama")  # the same weights as tiny_folder
-    original = weights(lm)
+    lm = tiny("llama")  # the same weights as tiny_folder
+    original = snapshot(lm)
     delta.apply(lm)
     delta.revert(lm)
-    assert all(torch.equal(original[n], t) for n, t in weights(lm).items())
+    assert all(torch.equal(original[n], t) for n, t in snapshot(lm).items())
 
 
 def test_kvedit_bench_methods_alphaedit(capsys, tiny_folder, corpus, tmp_path):
-    dataset = tmp_path / "facts.json"
-    dataset.write_text(json.dumps([
-        {"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new, "target_true": r.target_true,
-         "case_id": i, "paraphrase_prompts": [f"{r.subject} lies in"], "neighborhood_prompts": ["the louvre is located in"]}
-        for i, r in enumerate(REQUESTS)]))
+    dataset = write_facts(tmp_path / "facts.json", REQUESTS)
     out = tmp_path / "bench"
     code = main(["bench", "--model", str(tiny_folder), "--dataset", str(dataset), "--methods", "alphaedit", "--n", "2",
                  "--layers", "1", "--stats", corpus, "--stats-tokens", "300", "--out", str(out)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_lm
+from helpers import tiny
 
 from kvedit.analysis.components import component_similarity, jaccard
 from kvedit.analysis.inspect import Intervention, inspect_prompt
@@ -25,7 +25,7 @@ def encode(lm, prompts=PROMPTS):
 @pytest.mark.parametrize("family", CAUSAL)
 def test_sublayer_reads_add_up_to_the_residual(family):
     """layer output = layer input + attention output + FFN output (what refinement's subtraction relies on)."""
-    lm = tiny_lm(family)
+    lm = tiny(family)
     with torch.no_grad(), Trace(lm, read=[("residual", 1), ("residual", 2), ("attn_write", 2), ("ffn_write", 2)]) as tr:
         lm.model(**encode(lm))
     torch.testing.assert_close(tr["residual", 1] + tr["attn_write", 2] + tr["ffn_write", 2], tr["residual", 2],
@@ -33,7 +33,7 @@ def test_sublayer_reads_add_up_to_the_residual(family):
 
 
 def test_attn_in_and_ffn_in_are_the_normalised_states_the_sublayers_read():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     seen = {}
     layer = lm.module(f"{lm.arch.layers}.1")
     hooks = [layer.input_layernorm.register_forward_hook(lambda m, a, o: seen.__setitem__("attn", o)),
@@ -44,7 +44,7 @@ def test_attn_in_and_ffn_in_are_the_normalised_states_the_sublayers_read():
         h.remove()
     torch.testing.assert_close(tr["attn_in", 1], seen["attn"])
     torch.testing.assert_close(tr["ffn_in", 1], seen["ffn"])
-    parallel = tiny_lm("gptj")  # one layer norm feeds both sub-layers
+    parallel = tiny("gptj")  # one layer norm feeds both sub-layers
     with torch.no_grad(), Trace(parallel, read=[("attn_in", 2), ("ffn_in", 2)]) as tr:
         parallel.model(**encode(parallel))
     torch.testing.assert_close(tr["attn_in", 2], tr["ffn_in", 2])
@@ -52,7 +52,7 @@ def test_attn_in_and_ffn_in_are_the_normalised_states_the_sublayers_read():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bert"])
 def test_scaling_changes_exactly_one_coefficient(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     enc = encode(lm)
     with torch.no_grad(), Trace(lm, read=[("coefficients", 1), ("coefficients", 2)]) as base:
         lm.model(**enc)
@@ -67,7 +67,7 @@ def test_scaling_changes_exactly_one_coefficient(family):
 
 def test_jaccard_and_component_similarity_by_hand():
     assert jaccard(torch.tensor([[1, 2, 3]]), torch.tensor([[3, 4, 5]])).tolist() == [pytest.approx(1 / 5)]
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     stats = component_similarity(lm, PROMPTS, top=10, progress=False)
     E = lm.model.get_input_embeddings().weight
     want = {"attention": 0.0, "ffn": 0.0, "attention_j": 0.0, "ffn_j": 0.0}
@@ -85,11 +85,11 @@ def test_jaccard_and_component_similarity_by_hand():
     assert stats[2]["attention_jaccard"] == pytest.approx(want["attention_j"], abs=1e-6)
     assert stats[2]["ffn_jaccard"] == pytest.approx(want["ffn_j"], abs=1e-6)
     with pytest.raises(ValueError, match="masked LM"):
-        component_similarity(tiny_lm("bert"), PROMPTS, progress=False)
+        component_similarity(tiny("bert"), PROMPTS, progress=False)
 
 
 def test_inspect_ranks_memories_by_contribution_and_intervenes():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     report = inspect_prompt(lm, PROMPTS[1], top_memories=3)
     enc = lm.tokenizer(PROMPTS[1], return_tensors="pt")
     with torch.no_grad(), Trace(lm, read=[("coefficients", 2)]) as tr:
@@ -123,7 +123,7 @@ def hand_patch(lm, layer, role, rows):
 @pytest.mark.parametrize("family,role", [("llama", "key:gate"), ("gpt2", "key:key"), ("gpt2", "values"),
                                          ("opt", "values")])
 def test_patch_view_finds_the_changed_rows_and_no_others(family, role):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     delta = hand_patch(lm, 1, role, [3, 7])
     assert changed_memories(lm, delta) == {1: {role: [3, 7]}}
     report = patch_report(lm, delta, top=5)
@@ -146,7 +146,7 @@ def test_patch_view_finds_the_changed_rows_and_no_others(family, role):
 
 
 def test_patch_of_other_parameters_is_a_clear_error():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     name = lm.attn_out_path(1) + ".weight"
     w = lm.model.get_parameter(name).detach().clone()
     with pytest.raises(ValueError, match="no FFN key or value"):

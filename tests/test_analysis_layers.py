@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import tiny
 
 from kvedit.analysis.layers import agreement, corpus_statistics
 from kvedit.analysis.runs import analyze_layers, analyze_values
@@ -14,18 +14,13 @@ from kvedit.analysis.vocab import logit_lens
 from kvedit.models import ARCHITECTURES, Trace, ffn_memory
 
 TEXT = "the eiffel tower is located in paris. berlin is the capital of germany. french is spoken in france.\n"
-
-
-@pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT * 3)
-    return path
+#: the text of the `corpus_file` fixture (conftest)
+CORPUS_TEXT = TEXT * 3
 
 
 @pytest.mark.parametrize("family", sorted(ARCHITECTURES))
 def test_value_projection_is_E_times_v(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     E = lm.module(lm.arch.unembed).weight.detach()
     memory = ffn_memory(lm, 2)
     values = memory.written.detach()  # v_i itself, or g ⊙ v_i behind a post-FFN norm with gain g
@@ -46,7 +41,7 @@ def test_value_projection_is_E_times_v(family):
 
 @pytest.mark.parametrize("family", sorted(ARCHITECTURES))
 def test_logit_lens_at_the_last_layer_is_the_models_output(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     enc = lm.tokenizer(["the eiffel tower is in paris", "berlin is"], return_tensors="pt", padding=True)
     with torch.no_grad(), Trace(lm, read=[("residual", -1)]) as tr:
         logits = lm.model(**enc).logits
@@ -62,7 +57,7 @@ def one_hot_unembedding(lm):
 
 
 def test_agreement_counts_the_values_whose_top_token_follows_the_top_trigger():
-    lm = tiny_lm("gpt2")
+    lm = tiny("gpt2")
     one_hot_unembedding(lm)
     mem = ffn_memory(lm, 1)
     d_ff, d = mem.d_ff, lm.d_model
@@ -94,7 +89,7 @@ def set_constant_coefficients(lm, layer, biases, values):
 
 @pytest.mark.parametrize("shared_top", [False, True])
 def test_composition_and_active_memories_on_hand_set_weights(corpus_file, shared_top):
-    lm = tiny_lm("gpt2")  # GELU: active means |m|·‖v‖ ≥ 0.1 × the token's largest
+    lm = tiny("gpt2")  # GELU: active means |m|·‖v‖ ≥ 0.1 × the token's largest
     one_hot_unembedding(lm)
     d_ff, d = 64, lm.d_model
     biases = torch.full((d_ff,), -12.0)
@@ -114,7 +109,7 @@ def test_composition_and_active_memories_on_hand_set_weights(corpus_file, shared
 
 
 def test_relu_memories_are_active_exactly_when_positive(corpus_file):
-    lm = tiny_lm("opt")
+    lm = tiny("opt")
     biases = torch.linspace(-1, 1, 64)  # 32 positive
     set_constant_coefficients(lm, 1, biases, torch.randn(64, lm.d_model))
     stats = corpus_statistics(lm, str(corpus_file), value_projections(lm, [1], progress=False), max_tokens=30,
@@ -123,7 +118,7 @@ def test_relu_memories_are_active_exactly_when_positive(corpus_file):
 
 
 def test_analyze_layers_and_values_write_tables_and_plots(corpus_file, tmp_path):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     done = analyze_layers(lm, tmp_path, str(corpus_file), tokens=30, progress=False)
     names = {p.name for p in done["files"]}
     assert {"layers.jsonl", "layers.csv", "layers.md", "analysis-active.png", "analysis-composition.png",

@@ -6,7 +6,8 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-from tiny_models import SPECIALS, VOCAB, tiny_lm
+from helpers import tiny
+from tiny_models import SPECIALS, VOCAB
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -29,7 +30,7 @@ def hostile_lm() -> LM:
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
                                   eos_token="</s>")
-    return LM.wrap(tiny_lm("llama").model, tok, name="tiny-llama-<hostile>")
+    return LM.wrap(tiny("llama").model, tok, name="tiny-llama-<hostile>")
 
 
 @pytest.fixture

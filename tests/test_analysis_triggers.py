@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import tiny
 
 from kvedit.analysis import corpus
 from kvedit.analysis.runs import analyze_triggers, triggers_in
@@ -19,13 +19,8 @@ TEXT = (
     "french is spoken in france. italian is the language of italy. the big ben stands in london.\n"
     "german is the official language of germany. english is spoken in london and paris.\n"
 )
-
-
-@pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return path
+#: the text of the `corpus_file` fixture (conftest)
+CORPUS_TEXT = TEXT
 
 
 def brute_force(lm, source, layers, max_tokens, stride):
@@ -45,7 +40,7 @@ def brute_force(lm, source, layers, max_tokens, stride):
 
 @pytest.mark.parametrize("family", sorted(ARCHITECTURES))
 def test_streaming_topk_equals_brute_force(family, corpus_file):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     found = mine_triggers(lm, str(corpus_file), k=4, max_tokens=10_000, batch_size=2, progress=False)
     assert found.layers == list(range(lm.num_layers))
     full, codes = brute_force(lm, str(corpus_file), found.layers, 10_000, found.stride)
@@ -61,7 +56,7 @@ def test_streaming_topk_equals_brute_force(family, corpus_file):
 
 
 def test_rank_by_absolute_value_keeps_the_sign(corpus_file):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     found = mine_triggers(lm, str(corpus_file), layers=[2], k=3, max_tokens=10_000, rank="abs", progress=False)
     full, codes = brute_force(lm, str(corpus_file), [2], 10_000, found.stride)
     idx = full[2].abs().topk(3, dim=0).indices  # [k, d_ff]
@@ -112,7 +107,7 @@ def test_order_key_orders_by_score_then_earlier_code():
 
 
 def test_examples_point_at_the_right_tokens_and_survive_a_round_trip(corpus_file, tmp_path):
-    lm = tiny_lm("gpt2")
+    lm = tiny("gpt2")
     found = mine_triggers(lm, str(corpus_file), layers=[1, 3], k=3, max_tokens=10_000, progress=False)
     found.save(tmp_path / "mined")
     again = TriggerSet.load(tmp_path / "mined")
@@ -130,7 +125,7 @@ def test_examples_point_at_the_right_tokens_and_survive_a_round_trip(corpus_file
 
 
 def test_a_mined_folder_is_reused_and_refused_for_another_model(corpus_file, tmp_path, monkeypatch):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     first = load_or_mine(tmp_path, lm, source=str(corpus_file), k=2, max_tokens=500, progress=False)
 
     def fail(*args, **kwargs):
@@ -140,11 +135,11 @@ def test_a_mined_folder_is_reused_and_refused_for_another_model(corpus_file, tmp
     again = load_or_mine(tmp_path, lm, layers=[0, 1], source=str(corpus_file))
     assert torch.equal(again.codes[1], first.codes[1])
     with pytest.raises(ValueError, match="mined on 'tiny-llama'"):
-        triggers_in(tmp_path, tiny_lm("llama", seed=1))
+        triggers_in(tmp_path, tiny("llama", seed=1))
 
 
 def test_analyze_triggers_writes_jsonl_and_pages_and_refuses_other_settings(corpus_file, tmp_path):
-    lm = tiny_lm("opt")
+    lm = tiny("opt")
     done = analyze_triggers(lm, tmp_path, str(corpus_file), keys=[(2, 5)], k=3, tokens=10_000, progress=False)
     assert not done["reused"]
     lines = (tmp_path / "triggers" / "layer-02.jsonl").read_text().splitlines()
@@ -160,7 +155,7 @@ def test_analyze_triggers_writes_jsonl_and_pages_and_refuses_other_settings(corp
 
 
 def test_corpus_skips_headings_splits_sentences_and_stops_at_the_token_budget(corpus_file):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     assert corpus.sentences("It rained. Then it stopped! Ok") == ["It rained.", "Then it stopped!"]
     batches = list(corpus.token_batches(lm, str(corpus_file), max_tokens=20, batch_size=4))
     assert sum(b.num_tokens for b, _ in batches) == 20

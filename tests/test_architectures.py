@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TINY_CONFIGS, tiny_lm
+from helpers import tiny
+from tiny_models import TINY_CONFIGS
 from transformers.activations import ACT2FN
 
 from kvedit import EditRequest, edit
@@ -30,7 +31,7 @@ def ffn_input(lm, layer: int, prompts: list[str]) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_memory_shapes(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     d_ff, d_model = 64, 32
     for layer in range(lm.num_layers):
         mem = ffn_memory(lm, layer)
@@ -44,7 +45,7 @@ def test_memory_shapes(family):
 def test_coefficients_match_manual_ffn(family):
     """m = f(h·Kᵀ + b) (⊙ h·K_upᵀ when gated) from the weights equals the traced values-module input,
     and m·V + b equals the values module's output, so both orientations are right."""
-    lm = tiny_lm(family)
+    lm = tiny(family)
     layer = 2
     h = ffn_input(lm, layer, PROMPTS)
     mem = ffn_memory(lm, layer)
@@ -72,7 +73,7 @@ def test_coefficients_match_manual_ffn(family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["ft-keys", "ft-values"])
 def test_ft_edit_flips_target_and_reverts_exactly(family, method):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     request = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
     prompt = request.rewrite_prompt
     original = {n: p.detach().clone() for n, p in lm.model.state_dict().items()}
@@ -99,7 +100,7 @@ def test_unsupported_family_names_supported_ones():
 
 
 def test_gated_only_targets_are_refused_on_ungated_models():
-    lm = tiny_lm("gpt2")
+    lm = tiny("gpt2")
     request = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
     with pytest.raises(ValueError, match="no key module"):
         edit(lm, request, "ft-key-gate")
@@ -118,7 +119,7 @@ def test_cached_decoding_equals_full_passes_without_deprecated_cache_arguments(f
 
     deprecations = []
     monkeypatch.setattr(hf_generic.logger, "warning_once", lambda msg, *a, **k: deprecations.append(msg))
-    lm = tiny_lm(family)
+    lm = tiny(family)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         cached = generate_ids(lm, PROMPTS[:1], total_tokens=12, top_k=1)[0]

@@ -14,7 +14,7 @@ import time
 from types import MappingProxyType
 
 import pytest
-from helpers import same, snapshot
+from helpers import same, snapshot, write_facts
 
 import kvedit.bench.runner as batch_runner_module
 from kvedit.bench.config import BenchConfig
@@ -45,12 +45,7 @@ FACTS = [
 
 @pytest.fixture
 def dataset(tmp_path):
-    path = tmp_path / "facts.json"
-    records = [{"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": i,
-                "paraphrase_prompts": [f"{s} lies in"], "neighborhood_prompts": ["the louvre is located in"]}
-               for i, (p, s, n, t) in enumerate(FACTS)]
-    path.write_text(json.dumps(records))
-    return path
+    return write_facts(tmp_path / "facts.json", FACTS)
 
 
 def _count_edits(monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import tiny
 
 from kvedit.analysis.causal_trace import (
     KIND_SITES,
@@ -81,7 +81,7 @@ def brute_force(lm, prompt, subject, nu, samples, window):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text", "gpt_neox", "opt", "gptj", "olmo2"])
 def test_tracing_equals_a_brute_force_restore(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     nu = embedding_noise_scale(lm, [SUBJECT, "the louvre", "berlin"])
     fact = trace_fact(lm, PROMPT, SUBJECT, nu, samples=3, window=2)
     want, high, low = brute_force(lm, PROMPT, SUBJECT, nu, samples=3, window=2)
@@ -93,7 +93,7 @@ def test_tracing_equals_a_brute_force_restore(family):
 
 
 def test_the_subject_range_and_the_noise_scale():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     ids, span = subject_token_range(lm, PROMPT, SUBJECT)
     assert [lm.tokenizer.decode([i]) for i in ids[span[0]:span[1]]] == ["eiffel", "tower"]
     embed = lm.model.get_input_embeddings().weight
@@ -105,7 +105,7 @@ def test_the_subject_range_and_the_noise_scale():
 
 
 def test_a_fact_the_model_does_not_predict_is_skipped():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     fact = trace_fact(lm, PROMPT, SUBJECT, 0.1, kinds=("residual",), samples=2)
     assert trace_fact(lm, PROMPT, SUBJECT, 0.1, expected=fact.answer.strip(), kinds=("residual",),
                       samples=2) is not None

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import leaf_parsers
 
 from kvedit.cli import build_parser, main
 from kvedit.cli.folders import MARK
@@ -177,20 +178,9 @@ def test_an_interrupted_tune_says_what_was_kept_and_how_to_resume(capsys, tiny_f
 
 # every command: --threads, and help without torch ---------------------------------------------------------------
 
-def _leaf_parsers(parser):
-    import argparse
-
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        yield parser
-    for s in subs:
-        for child in s.choices.values():
-            yield from _leaf_parsers(child)
-
-
 def test_every_command_takes_threads():
     parser, _ = build_parser()
-    leaves = list(_leaf_parsers(parser))
+    leaves = list(leaf_parsers(parser))
     assert len(leaves) >= 17
     for leaf in leaves:
         assert any("--threads" in a.option_strings for a in leaf._actions), leaf.prog

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TINY_CONFIGS, tiny_lm
+from helpers import snapshot, tiny
+from tiny_models import TINY_CONFIGS
 
 import kvedit.editing.context as context_module
 import kvedit.editing.stats as stats_module
@@ -21,23 +22,12 @@ REQUESTS = [
     EditRequest("{} is the capital of", "berlin", target_new="spain", target_true="germany"),
 ]
 SENTENCE = "the eiffel tower is located in the city of paris and rome is the capital of italy"
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    """A small text corpus, and a private cache folder for statistics and templates."""
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(SENTENCE for _ in range(200)))
-    return str(path)
-
-
-def state(lm):
-    return {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
+#: the statistics corpus (the `corpus` fixture in conftest writes it)
+CORPUS_TEXT = "\n\n".join(SENTENCE for _ in range(200))
 
 
 def test_rome_maps_the_key_to_the_target_value(corpus):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     delta = edit(lm, REQUESTS[0], "rome", layers=(1,), stats_source=corpus, stats_tokens=1000, mom2_adjustment=True)
     record = delta.records[0]
     module = lm.module(lm.values_path(1))
@@ -51,7 +41,7 @@ def test_rome_maps_the_key_to_the_target_value(corpus):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_memit_one_layer_is_the_regularised_least_squares_solution(corpus, family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     lam = 50.0
     delta = edit(lm, REQUESTS, "memit", layers=(2,), stats_source=corpus, stats_tokens=1000, mom2_update_weight=lam)
     (record,) = delta.records
@@ -73,7 +63,7 @@ def test_memit_one_layer_is_the_regularised_least_squares_solution(corpus, famil
 
 @pytest.mark.parametrize("method, spread", [("pmet", "sqrt"), ("pmet-even-spread", "even")])
 def test_pmet_spreads_the_residual_as_eq_11(corpus, method, spread):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     layers = (0, 1, 2)
     delta = edit(lm, REQUESTS, method, layers=layers, stats_source=corpus, stats_tokens=1000, mom2_update_weight=1e-3)
     records = delta.records.ffn
@@ -91,7 +81,7 @@ def test_pmet_spreads_the_residual_as_eq_11(corpus, method, spread):
 
 
 def test_pmet_ablations_touch_the_right_weights(corpus):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     kw = dict(layers=(1, 2), stats_source=corpus, stats_tokens=1000)
     both = edit(lm, REQUESTS, "pmet-update-attn", **kw)
     assert sorted(both.names) == sorted(
@@ -105,8 +95,8 @@ def test_pmet_ablations_touch_the_right_weights(corpus):
 
 @pytest.mark.parametrize("method", ["rome", "memit", "pmet", "pmet-update-attn"])
 def test_every_method_reverts_bit_exactly(corpus, method):
-    lm = tiny_lm("gpt2")
-    original = state(lm)
+    lm = tiny("gpt2")
+    original = snapshot(lm)
     layers = (1,) if method == "rome" else (1, 2)
     requests = REQUESTS[:1] if method == "rome" else REQUESTS
     delta = edit(lm, requests, method, layers=layers, stats_source=corpus, stats_tokens=1000)
@@ -121,8 +111,8 @@ def test_failure_during_the_update_restores_weights(corpus, method, monkeypatch)
     import kvedit.editing.memit as memit_module
     import kvedit.editing.rome as rome_module
 
-    lm = tiny_lm("llama")
-    original = state(lm)
+    lm = tiny("llama")
+    original = snapshot(lm)
     module = rome_module if method == "rome" else memit_module
     real = module.subject_keys
     calls = {"n": 0}
@@ -155,7 +145,7 @@ def test_failure_during_the_update_restores_weights(corpus, method, monkeypatch)
     ],
 )
 def test_bad_hyperparameters_are_clear_errors(corpus, method, overrides, message):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     with pytest.raises(ValueError, match=message):
         edit(lm, REQUESTS, method, stats_source=corpus, stats_tokens=1000, **overrides)
 
@@ -163,7 +153,7 @@ def test_bad_hyperparameters_are_clear_errors(corpus, method, overrides, message
 @pytest.mark.parametrize("method", ["rome", "memit", "pmet-update-attn", "ft-keys"])
 def test_prepare_leaves_no_statistics_or_templates_to_the_edit(corpus, method, monkeypatch):
     """`kvedit bench` times edits after `prepare`: the edit itself must find everything cached."""
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     kw = dict(layers=(1,) if method == "rome" else (1, 2))
     if method != "ft-keys":
         kw |= dict(stats_source=corpus, stats_tokens=1000)
@@ -174,9 +164,9 @@ def test_prepare_leaves_no_statistics_or_templates_to_the_edit(corpus, method, m
 
     monkeypatch.setattr(stats_module, "_accumulate", forbidden)
     monkeypatch.setattr(context_module, "_generate", forbidden)
-    before = state(lm)
+    before = snapshot(lm)
     edit(lm, REQUESTS[0], method, **kw).revert(lm)
-    assert all(torch.equal(before[k], v) for k, v in state(lm).items())
+    assert all(torch.equal(before[k], v) for k, v in snapshot(lm).items())
 
 
 CAUSAL_FAMILIES = [f for f in TINY_CONFIGS if f != "bert"]
@@ -189,7 +179,7 @@ def test_split_batch_suffix_pass_equals_the_full_forward(family, start):
     states as running every row in full, with a vector added at the lookup token of layer `start`."""
     from kvedit.models.split import SplitBatch
 
-    lm = tiny_lm(family)
+    lm = tiny(family)
     texts = ["the eiffel tower is located in the city of paris", "berlin is the capital of germany", "rome is in italy"]
     rows = [lm.tokenizer(t)["input_ids"] for t in texts]
     lookups = [2, 0, 1]
@@ -214,7 +204,7 @@ def test_requests_optimised_together_match_one_at_a_time(family):
     """Grouping requests in one batched pass changes only the speed: the same δ and steps per request."""
     from kvedit.editing.targets import TargetOptions, optimize_targets
 
-    lm = tiny_lm(family)
+    lm = tiny(family)
     templates = context_templates(lm, MEMIT_TEMPLATES)
     sites = [("residual", 2), ("attn_out", 2)]
     requests = REQUESTS + [EditRequest("{} is the capital of", "rome", target_new="france", target_true="italy")]
@@ -248,7 +238,7 @@ def test_fast_variants_double_the_rate_and_stop_on_the_target_nll():
     from kvedit.editing import make_settings
     from kvedit.editing.targets import TargetOptions, optimize_targets
 
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     for method in ("rome", "memit"):
         reference, fast = make_settings(lm, method, layers=(1,)), make_settings(lm, f"{method}-fast", layers=(1,))
         assert fast.lr == 2 * reference.lr and fast.stop_nll == 0.1 and reference.stop_nll is None

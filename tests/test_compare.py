@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import tiny_lm
+from helpers import tiny, write_facts
 
 from kvedit.bench.config import BenchConfig
 from kvedit.bench.harness import Bench
@@ -22,16 +22,12 @@ FACTS = [("{} is located in the city of", "the eiffel tower", "rome", "paris"),
 @pytest.fixture
 def two_folders(tmp_path):
     """Two bench folders (two tiny models) with FT on keys and on values over the same facts."""
-    dataset = tmp_path / "facts.json"
-    dataset.write_text(json.dumps([{"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": i,
-                                    "paraphrase_prompts": [f"{s} lies in"],
-                                    "neighborhood_prompts": ["the louvre is located in"]}
-                                   for i, (p, s, n, t) in enumerate(FACTS)]))
+    dataset = write_facts(tmp_path / "facts.json", FACTS)
     folders = []
     for seed in (0, 1):
         out = tmp_path / f"run{seed}"
         config = BenchConfig(dataset=str(dataset), methods=("ft-keys", "ft-values"), extra={"max_steps": 3})
-        Bench(tiny_lm("llama", seed=seed), config, out, progress=False).run()
+        Bench(tiny("llama", seed=seed), config, out, progress=False).run()
         folders.append(out)
     return folders
 

@@ -5,11 +5,12 @@ has none (torch then emulates bf16, slowly but correctly)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
+from helpers import leaf_parsers, snapshot
+from tiny_models import tiny_lm
 
 import kvedit.models.compute as compute
 from kvedit import EditRequest, edit
@@ -17,7 +18,6 @@ from kvedit.cli import build_parser, main
 from kvedit.editing.context import MEMIT_TEMPLATES, context_templates
 from kvedit.editing.targets import TargetOptions, optimize_targets
 from kvedit.models.compute import Bf16Support, ComputeDtypeError, compute_view, set_compute_dtype
-from tiny_models import tiny_lm
 
 REQUESTS = [
     EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),
@@ -27,15 +27,8 @@ REQUESTS = [
     EditRequest("{} speaks", "the diplomat", target_new="french", target_true="german"),
 ]
 SENTENCE = "the eiffel tower is located in the city of paris and rome is the capital of italy"
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    """A small statistics corpus and a private cache folder."""
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(SENTENCE for _ in range(200)))
-    return str(path)
+#: the statistics corpus (the `corpus` fixture in conftest writes it)
+CORPUS_TEXT = "\n\n".join(SENTENCE for _ in range(200))
 
 
 @pytest.fixture
@@ -47,10 +40,6 @@ def bf16_units(monkeypatch):
 @pytest.fixture
 def no_bf16_units(monkeypatch):
     monkeypatch.setattr(compute, "bf16_support", lambda device="cpu": Bf16Support(False, "CPU: no AMX-BF16 (test)"))
-
-
-def state(lm):
-    return {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -74,7 +63,7 @@ def test_batched_targets_equal_one_at_a_time_in_float32(family):
 @pytest.mark.parametrize("method", ["rome", "memit", "pmet", "ft-keys", "ft-values"])
 def test_a_patch_made_in_bfloat16_compute_reverts_bit_exactly(corpus, bf16_units, method):
     lm = set_compute_dtype(tiny_lm("llama"), "bfloat16")
-    original = state(lm)
+    original = snapshot(lm)
     layers = (1,) if method in ("rome", "ft-keys", "ft-values") else (1, 2)
     requests = REQUESTS[:1] if method == "rome" else REQUESTS[:2]
     extra = {} if method.startswith("ft-") else dict(stats_source=corpus, stats_tokens=1000)
@@ -139,18 +128,9 @@ def test_the_edit_command_runs_in_bfloat16_compute(bf16_units, capsys, tiny_fold
     assert json.loads(patch.with_suffix(".json").read_text())["compute_dtype"] == "bfloat16"
 
 
-def _leaf_parsers(parser):
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        yield parser
-    for s in subs:
-        for child in s.choices.values():
-            yield from _leaf_parsers(child)
-
-
 def test_every_command_that_runs_a_model_takes_compute_dtype():
     parser, _ = build_parser()
-    with_model = [leaf for leaf in _leaf_parsers(parser) if any("--model" in a.option_strings for a in leaf._actions)]
+    with_model = [leaf for leaf in leaf_parsers(parser) if any("--model" in a.option_strings for a in leaf._actions)]
     names = {leaf.prog.split(" ", 1)[1] for leaf in with_model}
     assert {"edit", "apply", "revert", "stats", "bench", "demo", "analyze triggers", "inspect", "tune",
             "explore"} <= names

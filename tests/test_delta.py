@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import snapshot, tiny
 
 from kvedit import EditRequest, WeightDelta, edit
 from kvedit.editing import EditError, PatchMismatchError
@@ -15,19 +15,15 @@ from kvedit.evaluation import target_nll
 REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
 
 
-def state(lm) -> dict[str, torch.Tensor]:
-    return {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
-
-
-def assert_same(lm, snapshot) -> None:
+def assert_same(lm, saved) -> None:
     for name, tensor in lm.model.state_dict().items():
-        assert torch.equal(tensor, snapshot[name]), f"{name} changed"
+        assert torch.equal(tensor, saved[name]), f"{name} changed"
 
 
 def test_save_load_apply_reproduces_the_edit(tmp_path, tiny_llama):
-    original = state(tiny_llama)
+    original = snapshot(tiny_llama)
     delta = edit(tiny_llama, REQUEST, "ft-values", lr=1e-2, max_steps=5)
-    edited = state(tiny_llama)
+    edited = snapshot(tiny_llama)
     path = delta.save(tmp_path / "edit.safetensors")
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["method"] == "ft-values" and meta["requests"][0]["subject"] == "the eiffel tower"
@@ -55,13 +51,13 @@ def test_apply_twice_and_revert_unedited_are_refused(tiny_llama):
 def test_patch_for_another_model_is_refused(tmp_path, tiny_llama):
     delta = edit(tiny_llama, REQUEST, "ft-values", lr=1e-2, max_steps=3)
     delta.save(tmp_path / "p.safetensors")
-    other = tiny_lm("llama", seed=1)  # same shapes, other weights
-    snapshot = state(other)
+    other = tiny("llama", seed=1)  # same shapes, other weights
+    saved = snapshot(other)
     with pytest.raises(PatchMismatchError, match="fingerprint"):
         WeightDelta.load(tmp_path / "p.safetensors").apply(other)
-    assert_same(other, snapshot)
+    assert_same(other, saved)
     with pytest.raises(PatchMismatchError, match="no parameter"):
-        WeightDelta.load(tmp_path / "p.safetensors").apply(tiny_lm("gpt2"))
+        WeightDelta.load(tmp_path / "p.safetensors").apply(tiny("gpt2"))
 
 
 def test_non_patch_files_are_refused_without_unpickling(tmp_path):
@@ -99,20 +95,20 @@ def _fail_on_call(lm, n: int, exc: BaseException | None = None, nan: bool = Fals
 )
 @pytest.mark.parametrize("method", ["ft-keys", "ft-values"])
 def test_failure_mid_edit_restores_weights_bit_exactly(tiny_llama, method, failure):
-    snapshot = state(tiny_llama)
+    saved = snapshot(tiny_llama)
     flags = {n: p.requires_grad for n, p in tiny_llama.model.named_parameters()}
     handle = _fail_on_call(tiny_llama, 3, **failure)  # two optimiser steps have changed weights by then
     expected = (EditError,) if failure.get("nan") else (type(failure["exc"]),)
     with pytest.raises(expected):
         edit(tiny_llama, REQUEST, method, lr=1e-2, max_steps=10, early_stop_nll=None)
     handle.remove()
-    assert_same(tiny_llama, snapshot)
+    assert_same(tiny_llama, saved)
     assert flags == {n: p.requires_grad for n, p in tiny_llama.model.named_parameters()}
 
 
 def test_nan_weights_are_refused_and_restored(tiny_llama, monkeypatch):
     """An optimiser that writes NaN into the weights without a NaN loss is caught at the end."""
-    snapshot = state(tiny_llama)
+    saved = snapshot(tiny_llama)
     real_step = torch.optim.AdamW.step
 
     def bad_step(self, *a, **kw):
@@ -124,7 +120,7 @@ def test_nan_weights_are_refused_and_restored(tiny_llama, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", bad_step)
     with pytest.raises(EditError, match="NaN/Inf|became"):
         edit(tiny_llama, REQUEST, "ft-values", lr=1e-2, max_steps=1, early_stop_nll=None)
-    assert_same(tiny_llama, snapshot)
+    assert_same(tiny_llama, saved)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import write_facts
+
 from kvedit.bench.config import BenchConfig
 from kvedit.bench.folder import load_cases_file
 from kvedit.bench.harness import Bench
@@ -38,13 +40,8 @@ def ray_instance(tmp_path_factory):
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch, tiny_folder):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "driver-cache"))
-    data = tmp_path / "facts.json"
-    data.write_text(json.dumps([{"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": i,
-                                 "paraphrase_prompts": [f"{s} lies in"],
-                                 "neighborhood_prompts": ["the louvre is located in"]}
-                                for i, (p, s, n, t) in enumerate(FACTS)]))
+def setup(tmp_path, monkeypatch, tiny_folder, kvedit_cache):
+    data = write_facts(tmp_path / "facts.json", FACTS)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(SENTENCE for _ in range(100)))
     config = BenchConfig(dataset=str(data), methods=("ft-values", "memit"), stats_source=str(corpus),

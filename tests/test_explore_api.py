@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from tiny_models import tiny_lm
+from helpers import same, snapshot, tiny
 
 from kvedit.analysis.inspect import inspect_prompt
 from kvedit.analysis.triggers import mine_triggers
@@ -28,6 +28,8 @@ TEXT = ("the eiffel tower is located in the city of paris. the colosseum is loca
         "berlin is the capital of germany. the louvre is a famous landmark in paris. "
         "french is the language spoken in france. big ben stands in london.")
 FAST = {"lr": 0.01, "max_steps": 4}  # a few steps: the tests check bookkeeping, not edit quality
+#: the statistics corpus (the `corpus` fixture in conftest writes it)
+CORPUS_TEXT = "\n\n".join(TEXT for _ in range(20))
 
 
 def page_client(app, base_url: str = "http://testserver") -> TestClient:
@@ -41,25 +43,9 @@ def edit_body(**kw):
     return body | kw
 
 
-def weights(lm):
-    return {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(TEXT for _ in range(20)))
-    return str(path)
-
-
 @pytest.fixture
 def app(corpus):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     session = ExploreSession(lm, ExploreSettings(corpus=corpus, mine_tokens=300, mine_k=5))
     with page_client(create_app(session)) as client:
         yield client, session
@@ -91,7 +77,7 @@ def assert_same_as_inspect(ours, ref):
 def test_prompt_view_equals_inspect_prompt(family, cached):
     """The same memories, coefficients, value tokens and logit lens as `kvedit inspect`, with the value tokens
     projected on demand or read from the per-layer projections the session fills in the background."""
-    lm = tiny_lm(family)
+    lm = tiny(family)
     vocab = Vocabulary(token_strings(lm))
     cache = ValueTokenCache(lm, 4)
     if cached:
@@ -104,7 +90,7 @@ def test_prompt_view_equals_inspect_prompt(family, cached):
 def test_value_cache_follows_the_weights(corpus):
     """A values edit drops its layer's cached projections (a keys edit none); the prompt view stays equal to
     inspect_prompt on the edited model, and again after the revert."""
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     session = ExploreSession(lm, ExploreSettings(corpus=corpus, prefetch_values=False))
     client = page_client(create_app(session))
     session.values.fill_now()
@@ -204,8 +190,8 @@ def test_a_facts_knowledge_neurons_are_found_as_a_job_with_their_memories(app):
 
 
 def test_given_triggers_are_checked_against_the_model(corpus):
-    lm = tiny_lm("llama")
-    other = mine_triggers(tiny_lm("llama", seed=1), corpus, layers=[0], k=3, max_tokens=200, progress=False)
+    lm = tiny("llama")
+    other = mine_triggers(tiny("llama", seed=1), corpus, layers=[0], k=3, max_tokens=200, progress=False)
     with pytest.raises(ValueError, match="mined on"):
         ExploreSession(lm, triggers=other, triggers_origin="elsewhere")
     mine = mine_triggers(lm, corpus, layers=[0, 2], k=3, max_tokens=200, progress=False)
@@ -244,7 +230,7 @@ def test_intervene(app):
 def test_edit_revert_is_bit_exact_and_patches_round_trip(app, tmp_path):
     client, session = app
     lm = session.lm
-    original = weights(lm)
+    original = snapshot(lm)
     done = run_job(client, session, client.post("/api/edits", json=edit_body(paraphrases=["the eiffel tower lies in"],
                                                                              neighbours=["the louvre is located in the city of"])))
     entry = done["result"]
@@ -254,24 +240,24 @@ def test_edit_revert_is_bit_exact_and_patches_round_trip(app, tmp_path):
     rewrite = entry["summary"]["rows"][0]
     assert rewrite["new_after"] > rewrite["new_before"]  # the edit pushed the new object up
     assert "1" in entry["summary"]["patch_view"]["layers"]  # the memories the edit changed, layer 1
-    assert not same(weights(lm), original)
+    assert not same(snapshot(lm), original)
     patch = client.get("/api/edits/1/patch")
     assert patch.status_code == 200 and "kvedit-edit-1-ft-keys.safetensors" in patch.headers["content-disposition"]
     (tmp_path / "p.safetensors").write_bytes(patch.content)
-    edited = weights(lm)
+    edited = snapshot(lm)
     assert client.post("/api/edits/1/revert", json={}).json() == {"reverted": [1], "applied": []}
-    assert same(weights(lm), original)  # bit-identical
+    assert same(snapshot(lm), original)  # bit-identical
     r = client.post("/api/edits/1/revert", json={})
     assert r.status_code == 400 and "already reverted" in r.json()["error"]
     # load the downloaded patch again: the same edited weights, a new entry in the list
     loaded = client.post("/api/patches", content=patch.content, headers={"X-Filename": "p.safetensors"}).json()
     assert loaded["id"] == 2 and "loaded from p.safetensors" in loaded["source"]
     assert loaded["summary"]["rows"][0]["new_after"] == pytest.approx(rewrite["new_after"], rel=1e-5)
-    assert same(weights(lm), edited)
+    assert same(snapshot(lm), edited)
     r = client.post("/api/patches", content=patch.content, headers={"X-Filename": "p.safetensors"})
-    assert r.status_code == 400 and "already" in r.json()["error"] and same(weights(lm), edited)
+    assert r.status_code == 400 and "already" in r.json()["error"] and same(snapshot(lm), edited)
     client.post("/api/edits/2/revert", json={})
-    assert same(weights(lm), original)
+    assert same(snapshot(lm), original)
     assert [e["state"] for e in client.get("/api/edits").json()] == ["reverted", "reverted"]
     assert WeightDelta.load(tmp_path / "p.safetensors").metadata["method"] == "ft-keys"
 
@@ -279,10 +265,10 @@ def test_edit_revert_is_bit_exact_and_patches_round_trip(app, tmp_path):
 def test_bad_patches_change_nothing(app):
     client, session = app
     lm = session.lm
-    original = weights(lm)
+    original = snapshot(lm)
     from kvedit import EditRequest, edit
 
-    other = tiny_lm("gpt2")
+    other = tiny("gpt2")
     delta = edit(other, EditRequest("{} is located in", "the eiffel tower", "rome", "paris"), "ft-values", **FAST)
     foreign = delta.save(session._files.name + "/foreign.safetensors").read_bytes()
     good = foreign
@@ -293,7 +279,7 @@ def test_bad_patches_change_nothing(app):
         r = client.post("/api/patches", content=data, headers={"X-Filename": "bad.safetensors"})
         assert r.status_code == 400 and message in r.json()["error"], r.json()
         assert "kvedit-explore-" not in r.json()["error"]  # the user's file name, not the server's temporary copy
-    assert same(weights(lm), original) and client.get("/api/edits").json() == []
+    assert same(snapshot(lm), original) and client.get("/api/edits").json() == []
 
 
 def test_a_patch_upload_larger_than_any_patch_of_the_model_is_refused_unread(app):
@@ -320,21 +306,21 @@ def test_a_patch_upload_larger_than_any_patch_of_the_model_is_refused_unread(app
 ])
 def test_bad_edit_input_is_refused_before_anything_runs(app, body, message):
     client, session = app
-    original = weights(session.lm)
+    original = snapshot(session.lm)
     r = client.post("/api/edits", json=body)
     assert r.status_code == 400 and message in r.json()["error"], r.json()
-    assert session.jobs.jobs == {} and same(weights(session.lm), original)
+    assert session.jobs.jobs == {} and same(snapshot(session.lm), original)
 
 
 def test_failed_edit_job_reports_and_restores(app):
     client, session = app
-    original = weights(session.lm)
+    original = snapshot(session.lm)
     from kvedit.evaluation.probe import greedy_answer
 
     answer = greedy_answer(session.lm, PROMPT)  # asking for the model's own answer: nothing to edit
     failed = run_job(client, session, client.post("/api/edits", json=edit_body(target_new=answer, target_true=None)), "failed")
     assert "nothing to edit" in failed["error"]
-    assert same(weights(session.lm), original) and client.get("/api/edits").json() == []
+    assert same(snapshot(session.lm), original) and client.get("/api/edits").json() == []
 
 
 def test_reverting_one_edit_among_several(app):
@@ -342,24 +328,24 @@ def test_reverting_one_edit_among_several(app):
     weights would undo #2) and nothing changes; with cascade #2 then #1 go; #3 stays, untouched."""
     client, session = app
     lm = session.lm
-    original = weights(lm)
+    original = snapshot(lm)
     run_job(client, session, client.post("/api/edits", json=edit_body()))
     run_job(client, session, client.post("/api/edits", json=edit_body(subject="berlin", prompt="berlin is the capital of",
                                                                        target_new="italy", target_true="germany")))
-    after_two = weights(lm)
+    after_two = snapshot(lm)
     run_job(client, session, client.post("/api/edits", json=edit_body(method="ft-values", layers=[2])))
-    after_three = weights(lm)
+    after_three = snapshot(lm)
     r = client.post("/api/edits/1/revert", json={"cascade": False})
     assert r.status_code == 409 and "#2" in r.json()["error"] and "#3" not in r.json()["error"]
-    assert same(weights(lm), after_three)
+    assert same(snapshot(lm), after_three)
     r = client.post("/api/edits/1/revert", json={"cascade": True}).json()
     assert r == {"reverted": [2, 1], "applied": [3]}
-    now = weights(lm)
+    now = snapshot(lm)
     values = f"{lm.values_path(2)}.weight"
     assert all(torch.equal(now[n], original[n]) for n in now if n != values)
     assert torch.equal(now[values], after_three[values]) and not torch.equal(now[values], after_two[values])
     assert client.post("/api/edits/3/revert").json()["reverted"] == [3]
-    assert same(weights(lm), original)
+    assert same(snapshot(lm), original)
     assert client.post("/api/edits/9/revert").status_code == 404 and client.get("/api/jobs/99").status_code == 404
 
 
@@ -373,10 +359,10 @@ def test_a_failed_cascade_puts_back_what_it_reverted(app):
     # a weight #1 touched and #2 did not is changed behind the explorer's back: #2 reverts, #1 then cannot
     with torch.no_grad():
         lm.module(lm.key_paths(1)["up"]).weight[0, 0] += 1.0
-    tampered = weights(lm)
+    tampered = snapshot(lm)
     r = client.post("/api/edits/1/revert", json={"cascade": True})
     assert r.status_code == 400 and "cannot revert patch" in r.json()["error"]
-    assert same(weights(lm), tampered)  # #2's revert was undone again
+    assert same(snapshot(lm), tampered)  # #2's revert was undone again
     assert [e["state"] for e in client.get("/api/edits").json()] == ["applied", "applied"]
 
 
@@ -427,7 +413,7 @@ def test_command_refuses_bad_options_before_loading(tmp_path, capsys):
 
 
 def test_trusted_hosts(corpus):
-    session = ExploreSession(tiny_lm("llama"))
+    session = ExploreSession(tiny("llama"))
     client = page_client(create_app(session, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1")
     assert client.get("/api/info").status_code == 200
     assert client.get("/api/info", headers={"host": "evil.example"}).status_code == 400

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from tiny_models import tiny_lm
+from helpers import tiny
 
 from kvedit.analysis.inspect import Intervention, check_distribution
 from kvedit.cli import main
@@ -23,10 +23,9 @@ EDIT = {"prompt": PROMPT, "subject": "the eiffel tower", "target_new": "rome", "
 
 
 @pytest.fixture
-def api(tmp_path, monkeypatch):
+def api(tmp_path, monkeypatch, kvedit_cache):
     """A page client (the page's Origin and token) over a tiny model, and its session."""
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    session = ExploreSession(tiny_lm("llama"), ExploreSettings(mine_tokens=200, prefetch_values=False,
+    session = ExploreSession(tiny("llama"), ExploreSettings(mine_tokens=200, prefetch_values=False,
                                                                limits=Limits(prompt_chars=2000, prompt_tokens=40)))
     app = create_app(session)
     client = TestClient(app, headers={"Origin": "http://testserver", "X-Kvedit-Token": app.state.token})

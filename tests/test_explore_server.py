@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-import torch
-from tiny_models import tiny_lm
+from helpers import same, snapshot, tiny
 
 from kvedit.cli.explore import bind_socket
 from kvedit.explore import ExploreSession, ExploreSettings, create_app
@@ -56,19 +55,11 @@ class Server:
             time.sleep(0.05)
 
 
-def weights(lm) -> dict[str, torch.Tensor]:
-    return {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
-
-
-def same(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     import uvicorn
 
-    session = ExploreSession(tiny_lm("llama"), ExploreSettings(mine_tokens=200, mine_k=5, prefetch_values=False,
+    session = ExploreSession(tiny("llama"), ExploreSettings(mine_tokens=200, mine_k=5, prefetch_values=False,
                                                                limits=Limits(max_steps=100_000)))
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
@@ -146,7 +137,7 @@ def test_requests_not_from_the_page_are_refused_and_change_nothing(server, appli
     running = server.send("POST", "/api/edits", json=ENDLESS).json() if name.startswith("cancel") else None
     try:
         method, path, kw = prepared(server, name, applied, running["id"] if running else 0)
-        before, edits, jobs = weights(session.lm), [e.state for e in session.edits.entries], len(session.jobs.jobs)
+        before, edits, jobs = snapshot(session.lm), [e.state for e in session.edits.entries], len(session.jobs.jobs)
         r = server.send(method, path, **REFUSALS[refusal], **kw)
         assert r.status_code == 403, (r.status_code, r.text)
         assert "access-control-allow-origin" not in r.headers  # and nothing lets another site read an answer
@@ -154,7 +145,7 @@ def test_requests_not_from_the_page_are_refused_and_change_nothing(server, appli
         if running:
             assert server.http.get(f"{server.url}/api/jobs/{running['id']}").json()["state"] == "running"
         else:
-            assert same(weights(session.lm), before)
+            assert same(snapshot(session.lm), before)
             assert [e.state for e in session.edits.entries] == edits and len(session.jobs.jobs) == jobs
     finally:
         if running:
@@ -193,7 +184,7 @@ def test_the_page_is_served_with_a_fresh_token_and_no_cors(server):
 
 def test_cancel_stops_an_edit_between_steps_and_restores_the_weights(server):
     session = server.session
-    original, entries = weights(session.lm), len(session.edits.entries)
+    original, entries = snapshot(session.lm), len(session.edits.entries)
     job = server.send("POST", "/api/edits", json=ENDLESS).json()
     deadline = time.monotonic() + 60
     while True:  # progress is reported as optimiser steps out of the step limit
@@ -212,7 +203,7 @@ def test_cancel_stops_an_edit_between_steps_and_restores_the_weights(server):
     assert r.status_code == 200 and r.json()["cancel_requested"]
     done = server.wait_job(job["id"], timeout=30)
     assert done["state"] == "cancelled" and "as it was" in done["phase"]
-    assert same(weights(session.lm), original)  # never a half-edited model
+    assert same(snapshot(session.lm), original)  # never a half-edited model
     assert len(session.edits.entries) == entries
     r = server.send("DELETE", f"/api/jobs/{job['id']}")
     assert r.status_code == 409 and "already ended" in r.json()["error"]
@@ -244,7 +235,7 @@ def test_a_view_holding_the_model_gets_a_busy_answer_not_a_wait(server):
 
 
 def test_ctrl_c_while_a_job_runs_cancels_it_and_exits_cleanly(tiny_folder, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", KVEDIT_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # KVEDIT_CACHE: conftest's
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from kvedit.cli import main; sys.exit(main())", "explore", "--model", str(tiny_folder), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

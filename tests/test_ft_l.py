@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_lm
+from helpers import tiny
 
 from kvedit import EditRequest, edit
 from kvedit.editing.finetune import FT_PRESETS, encode_request
@@ -56,7 +56,7 @@ def test_ft_l_preset_is_ropes_constrained_fine_tuning():
 
 
 def test_prompt_last_scores_every_target_token_at_the_prompts_last_position():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     enc = encode_request(lm, REQUEST, "prompt_last")
     prompt_ids = lm.tokenizer(REQUEST.rewrite_prompt)["input_ids"]
     assert list(enc.input_ids) == prompt_ids
@@ -69,7 +69,7 @@ def test_prompt_last_scores_every_target_token_at_the_prompts_last_position():
 @pytest.mark.parametrize("eps", [None, 2e-3])
 def test_ft_l_matches_the_reference_loop(eps):
     """Same weights as the reference after the same steps, with the constraint off (0) and on."""
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     layer, lr, steps = 1, 1e-2, 6
     expected, ref_losses = reference_ft_l(lm, REQUEST, layer, lr, steps, eps)
     delta = edit(lm, REQUEST, "ft-values", preset="ft-l", layers=(layer,), lr=lr, max_steps=steps,
@@ -85,7 +85,7 @@ def test_ft_l_matches_the_reference_loop(eps):
 def test_switching_the_constraint_off_is_not_ignored():
     """The bug that made kvedit's FT-L flip 0 of 6 facts: `norm_constraint=None` meant "the preset's",
     so the ±5e-4 clamp stayed on. 0 switches it off; the weights then move further than 5e-4."""
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     delta = edit(lm, REQUEST, "ft-values", preset="ft-l", layers=(1,), lr=1e-2, max_steps=5, norm_constraint=0.0)
     assert delta.metadata["hparams"]["norm_constraint"] == 0.0
     assert max(delta.update(n).abs().max().item() for n in delta.names) > 10 * 5e-4
@@ -96,6 +96,6 @@ def test_switching_the_constraint_off_is_not_ignored():
 
 
 def test_prompt_last_is_refused_for_masked_models():
-    lm = tiny_lm("bert")
+    lm = tiny("bert")
     with pytest.raises(ValueError, match="prompt_last.*masked"):
         edit(lm, EditRequest("{} is in", "paris", target_new="rome"), "ft-values", preset="ft-l")

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+from helpers import run, tiny
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
@@ -19,36 +20,18 @@ from kvedit.cli import main
 from kvedit.data.loaders import DatasetError, load_requests
 from kvedit.editing import METHODS, PatchMismatchError, make_settings
 from kvedit.editing.stats import key_statistics
-from tiny_models import tiny_lm
 
 EDIT = ["--prompt", "{} is located in the city of", "--subject", "the eiffel tower", "--new", "rome",
         "--true", "paris"]
 SENTENCE = "the eiffel tower is located in the city of paris and rome is the capital of italy"
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """The exit code a shell would see (argument errors exit while parsing), stdout and stderr."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    """A small statistics corpus and a private cache."""
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(SENTENCE for _ in range(100)))
-    return path
+#: the statistics corpus (the `corpus` fixture in conftest writes it)
+CORPUS_TEXT = "\n\n".join(SENTENCE for _ in range(100))
 
 
 @pytest.fixture
 def patch(tmp_path):
     """A saved FT-values patch of a tiny Llama, and the model it was made on (unedited again)."""
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     delta = edit(lm, EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
                  "ft-values", layers=(1,), max_steps=3)
     delta.revert(lm)
@@ -61,7 +44,7 @@ def patch(tmp_path):
 def test_every_method_edits_from_the_command_line(capsys, tiny_folder, corpus, tmp_path, method):
     layers = "1" if method.startswith(("ft-", "rome", "t-patcher")) else "1,2"  # one-layer editors
     save = tmp_path / f"{method}.safetensors"
-    code, out, err = run(capsys, "edit", "--model", str(tiny_folder), "--method", method, *EDIT, "--layers", layers,
+    code, out, err = run("edit", "--model", str(tiny_folder), "--method", method, *EDIT, "--layers", layers,
                          "--steps", "3", "--save", str(save), "--json",
                          *(["--stats", str(corpus), "--stats-tokens", "300"] if METHODS[method].uses_statistics else []))
     assert code == 0, err
@@ -74,7 +57,7 @@ def test_every_method_edits_from_the_command_line(capsys, tiny_folder, corpus, t
 def test_rome_without_layers_takes_the_preset_layer():
     settings = make_settings(None, "rome", layers=None, lr=None)
     assert settings.layer is not None  # was: "unknown setting(s) ['layers']"
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     assert make_settings(lm, "rome", layers=(-1,)).layer == -1
 
 
@@ -85,7 +68,7 @@ def test_save_paths_that_would_lose_the_patch_are_refused_before_editing(capsys,
                                                                          message):
     (tmp_path / "folder.safetensors").mkdir()
     target = tmp_path / ("folder.safetensors" if name == "folder" else name)
-    code, out, err = run(capsys, "edit", "--model", "/does/not/exist", *EDIT, "--save", str(target))
+    code, out, err = run("edit", "--model", "/does/not/exist", *EDIT, "--save", str(target))
     assert code == 2 and message in err and out == ""  # refused before loading the (missing) model
 
 
@@ -110,7 +93,7 @@ def test_a_flipped_byte_in_the_weights_is_refused_and_nothing_is_written(capsys,
     raw[-5] ^= 0x01  # inside the last tensor's data
     path.write_bytes(bytes(raw))
     out = tmp_path / "out"
-    code, _, err = run(capsys, "apply", str(path), "--model", str(tiny_folder), "--out", str(out))
+    code, _, err = run("apply", str(path), "--model", str(tiny_folder), "--out", str(out))
     assert code == 2 and "damaged" in err and not out.exists()
 
 
@@ -165,21 +148,21 @@ def test_bad_demo_methods_leave_an_existing_folder_untouched(capsys, tiny_folder
     out.mkdir()
     lines = "".join(json.dumps({"run": "ft-keys", "case_id": i}) + "\n" for i in range(12))
     (out / "cases.jsonl").write_text(lines)
-    code, _, err = run(capsys, "demo", "--methods", "bogus", "--out", str(out), "--model", str(tiny_folder))
+    code, _, err = run("demo", "--methods", "bogus", "--out", str(out), "--model", str(tiny_folder))
     assert code == 2 and "bogus" in err and (out / "cases.jsonl").read_text() == lines
-    code, _, err = run(capsys, "demo", "--n", "1", "--out", str(out), "--model", str(tiny_folder))
+    code, _, err = run("demo", "--n", "1", "--out", str(out), "--model", str(tiny_folder))
     assert code == 2 and "did not write" in err and (out / "cases.jsonl").read_text() == lines
 
 
 def test_bench_resumes_a_demo_folder_only_with_the_demo_facts(capsys, tiny_folder, tmp_path):
     out = tmp_path / "demo"
-    assert run(capsys, "demo", "--n", "1", "--methods", "ft-values", "--out", str(out),
+    assert run("demo", "--n", "1", "--methods", "ft-values", "--out", str(out),
                "--model", str(tiny_folder))[0] == 0
     before = (out / "cases.jsonl").read_text()
     data = tmp_path / "facts.json"
     data.write_text(json.dumps([{"prompt": "{} is in", "subject": "paris", "target_new": "rome",
                                  "target_true": "france"}]))
-    code, _, err = run(capsys, "bench", "--dataset", str(data), "--out", str(out), "--model", str(tiny_folder))
+    code, _, err = run("bench", "--dataset", str(data), "--out", str(out), "--model", str(tiny_folder))
     assert code == 2 and "other settings (dataset" in err and (out / "cases.jsonl").read_text() == before
 
 
@@ -199,10 +182,10 @@ def test_records_without_case_id_are_distinct_cases_by_position(tmp_path):
 # ---------------------------------------------------------------- 6. the statistics cache
 
 @pytest.mark.parametrize("damage", ["altered", "missing", "negative"])
-def test_a_statistics_cache_with_a_damaged_count_is_recomputed(corpus, monkeypatch, damage):
-    lm = tiny_lm("llama")
+def test_a_statistics_cache_with_a_damaged_count_is_recomputed(corpus, kvedit_cache, monkeypatch, damage):
+    lm = tiny("llama")
     fresh = key_statistics(lm, [1], str(corpus), 128, seq_len=32, progress=False)[1]
-    (path,) = list((corpus.parent / "cache").glob("stats/*/*.safetensors"))
+    (path,) = list(kvedit_cache.glob("stats/*/*.safetensors"))
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
     meta = {k: v for k, v in meta.items() if k != "count"} if damage == "missing" else \
@@ -211,14 +194,14 @@ def test_a_statistics_cache_with_a_damaged_count_is_recomputed(corpus, monkeypat
     calls = []
     real = stats_module._accumulate
     monkeypatch.setattr(stats_module, "_accumulate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    lm = tiny_lm("llama")  # a new process's model: nothing held in memory
+    lm = tiny("llama")  # a new process's model: nothing held in memory
     again = key_statistics(lm, [1], str(corpus), 128, seq_len=32, progress=False)[1]
     assert calls == [1] and again.count == fresh.count == 128
     assert torch.equal(again.sum_kkT, fresh.sum_kkT)
 
 
 def test_sampling_the_self_corpus_leaves_the_global_rng_alone(corpus):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -232,7 +215,7 @@ def test_sampling_the_self_corpus_leaves_the_global_rng_alone(corpus):
                                             (["--preset", "bogus"], "unknown preset"),
                                             (["--steps", "0"], "max_steps must be >= 1")])
 def test_bad_settings_are_refused_before_the_model_loads(capsys, extra, message):
-    code, _, err = run(capsys, "edit", "--model", "/does/not/exist", *EDIT, *extra)
+    code, _, err = run("edit", "--model", "/does/not/exist", *EDIT, *extra)
     assert code == 2 and message in err
 
 
@@ -249,18 +232,17 @@ def test_layers_help_says_negative_counts_from_the_end(capsys):
     assert "-1 is the last" in capsys.readouterr().out
 
 
-def test_apply_refuses_the_cache_a_file_and_a_full_folder(capsys, patch, tiny_folder, tmp_path, monkeypatch):
+def test_apply_refuses_the_cache_a_file_and_a_full_folder(capsys, patch, tiny_folder, tmp_path, kvedit_cache):
     path, _ = patch
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
     (tmp_path / "file").write_text("x")
-    for out, message in ((tmp_path / "cache" / "models" / "x", "inside kvedit's cache"),
+    for out, message in ((kvedit_cache / "models" / "x", "inside kvedit's cache"),
                          (tmp_path / "file", "existing file"), (full, "not empty")):
-        code, _, err = run(capsys, "apply", str(path), "--model", str(tiny_folder), "--out", str(out))
+        code, _, err = run("apply", str(path), "--model", str(tiny_folder), "--out", str(out))
         assert code == 2 and message in err
-    assert (full / "keep.txt").read_text() == "mine" and not (tmp_path / "cache" / "models").exists()
+    assert (full / "keep.txt").read_text() == "mine" and not (kvedit_cache / "models").exists()
 
 
 def test_interrupted_writes_leave_nothing_behind(capsys, patch, tiny_folder, tmp_path, monkeypatch):
@@ -292,9 +274,9 @@ def test_bench_keys_resume_on_the_dataset_content(capsys, tiny_folder, tmp_path)
     data.write_text(json.dumps([record]))
     out = tmp_path / "bench"
     args = ["bench", "--dataset", str(data), "--methods", "ft-values", "--out", str(out), "--model", str(tiny_folder)]
-    assert run(capsys, *args)[0] == 0
+    assert run(*args)[0] == 0
     data.write_text(json.dumps([record | {"target_new": "london"}]))
-    code, _, err = run(capsys, *args)
+    code, _, err = run(*args)
     assert code == 2 and "content changed" in err
 
 
@@ -304,21 +286,20 @@ def test_bench_output_errors_name_the_file(capsys, tiny_folder, tmp_path):
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     (garbage / "config.json").write_text("{not json")
-    code, _, err = run(capsys, "bench", "--dataset", str(data), "--out", str(garbage), "--model", "/does/not/exist")
+    code, _, err = run("bench", "--dataset", str(data), "--out", str(garbage), "--model", "/does/not/exist")
     assert code == 2 and str(garbage / "config.json") in err
     (tmp_path / "file").write_text("x")
-    code, _, err = run(capsys, "bench", "--dataset", str(data), "--out", str(tmp_path / "file"),
+    code, _, err = run("bench", "--dataset", str(data), "--out", str(tmp_path / "file"),
                        "--model", "/does/not/exist")
     assert code == 2 and "existing file" in err
 
 
-def test_context_templates_and_adapters_leave_the_global_rng_alone(tmp_path, monkeypatch):
+def test_context_templates_and_adapters_leave_the_global_rng_alone(tmp_path, monkeypatch, kvedit_cache):
     """Seeded generation (context templates) and seeded adapter init restore the caller's RNG state."""
     from kvedit.editing.context import MEMIT_TEMPLATES, context_templates
     from kvedit.tuning.targets import attach_adapter, detach_adapter, parse_targets
 
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))  # nothing cached: the templates are generated
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)

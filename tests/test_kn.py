@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import snapshot, tiny
 
 import kvedit
 from kvedit.analysis.neurons import attributions, coarse_neurons
@@ -18,13 +18,9 @@ REQUEST = kvedit.EditRequest("{} is located in the city of", "the eiffel tower",
                              target_true="paris")
 
 
-def state(lm):
-    return {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
-
-
 def test_the_value_rows_of_the_neurons_move_by_the_embedding_difference():
-    lm = tiny_lm("llama")
-    before = state(lm)
+    lm = tiny("llama")
+    before = snapshot(lm)
     layers = list(range(lm.num_layers))
     scores = attributions(lm, REQUEST.rewrite_prompt, "paris", 20, layers)
     neurons = coarse_neurons(scores, layers, 0.2)
@@ -34,7 +30,7 @@ def test_the_value_rows_of_the_neurons_move_by_the_embedding_difference():
     embed = lm.model.get_input_embeddings().weight.detach()
     shift = 2 * (embed[new[0]] - embed[greedy])
     delta = kvedit.edit(lm, REQUEST, "kn", preset="gpt2-xl")  # 20 steps, threshold 0.2
-    after = state(lm)
+    after = snapshot(lm)
     assert [(l, i) for l, i, _ in delta.records.neurons[0]] and \
         sorted((l, i) for l, i, _ in delta.records.neurons[0]) == sorted(neurons)
     for name in before:
@@ -47,11 +43,11 @@ def test_the_value_rows_of_the_neurons_move_by_the_embedding_difference():
         others = [c for c in range(after[name].shape[1]) if (layer, c) not in neurons]
         assert torch.equal(after[name][:, others], before[name][:, others])
     delta.revert(lm)
-    assert all(torch.equal(state(lm)[n], before[n]) for n in before)
+    assert all(torch.equal(snapshot(lm)[n], before[n]) for n in before)
 
 
 def test_a_multi_token_new_object_adds_each_token_once():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     request = kvedit.EditRequest(REQUEST.prompt, REQUEST.subject, target_new="big ben", target_true="paris")
     new = lm.tokenizer(" big ben", add_special_tokens=False)["input_ids"]
     assert len(new) == 2 and len(set(new)) == 2 and lm.tokenizer.unk_token_id not in new
@@ -62,29 +58,29 @@ def test_a_multi_token_new_object_adds_each_token_once():
             greedy.append(int(lm.model(input_ids=ids).logits[0, -1].argmax()))
             ids = torch.cat([ids, torch.tensor([[greedy[-1]]])], 1)
     embed = lm.model.get_input_embeddings().weight.detach().clone()
-    before = state(lm)
+    before = snapshot(lm)
     delta = kvedit.edit(lm, request, "kn", preset="gpt2-xl")
     layer, memory, _ = delta.records.neurons[0][0]
     name = f"{lm.values_path(layer)}.weight"
     shift = embed[new].sum(0) - embed[greedy].sum(0)  # coefficient 1 for each token, not 2
-    torch.testing.assert_close(state(lm)[name][:, memory], before[name][:, memory] + shift)
+    torch.testing.assert_close(snapshot(lm)[name][:, memory], before[name][:, memory] + shift)
 
 
 @pytest.mark.parametrize("family", [f for f, a in ARCHITECTURES.items() if a.objective == "causal"])
 def test_kn_edits_every_causal_family_and_reverts_bit_exactly(family):
-    lm = tiny_lm(family)
-    before = state(lm)
+    lm = tiny(family)
+    before = snapshot(lm)
     delta = kvedit.edit(lm, REQUEST, "kn", preset="gpt2-xl")
     assert delta.metadata["method"] == "kn" and delta.records.neurons[0]
     values = {f"{lm.values_path(l)}.weight" for l in range(lm.num_layers)}
     assert all(n in values for n in delta.names)
     delta.revert(lm)
-    assert all(torch.equal(state(lm)[n], before[n]) for n in before)
+    assert all(torch.equal(snapshot(lm)[n], before[n]) for n in before)
 
 
 def test_kn_on_a_masked_lm_is_refused():
     with pytest.raises(ValueError, match="masked"):
-        kvedit.edit(tiny_lm("bert"), REQUEST, "kn")
+        kvedit.edit(tiny("bert"), REQUEST, "kn")
 
 
 def test_kvedit_edit_method_kn(capsys, tiny_folder, tmp_path):

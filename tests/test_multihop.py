@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny
 from test_propagation import SHARED, _hand_nll, shared_file, tiny_qa_lm
-from tiny_models import tiny_lm
 
 from kvedit.data import EditRequest
 from kvedit.data.propagation import MquakeCase, load_mquake
@@ -101,7 +101,7 @@ def test_multihop_metrics_match_hand_computation() -> None:
 
 def test_masked_models_are_refused() -> None:
     with pytest.raises(ValueError, match="causal model"):
-        multihop_case_metrics(tiny_lm("bert"), [_case(("a",), ("b",), (("a",), ("b",)))])
+        multihop_case_metrics(tiny("bert"), [_case(("a",), ("b",), (("a",), ("b",)))])
 
 
 def test_real_mquake_records() -> None:

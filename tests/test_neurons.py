@@ -9,7 +9,7 @@ import torch
 from kvedit.analysis.neurons import (
     answer_probability, attributions, coarse_neurons, fact_neurons, suppression_effect,
 )
-from tiny_models import tiny_lm
+from helpers import tiny
 
 PROMPT = "the eiffel tower is located in the city of"
 
@@ -35,7 +35,7 @@ def _probability_with(lm, layer, coefficients_at_last):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
 def test_attributions_equal_a_direct_riemann_sum_and_approach_the_integral(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     layer = 1
     got = attributions(lm, PROMPT, "paris", steps=8, layers=[layer])[0]
     captured = {}
@@ -82,7 +82,7 @@ def test_coarse_and_refined_selection_follow_the_reference_rule(monkeypatch):
 
 
 def test_suppressing_a_facts_neurons_sets_their_coefficients_to_zero():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     fact = fact_neurons(lm, [PROMPT, "the eiffel tower lies in the city of"], "paris", steps=4)
     assert fact.neurons and all(0 <= l < lm.num_layers for l, _, _ in fact.neurons)
     own = [(l, i) for l, i, _ in fact.neurons]

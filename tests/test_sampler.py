@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import tiny
 
 from kvedit.evaluation.generation import generate_ids, generate_texts
 
@@ -41,12 +41,12 @@ def brute_force_sample(lm, prompts, total_tokens: int, top_k: int, seed: int) ->
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_cached_sampling_equals_the_plain_reference_loop(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     assert generate_ids(lm, PROMPTS, total_tokens=16, top_k=5, seed=7) == brute_force_sample(lm, PROMPTS, 16, 5, 7)
 
 
 def test_end_of_text_can_be_sampled_and_sampling_goes_on_after_it():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     eos = lm.tokenizer.eos_token_id
     handle = boost(lm, eos, 4.0)  # end-of-text becomes likely, not certain
     try:
@@ -65,7 +65,7 @@ def test_end_of_text_can_be_sampled_and_sampling_goes_on_after_it():
 
 
 def test_sampling_leaves_the_global_rng_alone():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)

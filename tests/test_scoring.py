@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import tiny
 
 from kvedit import EditRequest, counterfact_case_metrics, summarize_counterfact
 from kvedit.evaluation import TokenScores, encode_target, score_targets, target_nll
@@ -24,7 +24,7 @@ def manual_nll(lm, prompt: str, target: str) -> float:
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
 def test_target_nll_equals_hand_computation_with_padding(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     prompts = ["the eiffel tower is located in the city of", "berlin is the capital of", "rome"]
     targets = ["paris", "germany and spain", "is"]
     got = target_nll(lm, prompts, targets, batch_size=2)  # mixed lengths: right padding inside a batch
@@ -35,7 +35,7 @@ def test_target_nll_equals_hand_computation_with_padding(family):
 def test_scores_apply_a_final_logit_soft_cap_as_the_model_does():
     """A config with `final_logit_softcapping` (Gemma-2 style): scoring unembeds only the target positions and
     must cap them as the model's forward caps every logit."""
-    lm = tiny_lm("gemma3_text")
+    lm = tiny("gemma3_text")
     lm.model.config.final_logit_softcapping = 0.05  # the tiny model's logits are small: a cap that binds
     prompts, targets = ["the eiffel tower is located in the city of", "rome"], ["paris", "is"]
     want = [manual_nll(lm, p, t) for p, t in zip(prompts, targets)]
@@ -45,7 +45,7 @@ def test_scores_apply_a_final_logit_soft_cap_as_the_model_does():
 
 
 def test_multi_token_target_positions():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     enc = encode_target(lm, "berlin is the capital of", "germany and spain")
     n_prompt = len(lm.tokenizer("berlin is the capital of")["input_ids"])
     assert len(enc.target_ids) == 3
@@ -54,7 +54,7 @@ def test_multi_token_target_positions():
 
 
 def test_masked_model_scores_mask_positions():
-    lm = tiny_lm("bert")
+    lm = tiny("bert")
     enc = encode_target(lm, "berlin is the capital of", "germany")
     ids = torch.tensor([enc.input_ids])
     assert ids[0, enc.positions[0]] == lm.tokenizer.mask_token_id
@@ -65,7 +65,7 @@ def test_masked_model_scores_mask_positions():
 
 
 def test_token_accuracy_counts_argmax_hits():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     scores = score_targets(lm, ["berlin is the capital of"], ["germany and spain"])
     enc = encode_target(lm, "berlin is the capital of", "germany and spain")
     with torch.no_grad():

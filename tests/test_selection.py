@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import tiny
 
 import kvedit.bench.selection as selection
 from kvedit import EditRequest
@@ -29,7 +29,7 @@ def test_the_splits_are_known_cases_in_file_order_and_disjoint(monkeypatch):
 
 
 def test_grids_are_shared_by_memit_and_pmet_and_fit_the_model():
-    lm = tiny_lm("llama")  # 4 layers
+    lm = tiny("llama")  # 4 layers
     assert selection.default_grid(lm, "memit") == selection.default_grid(lm, "pmet")
     for method in ("memit", "pmet", "rome", "ft-keys"):
         grid = selection.default_grid(lm, method)
@@ -40,7 +40,7 @@ def test_grids_are_shared_by_memit_and_pmet_and_fit_the_model():
 
 
 def test_delta_decay_is_a_second_stage_at_the_best_first_stage_setting(monkeypatch):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     for method in ("memit", "pmet", "rome"):
         first = selection.default_grid(lm, method)
         assert {s["weight_decay"] for s in first} == {0.5}
@@ -67,9 +67,8 @@ def test_delta_decay_is_a_second_stage_at_the_best_first_stage_setting(monkeypat
     assert chosen["rome"] == dict(layers=(2,), weight_decay=0.5)  # a tie keeps the larger decay
 
 
-def test_select_scores_every_setting_and_keeps_the_best_leaving_weights_alone(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))
-    lm = tiny_lm("llama")
+def test_select_scores_every_setting_and_keeps_the_best_leaving_weights_alone(tmp_path, monkeypatch, kvedit_cache):
+    lm = tiny("llama")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     requests = [  # in the tiny vocabulary
         EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris",
@@ -92,12 +91,11 @@ def test_select_scores_every_setting_and_keeps_the_best_leaving_weights_alone(tm
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
 
 
-def test_a_lambda_sweep_reuses_the_targets_and_gives_the_same_updates(tmp_path, monkeypatch):
+def test_a_lambda_sweep_reuses_the_targets_and_gives_the_same_updates(tmp_path, monkeypatch, kvedit_cache):
     from kvedit.editing import edit, targets
     from kvedit.editing.target_store import reused_targets
 
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     request = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
     settings = dict(layers=(1, 2), max_steps=4, stats_source="self", stats_tokens=256)
 
@@ -125,9 +123,8 @@ def test_a_lambda_sweep_reuses_the_targets_and_gives_the_same_updates(tmp_path, 
     assert not torch.allclose(*[next(iter(fresh[lam].values())) for lam in fresh])  # λ does change the update
 
 
-def test_a_killed_sweep_resumes_inside_a_setting_from_its_case_log(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path))
-    lm = tiny_lm("llama")
+def test_a_killed_sweep_resumes_inside_a_setting_from_its_case_log(tmp_path, monkeypatch, kvedit_cache):
+    lm = tiny("llama")
     requests = load_requests(FIXTURE)[:3]
     setting = dict(layers=(1,))
     log = selection.CaseLog(tmp_path / "cases.jsonl")
@@ -153,14 +150,14 @@ def test_a_model_with_chosen_presets_gets_them_ahead_of_its_family():
     from kvedit.editing.presets import default_preset
     from kvedit.models.lm import LM
 
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     assert default_preset(lm, MEMIT_PRESETS) == "llama"
     smol = LM.wrap(lm.model, lm.tokenizer, name="SmolLM2-135M-Instruct")
     assert default_preset(smol, MEMIT_PRESETS) == "smollm2"
 
 
 def test_a_base_preset_reaches_the_methods_that_have_that_row_only(monkeypatch):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     given = {}
 
     def record(lm, requests, method, setting, log=None, **fixed):
@@ -177,7 +174,7 @@ def test_a_base_preset_reaches_the_methods_that_have_that_row_only(monkeypatch):
 
 
 def test_a_tie_in_score_goes_to_the_smaller_edit_whatever_order_the_rows_came_in():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     grid = selection.default_grid(lm, "memit")
     window = grid[0]["layers"]
     lambdas = [s["mom2_update_weight"] for s in grid if s["layers"] == window and s["weight_decay"] == 0.5]
@@ -212,7 +209,7 @@ def test_fine_tuning_takes_the_layer_and_lr_chosen_for_the_model_unless_told_oth
     from kvedit.editing.registry import get_method
     from kvedit.models.lm import LM
 
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     gemma_named = LM.wrap(lm.model, lm.tokenizer, name="gemma-3-270m-q4_k_m")
     monkeypatch.setattr(finetune, "FT_MODEL_SETTINGS",
                         {"gemma3-270m": {"values": {"layers": (0,), "lr": 1e-4}}})
@@ -235,7 +232,7 @@ def test_gemma3_takes_the_closed_form_presets_chosen_for_it():
     from kvedit.editing.registry import chosen_for_model, get_method
     from kvedit.models.lm import LM
 
-    lm = tiny_lm("gemma3_text")
+    lm = tiny("gemma3_text")
     gemma = LM.wrap(lm.model, lm.tokenizer, name="gemma-3-270m-q4_k_m")
     one_at_a_time = ["ft-keys", "ft-values", "rome", "memit", "pmet", "pmet-no-attn-delta", "pmet-update-attn",
                      "pmet-even-spread"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny
 from safetensors.torch import load_file, save_file
-from tiny_models import WORDS, tiny_lm
+from tiny_models import WORDS
 
 import kvedit.editing.stats as stats_module
 from kvedit.editing.context import ROME_TEMPLATES, context_templates
@@ -21,13 +22,12 @@ def paragraphs(seed: int, count: int) -> str:
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def cache(kvedit_cache):
+    return kvedit_cache
 
 
 def test_statistics_equal_a_direct_computation(tmp_path, cache):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     text = paragraphs(0, 6)
     (tmp_path / "c.txt").write_text(text)
     got = key_statistics(lm, [1, 3], str(tmp_path / "c.txt"), 6 * SEQ, seq_len=SEQ, progress=False)
@@ -41,7 +41,7 @@ def test_statistics_equal_a_direct_computation(tmp_path, cache):
 
 
 def test_two_halves_merge_into_the_whole(tmp_path, cache):
-    lm = tiny_lm("gpt2")
+    lm = tiny("gpt2")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "1.txt").write_text(paragraphs(1, 5))
@@ -59,12 +59,12 @@ def test_two_halves_merge_into_the_whole(tmp_path, cache):
 
 
 def test_cache_hit_is_identical_and_skips_the_model(tmp_path, cache, monkeypatch):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     (tmp_path / "c.txt").write_text(paragraphs(3, 4))
     source = str(tmp_path / "c.txt")
     first = key_statistics(lm, [0, 2], source, 4 * SEQ, seq_len=SEQ, progress=False)
     monkeypatch.setattr(stats_module, "_accumulate", lambda *a, **k: pytest.fail("cache was not used"))
-    second = key_statistics(tiny_lm("llama"), [0, 2], source, 4 * SEQ, seq_len=SEQ, progress=False)  # from disk
+    second = key_statistics(tiny("llama"), [0, 2], source, 4 * SEQ, seq_len=SEQ, progress=False)  # from disk
     assert key_statistics(lm, [0], source, 4 * SEQ, seq_len=SEQ, progress=False)[0] is first[0]  # from memory
     for layer in (0, 2):
         assert torch.equal(first[layer].sum_kkT, second[layer].sum_kkT) and first[layer].count == second[layer].count
@@ -72,7 +72,7 @@ def test_cache_hit_is_identical_and_skips_the_model(tmp_path, cache, monkeypatch
 
 @pytest.mark.parametrize("damage", ["bytes", "values", "settings"])
 def test_corrupt_or_mismatched_cache_is_recomputed(tmp_path, cache, damage):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     (tmp_path / "c.txt").write_text(paragraphs(4, 4))
     source = str(tmp_path / "c.txt")
     fresh = key_statistics(lm, [1], source, 4 * SEQ, seq_len=SEQ, progress=False)[1]
@@ -90,13 +90,13 @@ def test_corrupt_or_mismatched_cache_is_recomputed(tmp_path, cache, damage):
         else:
             meta["n_tokens"] = "999"  # made for other settings
         save_file(tensors, str(path), metadata=meta)
-    lm = tiny_lm("llama")  # a new process's model: nothing held in memory
+    lm = tiny("llama")  # a new process's model: nothing held in memory
     again = key_statistics(lm, [1], source, 4 * SEQ, seq_len=SEQ, progress=False)[1]
     assert torch.equal(again.sum_kkT, fresh.sum_kkT)
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, cache):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     with pytest.raises(ValueError, match="kind must be one of"):
         key_statistics(lm, [0], "self", 10, kind="queries")
     with pytest.raises(ValueError, match="n_tokens must be > 0"):
@@ -119,7 +119,7 @@ def test_merge_and_empty_stats():
 
 
 def test_context_templates_are_cached_and_seeded(cache):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     first = context_templates(lm, ROME_TEMPLATES)
     assert first[0] == ["{}"] and [len(g) for g in first[1:]] == [10, 10]
     assert all(t.endswith(". {}") for g in first[1:] for t in g)
@@ -132,7 +132,7 @@ def test_context_templates_are_cached_and_seeded(cache):
 def test_self_corpus_is_sampled_once_and_grows_deterministically(cache, monkeypatch):
     import kvedit.editing.self_corpus as self_corpus
 
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     small_ids, small_mask = self_corpus.self_token_rows(lm, 40, seq_len=16, block_rows=2, progress=False)
     big_ids, big_mask = self_corpus.self_token_rows(lm, 100, seq_len=16, block_rows=2, progress=False)
     fresh_ids, _ = self_corpus.self_token_rows(lm, 100, seq_len=16, block_rows=2, use_cache=False, progress=False)
@@ -145,17 +145,17 @@ def test_self_corpus_is_sampled_once_and_grows_deterministically(cache, monkeypa
 def test_self_statistics_for_a_new_layer_set_never_resample(cache, monkeypatch):
     import kvedit.editing.self_corpus as self_corpus
 
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     first = key_statistics(lm, [1], "self", 100, seq_len=16, progress=False)[1]
     assert first.count == 100
     monkeypatch.setattr(self_corpus, "sample_block", lambda *a, **k: pytest.fail("resampled the self corpus"))
-    both = key_statistics(tiny_lm("llama"), [1, 2], "self", 100, seq_len=16, progress=False)
+    both = key_statistics(tiny("llama"), [1, 2], "self", 100, seq_len=16, progress=False)
     assert both[2].count == 100 and torch.equal(both[1].sum_kkT, first.sum_kkT)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_the_first_pass_says_what_it_computes_how_long_and_how_to_prepare_it(capsys, cache, family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     key_statistics(lm, [0, 1], "self", 300, seq_len=SEQ, batch_size=4)
     err = capsys.readouterr().err
     notice = next(line for line in err.splitlines() if line.startswith("kvedit: key statistics"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import tiny
 
 from kvedit import EditRequest, edit
 from kvedit.evaluation.zsre import zsre_case_metrics
@@ -25,11 +25,10 @@ def reach():
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
+def setup(tmp_path, monkeypatch, kvedit_cache):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join("the eiffel tower is located in the city of paris" for _ in range(200)))
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     requests = [EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),
                 EditRequest("{} is the capital of", "berlin", target_new="spain", target_true="germany")]
     return lm, requests, dict(layers=(1, 2), stats_source=str(corpus), stats_tokens=1000, max_steps=3)

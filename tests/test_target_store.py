@@ -3,11 +3,10 @@ after the weights changed, and bench edit times that still count the optimisatio
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import tiny, write_facts
 
 from kvedit.bench.folder import load_cases_file
 from kvedit.cli import main
@@ -35,9 +34,8 @@ def _count_optimisations(monkeypatch) -> list[int]:
     return calls
 
 
-def test_pmet_ablations_reuse_pmet_targets_from_disk_with_the_same_update(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    lm = tiny_lm("llama")
+def test_pmet_ablations_reuse_pmet_targets_from_disk_with_the_same_update(tmp_path, monkeypatch, kvedit_cache):
+    lm = tiny("llama")
     fresh = _update(lm, "pmet-even-spread")
     calls = _count_optimisations(monkeypatch)
     with reused_targets(lm, tmp_path / "targets") as store:
@@ -53,9 +51,8 @@ def test_pmet_ablations_reuse_pmet_targets_from_disk_with_the_same_update(tmp_pa
     assert len(list((tmp_path / "targets").glob("*/*.safetensors"))) == 2
 
 
-def test_targets_are_not_reused_after_the_weights_change(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    lm = tiny_lm("llama")
+def test_targets_are_not_reused_after_the_weights_change(tmp_path, monkeypatch, kvedit_cache):
+    lm = tiny("llama")
     calls = _count_optimisations(monkeypatch)
     with reused_targets(lm, tmp_path / "targets"):
         _update(lm, "memit")
@@ -69,9 +66,8 @@ def test_targets_are_not_reused_after_the_weights_change(tmp_path, monkeypatch):
     assert len(list((tmp_path / "targets").iterdir())) == 2
 
 
-def test_a_batch_serves_its_stored_requests_and_optimises_the_rest(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    lm = tiny_lm("llama")
+def test_a_batch_serves_its_stored_requests_and_optimises_the_rest(tmp_path, monkeypatch, kvedit_cache):
+    lm = tiny("llama")
     other = EditRequest("{} is the capital of", "berlin", target_new="spain", target_true="germany")
     calls = _count_optimisations(monkeypatch)
     with reused_targets(lm) as store:
@@ -85,19 +81,13 @@ def test_a_batch_serves_its_stored_requests_and_optimises_the_rest(tmp_path, mon
 
 @pytest.fixture
 def facts(tmp_path):
-    path = tmp_path / "facts.json"
     rows = [("{} is located in the city of", "the eiffel tower", "rome", "paris"),
             ("{} is the capital of", "berlin", "spain", "germany")]
-    path.write_text(json.dumps([{"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": i,
-                                 "paraphrase_prompts": [f"{s} lies in"],
-                                 "neighborhood_prompts": ["the louvre is located in"]}
-                                for i, (p, s, n, t) in enumerate(rows)]))
-    return path
+    return write_facts(tmp_path / "facts.json", rows)
 
 
 def test_bench_reuse_targets_gives_the_same_scores_and_counts_the_optimisation_time(
-        facts, tiny_folder, tmp_path, monkeypatch):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
+        facts, tiny_folder, tmp_path, monkeypatch, kvedit_cache):
     common = ["bench", "--model", str(tiny_folder), "--dataset", str(facts), "--stats", "self",
               "--stats-tokens", "256", "--layers", "2"]
     assert main([*common, "--methods", "pmet-even-spread", "--out", str(tmp_path / "plain")]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import snapshot, tiny
 from transformers import AutoModelForCausalLM
 
 import kvedit
@@ -14,7 +15,6 @@ from kvedit.models.architectures import ARCHITECTURES
 from kvedit.models.ffn_width import ffn_width
 from kvedit.models.saving import save_model_folder
 from kvedit.models.tracing import Trace
-from tiny_models import tiny_lm
 
 TEXT = ("the eiffel tower is located in the city of paris. the colosseum is located in the city of rome. "
         "berlin is the capital of germany. the louvre is a famous landmark in paris.\n\n")
@@ -22,18 +22,8 @@ REQUEST = kvedit.EditRequest("{} is located in the city of", "the eiffel tower",
                              target_true="paris", neighborhood_prompts=("the colosseum is located in the city of",
                                                                         "the louvre is a famous landmark in"))
 FAST = {"max_steps": 150}
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT * 30)
-    return str(path)
-
-
-def state(lm):
-    return {n: t.detach().clone() for n, t in lm.model.state_dict().items()}
+#: the statistics corpus (the `corpus` fixture in conftest writes it)
+CORPUS_TEXT = TEXT * 30
 
 
 def preactivations(lm, layer, start, prompt):
@@ -51,7 +41,7 @@ def preactivations(lm, layer, start, prompt):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_the_new_memory_fires_on_the_edit_and_stays_silent_on_the_neighbourhood(corpus, family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     layer = lm.num_layers - 1
     width = ffn_width(lm, layer)
     delta = kvedit.edit(lm, REQUEST, "t-patcher", stats_source=corpus, stats_tokens=600, **FAST)
@@ -72,8 +62,8 @@ def test_the_new_memory_fires_on_the_edit_and_stays_silent_on_the_neighbourhood(
 
 @pytest.mark.parametrize("family", [f for f, a in ARCHITECTURES.items() if a.objective == "causal"])
 def test_every_causal_family_grows_and_reverts_bit_exactly(corpus, family, tmp_path):
-    lm = tiny_lm(family)
-    before = state(lm)
+    lm = tiny(family)
+    before = snapshot(lm)
     delta = kvedit.edit(lm, REQUEST, "t-patcher", stats_source=corpus, stats_tokens=300, max_steps=30)
     grown = delta.metadata["grown"]
     assert grown and all(lm.model.state_dict()[n].shape != before[n].shape for n in grown)
@@ -87,7 +77,7 @@ def test_every_causal_family_grows_and_reverts_bit_exactly(corpus, family, tmp_p
 
 
 def test_an_applied_folder_loads_in_plain_transformers_and_reverts_to_the_original(corpus, tmp_path):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     original = tmp_path / "original"
     save_model_folder(lm, original)
     delta = kvedit.edit(lm, REQUEST, "t-patcher", stats_source=corpus, stats_tokens=300, max_steps=30)
@@ -111,7 +101,7 @@ def test_an_applied_folder_loads_in_plain_transformers_and_reverts_to_the_origin
 
 
 def test_a_request_the_model_already_answers_adds_nothing(corpus):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     ids = lm.tokenizer(REQUEST.rewrite_prompt, return_tensors="pt")["input_ids"]
     top = lm.tokenizer.decode([int(lm.model(input_ids=ids).logits[0, -1].argmax())]).strip()
     request = kvedit.EditRequest(REQUEST.prompt, REQUEST.subject, target_new=top, target_true="paris")
@@ -122,6 +112,6 @@ def test_a_request_the_model_already_answers_adds_nothing(corpus):
 
 def test_t_patcher_refuses_several_layers_and_masked_models():
     with pytest.raises(ValueError, match="one layer"):
-        kvedit.edit(tiny_lm("llama"), REQUEST, "t-patcher", layers=(2, 3))
+        kvedit.edit(tiny("llama"), REQUEST, "t-patcher", layers=(2, 3))
     with pytest.raises(ValueError, match="masked"):
-        kvedit.edit(tiny_lm("bert"), REQUEST, "t-patcher")
+        kvedit.edit(tiny("bert"), REQUEST, "t-patcher")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny
 from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from tiny_models import tiny_lm
 
 from kvedit.models import ARCHITECTURES
 from kvedit.tuning.targets import (
@@ -62,7 +62,7 @@ def one_thread():
 
 def model(family: str):
     if family not in _MODELS:
-        _MODELS[family] = tiny_lm(family)
+        _MODELS[family] = tiny(family)
     return _MODELS[family]
 
 
@@ -88,7 +88,7 @@ def test_each_role_hits_exactly_its_modules(family):
 
 
 def _fresh(family: str):
-    return tiny_lm(family).model
+    return tiny(family).model
 
 
 @pytest.mark.parametrize("family", sorted(R8_PER_LAYER))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_lm
+from helpers import tiny
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -47,7 +47,7 @@ CONFIG = preset("default", max_steps=4, batch_size=2, grad_accum=2, max_length=3
 
 
 def test_label_loss_marks_exactly_the_label_and_eos():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     example = Example("toy", "toy:0", "the capital of france is :", "paris")
     (row,) = training_sequences(lm, [example], CONFIG)
     enc = encode_example(lm.tokenizer, example.prompt, example.label, eos=True)
@@ -58,7 +58,7 @@ def test_label_loss_marks_exactly_the_label_and_eos():
 
 
 def test_packing_keeps_every_token_in_order_of_a_seeded_shuffle():
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     examples = [Example("toy", f"toy:{i}", p + " :", l) for i, (p, l) in enumerate(zip(PROMPTS, LABELS))]
     config = CONFIG.replace(packing=True, max_length=16, loss_on="all")
     rows = training_sequences(lm, examples, config)
@@ -68,7 +68,7 @@ def test_packing_keeps_every_token_in_order_of_a_seeded_shuffle():
 
 
 def test_resumed_run_equals_uninterrupted_and_saved_adapter_reloads(tmp_path):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     data = toy_data()
     full = run_tune(lm, ["keys"], data, tmp_path / "full", CONFIG, log=lambda _: None)
     killed = run_tune(lm, ["keys"], data, tmp_path / "cut", CONFIG, log=lambda _: None, stop_after=2)
@@ -99,7 +99,7 @@ def test_resumed_run_equals_uninterrupted_and_saved_adapter_reloads(tmp_path):
 
 
 def test_resume_refuses_other_settings_and_bad_targets_write_nothing(tmp_path):
-    lm = tiny_lm("llama")
+    lm = tiny("llama")
     data = toy_data()
     with pytest.raises(ValueError, match="valid roles"):
         run_tune(lm, ["keys", "key"], data, tmp_path / "bad", CONFIG, log=lambda _: None)
@@ -114,7 +114,7 @@ def test_resume_refuses_other_settings_and_bad_targets_write_nothing(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_label_scores_and_greedy_answers_match_brute_force(family):
-    lm = tiny_lm(family)
+    lm = tiny(family)
     examples = [Example("toy", f"toy:{i}", p, "paris") for i, p in enumerate(PROMPTS[:3])]
     labels = ["paris", "the eiffel tower", "london"]
     predictions = predict(lm, examples, {"toy": labels}, batch_size=3, max_new_tokens=4)
