@@ -160,7 +160,7 @@ def section_mining(lm, args) -> None:
         for dtype in seconds:
             lm.compute_dtype = dtype
             start = time.perf_counter()
-            found[dtype] = mine_triggers(lm, "self", k=10, max_tokens=args.mine_tokens, progress=False)
+            found[dtype] = mine_triggers(lm, args.mine_source, k=10, max_tokens=args.mine_tokens, progress=False)
             seconds[dtype].append(time.perf_counter() - start)
     lm.compute_dtype = "float32"
     same = in_top = total = 0
@@ -170,7 +170,7 @@ def section_mining(lm, args) -> None:
         in_top += int((b[:, :1] == a).any(1).sum())
         total += a.shape[0]
     rate = {d: args.mine_tokens / statistics.median(t) for d, t in seconds.items()}
-    print(f"\ntrigger mining, {args.mine_tokens} tokens of 'self', every layer, k=10 (median of {len(seconds['float32'])}):"
+    print(f"\ntrigger mining, {args.mine_tokens} tokens of {args.mine_source}, every layer, k=10 (median of {len(seconds['float32'])}):"
           f" float32 {rate['float32']:.0f} tok/s, bfloat16 {rate['bfloat16']:.0f} tok/s "
           f"({rate['bfloat16'] / rate['float32']:.2f}x); top-1 example the same for {100 * same / total:.2f} % of "
           f"{total} memories, bf16's top-1 in float32's top-10 for {100 * in_top / total:.2f} %")
@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,10,100")
     parser.add_argument("--group-sizes", default="8,32")
     parser.add_argument("--mine-tokens", type=int, default=4096)
+    parser.add_argument("--mine-source", default=str(SHARED / "corpus/wikitext-2"),
+                        help="mining corpus (a text file or folder; 'self' generates text, which dominates the time)")
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without bf16 matrix units")
     args = parser.parse_args()
     lm = load_model()
