@@ -96,6 +96,8 @@ def trim_inert_memories(lm: LM) -> int:
     for layer in range(lm.num_layers):
         names = ffn_parameters(lm, layer)
         tensors = {n: lm.model.get_parameter(n).detach() for n in names}
+        if any(t.device.type == "meta" for t in tensors.values()):  # offloaded by a device map: left as it is
+            continue
         width = ffn_width(lm, layer)
         keep = width
         while keep > 0 and all(not bool(t.select(neuron_axis(lm, n), keep - 1).any()) for n, t in tensors.items()):

@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 #: what an IA3 adapter on each role means (shown by `kvedit tune --help`)
@@ -72,11 +74,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-PRESETS: dict[str, TrainConfig] = {
+PRESETS: Mapping[str, TrainConfig] = MappingProxyType({
     "default": TrainConfig(),
     "qiu2024": TrainConfig(lr=2e-4, epochs=5.0, batch_size=4, grad_accum=16, max_length=512, packing=True,
                            loss_on="all", preset="qiu2024"),
-}
+})
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:

@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .records import read_records
@@ -137,7 +138,7 @@ def parse_20ng(r: Mapping[str, Any]) -> dict[str, str] | None:
     return _clean({"text": r.get("text"), "label": label}, None)
 
 
-TASKS: dict[str, TaskSpec] = {
+TASKS: Mapping[str, TaskSpec] = MappingProxyType({
     "cb": TaskSpec("cb", "### Premise:{premise} ### Hypothesis:{hypothesis} ### Relationship (entailment, "
                          "contradiction or neutral):", NLI3, parse_cb),
     "boolq": TaskSpec("boolq", "Read the Passage and answer the Question with true or false ### Question:{question} "
@@ -150,7 +151,7 @@ TASKS: dict[str, TaskSpec] = {
                              "### Options:A.{A}. B.{B}. C.{C}. D.{D}### Choice:", tuple("ABCD"), parse_race,
                      eval_splits=("dev/high", "val", "validation", "dev"), train_splits=("train/high", "train")),
     "20ng": TaskSpec("20ng", "### Sentence:{text} ### Class:", (), parse_20ng, eval_splits=("test",)),
-}
+})
 
 
 # ---- locating split files ---------------------------------------------------------------------------------------
