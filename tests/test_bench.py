@@ -433,6 +433,18 @@ def test_a_folder_written_before_the_suite_was_recorded_resumes(tiny_llama, data
     assert summary["complete"] and summary["runs"]["ft-keys"]["n"] == 3
 
 
+def test_a_folder_run_in_one_compute_precision_is_not_resumed_in_another(tiny_llama, dataset, tmp_path):
+    out = tmp_path / "run"
+    Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=2), out, progress=False).run()
+    assert json.loads((out / "config.json").read_text())["compute_dtype"] == "float32"
+    tiny_llama.compute_dtype = "bfloat16"  # as --compute-dtype bfloat16 sets it (no bf16 pass runs here)
+    try:
+        with pytest.raises(BenchError, match="compute_dtype"):
+            Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=3), out, progress=False)
+    finally:
+        tiny_llama.compute_dtype = "float32"
+
+
 def test_cli_bench_suite_flag(capsys, tiny_folder, tmp_path):
     path = _own_facts(tmp_path, neighborhood_prompts=["the louvre is located in"], neighborhood_target="paris")
     out = tmp_path / "cli"

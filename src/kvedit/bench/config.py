@@ -93,7 +93,8 @@ class BenchConfig:
                "skip": self.skip,
                "stats_source": None if self.stats_source is None else _absolute(self.stats_source),
                "stats_tokens": self.stats_tokens, "seed": self.seed, "extra": self.extra,
-               "model": lm.name, "model_fingerprint": lm.fingerprint()}
+               "model": lm.name, "model_fingerprint": lm.fingerprint(),
+               "compute_dtype": getattr(lm, "compute_dtype", "float32")}
         return json.loads(json.dumps(key))  # as stored in config.json (tuples become lists)
 
 

@@ -136,6 +136,7 @@ class Bench:
             # before --suite, the suite followed the records (zsRE when none had target_true): every folder that
             # still loads without an error was scored with the suite chosen now
             old.setdefault("suite", key["suite"])
+            old.setdefault("compute_dtype", "float32")  # folders from before --compute-dtype ran in float32
             diff = sorted(k for k in key if old.get(k) != key[k])
             if diff == ["dataset_sha256"]:
                 raise BenchError(f"{self.out} holds results for another version of {self.config.dataset}: the file's "
