@@ -15,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from .fields import RecordProblem, field, strings
 from .requests import EditRequest, RequestError
 
 __all__ = [
@@ -33,10 +34,6 @@ SUPPORTED_FORMATS: tuple[str, ...] = ("counterfact", "easyedit", "zsre", "kvedit
 
 class DatasetError(ValueError):
     """A dataset file, or a record in it, that cannot be read as edit requests."""
-
-
-class _RecordProblem(Exception):
-    """Raised inside a record converter; the caller adds file / record context."""
 
 
 # ---------------------------------------------------------------- reading files
@@ -120,38 +117,12 @@ def _parse_json_lines(path: Path, text: str, limit: int | None) -> list[Any]:
 # ---------------------------------------------------------------- record helpers
 
 
-def _get(record: Mapping[str, Any], dotted: str, kind: type | tuple[type, ...] = str) -> Any:
-    """`record["a"]["b"]` for ``dotted="a.b"``, checked to be of type `kind`."""
-    value: Any = record
-    parts = dotted.split(".")
-    for depth, part in enumerate(parts):
-        if not isinstance(value, dict):
-            parent = ".".join(parts[:depth])
-            raise _RecordProblem(f"key {parent!r} should be an object, got {type(value).__name__}")
-        if part not in value:
-            raise _RecordProblem(f"missing key {'.'.join(parts[: depth + 1])!r}")
-        value = value[part]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise _RecordProblem(f"key {dotted!r} should be {names}, got {type(value).__name__} {value!r:.80}")
-    return value
-
-
-def _get_strs(record: Mapping[str, Any], dotted: str) -> tuple[str, ...]:
-    """A list of strings under `dotted`."""
-    value = _get(record, dotted, list)
-    for j, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _RecordProblem(f"key {dotted!r} item {j} should be str, got {type(item).__name__}")
-    return tuple(value)
-
-
 def _template(text: str, subject: str, field: str) -> str:
     """`text` with the first occurrence of `subject` replaced by ``{}``."""
     if not subject.strip():
-        raise _RecordProblem("key 'subject' is empty; expected the entity to edit")
+        raise RecordProblem("key 'subject' is empty; expected the entity to edit")
     if subject not in text:
-        raise _RecordProblem(f"subject {subject!r} does not occur in {field} {text!r}; cannot build the template")
+        raise RecordProblem(f"subject {subject!r} does not occur in {field} {text!r}; cannot build the template")
     return text.replace(subject, "{}", 1)
 
 
@@ -171,17 +142,17 @@ def _convert_all(
             where += f" (case_id {record['case_id']})"
         try:
             if not isinstance(record, dict):
-                raise _RecordProblem(f"expected a JSON object, got {type(record).__name__}")
+                raise RecordProblem(f"expected a JSON object, got {type(record).__name__}")
             request = convert(record, index)
             # a record without an id is known by its position in the file: stable across runs
             if request.case_id is None:
                 request = replace(request, case_id=index)
             if request.case_id in seen:
-                raise _RecordProblem(f"case_id {request.case_id!r} was already used by record "
+                raise RecordProblem(f"case_id {request.case_id!r} was already used by record "
                                      f"{seen[request.case_id]}; every case needs its own id")
             seen[request.case_id] = index
             requests.append(request)
-        except _RecordProblem as e:
+        except RecordProblem as e:
             raise DatasetError(f"{where}: {e}") from None
         except RequestError as e:
             if not skip_invalid:
@@ -201,14 +172,14 @@ def _convert_all(
 
 def _from_counterfact(record: Mapping[str, Any], index: int) -> EditRequest:
     return EditRequest(
-        prompt=_get(record, "requested_rewrite.prompt"),
-        subject=_get(record, "requested_rewrite.subject"),
-        target_new=_get(record, "requested_rewrite.target_new.str"),
-        target_true=_get(record, "requested_rewrite.target_true.str"),
-        paraphrase_prompts=_get_strs(record, "paraphrase_prompts"),
-        neighborhood_prompts=_get_strs(record, "neighborhood_prompts"),
-        generation_prompts=_get_strs(record, "generation_prompts"),
-        case_id=_get(record, "case_id", (int, str)),
+        prompt=field(record, "requested_rewrite.prompt"),
+        subject=field(record, "requested_rewrite.subject"),
+        target_new=field(record, "requested_rewrite.target_new.str"),
+        target_true=field(record, "requested_rewrite.target_true.str"),
+        paraphrase_prompts=strings(record, "paraphrase_prompts"),
+        neighborhood_prompts=strings(record, "neighborhood_prompts"),
+        generation_prompts=strings(record, "generation_prompts"),
+        case_id=field(record, "case_id", (int, str)),
         attribute=_attribute(record),
     )
 
@@ -220,34 +191,34 @@ def _attribute(record: Mapping[str, Any]) -> str | None:
 
 
 def _from_easyedit(record: Mapping[str, Any], index: int) -> EditRequest:
-    subject = _get(record, "subject")
-    ground_truth = _get(record, "ground_truth")
-    locality_truth = _get(record, "locality_ground_truth")
+    subject = field(record, "subject")
+    ground_truth = field(record, "ground_truth")
+    locality_truth = field(record, "locality_ground_truth")
     return EditRequest(
-        prompt=_template(_get(record, "prompt"), subject, "prompt"),
+        prompt=_template(field(record, "prompt"), subject, "prompt"),
         subject=subject,
-        target_new=_get(record, "target_new"),
+        target_new=field(record, "target_new"),
         target_true=ground_truth,
-        paraphrase_prompts=(_get(record, "rephrase_prompt"),),
-        neighborhood_prompts=(_get(record, "locality_prompt"),),
+        paraphrase_prompts=(field(record, "rephrase_prompt"),),
+        neighborhood_prompts=(field(record, "locality_prompt"),),
         neighborhood_target=None if locality_truth.strip() == ground_truth.strip() else locality_truth,
-        case_id=_get(record, "case_id", (int, str)),
+        case_id=field(record, "case_id", (int, str)),
     )
 
 
 def _from_zsre(record: Mapping[str, Any], index: int) -> EditRequest:
-    subject = _get(record, "subject")
-    answers = _get_strs(record, "answers")
+    subject = field(record, "subject")
+    answers = strings(record, "answers")
     if not answers:
-        raise _RecordProblem("key 'answers' is empty; expected at least one answer")
+        raise RecordProblem("key 'answers' is empty; expected at least one answer")
     return EditRequest(
-        prompt=_template(_get(record, "src"), subject, "src"),
+        prompt=_template(field(record, "src"), subject, "src"),
         subject=subject,
         target_new=answers[0],
         target_true=None,
-        paraphrase_prompts=(_get(record, "rephrase"),),
-        neighborhood_prompts=(_get(record, "loc") + "?",),
-        neighborhood_target=_get(record, "loc_ans"),
+        paraphrase_prompts=(field(record, "rephrase"),),
+        neighborhood_prompts=(field(record, "loc") + "?",),
+        neighborhood_target=field(record, "loc_ans"),
         case_id=index,
     )
 
@@ -258,14 +229,14 @@ _KVEDIT_REQUIRED = ("prompt", "subject", "target_new")
 
 def _from_kvedit(record: Mapping[str, Any], index: int) -> EditRequest:
     for key in _KVEDIT_REQUIRED:
-        _get(record, key)
+        field(record, key)
     extra = set(record) - _KVEDIT_FIELDS
     if extra:
-        raise _RecordProblem(f"unknown key(s) {sorted(extra)}; expected EditRequest fields {sorted(_KVEDIT_FIELDS)}")
+        raise RecordProblem(f"unknown key(s) {sorted(extra)}; expected EditRequest fields {sorted(_KVEDIT_FIELDS)}")
     try:
         return EditRequest.from_dict(dict(record))
     except (TypeError, AttributeError) as e:
-        raise _RecordProblem(f"a field has the wrong type ({e})") from None
+        raise RecordProblem(f"a field has the wrong type ({e})") from None
 
 
 _CONVERTERS: Mapping[str, Callable[[Mapping[str, Any], int], EditRequest]] = MappingProxyType(

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .loaders import DatasetError, PathLike, load_counterfact
+from .fields import RecordProblem, field, strings
 from .requests import EditRequest, RequestError
 
 __all__ = [
@@ -123,10 +124,6 @@ class MquakeCase:
 # ---------------------------------------------------------------- reading and field helpers
 
 
-class _RecordProblem(Exception):
-    """Raised inside a record converter; the caller adds file / record context."""
-
-
 def _read_records(path: Path, limit: int | None) -> list[Any]:
     """The records of a JSON list or JSON Lines file (the first `limit`)."""
     if not path.is_file():
@@ -154,34 +151,10 @@ def _read_records(path: Path, limit: int | None) -> list[Any]:
     return records
 
 
-def _get(record: Mapping[str, Any], dotted: str, kind: type | tuple[type, ...] = str) -> Any:
-    """`record["a"]["b"]` for ``dotted="a.b"``, checked to be of type `kind`."""
-    value: Any = record
-    parts = dotted.split(".")
-    for depth, part in enumerate(parts):
-        if not isinstance(value, dict):
-            raise _RecordProblem(f"key {'.'.join(parts[:depth])!r} should be an object, got {type(value).__name__}")
-        if part not in value:
-            raise _RecordProblem(f"missing key {'.'.join(parts[: depth + 1])!r}")
-        value = value[part]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise _RecordProblem(f"key {dotted!r} should be {names}, got {type(value).__name__} {value!r:.80}")
-    return value
-
-
-def _get_strs(record: Mapping[str, Any], dotted: str) -> tuple[str, ...]:
-    value = _get(record, dotted, list)
-    for j, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _RecordProblem(f"key '{dotted}[{j}]' should be str, got {type(item).__name__}")
-    return tuple(value)
-
-
 def _template(text: str, subject: str, field: str) -> str:
     """`text` with its first `subject` replaced by ``{}``; a `RequestError` (skippable) when it lacks it."""
     if not subject.strip():
-        raise _RecordProblem("key 'subject' is empty; expected the entity to edit")
+        raise RecordProblem("key 'subject' is empty; expected the entity to edit")
     if subject not in text:  # locate-then-edit methods need the subject's tokens in the prompt
         raise RequestError(f"subject {subject!r} does not occur in {field} {text!r}")
     return text.replace(subject, "{}", 1)
@@ -191,10 +164,10 @@ def _template(text: str, subject: str, field: str) -> str:
 
 
 def _one_hop(record: Mapping[str, Any]) -> tuple[tuple[Probe, ...], str | None]:
-    question = _get(record, "portability.New Question")
-    answer = _get(record, "portability.New Answer")
+    question = field(record, "portability.New Question")
+    answer = field(record, "portability.New Answer")
     if not question.strip() or not answer.strip():
-        raise _RecordProblem("key 'portability.New Question' or 'portability.New Answer' is empty")
+        raise RecordProblem("key 'portability.New Question' or 'portability.New Answer' is empty")
     relation = record["portability"].get("Recalled Relation")
     return (Probe("one_hop", question, (answer,)),), relation if isinstance(relation, str) else None
 
@@ -206,56 +179,56 @@ def _from_counterfact_portability(record: Mapping[str, Any], index: int, request
 
 def _from_zsre_portability(record: Mapping[str, Any], index: int) -> PortabilityCase:
     probes, relation = _one_hop(record)
-    alt = _get(record, "alt")
+    alt = field(record, "alt")
     if not alt.strip():
-        raise _RecordProblem("key 'alt' is empty; expected the new answer the edit writes")
-    subject, answers = _get(record, "subject"), _get_strs(record, "answers")
+        raise RecordProblem("key 'alt' is empty; expected the new answer the edit writes")
+    subject, answers = field(record, "subject"), strings(record, "answers")
     if not answers:
-        raise _RecordProblem("key 'answers' is empty; expected the true answer(s)")
+        raise RecordProblem("key 'answers' is empty; expected the true answer(s)")
     # EasyEdit's zsRE edit (target_new = alt, ground truth = answers[0]); neighborhood as kvedit's zsRE loader
     request = EditRequest(
-        prompt=_template(_get(record, "src"), subject, "src"), subject=subject, target_new=alt,
+        prompt=_template(field(record, "src"), subject, "src"), subject=subject, target_new=alt,
         target_true=None if answers[0].strip() == alt.strip() else answers[0],
-        paraphrase_prompts=(_get(record, "rephrase"),), neighborhood_prompts=(_get(record, "loc") + "?",),
-        neighborhood_target=_get(record, "loc_ans"), case_id=index,
+        paraphrase_prompts=(field(record, "rephrase"),), neighborhood_prompts=(field(record, "loc") + "?",),
+        neighborhood_target=field(record, "loc_ans"), case_id=index,
     )
     return PortabilityCase(request, probes, true_answers=answers, recalled_relation=relation)
 
 
 def _probe_list(record: Mapping[str, Any], dotted: str, kind: str) -> tuple[Probe, ...]:
     probes = []
-    for j, item in enumerate(_get(record, dotted, list)):
+    for j, item in enumerate(field(record, dotted, list)):
         where = f"{dotted}[{j}]"
         if not isinstance(item, dict):
-            raise _RecordProblem(f"key {where!r} should be an object with 'prompt' and 'ground_truth', "
+            raise RecordProblem(f"key {where!r} should be an object with 'prompt' and 'ground_truth', "
                                  f"got {type(item).__name__}")
         try:
-            prompt = _get(item, "prompt")
-        except _RecordProblem as e:
-            raise _RecordProblem(f"{where}: {e}") from None
+            prompt = field(item, "prompt")
+        except RecordProblem as e:
+            raise RecordProblem(f"{where}: {e}") from None
         truth = item.get("ground_truth")
         answers = (truth,) if isinstance(truth, str) else tuple(truth) if isinstance(truth, list) else ()
         # nested lists (KnowEdit's counterfact split: [["a", "alias"]]) flatten to answer + aliases
         answers = tuple(a for x in answers for a in ((x,) if isinstance(x, str) else x if isinstance(x, list) else (x,)))
         if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-            raise _RecordProblem(f"key '{where}.ground_truth' should be a non-empty string or list of strings, "
+            raise RecordProblem(f"key '{where}.ground_truth' should be a non-empty string or list of strings, "
                                  f"got {truth!r:.80}")
         probes.append(Probe(kind, prompt, answers))
     return tuple(probes)
 
 
 def _from_knowedit(record: Mapping[str, Any], index: int) -> PortabilityCase:
-    subject, prompt = _get(record, "subject"), _get(record, "prompt")
-    truth = _get_strs(record, "ground_truth") if isinstance(record.get("ground_truth"), list) \
-        else (_get(record, "ground_truth"),)
+    subject, prompt = field(record, "subject"), field(record, "prompt")
+    truth = strings(record, "ground_truth") if isinstance(record.get("ground_truth"), list) \
+        else (field(record, "ground_truth"),)
     if not truth:
-        raise _RecordProblem("key 'ground_truth' is empty; expected the unedited answer(s)")
-    target_new = _get(record, "target_new")
+        raise RecordProblem("key 'ground_truth' is empty; expected the unedited answer(s)")
+    target_new = field(record, "target_new")
     portability: list[Probe] = []
-    sections = _get(record, "portability", dict)
+    sections = field(record, "portability", dict)
     for key in sections:
         if key not in _KNOWEDIT_KINDS:
-            raise _RecordProblem(f"unknown portability kind {key!r}; expected some of {sorted(_KNOWEDIT_KINDS)}")
+            raise RecordProblem(f"unknown portability kind {key!r}; expected some of {sorted(_KNOWEDIT_KINDS)}")
         portability += _probe_list(record, f"portability.{key}", _KNOWEDIT_KINDS[key])
     locality = record.get("locality") or {}
     relation = _probe_list(record, "locality.Relation_Specificity", "relation_specificity") \
@@ -265,56 +238,56 @@ def _from_knowedit(record: Mapping[str, Any], index: int) -> PortabilityCase:
         subject=subject,
         target_new=target_new,
         target_true=None if truth[0].strip() == target_new.strip() else truth[0],
-        paraphrase_prompts=(_get(record, "rephrase_prompt"),) if "rephrase_prompt" in record else (),
+        paraphrase_prompts=(field(record, "rephrase_prompt"),) if "rephrase_prompt" in record else (),
         case_id=record["case_id"] if isinstance(record.get("case_id"), (int, str)) else index,
     )
     return PortabilityCase(request, tuple(portability), relation, true_answers=truth)
 
 
 def _aliases(record: Mapping[str, Any], answer_key: str, alias_key: str) -> tuple[str, ...]:
-    answer = _get(record, answer_key)
-    aliases = _get_strs(record, alias_key) if alias_key in record else ()
+    answer = field(record, answer_key)
+    aliases = strings(record, alias_key) if alias_key in record else ()
     return (answer, *aliases)
 
 
 def _hops(record: Mapping[str, Any], key: str) -> tuple[Hop, ...]:
     hops = []
-    for j, item in enumerate(_get(record, key, list)):
+    for j, item in enumerate(field(record, key, list)):
         if not isinstance(item, dict):
-            raise _RecordProblem(f"key '{key}[{j}]' should be an object, got {type(item).__name__}")
+            raise RecordProblem(f"key '{key}[{j}]' should be an object, got {type(item).__name__}")
         try:
-            hops.append(Hop(_get(item, "question"), _get(item, "cloze"), _aliases(item, "answer", "answer_alias")))
-        except _RecordProblem as e:
-            raise _RecordProblem(f"{key}[{j}]: {e}") from None
+            hops.append(Hop(field(item, "question"), field(item, "cloze"), _aliases(item, "answer", "answer_alias")))
+        except RecordProblem as e:
+            raise RecordProblem(f"{key}[{j}]: {e}") from None
     return tuple(hops)
 
 
 def _from_mquake(record: Mapping[str, Any], index: int) -> MquakeCase:
-    case_id = _get(record, "case_id", (int, str))
-    rewrites = _get(record, "requested_rewrite", list)
+    case_id = field(record, "case_id", (int, str))
+    rewrites = field(record, "requested_rewrite", list)
     if not rewrites:
-        raise _RecordProblem("key 'requested_rewrite' is empty; expected the case's edits")
-    questions = _get_strs(record, "questions")
+        raise RecordProblem("key 'requested_rewrite' is empty; expected the case's edits")
+    questions = strings(record, "questions")
     if not questions:
-        raise _RecordProblem("key 'questions' is empty; expected the multi-hop question(s)")
+        raise RecordProblem("key 'questions' is empty; expected the multi-hop question(s)")
     new_hops = _hops(record, "new_single_hops")
     by_question = {hop.question: hop for hop in new_hops}
     requests, edit_questions, edit_answers = [], [], []
     for j, rewrite in enumerate(rewrites):
         key = f"requested_rewrite[{j}]"
         if not isinstance(rewrite, dict):
-            raise _RecordProblem(f"key {key!r} should be an object, got {type(rewrite).__name__}")
+            raise RecordProblem(f"key {key!r} should be an object, got {type(rewrite).__name__}")
         try:
-            question = _get(rewrite, "question")
-            target_new = _get(rewrite, "target_new.str")
+            question = field(rewrite, "question")
+            target_new = field(rewrite, "target_new.str")
             relation, target_id = rewrite.get("relation_id"), rewrite.get("target_new", {}).get("id")
             request = EditRequest(
-                prompt=_get(rewrite, "prompt"), subject=_get(rewrite, "subject"), target_new=target_new,
-                target_true=_get(rewrite, "target_true.str"), case_id=f"{case_id}/{j}",
+                prompt=field(rewrite, "prompt"), subject=field(rewrite, "subject"), target_new=target_new,
+                target_true=field(rewrite, "target_true.str"), case_id=f"{case_id}/{j}",
                 attribute=f"{relation}/{target_id}" if relation and target_id else None,
             )
-        except _RecordProblem as e:
-            raise _RecordProblem(f"{key}: {e}") from None
+        except RecordProblem as e:
+            raise RecordProblem(f"{key}: {e}") from None
         except RequestError as e:
             raise RequestError(f"{key}: {e}") from None
         hop = by_question.get(question)
@@ -357,21 +330,21 @@ def _convert(path: Path, records: Sequence[Any], fmt: str, skip_invalid: bool) -
             where += f" (case_id {record['case_id']})"
         try:
             if not isinstance(record, dict):
-                raise _RecordProblem(f"expected a JSON object, got {type(record).__name__}")
+                raise RecordProblem(f"expected a JSON object, got {type(record).__name__}")
             convert = _CONVERTERS[fmt]
             if convert is None:
-                request = requests.get(_get(record, "case_id", (int, str)))
+                request = requests.get(field(record, "case_id", (int, str)))
                 if request is None:  # load_counterfact skipped it (and said so)
                     continue
                 case = _from_counterfact_portability(record, index, request)
             else:
                 case = convert(record, index)
             if case.case_id in seen:
-                raise _RecordProblem(f"case_id {case.case_id!r} was already used by record {seen[case.case_id]}; "
+                raise RecordProblem(f"case_id {case.case_id!r} was already used by record {seen[case.case_id]}; "
                                      "every case needs its own id")
             seen[case.case_id] = index
             cases.append(case)
-        except _RecordProblem as e:
+        except RecordProblem as e:
             raise DatasetError(f"{where}: {e}") from None
         except RequestError as e:
             if not skip_invalid:
