@@ -36,7 +36,7 @@ def preactivations(lm, layer, start, prompt):
     with torch.no_grad(), Trace(lm, read=[("ffn_in", layer)]) as tr:
         lm.model(input_ids=lm.tokenizer(prompt, return_tensors="pt")["input_ids"])
     q = tr["ffn_in", layer][0]
-    return q @ weight.T + (bias[start:] if bias is not None and not lm.arch.gated else 0)
+    return (q @ weight.T + (bias[start:] if bias is not None and not lm.arch.gated else 0)).detach()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
