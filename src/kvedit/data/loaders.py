@@ -39,7 +39,7 @@ class DatasetError(ValueError):
 # ---------------------------------------------------------------- reading files
 
 
-def _read_records(path: Path, limit: int | None) -> list[Any]:
+def read_records(path: Path, limit: int | None) -> list[Any]:
     """Parse a JSON list or JSON Lines file; stop after `limit` records."""
     if not path.is_file():
         raise DatasetError(f"{path}: no such file; expected a dataset as a JSON list or JSON Lines")
@@ -251,7 +251,7 @@ def _load(path: PathLike, fmt: str, limit: int | None, skip_invalid: bool) -> li
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
     path = Path(path)
-    records = _read_records(path, limit)
+    records = read_records(path, limit)
     if fmt == "auto":
         if not records:
             return []
@@ -290,7 +290,7 @@ def detect_format(path: PathLike) -> str | None:
     """The format `load_requests(path)` would read the file as (one of `SUPPORTED_FORMATS`), from its first
     record's keys; None for an empty record list."""
     path = Path(path)
-    records = _read_records(path, 1)
+    records = read_records(path, 1)
     return _detect_format(path, records[0]) if records else None
 
 

@@ -22,14 +22,13 @@ and the field, as `data/loaders.py` does; CounterFact's requests come from its `
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .loaders import DatasetError, PathLike, load_counterfact
+from .loaders import DatasetError, PathLike, load_counterfact, read_records
 from .fields import RecordProblem, field, strings
 from .requests import EditRequest, RequestError
 
@@ -121,34 +120,7 @@ class MquakeCase:
     new_single_hops: tuple[Hop, ...]
 
 
-# ---------------------------------------------------------------- reading and field helpers
-
-
-def _read_records(path: Path, limit: int | None) -> list[Any]:
-    """The records of a JSON list or JSON Lines file (the first `limit`)."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file; expected a dataset as a JSON list or JSON Lines")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read the file as UTF-8 text ({e})") from e
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        return records[:limit] if limit is not None else records
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if limit is not None and len(records) >= limit:
-            break
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path} record {len(records)} (line {lineno}): invalid JSON: {e.msg}; expected "
-                                   "a JSON list of records or JSON Lines") from None
-    return records
+# ---------------------------------------------------------------- field helpers
 
 
 def _template(text: str, subject: str, field: str) -> str:
@@ -382,7 +354,7 @@ def detect_propagation_format(path: PathLike) -> str | None:
     """The format (one of `PROPAGATION_FORMATS`) `load_propagation(path)` reads the file as, from its first
     record's keys; None for an empty record list."""
     path = Path(path)
-    records = _read_records(path, 1)
+    records = read_records(path, 1)
     return _detect(path, records[0]) if records else None
 
 
@@ -397,7 +369,7 @@ def load_propagation(
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
     path = Path(path)
-    records = _read_records(path, limit)
+    records = read_records(path, limit)
     if not records:
         return []
     fmt = _detect(path, records[0]) if format == "auto" else format
