@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import add_model_args, layer_list, load, positive_int
+from .common import add_model_args, layer_list, load, non_negative_int, positive_int
 from .folders import results_folder
 
 
@@ -114,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     tr.add_argument("--samples", type=positive_int, default=10, help="noisy copies per fact (default 10, ROME's)")
     tr.add_argument("--window", type=positive_int, default=10,
                     help="layers restored at once for ffn and attn (default 10, ROME's [l−5, l+5))")
-    tr.add_argument("--plots", type=int, default=3, help="facts drawn as heat maps (default 3)")
+    tr.add_argument("--plots", type=non_negative_int, default=3, help="facts drawn as heat maps (default 3)")
 
     kn = asub.add_parser("neurons", help="knowledge neurons (Dai et al.): the memories each fact's answer depends "
                                          "on, by integrated gradients, and what suppressing them does")
