@@ -82,7 +82,8 @@ class Architecture:
         return str(getattr(config, self.activation_attr))
 
 
-_LLAMA_LIKE = dict(
+_LLAMA_LIKE = Architecture(  # the shared row of Llama-style families; each row below replaces its family
+    family="Llama-like",
     layers="model.layers",
     keys={"gate": "mlp.gate_proj", "up": "mlp.up_proj"},
     values="mlp.down_proj",
@@ -145,29 +146,31 @@ _ROWS: dict[str, Architecture] = {
         "that fused projection, so its keys k are adapted too",
         attn="attention",
     ),
-    "llama": Architecture(family="Llama / SmolLM2", **_LLAMA_LIKE),
-    "mistral": Architecture(family="Mistral", **_LLAMA_LIKE),
-    "qwen2": Architecture(family="Qwen2", **_LLAMA_LIKE),
-    "qwen3": Architecture(family="Qwen3", **_LLAMA_LIKE),
-    "gemma": Architecture(family="Gemma", **_LLAMA_LIKE, norm_weight_offset=1.0),
-    "gemma2": Architecture(
+    "llama": replace(_LLAMA_LIKE, family="Llama / SmolLM2"),
+    "mistral": replace(_LLAMA_LIKE, family="Mistral"),
+    "qwen2": replace(_LLAMA_LIKE, family="Qwen2"),
+    "qwen3": replace(_LLAMA_LIKE, family="Qwen3"),
+    "gemma": replace(_LLAMA_LIKE, family="Gemma", norm_weight_offset=1.0),
+    "gemma2": replace(
+        _LLAMA_LIKE,
         family="Gemma-2",
-        **{**_LLAMA_LIKE, "activation_attr": "hidden_activation"},
+        activation_attr="hidden_activation",
         post_ffn_norm="post_feedforward_layernorm",
         post_attn_norm="post_attention_layernorm",
         norm_weight_offset=1.0,
     ),
-    "gemma3_text": Architecture(
+    "gemma3_text": replace(
+        _LLAMA_LIKE,
         family="Gemma-3 (text)",
-        **{**_LLAMA_LIKE, "activation_attr": "hidden_activation"},
+        activation_attr="hidden_activation",
         post_ffn_norm="post_feedforward_layernorm",
         post_attn_norm="post_attention_layernorm",
         norm_weight_offset=1.0,
     ),
-    "olmo": Architecture(family="OLMo", **_LLAMA_LIKE),
-    "olmo2": Architecture(
+    "olmo": replace(_LLAMA_LIKE, family="OLMo"),
+    "olmo2": replace(
+        _LLAMA_LIKE,
         family="OLMo-2",
-        **_LLAMA_LIKE,
         post_ffn_norm="post_feedforward_layernorm",
         post_attn_norm="post_attention_layernorm",
     ),
@@ -216,7 +219,7 @@ def supported_families() -> list[str]:
 def architecture_for(config: PretrainedConfig) -> Architecture:
     """The table row for a model config; raise `UnsupportedModelError` if there is none."""
     model_type = getattr(config, "model_type", None)
-    if model_type in ARCHITECTURES:
+    if isinstance(model_type, str) and model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     raise UnsupportedModelError(
         f"model_type {model_type!r} is not supported. Supported: {', '.join(supported_families())}. "

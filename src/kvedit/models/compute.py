@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .lm import LM
 
@@ -114,15 +115,15 @@ def set_compute_dtype(lm: LM, name: str) -> LM:
     return lm
 
 
-def _bf16_copy(model: nn.Module, attn_implementation: str) -> nn.Module:
+def _bf16_copy(model: PreTrainedModel, attn_implementation: str) -> PreTrainedModel:
     """A copy of `model` whose parameters are bfloat16 and frozen (tied parameters stay tied; buffers as they are),
     made without a float32 copy in between."""
     memo: dict[int, object] = {}
     for p in model.parameters():  # deepcopy takes the memo's entry for every parameter it meets (ties included)
         memo[id(p)] = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
     view = copy.deepcopy(model, memo)
-    if hasattr(view, "set_attn_implementation"):
-        view.set_attn_implementation(attn_implementation)
+    if callable(setter := getattr(view, "set_attn_implementation", None)):
+        setter(attn_implementation)
     else:
         view.config._attn_implementation = attn_implementation
     return view
@@ -175,7 +176,9 @@ def trained_through(view: LM, masters: Mapping[str, nn.Parameter]) -> Iterator[N
         for name, master in masters.items():
             owner_path, _, attr = name.rpartition(".")
             owner = view.model.get_submodule(owner_path)
-            dtype = owner._parameters[attr].dtype
+            current = owner._parameters[attr]
+            assert current is not None, f"{name} is registered as None"
+            dtype = current.dtype
             swapped.append((owner, attr, owner._parameters.pop(attr)))
 
             def cast(module: nn.Module, args: object, attr: str = attr, master: nn.Parameter = master,

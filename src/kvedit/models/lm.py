@@ -41,7 +41,7 @@ class LM:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         model.eval()
-        lm = cls(model=model, tokenizer=tokenizer, arch=arch, name=name or model.config.name_or_path)
+        lm = cls(model=model, tokenizer=tokenizer, arch=arch, name=name or str(model.config.name_or_path))
         lm.base_fingerprint = lm.fingerprint()
         return lm
 
@@ -65,11 +65,18 @@ class LM:
 
     @property
     def num_layers(self) -> int:
-        return len(self.module(self.arch.layers))
+        return len(self.layer_list())
+
+    def layer_list(self) -> nn.ModuleList:
+        """The decoder's layers, in order."""
+        layers = self.module(self.arch.layers)
+        if not isinstance(layers, nn.ModuleList):
+            raise TypeError(f"{self.arch.layers} is {type(layers).__name__}, not a ModuleList")
+        return layers
 
     @property
     def d_model(self) -> int:
-        return self.model.get_input_embeddings().weight.shape[1]
+        return int(tensor_attr(self.model.get_input_embeddings(), "weight").shape[1])
 
     # ---- module look-ups ---------------------------------------------------------------------
     def module(self, path: str) -> nn.Module:
@@ -149,3 +156,11 @@ def returned_cache(output: Any) -> Any:
     `cache_keyword`): asking a new output for the old name logs a deprecation warning."""
     fields = getattr(output, "__dataclass_fields__", {})
     return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
+
+
+def tensor_attr(module: nn.Module, name: str) -> torch.Tensor:
+    """`module.<name>` as a tensor (a parameter, a buffer, or a tensor set in its place), typed as one."""
+    value = getattr(module, name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is {type(value).__name__}, not a tensor")
+    return value

@@ -212,7 +212,7 @@ def load_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     source, name, no_hub = _resolve_source(name_or_path)
-    options = dict(trust_remote_code=trust_remote_code, local_files_only=no_hub is not None)
+    options: dict[str, Any] = dict(trust_remote_code=trust_remote_code, local_files_only=no_hub is not None)
     try:
         model_class = _auto_class(source, **options)
         tokenizer = AutoTokenizer.from_pretrained(source, **options)

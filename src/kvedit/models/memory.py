@@ -18,13 +18,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .lm import LM
+from .lm import LM, tensor_attr
 from .tracing import Trace
 
 
 def weight_as_out_in(module: nn.Module, transposed: bool) -> torch.Tensor:
     """The module's weight as `[out, in]`, whatever its storage orientation (a view, not a copy)."""
-    weight = module.weight
+    weight = tensor_attr(module, "weight")
     return weight.T if transposed else weight
 
 
@@ -77,7 +77,7 @@ def post_norm_gain(lm: LM, layer: int, sublayer: Literal["ffn", "attn"] = "ffn")
     """`[d_model]` gain of the RMSNorm after the FFN ("ffn") or attention ("attn") output of `layer`,
     None when the family adds that output to the residual as it is."""
     norm = _post_norm(lm, layer, sublayer)
-    return None if norm is None else norm.weight.detach() + lm.arch.norm_weight_offset
+    return None if norm is None else tensor_attr(norm, "weight").detach() + lm.arch.norm_weight_offset
 
 
 def written_output(
@@ -86,7 +86,10 @@ def written_output(
     """What the sub-layer adds to the residual when its output projection (values module, or attention
     output projection) gives `output` `[..., d_model]`: the post-norm of it, or `output` itself."""
     norm = _post_norm(lm, layer, sublayer)
-    return output if norm is None else norm(output.to(norm.weight.device, norm.weight.dtype)).to(output.device, output.dtype)
+    if norm is None:
+        return output
+    gain = tensor_attr(norm, "weight")
+    return norm(output.to(gain.device, gain.dtype)).to(output.device, output.dtype)
 
 
 def output_for_written(

@@ -42,7 +42,7 @@ class _Replay(nn.Module):
 def replayed_layers(lm: LM, start: int, entry: torch.Tensor, as_tuple: bool) -> Iterator[None]:
     """Within the block, layers `0 … start-1` are stand-ins and layer `start` receives `entry` `[B, T, d]`
     as its input. The real layers are put back on exit, whatever happens."""
-    layers = lm.module(lm.arch.layers)
+    layers = lm.layer_list()
     originals = [layers[i] for i in range(start)]
     try:
         for i in range(start):
@@ -158,6 +158,7 @@ class SplitBatch:
         """Last hidden states of the suffix tokens, `[n, suffix_len, d_model]`."""
         if not self.start:
             return self._run().last_hidden_state
+        assert self.entry is not None, "the prefix was not run: no entry states for layer `start`"
         with replayed_layers(self.lm, self.start, self.entry, self.as_tuple):
             return self._run().last_hidden_state
 

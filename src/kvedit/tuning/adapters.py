@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 
 from ..models.lm import LM
 from .presets import TrainConfig
 from .targets import TargetSet, quiet_peft
 
+if TYPE_CHECKING:
+    from peft import PeftModel
 
-def save_adapter(peft_model: torch.nn.Module, folder: Path, targets: TargetSet, config: TrainConfig,
+
+def save_adapter(peft_model: PeftModel, folder: Path, targets: TargetSet, config: TrainConfig,
                  lm: LM, manifest: dict[str, Any]) -> None:
     """peft's adapter files plus the kvedit targets/settings and the data manifest."""
-    peft_model.save_pretrained(folder)
+    peft_model.save_pretrained(str(folder))
     meta = {"targets": targets.name, "roles": list(targets.roles), "layers": list(targets.layers),
             "modules": list(targets.modules), "train_config": config.to_dict(), "model": lm.name,
             "model_fingerprint": lm.base_fingerprint}
@@ -24,7 +26,7 @@ def save_adapter(peft_model: torch.nn.Module, folder: Path, targets: TargetSet, 
     (folder / "data_manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def load_adapter(lm: LM, folder: str | Path) -> torch.nn.Module:
+def load_adapter(lm: LM, folder: str | Path) -> PeftModel:
     """A saved adapter on `lm.model` (a peft model; `detach_adapter` removes it)."""
     from peft import PeftModel
 

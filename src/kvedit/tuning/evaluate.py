@@ -94,7 +94,7 @@ def predict_batch(lm: LM, examples: Sequence[Example], labels: Sequence[str], ma
         scores[:, j] = total
 
     # greedy decoding from the prompt's cache
-    generated = [[] for _ in examples]
+    generated: list[list[int]] = [[] for _ in examples]
     finished = torch.zeros(len(examples), dtype=torch.bool)
     nxt = last.argmax(-1)
     for step in range(max_new_tokens):
@@ -112,7 +112,7 @@ def predict_batch(lm: LM, examples: Sequence[Example], labels: Sequence[str], ma
 
     out = []
     for i, e in enumerate(examples):
-        text = tok.decode(generated[i], skip_special_tokens=True).strip()
+        text = str(tok.decode(generated[i], skip_special_tokens=True)).strip()
         out.append(Prediction(e.uid, e.task, e.label, text, labels[int(scores[i].argmax())],
                               tuple(float(s) for s in scores[i])))
     return out

@@ -93,7 +93,7 @@ def summarize_tune(folder: str | Path, kind: str) -> dict[str, Any]:
     for name in order:
         train_path = folder / "runs" / run_dir_name(name) / "train.json"
         train = json.loads(train_path.read_text()) if train_path.exists() else {}
-        run = {k: train.get(k) for k in ("trainable", "total", "steps", "tokens", "train_time_s", "tokens_per_s",
+        run: dict[str, Any] = {k: train.get(k) for k in ("trainable", "total", "steps", "tokens", "train_time_s", "tokens_per_s",
                                           "eval_time_s", "peak_memory_mb")}
         run["share"] = 100 * run["trainable"] / run["total"] if run.get("total") else None
         run["final_loss"] = float(np.mean(train["losses"][-10:])) if train.get("losses") else None

@@ -15,12 +15,16 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-from ..models.lm import LM
+from ..models.lm import LM, tensor_attr
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 AdapterType = Literal["lora", "ia3"]
 
@@ -98,12 +102,13 @@ def adapter_config(lm: LM, targets: TargetSet, adapter: AdapterType = "lora", ra
     """The peft config adapting exactly `targets.modules` (full names, so no suffix can match a neighbour)."""
     from peft import IA3Config, LoraConfig, TaskType
 
-    common = dict(target_modules=list(targets.modules), layers_to_transform=list(targets.layers),
+    common: dict[str, Any] = dict(target_modules=list(targets.modules), layers_to_transform=list(targets.layers),
                   layers_pattern=targets.layers_pattern, task_type=TaskType.CAUSAL_LM)
     if adapter == "lora":
         if rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank}")
-        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+        # peft annotates lora_alpha as int; a float works (its scale is alpha / r), and `kvedit tune --alpha` takes one
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",  # type: ignore[arg-type]
                           fan_in_fan_out=lm.arch.transposed, **common)
     if adapter == "ia3":  # IA3Config has no layers_to_transform: the full module names already pick the layers
         ffn_inputs = [m for m in targets.modules if m.endswith("." + lm.arch.values)]
@@ -113,7 +118,7 @@ def adapter_config(lm: LM, targets: TargetSet, adapter: AdapterType = "lora", ra
 
 
 def attach_adapter(lm: LM, targets: TargetSet, adapter: AdapterType = "lora", rank: int = 8, alpha: float = 16,
-                   dropout: float = 0.1, seed: int = 0) -> nn.Module:
+                   dropout: float = 0.1, seed: int = 0) -> PeftModel:
     """Wrap `lm.model` in a peft model adapting `targets` (adapter weights initialised from `seed`).
 
     The wrapped model shares the base weights; `lm.model` is left as it was (call
@@ -138,9 +143,12 @@ def quiet_peft() -> Iterator[None]:
         yield
 
 
-def detach_adapter(peft_model: nn.Module) -> nn.Module:
+def detach_adapter(peft_model: PeftModel) -> PreTrainedModel:
     """Remove the adapter layers and return the base model with its original weights."""
-    return peft_model.unload()
+    base = peft_model.unload()
+    if not isinstance(base, PreTrainedModel):
+        raise TypeError(f"unloading the adapter gave {type(base).__name__}, not a transformers model")
+    return base
 
 
 def adapted_modules(peft_model: nn.Module) -> list[str]:
@@ -161,8 +169,8 @@ def lora_parameter_count(lm: LM, targets: TargetSet, rank: int) -> int:
     """Hand count: r × (in + out) for every targeted matrix."""
     total = 0
     for name in targets.modules:
-        w = lm.module(name).weight
-        total += rank * (w.shape[0] + w.shape[1])
+        w = tensor_attr(lm.module(name), "weight")
+        total += rank * (int(w.shape[0]) + int(w.shape[1]))
     return total
 
 

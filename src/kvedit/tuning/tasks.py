@@ -288,7 +288,13 @@ def check_user_records(spec: TaskSpec, records: Sequence[Mapping[str, Any]], lab
 def parse_label_words(text: str) -> dict[str, str]:
     """`neg,pos` (values are the words) or `0=negative,1=positive` (value=word)."""
     pairs = [p.strip() for p in text.split(",") if p.strip()]
-    return dict(p.split("=", 1) if "=" in p else (p, p) for p in pairs)
+    return dict(_word_pair(p) for p in pairs)
+
+
+def _word_pair(item: str) -> tuple[str, str]:
+    """`value=word` → (value, word); `word` → (word, word)."""
+    value, _, word = item.partition("=")
+    return (value, word) if "=" in item else (item, item)
 
 
 def load_user_task(path: str | Path, template: str, label_field: str, label_words: Mapping[str, str],

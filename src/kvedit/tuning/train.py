@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +159,17 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: dict) -> None:
+class TrainState(TypedDict):
+    """What a checkpoint records besides the weights: steps done, loss per step, tokens seen, seconds spent."""
+
+    step: int
+    losses: list[float]
+    tokens: int
+    time_s: float
+
+
+def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                    state: TrainState) -> None:
     """Write the checkpoint to a temporary folder, then swap it in (a kill never leaves a half-written one)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -172,7 +182,7 @@ def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, 
     tmp.rename(folder)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict:
+def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> TrainState:
     params = _trainable(model)
     saved = load_file(folder / "adapter.safetensors")
     if set(saved) != set(params):
@@ -184,7 +194,8 @@ def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, 
     opt.load_state_dict(extra["optimizer"])
     sched.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
-    return json.loads((folder / "state.json").read_text())
+    state: TrainState = json.loads((folder / "state.json").read_text())
+    return state
 
 
 @dataclass
@@ -236,7 +247,7 @@ def _train(lm: LM, peft_model: nn.Module, examples: Sequence[Example], config: T
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_then_constant(total, config.warmup_ratio))
     ckpt = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir is not None else None
-    state = {"step": 0, "losses": [], "tokens": 0, "time_s": 0.0}
+    state: TrainState = {"step": 0, "losses": [], "tokens": 0, "time_s": 0.0}
     if ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt, peft_model, opt, sched)
     start = state["step"]
@@ -266,7 +277,7 @@ def _train(lm: LM, peft_model: nn.Module, examples: Sequence[Example], config: T
             done = step + 1 == total or (stop_after is not None and step + 1 >= stop_after)
             if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or done):
                 save_checkpoint(ckpt, peft_model, opt, sched,
-                                state | {"tokens": state["tokens"] + tokens_now, "time_s": state["time_s"] + elapsed})
+                                {**state, "tokens": state["tokens"] + tokens_now, "time_s": state["time_s"] + elapsed})
             if stop_after is not None and step + 1 >= stop_after:
                 break
     finally:
