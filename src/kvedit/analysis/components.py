@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..models.lm import LM
+from ..models.lm import LM, tensor_attr
 from ..models.tracing import Trace
 
 SUBLAYERS = {"attention": ("attn_in", "attn_write"), "ffn": ("ffn_in", "ffn_write")}
@@ -39,7 +39,7 @@ def component_similarity(
         raise ValueError("prompts is empty; give at least one prompt")
     if lm.arch.objective != "causal":
         raise ValueError(f"{lm.arch.family} is a masked LM: the last token of a prompt is not where it predicts")
-    embed = lm.model.get_input_embeddings().weight  # [vocab, d_model]
+    embed = tensor_attr(lm.model.get_input_embeddings(), "weight")  # [vocab, d_model]
     layers = range(lm.num_layers)
     sums = {l: dict.fromkeys(("attention_cos", "attention_jaccard", "ffn_cos", "ffn_jaccard"), 0.0) for l in layers}
     tok = lm.tokenizer

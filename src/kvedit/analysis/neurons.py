@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..models.ffn_width import ffn_width
 from ..models.lm import LM
 from ..models.split import layer_returns_tuple, replayed_layers
 from ..models.tracing import Replacement, Scaling, Trace
@@ -79,9 +80,9 @@ def attributions(lm: LM, prompt: str, answer: str, steps: int = STEPS,
         coefficients = clean["coefficients", layer][0, last]  # [d_ff]
         scaled = (alphas[:, None] * coefficients[None]).detach().requires_grad_(True)
         replace = {("coefficients", layer): Replacement(scaled, torch.full((steps,), last, device=lm.device))}
-        entry = clean["residual", layer - 1].expand(steps, -1, -1) if layer > 0 else None
         with torch.enable_grad(), Trace(lm, replace=replace):
-            if layer > 0:
+            if layer > 0:  # layers below run once: their output enters layer `layer` for every step's row
+                entry = clean["residual", layer - 1].expand(steps, -1, -1)
                 with replayed_layers(lm, layer, entry, as_tuple):
                     hidden = lm.model.base_model(input_ids=rows).last_hidden_state[:, -1]
             else:
@@ -148,7 +149,7 @@ def suppression_effect(lm: LM, fact: FactNeurons, seed: int = 0) -> dict[str, fl
     if not fact.neurons:
         return None
     rng = random.Random(seed)
-    d_ff = lm.module(lm.values_path(0)).weight.shape[1 if not lm.arch.transposed else 0]
+    d_ff = ffn_width(lm, 0)
     own = [(l, i) for l, i, _ in fact.neurons]
     taken = set(own)
     others: list[Neuron] = []
@@ -157,7 +158,7 @@ def suppression_effect(lm: LM, fact: FactNeurons, seed: int = 0) -> dict[str, fl
         if n not in taken:
             taken.add(n)
             others.append(n)
-    drops = {"knowledge": [], "random": []}
+    drops: dict[str, list[float]] = {"knowledge": [], "random": []}
     for prompt in fact.prompts:
         base = answer_probability(lm, prompt, fact.answer)
         for name, chosen in (("knowledge", own), ("random", others)):

@@ -27,9 +27,9 @@ class MarkedPrefix:
 def split_prefix(lm: LM, example: TriggerExample) -> MarkedPrefix:
     """The prefix of `example` decoded, cut where its trigger token (`ids[-1]`) begins."""
     tok = lm.tokenizer
-    head = tok.decode(list(example.ids[:-1]), skip_special_tokens=True)
-    full = tok.decode(list(example.ids), skip_special_tokens=True)
-    rest = full[len(head):] if full.startswith(head) else tok.decode([example.ids[-1]])
+    head = str(tok.decode(list(example.ids[:-1]), skip_special_tokens=True))
+    full = str(tok.decode(list(example.ids), skip_special_tokens=True))
+    rest = full[len(head):] if full.startswith(head) else str(tok.decode([example.ids[-1]]))
     lead = rest[: len(rest) - len(rest.lstrip())]
     return MarkedPrefix((head + lead).lstrip(), rest.strip() or repr(rest))
 

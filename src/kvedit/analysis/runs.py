@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..models.ffn_width import ffn_width
 from ..models.lm import LM
 from .components import component_similarity
 from .layers import active_rule, agreement, corpus_statistics, layer_table
@@ -32,7 +33,7 @@ def default_keys(lm: LM, layers: Sequence[int], per_layer: int = 2, seed: int = 
     rng = random.Random(seed)
     layers = sorted(layers)
     picked = sorted({layers[round(i * (len(layers) - 1) / 3)] for i in range(4)}) if len(layers) > 1 else layers
-    d_ff = lm.module(lm.values_path(picked[0])).weight.shape[0 if lm.arch.transposed else 1]
+    d_ff = ffn_width(lm, picked[0])
     return [(l, i) for l in picked for i in sorted(rng.sample(range(d_ff), min(per_layer, d_ff)))]
 
 
@@ -40,7 +41,7 @@ def _check_keys(lm: LM, keys: Sequence[tuple[int, int]]) -> list[tuple[int, int]
     out = []
     for layer, key in keys:
         layer = lm.check_layer(layer)
-        d_ff = lm.module(lm.values_path(layer)).weight.shape[0 if lm.arch.transposed else 1]
+        d_ff = ffn_width(lm, layer)
         if not 0 <= key < d_ff:
             raise ValueError(f"--keys: memory {key} is out of range; layer {layer} has memories 0..{d_ff - 1}")
         out.append((layer, key))
@@ -187,7 +188,7 @@ def counterfact_prompts(lm: LM, path: str | Path, n: int | None = None, known_on
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
         prompts = [r.rewrite_prompt for r in chunk]
-        true = target_nll(lm, prompts, [r.target_true for r in chunk], batch_size)
+        true = target_nll(lm, prompts, [r.target_true or "" for r in chunk], batch_size)
         new = target_nll(lm, prompts, [r.target_new for r in chunk], batch_size)
         kept += [p for p, t, w in zip(prompts, true.tolist(), new.tolist()) if t < w]
         bar.update(len(chunk))

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..models.compute import compute_view
+from ..models.ffn_width import ffn_width
 from ..models.lm import LM
 from .corpus import TokenBatch, token_batches
 from .topk import Rank, RunningTopK
@@ -95,8 +96,8 @@ class TriggerSet:
         row_of = {seq: i for i, seq in enumerate(self.sequences)}
         for seq, ids in self.sequences.items():
             table[row_of[seq], : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        seq, pos = codes.cpu() // self.stride, codes.cpu() % self.stride + offset
-        rows = torch.tensor([row_of.get(s, len(self.sequences)) for s in seq.reshape(-1).tolist()]).view_as(seq)
+        seqs, pos = codes.cpu() // self.stride, codes.cpu() % self.stride + offset  # [d_ff, k] each
+        rows = torch.tensor([row_of.get(s, len(self.sequences)) for s in seqs.reshape(-1).tolist()]).view_as(seqs)
         out = table[rows, pos.clamp(max=width - 1)]
         return torch.where(codes.cpu() < 0, torch.full_like(out, -1), out)
 
@@ -169,7 +170,7 @@ class TriggerMiner:
             raise ValueError(f"rank must be 'value' or 'abs', got {rank!r}")
         self.lm, self.k, self.rank, self.stride = lm, k, rank, stride
         self.view = compute_view(lm)  # lm itself in float32
-        d_ff = {l: lm.module(lm.values_path(l)).weight.shape[0 if lm.arch.transposed else 1] for l in self.layers}
+        d_ff = {l: ffn_width(lm, l) for l in self.layers}
         self.tops = {l: RunningTopK.empty(d_ff[l], k, lm.device) for l in self.layers}
         self.sequences: dict[int, tuple[int, ...]] = {}
         self.tokens = 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..models.lm import LM
+from ..models.lm import LM, tensor_attr
 
 
 def unembedding(lm: LM) -> torch.Tensor:
     """The output embedding matrix E, `[vocab, d_model]` (the unembedding module's weight, no bias)."""
-    return lm.module(lm.arch.unembed).weight
+    return tensor_attr(lm.module(lm.arch.unembed), "weight")
 
 
 def final_norm(lm: LM, hidden: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ def token_strings(lm: LM) -> list[str]:
     tokenizer does not know (padding rows of the embedding) read `<id>`."""
     tok = lm.tokenizer
     known = len(tok)
-    return [tok.decode([i]) if i < known else f"<{i}>" for i in range(unembedding(lm).shape[0])]
+    return [str(tok.decode([i])) if i < known else f"<{i}>" for i in range(unembedding(lm).shape[0])]
 
 
 def show(token: str) -> str:

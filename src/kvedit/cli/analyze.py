@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .common import add_model_args, layer_list, load, non_negative_int, positive_int
 from .folders import results_folder
@@ -226,8 +227,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
         delta = WeightDelta.load(args.patch)
         lm = load(args)
-        report = patch_report(lm, delta, prompts, args.neighborhood, args.top, apply_final_norm=args.final_norm)
-        text, name = patch_markdown(report), "patch"
+        patch_page = patch_report(lm, delta, prompts, args.neighborhood, args.top, apply_final_norm=args.final_norm)
+        report: dict[str, Any] | list[dict[str, Any]] = patch_page
+        text, name = patch_markdown(patch_page), "patch"
     else:
         lm = load(args)
         triggers = triggers_in(args.triggers, lm) if args.triggers else None

@@ -112,7 +112,7 @@ def _data(args: argparse.Namespace):
         task = load_user_task(args.task_file, args.template, args.label_field, parse_label_words(args.label_words),
                               args.train_n, args.test_n, args.task_test_file, args.seed, name=args.task_name)
         return TuneData(task.train, {task.name: task}, notes=[f"{task.name}: {task.note}"])
-    sources = {}
+    sources: dict[str, str | Path] = {}
     for item in args.task_source:
         if "=" not in item:
             raise ValueError(f"--task-source expects TASK=PATH, got {item!r}")
@@ -148,6 +148,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         path = merge_adapter(lm, args.adapter, args.merge_out)
         print(f"wrote the merged model to {path}")
         return 0
+    assert data is not None, "data is read unless --merge-out is given"
     if args.adapter is not None:
         summary = runner.evaluate_adapter(lm, args.adapter, data, args.out, args.eval_batch_size)
     else:

@@ -65,7 +65,8 @@ class ValueTokenCache:
         names = list(names)
         roles = parameter_roles(self.lm, names)
         prefix = self.lm.arch.layers + "."
-        stale: set[int] | None = set()
+        stale: set[int] = set()
+        every = False
         for name in names:
             if name in roles:
                 layer, role = roles[name]
@@ -74,10 +75,10 @@ class ValueTokenCache:
             elif name.startswith(prefix):
                 stale.add(int(name[len(prefix):].split(".")[0]))
             else:  # embedding, unembedding, final norm: every layer reads through them
-                stale = None
+                every = True
                 break
         with self._mutex:
-            for layer in list(self._layers) if stale is None else stale:
+            for layer in list(self._layers) if every else stale:
                 self._layers.pop(layer, None)
             self._version += 1
         self._wake.set()
