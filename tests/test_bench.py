@@ -205,11 +205,11 @@ def test_known_filter_compares_true_and_new(tiny_llama, dataset, tmp_path):
 
 
 def test_skip_leaves_out_the_first_known_cases(tiny_llama, dataset, tmp_path, capsys, tiny_folder, monkeypatch):
-    import kvedit.bench.harness as bench_module
+    import kvedit.evaluation.known as known_module  # the counterfact suite's known rule ("known:known_filter")
 
     requests = load_requests(dataset)
     flags = [i % 2 == 0 for i in range(len(requests))]  # a random tiny model knows nothing: say which it knows
-    monkeypatch.setattr(bench_module, "known_filter", lambda lm, reqs: flags[: len(reqs)])
+    monkeypatch.setattr(known_module, "known_filter", lambda lm, reqs: flags[: len(reqs)])
     known = [r.case_id for r, keep in zip(requests, flags) if keep]
     assert len(known) >= 3
     config = dict(dataset=str(dataset), methods=("ft-keys",), known_only=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ..data.requests import EditRequest
+from ..data.loaders import SUPPORTED_FORMATS, load_requests
+from ..data.propagation import case_edits, load_propagation
 from ..editing.method_names import METHOD_NAMES
 from ..evaluation.summary import SUITES, Suite
 from .folder import BenchError, file_sha256
@@ -62,7 +63,7 @@ class BenchConfig:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # hparam overrides for every method
     reuse_targets: bool = False  # runs not sequential share target vectors (BatchRunner); scores unchanged
-    suite: str | None = None  # "counterfact" or "zsre"; None: the dataset format's (FORMAT_SUITES)
+    suite: str | None = None  # a name in SUITES; None: the dataset format's (FORMAT_SUITES)
     lifelong: LifelongSettings = field(default_factory=LifelongSettings)  # what --sequential measures per batch
 
     def __post_init__(self) -> None:
@@ -104,30 +105,48 @@ def _absolute(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else str(name_or_path)
 
 
-#: The suite a dataset format is scored with when none is asked for: kvedit's own files are CounterFact's.
+#: The suite a dataset format is scored with when none is asked for: kvedit's own files are CounterFact's; each
+#: propagation set (`data.propagation.PROPAGATION_FORMATS`) has the suite of its name.
 FORMAT_SUITES: Mapping[str, str] = MappingProxyType({
     "counterfact": "counterfact", "easyedit": "counterfact", "kvedit": "counterfact", "zsre": "zsre",
+    "counterfact-portability": "counterfact-portability", "zsre-portability": "zsre-portability",
+    "knowedit": "knowedit", "mquake": "mquake",
 })
 
 
-def choose_suite(asked: str | None, fmt: str, requests: Sequence[EditRequest], dataset: str | Path) -> Suite:
-    """The suite that scores `requests` (`asked`, else the format's), checked against every request: CounterFact
-    compares target_new with target_true, so each needs target_true; zsRE scores each neighbourhood prompt's own
-    answer, so a request with neighbourhood prompts needs neighborhood_target. A misfit names the case."""
+def suite_for(asked: str | None, fmt: str) -> Suite:
+    """The suite `asked` for (--suite), else the one of the dataset's format."""
     name = asked or FORMAT_SUITES.get(fmt, "counterfact")
     if name not in SUITES:
         raise BenchError(f"--suite {name!r}: expected one of {sorted(SUITES)}")
+    return SUITES[name]
+
+
+def choose_suite(asked: str | None, fmt: str, cases: Sequence[Any], dataset: str | Path) -> Suite:
+    """The suite that scores `cases` (`asked`, else the format's), checked against every request they edit
+    (`Suite.needs_target_true`: CounterFact compares target_new with target_true; `needs_neighborhood_target`: zsRE
+    scores each neighbourhood prompt's own answer). A misfit names the case."""
+    suite = suite_for(asked, fmt)
+    name = suite.name
     how = f"--suite {name}" if asked else f"the {name} suite ({fmt} format's default; --suite chooses another)"
-    for request in requests:
+    for request in (r for case in cases for r in case_edits(case)):
         where = f"{dataset}: case {request.case_id!r}"
-        if name == "counterfact" and request.target_true is None:
+        if suite.needs_target_true and request.target_true is None:
             raise BenchError(
                 f"{where} has no target_true, which {how} needs (efficacy compares P(target_new) with "
                 "P(target_true)); add target_true to every record, or pass --suite zsre to score the token "
                 "accuracy of target_new instead")
-        if name == "zsre" and request.neighborhood_prompts and request.neighborhood_target is None:
+        if suite.needs_neighborhood_target and request.neighborhood_prompts and request.neighborhood_target is None:
             raise BenchError(
                 f"{where} has neighborhood_prompts but no neighborhood_target, which {how} needs (zsRE "
                 "specificity is the token accuracy of each neighbourhood prompt's own answer); add "
                 "neighborhood_target, or use --suite counterfact")
-    return SUITES[name]
+    return suite
+
+
+def load_cases(path: Path, fmt: str, suite: Suite) -> list[Any]:
+    """The cases of a dataset file as `suite` reads them: a propagation set's cases (`Suite.reads`), else edit
+    requests in the file's format. Records that cannot be edit requests are left out with a warning."""
+    if suite.reads is not None:
+        return load_propagation(path, suite.reads, skip_invalid=True)
+    return load_requests(path, fmt if fmt in SUPPORTED_FORMATS else "auto", skip_invalid=True)

@@ -32,12 +32,10 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from ..data.download import resolve_dataset
-from ..data.loaders import DatasetError, detect_format, load_requests
-from ..data.requests import EditRequest
+from ..data.loaders import DatasetError
+from ..data.propagation import case_edits, dataset_format
 from ..editing.registry import make_settings
-from ..evaluation.easyedit import add_locality
 from ..evaluation.generation import AttributeSnippets, load_attribute_snippets
-from ..evaluation.known import known_filter
 from ..evaluation.summary import (
     Suite,
     compare_runs,
@@ -48,10 +46,10 @@ from ..evaluation.summary import (
     summary_csv,
 )
 from ..models.lm import LM
-from .config import BenchConfig, RunSpec, choose_suite
+from .config import BenchConfig, RunSpec, choose_suite, load_cases, suite_for
 from .folder import BenchError, append_records, check_bench_folder, load_cases_file, lock_bench_folder, runs_on_file
 from .lines import reuse_line, settings_line
-from .runner import BatchRunner, neighborhood_predictions
+from .runner import BatchRunner, add_unchanged, neighborhood_predictions
 from .seqrun import SequentialRun
 
 if TYPE_CHECKING:
@@ -63,16 +61,25 @@ Done = set[tuple[str, Any]]
 class Bench:
     """A benchmark over one output folder; `run()` executes whatever is not yet in cases.jsonl."""
 
-    def __init__(self, lm: LM, config: BenchConfig, out: str | Path, progress: bool = True) -> None:
-        self.lm, self.config, self.out, self.progress = lm, config, Path(out), progress
+    def __init__(self, lm: LM | Callable[[], LM], config: BenchConfig, out: str | Path, progress: bool = True) -> None:
+        """lm: the model, or a function loading it, called once the folder passed `check_bench_folder` (the one
+        check of the folder, whether the bench is made here or by `kvedit bench`: a bad --out is refused before
+        the model loads)."""
+        self.config, self.out, self.progress = config, Path(out), progress
         self.specs = config.specs()  # the config checked its settings when it was made
         check_bench_folder(self.out)
+        self.lm = lm if isinstance(lm, LM) else lm()
+        lm = self.lm
         path, fmt = resolve_dataset(config.dataset)
-        self.requests = load_requests(path, fmt, skip_invalid=True)
+        fmt = (dataset_format(path) or "kvedit") if fmt == "auto" else fmt
+        suite = suite_for(config.suite, fmt)
+        if config.sequential and not suite.sequential:
+            raise BenchError(f"--sequential: the {suite.name} suite's cases are scored on their own edits (each case "
+                             "edited, scored and reverted); run it without --sequential")
+        self.requests: list[Any] = load_cases(path, fmt, suite)  # edit requests, or the set's cases
         if not self.requests:
             raise BenchError(f"dataset {config.dataset} has no records")
-        self.suite: Suite = choose_suite(config.suite, (detect_format(path) or "kvedit") if fmt == "auto" else fmt,
-                                         self.requests, config.dataset)
+        self.suite: Suite = choose_suite(config.suite, fmt, self.requests, config.dataset)
         resume_key = config.resume_key(lm, path) | {"suite": self.suite.name}
         lock_bench_folder(self.out)  # held until this process exits: another process on the folder is refused
         self._check_resume(resume_key)
@@ -115,7 +122,7 @@ class Bench:
 
     def _snippets(self) -> AttributeSnippets | None:
         """Consistency resources when the cases have generation prompts and attribute ids."""
-        if not any(c.generation_prompts and c.attribute for c in self.cases):
+        if not any(case_edits(c)[0].generation_prompts and case_edits(c)[0].attribute for c in self.cases):
             return None
         try:
             return load_attribute_snippets()
@@ -147,7 +154,7 @@ class Bench:
                     f"{[old.get(k) for k in diff]} vs {[key[k] for k in diff]}); use another --out"
                 )
 
-    def _select_cases(self) -> tuple[list[EditRequest], dict[str, Any]]:
+    def _select_cases(self) -> tuple[list[Any], dict[str, Any]]:
         requests, n, skip = self.requests, self.config.n, self.config.skip
         info: dict[str, Any] = {"dataset_records": len(requests)}
         if self.config.known_only:
@@ -156,15 +163,16 @@ class Bench:
                 kept_ids = json.loads(path.read_text())["kept_case_ids"]
             else:
                 try:
-                    flags = known_filter(self.lm, requests)
-                except ValueError as err:  # cases without target_true
+                    flags = self.suite.known_flags(self.lm, requests)
+                except ValueError as err:  # e.g. CounterFact's rule on cases without target_true
                     raise BenchError(str(err)) from None
                 kept_ids = [r.case_id for r, keep in zip(requests, flags) if keep]
                 path.write_text(json.dumps({"scored": len(requests), "kept": len(kept_ids),
                                             "kept_case_ids": kept_ids}) + "\n")
             kept = set(kept_ids)
             requests = [r for r in requests if r.case_id in kept]
-            info |= {"known_kept": len(requests), "known_fraction": len(requests) / len(self.requests)}
+            info |= {"known_kept": len(requests), "known_fraction": len(requests) / len(self.requests),
+                     "known_rule": self.suite.known_rule}
         if skip:
             info["skipped"] = min(skip, len(requests))
             requests = requests[skip:]
@@ -179,11 +187,12 @@ class Bench:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _predict_unedited(self, requests: Sequence[EditRequest]) -> None:
-        """Unedited neighborhood predictions for cases scored before cases.jsonl kept them (held in memory)."""
-        if not requests:
+    def _predict_unedited(self, cases: Sequence[Any]) -> None:
+        """Unedited argmax ids (locality) for cases scored before cases.jsonl kept them (held in memory)."""
+        if not cases:
             return
-        self.runner.unedited_predictions |= neighborhood_predictions(self.suite.case_metrics(self.lm, requests))
+        self.runner.unedited_predictions |= neighborhood_predictions(self.suite.case_metrics(self.lm, cases),
+                                                                     self.suite)
 
     # ------------------------------------------------------------------ running
 
@@ -196,7 +205,8 @@ class Bench:
         """
         existing = load_cases_file(self.cases_file)
         done = {(r["run"], r["case_id"]) for r in existing}
-        self.runner.unedited_predictions = neighborhood_predictions([r for r in existing if r["run"] == "unedited"])
+        self.runner.unedited_predictions = neighborhood_predictions([r for r in existing if r["run"] == "unedited"],
+                                                                    self.suite)
         edits_pending = any((s.key, c.case_id) not in done for s in self.specs for c in self.cases)
         if edits_pending:
             self._predict_unedited([c for c in self.cases if ("unedited", c.case_id) in done
@@ -204,8 +214,8 @@ class Bench:
         if any(("unedited", c.case_id) not in done for c in self.cases):
             todo = [c for c in self.cases if ("unedited", c.case_id) not in done]
             records = [m | {"run": "unedited", "method": "unedited"} for m in self.runner.evaluate(todo)]
-            self.runner.unedited_predictions |= neighborhood_predictions(records)
-            add_locality(records, self.runner.unedited_predictions)
+            self.runner.unedited_predictions |= neighborhood_predictions(records, self.suite)
+            add_unchanged(records, self.runner.unedited_predictions, self.suite)
             append_records(self.cases_file, records)
         if ray is not None:
             self._run_distributed(ray, done, on_progress)
@@ -219,7 +229,7 @@ class Bench:
                 self.write_summary()  # a long bench's finished runs can be read (and reported) while it goes on
         return self.write_summary()
 
-    def _pending(self, spec: RunSpec, done: Done) -> list[tuple[int, list[EditRequest]]]:
+    def _pending(self, spec: RunSpec, done: Done) -> list[tuple[int, list[Any]]]:
         return [(i, b) for i, b in enumerate(self._batches(spec)) if any((spec.key, r.case_id) not in done for r in b)]
 
     def _append_new(self, spec: RunSpec, records: Sequence[dict[str, Any]], done: Done) -> None:
@@ -257,7 +267,7 @@ class Bench:
         finally:
             pool.close()
 
-    def _batches(self, spec: RunSpec) -> list[list[EditRequest]]:
+    def _batches(self, spec: RunSpec) -> list[list[Any]]:
         b = spec.batch_size
         return [self.cases[i : i + b] for i in range(0, len(self.cases), b)]
 
@@ -308,7 +318,7 @@ class Bench:
             "comparisons": compare_runs(edited, self.suite, seed=self.config.seed), "settings": settings,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (self.out / "summary.csv").write_text(summary_csv(summaries))
+        (self.out / "summary.csv").write_text(summary_csv(summaries, self.suite))
         tables = [self.title(), markdown_table(summaries, self.suite)] + [settings_line(settings)] * bool(settings)
         tables += [line] if (line := reuse_line(runs)) else []
         if (easyedit := easyedit_table(summaries, self.suite)) is not None:

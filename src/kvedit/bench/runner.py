@@ -14,11 +14,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..data.requests import EditRequest
 from ..editing.delta import WeightDelta
 from ..editing.registry import edit, get_method, prepare
 from ..editing.target_store import TargetStore, reused_targets, store_folder
-from ..evaluation.easyedit import Predictions, add_locality
+from ..data.propagation import case_edits
+from ..evaluation.easyedit import Predictions, locality_unchanged
 from ..evaluation.generation import AttributeSnippets, generation_case_metrics
 from ..evaluation.summary import Suite
 from ..models.cache import cache_dir
@@ -26,9 +26,28 @@ from ..models.lm import LM
 from .config import RunSpec
 
 
-def neighborhood_predictions(records: Sequence[dict[str, Any]]) -> dict[Any, Predictions]:
-    """case_id → neighborhood predictions, for the records that carry them."""
-    return {r["case_id"]: r["neighborhood_argmax"] for r in records if "neighborhood_argmax" in r}
+#: case_id -> {argmax key: the unedited model's argmax ids along each probe's answer} (EasyEdit's locality)
+UneditedPredictions = dict[Any, dict[str, Predictions]]
+
+
+def neighborhood_predictions(records: Sequence[dict[str, Any]], suite: Suite) -> UneditedPredictions:
+    """case_id → the argmax ids of each of `suite.locality`'s argmax keys, for the records that carry them."""
+    out: UneditedPredictions = {}
+    for r in records:
+        found = {key: r[key] for key, _ in suite.locality if key in r}
+        if found:
+            out[r["case_id"]] = found
+    return out
+
+
+def add_unchanged(records: Sequence[dict[str, Any]], unedited: UneditedPredictions, suite: Suite) -> None:
+    """Set each of `suite.locality`'s unchanged keys (in place) on the records that have its argmax key and whose
+    unedited ids are known: the fraction of answer positions the edit left unchanged, averaged over probes."""
+    for record in records:
+        before = unedited.get(record["case_id"], {})
+        for argmax, unchanged in suite.locality:
+            if argmax in record and argmax in before:
+                record[unchanged] = locality_unchanged(record[argmax], before[argmax])
 
 
 @dataclass
@@ -36,7 +55,7 @@ class BatchRunner:
     """Scores cases and runs edits on one model.
 
     settings: hparam overrides for every method (the bench's `extra`, statistics source and size).
-    unedited_predictions: case_id → the unedited model's neighborhood predictions (EasyEdit locality).
+    unedited_predictions: case_id → the unedited model's argmax ids per locality key (EasyEdit's locality).
     reuse_targets: runs whose every batch starts from the unedited weights (one at a time, or batches that are
         not sequential) take target vectors optimised before for the same case, settings and weights from the
         cache (`target_store`); their edit time adds the stored optimisation time.
@@ -47,20 +66,22 @@ class BatchRunner:
     seed: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
     snippets: AttributeSnippets | None = None
-    unedited_predictions: dict[Any, Predictions] = field(default_factory=dict)
+    unedited_predictions: UneditedPredictions = field(default_factory=dict)
     progress: bool = True
     reuse_targets: bool = False
     _targets: TargetStore | None = field(default=None, init=False, repr=False)  # opened at the first reuse
 
-    def evaluate(self, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:
-        """The suite's per-case metrics, with fluency/consistency where the cases have generation prompts
-        and EasyEdit's locality where the unedited model's predictions are known."""
-        cases = self.suite.case_metrics(self.lm, requests)
+    def evaluate(self, cases: Sequence[Any]) -> list[dict[str, Any]]:
+        """The suite's per-case metrics of `cases` (edit requests, or a propagation set's cases), with
+        fluency/consistency where the cases have generation prompts and EasyEdit's locality where the unedited
+        model's predictions are known."""
+        records = self.suite.case_metrics(self.lm, cases)
         if self.suite.generation:
-            generated = generation_case_metrics(self.lm, requests, seed=self.seed, snippets=self.snippets)
-            cases = [c | g for c, g in zip(cases, generated)]
-        add_locality(cases, self.unedited_predictions)
-        return cases
+            generated = generation_case_metrics(self.lm, [case_edits(c)[0] for c in cases], seed=self.seed,
+                                                snippets=self.snippets)
+            records = [c | g for c, g in zip(records, generated)]
+        add_unchanged(records, self.unedited_predictions, self.suite)
+        return records
 
     def edit_kwargs(self, spec: RunSpec) -> dict[str, Any]:
         kwargs = dict(self.settings) | spec.overrides()
@@ -76,19 +97,23 @@ class BatchRunner:
         if self.progress and elapsed > 1.0:
             tqdm.write(f"{spec.key}: statistics and context templates ready in {elapsed:.1f} s (cached for later runs)")
 
-    def records(self, spec: RunSpec, batch: Sequence[EditRequest], delta: WeightDelta, elapsed: float,
+    def records(self, spec: RunSpec, batch: Sequence[Any], delta: WeightDelta, elapsed: float,
                 index: int, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The batch's records after its edit: metrics per case plus the run's settings and edit time
         (`elapsed`: the wall time, plus the stored optimisation time of reused targets)."""
         base = {"run": spec.key, "method": spec.method, "layer": spec.layer, "batch_size": len(batch),
                 "sequential": spec.sequential, "batch": index, "time_s": elapsed,
                 "steps": delta.metadata.get("result", {}).get("steps")} | (extra or {})
-        # the edited model's neighborhood predictions served for locality; only the unedited ones are kept
-        return [{k: v for k, v in m.items() if k != "neighborhood_argmax"} | base for m in self.evaluate(batch)]
+        edits = sum(len(case_edits(c)) for c in batch)
+        if edits != len(batch):  # cases of several facts each (MQuAKE): the requests the call applied
+            base["edits"] = edits
+        # the edited model's argmax ids served for locality; only the unedited ones are kept
+        argmax = {key for key, _ in self.suite.locality}
+        return [{k: v for k, v in m.items() if k not in argmax} | base for m in self.evaluate(batch)]
 
-    def edit(self, spec: RunSpec, batch: Sequence[EditRequest],
+    def edit(self, spec: RunSpec, batch: Sequence[Any],
              history: Any | None = None) -> tuple[WeightDelta, float, float]:
-        """Edit `batch` in place; return the delta, the edit's time in s and, of that time, the seconds of
+        """Edit `batch` in place (one call applying every request of its cases, `case_edits`); return the delta, the edit's time in s and, of that time, the seconds of
         target vectors served from the store (their optimisation time when first computed; `reuse_targets`
         applies to runs that are not sequential, where every batch starts from the unedited weights: a request's
         target vectors never depend on the others in its batch). history: a sequential run's state for methods that
@@ -99,13 +124,14 @@ class BatchRunner:
         with reused_targets(self.lm, store=self._targets) if reuse else nullcontext() as store:
             start = time.perf_counter()
             extra = {"history": history} if history is not None else {}
-            delta = edit(self.lm, list(batch), spec.method, **self.edit_kwargs(spec), **extra)
+            requests = [r for case in batch for r in case_edits(case)]
+            delta = edit(self.lm, requests, spec.method, **self.edit_kwargs(spec), **extra)
             elapsed = time.perf_counter() - start
         reused = store.take_reused_s() if store is not None else 0.0
         return delta, elapsed + reused, reused
 
-    def run_batch(self, spec: RunSpec, batch: Sequence[EditRequest], index: int) -> list[dict[str, Any]]:
-        """Edit, score and revert one batch (the model is left as it was)."""
+    def run_batch(self, spec: RunSpec, batch: Sequence[Any], index: int) -> list[dict[str, Any]]:
+        """Edit, score and revert one batch (the model is left as it was, bit for bit: `WeightDelta.revert`)."""
         delta, elapsed, reused = self.edit(spec, batch)
         try:
             return self.records(spec, batch, delta, elapsed, index, {"targets_reused_s": reused} if reused else None)

@@ -9,6 +9,10 @@ from pathlib import Path
 from .common import add_model_args, layer_list, load, method_list, non_negative_int, positive_ints
 from .folders import results_folder
 
+#: `--suite` choices: the names of `evaluation.summary.SUITES` (kept here so that parsing imports no torch;
+#: tests/test_bench_propagation.py checks they agree)
+SUITE_NAMES = ("counterfact", "zsre", "counterfact-portability", "zsre-portability", "knowedit", "mquake")
+
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
     from ..bench.lifelong import DEFAULT_GENERAL_TASKS, DEFAULT_GENERAL_TEXT
@@ -24,14 +28,19 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     d.add_argument("--n", type=int, default=None, help="use only the first N demo facts")
     add_model_args(d)
 
-    b = sub.add_parser("bench", help="edit, evaluate and revert over CounterFact or zsRE; resumable")
+    b = sub.add_parser("bench", help="edit, evaluate and revert over CounterFact, zsRE or a propagation set "
+                                     "(portability, KnowEdit, MQuAKE); resumable")
     b.add_argument("--dataset", required=True,
-                   help="counterfact, multi_counterfact or zsre (downloaded to the cache), or a file path "
-                        "(format: docs/requests.md)")
-    b.add_argument("--suite", choices=["counterfact", "zsre"], default=None,
-                   help="metrics to score with: counterfact (P(new) vs P(true); every record needs target_true) or "
-                        "zsre (token accuracy; neighbourhood prompts need neighborhood_target). Default: the "
-                        "dataset's own (zsre for MEND zsRE, counterfact for the rest, kvedit's files included)")
+                   help="counterfact, multi_counterfact or zsre (downloaded to the cache), or a file path: kvedit's "
+                        "format (docs/requests.md), CounterFact/zsRE/EasyEdit files, or a propagation set "
+                        "(CounterFact or zsRE portability, KnowEdit, MQuAKE: docs/propagation.md), told apart by "
+                        "their fields")
+    b.add_argument("--suite", choices=SUITE_NAMES, default=None,
+                   help="metrics to score with: counterfact (P(new) vs P(true); every record needs target_true), "
+                        "zsre (token accuracy; neighbourhood prompts need neighborhood_target), or a propagation "
+                        "set's (counterfact-portability, zsre-portability, knowedit, mquake: its own metrics plus "
+                        "portability or multi-hop). Default: the dataset's own (zsre for MEND zsRE, the set's for a "
+                        "propagation file, counterfact for the rest, kvedit's files included)")
     b.add_argument("--methods", type=method_list, default=None,
                    help="comma-separated methods (default ft-keys,ft-values)")
     b.add_argument("--n", type=int, default=None, help="use the first N cases (after --known-only and --skip)")
@@ -40,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     b.add_argument("--batch-size", type=positive_ints, default=None, dest="batch_sizes",
                    help="requests per edit call, e.g. 1, 10 or 1,10 (default 1)")
     b.add_argument("--sequential", action="store_true", help="keep each batch's edit and add the next on top")
-    b.add_argument("--known-only", action="store_true", help="keep cases the unedited model gets right")
+    b.add_argument("--known-only", action="store_true",
+                   help="keep cases the unedited model knows: it prefers target_true to target_new on the rewrite "
+                        "prompt (MQuAKE: the old answer to the new on one of the questions; docs/propagation.md)")
     lifelong = b.add_argument_group("measured after each --sequential batch (docs/lifelong.md)")
     lifelong.add_argument("--retention-sample", type=int, default=200,
                           help="earlier edits re-scored after each batch (all while fewer; default 200)")
@@ -110,12 +121,16 @@ def _ray_settings(args: argparse.Namespace):
 
 def _run_bench(args: argparse.Namespace, config) -> int:
     """Check the settings and the folder, load the model, run what the folder lacks, print the table."""
-    from ..bench.folder import check_bench_folder
     from ..bench.harness import Bench
 
-    check_bench_folder(args.out)  # before loading anything (the config checked its settings when it was made)
-    ray = _ray_settings(args)
-    bench = Bench(load(args), config, args.out)
+    ray = None
+
+    def load_after_checks():  # called by Bench once --out passed its check, before anything else loads
+        nonlocal ray
+        ray = _ray_settings(args)
+        return load(args)
+
+    bench = Bench(load_after_checks, config, args.out)  # the config checked its settings when it was made
     info = bench.filter_info
     if "known_kept" in info:
         print(f"known-fact filter: {info['known_kept']} of {info['dataset_records']} cases kept; "

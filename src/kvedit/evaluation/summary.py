@@ -1,9 +1,13 @@
 """Benchmark summaries from per-case records: means with 95 % intervals, Score, paired comparisons,
 and the seed papers' table layout as Markdown and CSV.
 
-A *run* is one method at one setting (layer, batch size); its records are dicts with the case
-metrics of `counterfact_case_metrics` / `zsre_case_metrics` (fractions), plus `time_s` (the
-edit call's wall time, shared by a batch's cases) and `batch_size`.
+A *run* is one method at one setting (layer, batch size); its records are dicts with the case metrics of its
+suite's scorer (fractions: `counterfact_case_metrics`, `zsre_case_metrics`, and for the propagation sets
+`evaluation.propagation`), plus `time_s` (the edit call's wall time, shared by a batch's cases), `batch_size`
+(cases per call) and, where a case edits several facts (MQuAKE), `edits` (requests per call).
+
+`SUITES` is the table of dataset families: each row says how its cases are read, filtered ("known"), scored and
+tabulated, so adding a set is adding a row.
 """
 
 from __future__ import annotations
@@ -35,68 +39,160 @@ class Metric:
 
 @dataclass(frozen=True)
 class Suite:
-    """The metrics of a dataset family; `score_of` are the success rates whose harmonic mean is Score;
-    `easyedit` are the keys of EasyEdit's rewrite accuracy, rephrase accuracy and locality; `title` is how
-    titles name the suite ("CounterFact", "zsRE"); `scorer` scores its cases, as memit pairs each dataset with its
-    evaluator, so no code asks which dataset it has."""
+    """The metrics of a dataset family and how its cases are read, filtered and scored, so that no code asks
+    which dataset it has (as memit pairs each dataset with its evaluator).
+
+    score_of: the success rates whose harmonic mean is Score (none: no Score), the table's first columns;
+    columns: further table columns after Score (e.g. portability); compared: the metrics of the paired-comparison
+    tables (report.md, `kvedit compare`), default `score_of`; easyedit: the keys of EasyEdit's rewrite accuracy,
+    rephrase accuracy and locality (None: no such table); title: how titles name the suite;
+    scorer / known: "module:function" in kvedit.evaluation (imported on use) scoring a list of cases, and giving
+    per case whether the unedited model knows the fact the edit replaces (`known_rule` says how, for titles);
+    reads: the propagation format its cases are read as (`data.propagation`), None for edit requests
+    (`load_requests`); generation: cases with generation prompts also get fluency and consistency;
+    locality: (argmax key, unchanged key) pairs: a case's argmax ids compared with the unedited run's give
+    EasyEdit's locality; needs_target_true / needs_neighborhood_target: what every request must have
+    (`bench.config.choose_suite` names a case without it); sequential: whether `--sequential` can run it."""
 
     name: str
     metrics: tuple[Metric, ...]
-    score_of: tuple[str, ...]  # also the columns of the printed table, before Score
-    easyedit: tuple[str, str, str]
+    score_of: tuple[str, ...]
+    easyedit: tuple[str, str, str] | None = None
     title: str = ""
-    scorer: str = ""  # "module:function" in kvedit.evaluation scoring a case per request (imported on use)
-    generation: bool = False  # cases with generation prompts also get fluency and consistency
+    scorer: str = ""
+    generation: bool = False
+    columns: tuple[str, ...] = ()
+    compared: tuple[str, ...] = ()
+    reads: str | None = None
+    known: str = "known:known_filter"
+    known_rule: str = "P(target_true) > P(target_new) on the rewrite prompt"
+    locality: tuple[tuple[str, str], ...] = (("neighborhood_argmax", "neighborhood_unchanged"),)
+    needs_target_true: bool = False
+    needs_neighborhood_target: bool = False
+    sequential: bool = True
 
-    def case_metrics(self, lm: Any, requests: Sequence[Any]) -> list[dict[str, Any]]:
-        """The suite's per-case metrics of `requests` on `lm` as it is now (without generation metrics)."""
-        module, name = self.scorer.split(":")
-        score = getattr(importlib.import_module(f"kvedit.evaluation.{module}"), name)
-        return score(lm, requests)
+    def case_metrics(self, lm: Any, cases: Sequence[Any]) -> list[dict[str, Any]]:
+        """The suite's per-case metrics of `cases` on `lm` as it is now (without generation metrics)."""
+        return _function(self.scorer)(lm, cases)
+
+    def known_flags(self, lm: Any, cases: Sequence[Any]) -> list[bool]:
+        """Per case: does the unedited `lm` know the fact the edit replaces (`known_rule`)?"""
+        return [bool(x) for x in _function(self.known)(lm, cases)]
+
+    @property
+    def headline(self) -> tuple[str, ...]:
+        """The metrics paired comparisons and plots show: `compared`, else `score_of`."""
+        return self.compared or self.score_of
+
+    def table_keys(self) -> list[str]:
+        """The table's metric columns: `score_of`, Score (when there is one), `columns`."""
+        return [*self.score_of, *(["score"] if self.score_of else []), *self.columns]
 
     def metric_titles(self) -> dict[str, str]:
         """Record key -> column title, e.g. ``neighborhood_success`` -> ``Specificity`` (and ``score`` -> Score)."""
         return {m.key: m.title for m in self.metrics} | {"score": "Score"}
 
 
-EASYEDIT_TITLES = ("Rewrite acc", "Rephrase acc", "Locality")
+def _function(spec: str) -> Any:
+    """The function a "module:function" names in kvedit.evaluation."""
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(f"kvedit.evaluation.{module}"), name)
 
+
+EASYEDIT_TITLES = ("Rewrite acc", "Rephrase acc", "Locality")
+_COUNTERFACT = (
+    Metric("Efficacy", "efficacy_success"),
+    Metric("Paraphrase", "paraphrase_success"),
+    Metric("Specificity", "neighborhood_success"),
+    Metric("Efficacy magnitude", "efficacy_magnitude"),
+    Metric("Paraphrase magnitude", "paraphrase_magnitude"),
+    Metric("Specificity magnitude", "neighborhood_magnitude"),
+    Metric("Fluency", "fluency"),
+    Metric("Consistency", "consistency"),
+    Metric("Rewrite acc (EasyEdit)", "efficacy_token_accuracy"),
+    Metric("Rephrase acc (EasyEdit)", "paraphrase_token_accuracy"),
+    Metric("Locality (EasyEdit)", "neighborhood_unchanged"),
+)
+_ZSRE = (
+    Metric("Efficacy", "efficacy_accuracy"),
+    Metric("Paraphrase", "paraphrase_accuracy"),
+    Metric("Specificity", "neighborhood_accuracy"),
+    Metric("Locality (EasyEdit)", "neighborhood_unchanged"),
+)
+_CF_SCORE = ("efficacy_success", "paraphrase_success", "neighborhood_success")
+_ZSRE_SCORE = ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_accuracy")
+_PORTABILITY = Metric("Portability", "portability_accuracy")
+#: the portability sets' known rule (`portability.known_by_preference`); False without target_true
+_PREFERENCE = "P(target_true) > P(target_new) on the rewrite prompt (no target_true: not known)"
 
 SUITES: Mapping[str, Suite] = MappingProxyType({
     "counterfact": Suite(
-        "counterfact",
-        (
-            Metric("Efficacy", "efficacy_success"),
-            Metric("Paraphrase", "paraphrase_success"),
-            Metric("Specificity", "neighborhood_success"),
-            Metric("Efficacy magnitude", "efficacy_magnitude"),
-            Metric("Paraphrase magnitude", "paraphrase_magnitude"),
-            Metric("Specificity magnitude", "neighborhood_magnitude"),
-            Metric("Fluency", "fluency"),
-            Metric("Consistency", "consistency"),
-            Metric("Rewrite acc (EasyEdit)", "efficacy_token_accuracy"),
-            Metric("Rephrase acc (EasyEdit)", "paraphrase_token_accuracy"),
-            Metric("Locality (EasyEdit)", "neighborhood_unchanged"),
-        ),
-        ("efficacy_success", "paraphrase_success", "neighborhood_success"),
+        "counterfact", _COUNTERFACT, _CF_SCORE,
         ("efficacy_token_accuracy", "paraphrase_token_accuracy", "neighborhood_unchanged"),
-        "CounterFact",
-        scorer="counterfact:counterfact_case_metrics",
-        generation=True,
+        "CounterFact", scorer="counterfact:counterfact_case_metrics", generation=True, needs_target_true=True,
     ),
     "zsre": Suite(
-        "zsre",
+        # on zsRE EasyEdit's rewrite and rephrase accuracies are the reference efficacy and paraphrase
+        "zsre", _ZSRE, _ZSRE_SCORE, ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_unchanged"),
+        "zsRE", scorer="zsre:zsre_case_metrics", needs_neighborhood_target=True,
+    ),
+    "counterfact-portability": Suite(
+        "counterfact-portability", (*_COUNTERFACT, _PORTABILITY), _CF_SCORE,
+        ("efficacy_token_accuracy", "paraphrase_token_accuracy", "neighborhood_unchanged"),
+        "CounterFact portability", scorer="propagation:counterfact_portability_case_metrics", generation=True,
+        columns=("portability_accuracy",), compared=(*_CF_SCORE, "portability_accuracy"),
+        reads="counterfact-portability", known="portability:known_by_preference", known_rule=_PREFERENCE,
+        needs_target_true=True, sequential=False,
+    ),
+    "zsre-portability": Suite(
+        "zsre-portability", (*_ZSRE, _PORTABILITY), _ZSRE_SCORE,
+        ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_unchanged"),
+        "zsRE portability", scorer="propagation:zsre_portability_case_metrics",
+        columns=("portability_accuracy",), compared=(*_ZSRE_SCORE, "portability_accuracy"),
+        reads="zsre-portability", known="portability:known_by_preference", known_rule=_PREFERENCE,
+        needs_neighborhood_target=True, sequential=False,
+    ),
+    "knowedit": Suite(
+        "knowedit",
         (
             Metric("Efficacy", "efficacy_accuracy"),
             Metric("Paraphrase", "paraphrase_accuracy"),
-            Metric("Specificity", "neighborhood_accuracy"),
-            Metric("Locality (EasyEdit)", "neighborhood_unchanged"),
+            Metric("Specificity (relation)", "relation_specificity_accuracy"),
+            _PORTABILITY,
+            Metric("Reasoning", "reasoning_accuracy"),
+            Metric("Subject aliasing", "subject_aliasing_accuracy"),
+            Metric("Logical generalisation", "logical_generalization_accuracy"),
+            Metric("Locality (EasyEdit)", "relation_specificity_unchanged"),
         ),
-        ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_accuracy"),
-        # on zsRE EasyEdit's rewrite and rephrase accuracies are the reference efficacy and paraphrase
-        ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_unchanged"),
-        "zsRE",
-        scorer="zsre:zsre_case_metrics",
+        ("efficacy_accuracy", "paraphrase_accuracy", "relation_specificity_accuracy"),
+        ("efficacy_accuracy", "paraphrase_accuracy", "relation_specificity_unchanged"),
+        "KnowEdit", scorer="propagation:zsre_portability_case_metrics",
+        columns=("portability_accuracy", "reasoning_accuracy", "subject_aliasing_accuracy",
+                 "logical_generalization_accuracy", "relation_specificity_unchanged"),
+        compared=("efficacy_accuracy", "paraphrase_accuracy", "relation_specificity_accuracy",
+                  "portability_accuracy"),
+        reads="knowedit", known="portability:known_by_preference", known_rule=_PREFERENCE,
+        locality=(("relation_specificity_argmax", "relation_specificity_unchanged"),), sequential=False,
+    ),
+    "mquake": Suite(
+        "mquake",
+        (
+            Metric("Edit-wise", "efficacy_success"),
+            Metric("Single-hop", "single_hop_accuracy"),
+            Metric("Multi-hop", "multihop_accuracy"),
+            Metric("Multi-hop (old answer)", "multihop_old_accuracy"),
+            Metric("Single-hop prob.", "single_hop_prob_accuracy"),
+            Metric("Multi-hop prob.", "multihop_prob_accuracy"),
+            Metric("Multi-hop prob. (any)", "multihop_prob_any"),
+            Metric("NLL margin (nats)", "multihop_nll_margin", scale=1.0),
+        ),
+        (), None, "MQuAKE", scorer="propagation:mquake_case_metrics",
+        columns=("efficacy_success", "single_hop_accuracy", "multihop_accuracy", "multihop_old_accuracy",
+                 "single_hop_prob_accuracy", "multihop_prob_accuracy", "multihop_nll_margin"),
+        compared=("efficacy_success", "single_hop_accuracy", "multihop_accuracy", "multihop_prob_accuracy"),
+        reads="mquake", known="multihop:known_multihop",
+        known_rule="the unedited model prefers the old answer to the new one (lower NLL) on one of the questions",
+        locality=(), needs_target_true=True, sequential=False,
     ),
 })
 
@@ -126,19 +222,19 @@ def summarize_run(records: Sequence[Mapping[str, Any]], suite: Suite, **ci: Any)
     for metric in suite.metrics:
         values = [r[metric.key] for r in records if r.get(metric.key) is not None]
         summary["metrics"][metric.key] = mean_with_ci(values, metric.scale, **ci)
-    scored = [r for r in records if all(r.get(k) is not None for k in suite.score_of)]
+    scored = [r for r in records if all(r.get(k) is not None for k in suite.score_of)] if suite.score_of else []
     if scored:
         columns = np.array([[r[k] for k in suite.score_of] for r in scored], dtype=float)
         interval = bootstrap_ci(lambda idx: _score(columns[idx]), len(scored), **ci)
         summary["metrics"]["score"] = {"mean": _score(columns), "ci": list(interval) if interval else None,
                                        "count": len(scored)}
-    else:
+    elif suite.score_of:  # a suite without Score (MQuAKE) has no score entry
         summary["metrics"]["score"] = {"mean": None, "ci": None, "count": 0}
     timed = [r for r in records if r.get("time_s") is not None]
     summary["edit_time_s"] = float(np.mean([r["time_s"] for r in timed])) if timed else None
     summary["edit_time_median_s"] = float(np.median([r["time_s"] for r in timed])) if timed else None
     summary["time_per_edit_s"] = (
-        float(np.mean([r["time_s"] / r.get("batch_size", 1) for r in timed])) if timed else None
+        float(np.mean([r["time_s"] / r.get("edits", r.get("batch_size", 1)) for r in timed])) if timed else None
     )
     return summary
 
@@ -174,13 +270,14 @@ def _cell(stat: Mapping[str, Any] | None, with_ci: bool) -> str:
 
 
 def markdown_table(summaries: Mapping[str, Mapping[str, Any]], suite: Suite, with_ci: bool = True) -> str:
-    """Seed Table 1/3 layout: Method, #Edits (per call), Cases, Efficacy, Paraphrase, Specificity, Score, [Fluency,
-    Consistency when any run has them], Time (s per edit call). ± is half the 95 % interval."""
-    titles = {m.key: m.title for m in suite.metrics}
+    """Seed Table 1/3 layout: Method, #Edits (per call), Cases, the suite's `table_keys` (Efficacy, Paraphrase,
+    Specificity, Score, then its further columns such as Portability), [Fluency, Consistency when any run has
+    them], Time (s per edit call). ± is half the 95 % interval."""
+    titles = suite.metric_titles()
     extra = [k for k in ("fluency", "consistency")
              if any(s["metrics"].get(k, {}).get("mean") is not None for s in summaries.values())]
-    keys = [*suite.score_of, "score", *extra]
-    header = ["Method", "#Edits", "Cases", *(titles.get(k, "Score") for k in keys), "Time (s)"]
+    keys = [*suite.table_keys(), *extra]
+    header = ["Method", "#Edits", "Cases", *(titles.get(k, k) for k in keys), "Time (s)"]
     rows = []
     for name, s in summaries.items():
         time_s = s.get("edit_time_s")
@@ -193,6 +290,8 @@ def easyedit_table(summaries: Mapping[str, Mapping[str, Any]], suite: Suite, wit
     """The same runs under EasyEdit's definitions (rewrite and rephrase token accuracy, locality as
     unchanged predictions); None when no run has them (e.g. a folder written before they existed)."""
     keys = suite.easyedit
+    if keys is None:
+        return None
     have = [name for name, s in summaries.items() if s["metrics"].get(keys[-1], {}).get("mean") is not None]
     if not have:
         return None
@@ -214,11 +313,12 @@ def aligned_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> st
     return "\n".join([line(header), sep, *(line(r) for r in rows)]) + "\n"
 
 
-def summary_csv(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+def summary_csv(summaries: Mapping[str, Mapping[str, Any]], suite: Suite | None = None) -> str:
     """One row per run and metric: run, method, layer, batch_size, metric, mean, ci_low, ci_high, count,
-    edit_time_s, metric_title (the metric's column title in table.md, e.g. Specificity for neighborhood_success;
-    last, so readers of the older columns are unaffected)."""
-    titles = {k: t for suite in SUITES.values() for k, t in suite.metric_titles().items()}
+    edit_time_s, metric_title (the metric's column title in `suite`'s table.md, e.g. Specificity for
+    neighborhood_success; last, so readers of the older columns are unaffected)."""
+    titles = suite.metric_titles() if suite is not None else \
+        {k: t for s in reversed(list(SUITES.values())) for k, t in s.metric_titles().items()}  # the first's title
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["run", "method", "layer", "batch_size", "sequential", "metric", "mean", "ci_low", "ci_high",

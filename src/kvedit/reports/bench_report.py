@@ -20,16 +20,13 @@ from ..evaluation.summary import SUITES, Suite, dataset_title, easyedit_table, m
 from .lifelong_report import lifelong_section
 from .plotting import pyplot
 
-PLOTTED = 4  # the suite's three table metrics and Score
-
-
 def _plotted_keys(suite: Suite) -> list[str]:
-    return [*suite.score_of, "score"][:PLOTTED]
+    """The suite's headline metrics (E, P, S; portability or multi-hop where the set has them) and Score."""
+    return [*suite.headline, *(["score"] if suite.score_of else [])]
 
 
 def _titles(suite: Suite) -> dict[str, str]:
-    return {m.key: m.title for m in suite.metrics} | {"score": "Score"}
-
+    return suite.metric_titles()
 
 
 def plot_metrics(runs: Mapping[str, Mapping[str, Any]], suite: Suite, path: Path) -> Path:
@@ -136,7 +133,7 @@ def plot_sequential(records: Sequence[Mapping[str, Any]], suite: Suite, path: Pa
 
 
 def _comparison_table(comparisons: Sequence[Mapping[str, Any]], suite: Suite) -> str:
-    keys, titles = _plotted_keys(suite)[:3], _titles(suite)
+    keys, titles = suite.headline, _titles(suite)
     lines = ["| A | B | Metric | A − B | 95 % interval | A better / worse / tied | sign test p |",
              "|---|---|---|---:|---:|---:|---:|"]
     for c in comparisons:
@@ -166,12 +163,14 @@ def write_report(folder: str | Path) -> Path:
     runs = summary["runs"]
     info = summary["cases"]
     lines = [f"# kvedit bench: {dataset_title(summary.get('dataset'), summary['suite'])} on {summary['model']}", ""]
-    known = f", {info['known_kept']} of {info['dataset_records']} known to the unedited model" \
+    rule = f" ({info['known_rule']})" if info.get("known_rule") else ""
+    known = f", {info['known_kept']} of {info['dataset_records']} known to the unedited model{rule}" \
         if "known_kept" in info else ""
     lines.append(f"Dataset `{summary['dataset']}`: {info['cases']} cases{known}. "
                  "Means × 100; ± is half the 95 % bootstrap interval; Time is the wall time of one edit call (s).")
-    names = ", ".join(f"{_titles(suite)[k]} is `{k}`" for k in suite.score_of)
-    lines.append(f"\nIn summary.json and summary.csv: {names}.")
+    names = ", ".join(f"{_titles(suite)[k]} is `{k}`" for k in suite.table_keys() if k != "score")
+    lines.append(f"\nIn summary.json and summary.csv: {names}."
+                 + (" The propagation columns are defined in docs/propagation.md." if suite.reads else ""))
     if not summary.get("complete", True):
         lines.append("\n**Incomplete:** some runs have not covered every case yet (resume the bench).")
     lines += ["", markdown_table(runs, suite), "![metrics](metrics.png)", ""]

@@ -1,12 +1,12 @@
 """`kvedit compare DIR... --out OUT`: the same paired comparisons side by side across bench folders
 (one folder per model and dataset), to see which claims hold where.
 
-For each pair of runs (A, B) and each of the suite's three success metrics (efficacy, paraphrase,
-specificity), the paired difference A − B over a folder's shared cases is read from its summary.json
-(bootstrap 95 % interval, exact sign test), turned round when the folder stored it as B − A. Writes to OUT:
-compare.md (a table, one column per folder; then every run's efficacy / paraphrase / specificity and Score side
-by side), compare.json (the same numbers) and compare.png (a forest plot: one panel per pair and metric, one bar
-per folder).
+For each pair of runs (A, B) and each of the suite's headline metrics (`Suite.headline`: efficacy, paraphrase,
+specificity, and portability or the multi-hop metrics on the propagation sets), the paired difference A − B over
+a folder's shared cases is read from its summary.json (bootstrap 95 % interval, exact sign test), turned round
+when the folder stored it as B − A; rows are matched by metric title across folders. Writes to OUT: compare.md (a
+table, one column per folder; then every run's headline metrics and Score side by side), compare.json (the same
+numbers) and compare.png (a forest plot: one panel per pair and metric, one bar per folder).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ SEED_PAIRS: tuple[tuple[str, str], ...] = (
     ("ft-keys", "ft-values"), ("pmet", "memit"), ("pmet x100", "memit x100"), ("pmet", "pmet-no-attn-delta"),
     ("pmet", "pmet-update-attn"), ("pmet", "pmet-even-spread"), ("memit", "rome"),
 )
-METRIC_TITLES = ("Efficacy", "Paraphrase", "Specificity")
 
 
 def parse_pairs(text: str) -> tuple[tuple[str, str], ...]:
@@ -52,7 +51,7 @@ def _reversed(c: Mapping[str, Any]) -> dict[str, Any]:
 def folder_comparisons(summary: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) -> dict[str, dict[str, Any]]:
     """{"A|B|Metric title": comparison} for the requested pairs found in one bench summary."""
     suite = SUITES[summary["suite"]]
-    titles = dict(zip(suite.score_of, METRIC_TITLES))
+    titles = {key: suite.metric_titles()[key] for key in suite.headline}
     stored = {(c["a"], c["b"], c["metric"]): c for c in summary.get("comparisons", ())
               if c["metric"] in titles and c.get("mean_difference") is not None}
     found = {}
@@ -66,27 +65,39 @@ def folder_comparisons(summary: Mapping[str, Any], pairs: Sequence[tuple[str, st
 
 
 def folder_runs(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """{run: {"Efficacy": mean, "Paraphrase": …, "Specificity": …, "Score": …, "n": cases scored}} × 100 from one
-    bench summary, in the folder's run order; a metric the run lacks is None."""
+    """{run: {"Efficacy": mean, "Paraphrase": …, "Specificity": …, [further headline metrics, e.g. "Portability"],
+    "Score": … (when the suite has one), "n": cases scored}} × 100 from one bench summary, in the folder's run
+    order; a metric the run lacks is None."""
     suite = SUITES[summary["suite"]]
+    titles = suite.metric_titles()
+    keys = [*suite.headline, *(["score"] if suite.score_of else [])]
     runs = {}
     for name, run in summary.get("runs", {}).items():
         metrics = run.get("metrics", {})
-        values = {title: metrics.get(key, {}).get("mean")
-                  for key, title in zip((*suite.score_of, "score"), (*METRIC_TITLES, "Score"))}
-        runs[name] = {**values, "n": run.get("n")}
+        runs[name] = {titles[key]: metrics.get(key, {}).get("mean") for key in keys} | {"n": run.get("n")}
     return runs
 
 
+def _legend(suite_name: str) -> str:
+    """What a run cell of a folder of this suite lists, e.g. "Efficacy / Paraphrase / Specificity (Score)"."""
+    suite = SUITES[suite_name]
+    titles = suite.metric_titles()
+    return " / ".join(titles[k] for k in suite.headline) + (" (Score)" if suite.score_of else "")
+
+
 def _run_cell(run: Mapping[str, Any] | None, cases: int | None) -> str:
-    """"E / P / S (Score)", with the case count when it falls short of the folder's."""
+    """"E / P / S (Score)" (the run's headline metrics in order, Score when it has one), with the case count when
+    it falls short of the folder's."""
     if run is None:
         return "–"
     def f(x: float | None) -> str:
         return "–" if x is None else f"{x:.1f}"
 
-    short = f", {run['n']} of {cases} cases" if cases and run.get("n") is not None and run["n"] < cases else ""
-    return " / ".join(f(run[t]) for t in METRIC_TITLES) + f" ({f(run['Score'])}{short})"
+    short = f"{run['n']} of {cases} cases" if cases and run.get("n") is not None and run["n"] < cases else ""
+    text = " / ".join(f(v) for k, v in run.items() if k not in ("Score", "n"))
+    if "Score" in run:
+        return text + f" ({f(run['Score'])}{', ' + short if short else ''})"
+    return text + (f" ({short})" if short else "")
 
 
 def _label(summary: Mapping[str, Any]) -> str:
@@ -113,6 +124,8 @@ def write_comparison(folders: Sequence[str | Path], out: str | Path,
     columns: dict[str, dict[str, dict[str, Any]]] = {}
     runs: dict[str, dict[str, dict[str, Any]]] = {}
     cases: dict[str, int | None] = {}
+    titles: list[str] = []  # every folder's headline metric titles, in order of first appearance
+    suites: list[str] = []
     for i, folder in enumerate(folders):
         path = Path(folder) / "summary.json"
         if not path.is_file():
@@ -123,10 +136,13 @@ def write_comparison(folders: Sequence[str | Path], out: str | Path,
         label = labels[i] if labels is not None else _label(summary)
         if label in columns:
             label = f"{label} ({folder})"
+        suite = SUITES[summary["suite"]]
+        titles += [t for t in (suite.metric_titles()[k] for k in suite.headline) if t not in titles]
+        suites += [summary["suite"]] if summary["suite"] not in suites and summary.get("runs") else []
         columns[label] = folder_comparisons(summary, pairs)
         runs[label] = folder_runs(summary)
         cases[label] = (summary.get("cases") or {}).get("cases")  # the folder's case count
-    rows = [f"{a}|{b}|{t}" for a, b in pairs for t in METRIC_TITLES
+    rows = [f"{a}|{b}|{t}" for a, b in pairs for t in titles
             if any(f"{a}|{b}|{t}" in col for col in columns.values())]
     known = list(dict.fromkeys(name for col in runs.values() for name in col))
     missing = [name for name in dict.fromkeys(x for pair in pairs for x in pair) if name not in known]
@@ -146,24 +162,26 @@ def write_comparison(folders: Sequence[str | Path], out: str | Path,
                   for name in names]
     text = ("Paired differences A − B × 100 over each folder's shared cases: mean [bootstrap 95 % interval], "
             "exact sign-test p.\n\n" + "\n".join(lines) + "\n\n![compare](compare.png)\n\n"
-            "Every run side by side: efficacy / paraphrase / specificity (Score), × 100.\n\n"
+            "Every run side by side, × 100" + "".join(f"; {SUITES[s].title}: {_legend(s)}" for s in suites)
+            + ".\n\n"
             + "\n".join(run_lines) + "\n")
     (out / "compare.md").write_text(text)
     (out / "compare.json").write_text(json.dumps({"folders": [str(f) for f in folders], "columns": columns,
                                                   "runs": runs}, indent=1) + "\n")
-    _plot(columns, rows, out / "compare.png")
+    _plot(columns, rows, [t for t in titles if any(r.endswith(f"|{t}") for r in rows)], out / "compare.png")
     return out / "compare.md"
 
 
-def _plot(columns: Mapping[str, Mapping[str, Mapping[str, Any]]], rows: Sequence[str], path: Path) -> None:
+def _plot(columns: Mapping[str, Mapping[str, Mapping[str, Any]]], rows: Sequence[str], titles: Sequence[str],
+          path: Path) -> None:
     """One panel per (pair, metric): each folder's mean difference with its interval; 0 marked."""
     plt = pyplot()
     pairs = list(dict.fromkeys(r.rsplit("|", 1)[0] for r in rows))
-    fig, axes = plt.subplots(max(1, len(pairs)), len(METRIC_TITLES), squeeze=False,
-                             figsize=(4 * len(METRIC_TITLES), 0.5 + 0.45 * len(columns) * max(1, len(pairs))))
+    fig, axes = plt.subplots(max(1, len(pairs)), len(titles), squeeze=False,
+                             figsize=(4 * len(titles), 0.5 + 0.45 * len(columns) * max(1, len(pairs))))
     labels = list(columns)
     for i, pair in enumerate(pairs):
-        for j, title in enumerate(METRIC_TITLES):
+        for j, title in enumerate(titles):
             ax = axes[i][j]
             for y, label in enumerate(labels):
                 c = columns[label].get(f"{pair}|{title}")
