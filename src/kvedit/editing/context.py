@@ -27,7 +27,7 @@ def _generate(lm: LM, length: int, count: int, seed: int) -> list[str]:
     devices = [lm.device] if lm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's RNG state is left alone
         torch.manual_seed(seed)
-        out = lm.model.generate(
+        out = lm.generate(
             **enc, do_sample=True, top_k=5, max_new_tokens=length, min_new_tokens=length,
             pad_token_id=tok.pad_token_id,
         )

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -259,7 +259,7 @@ class WeightGuard:
             metadata = {**metadata, "grown": grown}
         return WeightDelta(before=self.before, after=after, metadata=metadata)
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> Literal[False]:
         for name, p in self.lm.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
         if exc_type is not None:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..models.devices import float64_device
-from ..models.lm import LM
+from ..models.lm import LM, tensor_attr
 from ..models.cache import cache_dir, write_atomic
 from ..models.tracing import Trace
 from .self_corpus import sample_block, self_token_rows
@@ -278,6 +278,6 @@ def inverse_mom2(lm: LM, layer: int, source: str, n_tokens: int, kind: str = "va
     if memo_key not in lm.memo:
         mom2 = key_statistics(lm, [layer], source, n_tokens, kind=kind)[layer].mom2
         path = lm.values_path(layer) if kind == "values" else lm.attn_out_path(layer)
-        device = float64_device(lm.module(path).weight.device)  # invert where the edits will use it
+        device = float64_device(tensor_attr(lm.module(path), "weight").device)  # invert where the edits use it
         lm.memo[memo_key] = torch.linalg.inv(mom2.to(device, torch.float64))
     return lm.memo[memo_key]

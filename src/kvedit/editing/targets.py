@@ -150,8 +150,14 @@ class _Group:
                  batch: SplitBatch | None = None) -> None:
         """`batch`: these rows' `SplitBatch` taken from a larger group (`kept`), else it is computed."""
         self.owners = list(owners)  # request index per item
-        input_ids, lookups, self.row_owner, self.kl_rows, self.first_rows = [], [], [], [], []
-        ctx_rows, rel_pos, tgt = [], [], []
+        input_ids: list[list[int]] = []  # one row per context prompt, then the item's KL prompt
+        lookups: list[int] = []
+        self.row_owner: list[int] = []
+        self.kl_rows: list[int] = []
+        self.first_rows: list[int] = []
+        ctx_rows: list[int] = []
+        rel_pos: list[list[int]] = []
+        tgt: list[list[int]] = []
         for k, item in enumerate(items):
             self.first_rows.append(len(input_ids))
             for ids, lookup, pos in zip(item.input_ids, item.lookups, item.positions):

@@ -104,7 +104,7 @@ def generate_texts(
     lm: LM, prompts: Sequence[str], total_tokens: int = 100, top_k: int = 5, seed: int = 0
 ) -> list[str]:
     """`generate_ids` decoded (prompt included) and cleaned as the reference does."""
-    return [clean_generation(lm.tokenizer.decode(ids, skip_special_tokens=True))
+    return [clean_generation(str(lm.tokenizer.decode(ids, skip_special_tokens=True)))
             for ids in generate_ids(lm, prompts, total_tokens, top_k, seed)]
 
 
@@ -160,7 +160,7 @@ def generation_case_metrics(
         texts = generate_texts(lm, request.generation_prompts, seed=seed)
         case: dict[str, Any] = {"fluency": sum(map(ngram_entropy, texts)) / len(texts), "generation_seed": seed}
         refs = snippets.texts.get(request.attribute or "") if snippets is not None else None
-        if refs:
+        if refs and snippets is not None:
             case["consistency"] = tfidf_similarity(" ".join(texts), " ".join(refs), snippets.vocab, snippets.idf)
         out.append(case)
     return out

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import Architecture, architecture_for
 
@@ -55,6 +55,15 @@ class LM:
     def output_device(self) -> torch.device:
         """Where logits come out: the unembedding's device (differs from `device` when the model is split)."""
         return self.model.get_output_embeddings().weight.device
+
+    def generate(self, **options: Any) -> torch.Tensor:
+        """`model.generate(**options)`: token ids `[batch, prompt + new tokens]`."""
+        if not isinstance(self.model, GenerationMixin):
+            raise TypeError(f"{type(self.model).__name__} cannot generate text (no GenerationMixin)")
+        ids = self.model.generate(**options)
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"generate returned {type(ids).__name__}; kvedit asks for token ids only")
+        return ids
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[..., vocab]` of final hidden states `[..., d_model]`, as the model's forward makes them: the
