@@ -192,3 +192,20 @@ def test_a_worker_runs_as_many_threads_as_cpus_it_holds(setup):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_worker_computes_in_the_drivers_precision(setup):
+    """`--compute-dtype` reaches every worker: float32 as asked; bfloat16 where the CPU has bf16 matrix units, and
+    where it has none the worker refuses as the driver does (never a silent float32 run under a bf16 folder)."""
+    from kvedit.models.compute import ComputeDtypeError, bf16_support
+
+    _, settings = setup
+    fingerprint = load_model(settings.model).fingerprint()
+    worker = BenchWorker(replace(settings, compute_dtype="float32"), fingerprint, "counterfact", 0, {}, None, {})
+    assert worker.lm.compute_dtype == "float32"
+    bf16 = replace(settings, compute_dtype="bfloat16")
+    if bf16_support("cpu").units:
+        assert BenchWorker(bf16, fingerprint, "counterfact", 0, {}, None, {}).lm.compute_dtype == "bfloat16"
+    else:
+        with pytest.raises(ComputeDtypeError, match="bfloat16"):
+            BenchWorker(bf16, fingerprint, "counterfact", 0, {}, None, {})

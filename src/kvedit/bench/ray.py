@@ -52,6 +52,8 @@ class RaySettings:
     address: None starts a local Ray instance for the run; "auto" joins the cluster this machine belongs
         to; "ray://host:10001" or "host:6379" names a head node.
     model, dtype, device: how each worker loads the model (as `load_model` takes them).
+    compute_dtype: the precision of each worker's inner loops (`models.compute`), as `--compute-dtype` sets the
+        driver's; a worker without bfloat16 matrix units refuses bfloat16 as the driver would.
     max_restarts: how many dead workers may be replaced before the run gives up.
     """
 
@@ -62,6 +64,7 @@ class RaySettings:
     model: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
+    compute_dtype: str = "float32"
     max_restarts: int = 4
 
     def check(self) -> "RaySettings":
@@ -88,6 +91,7 @@ class BenchWorker:
     def __init__(self, settings: RaySettings, fingerprint: str, suite: str, seed: int,
                  edit_settings: dict[str, Any], snippets: Any, cache_files: dict[str, bytes],
                  reuse_targets: bool = False) -> None:
+        from ..models.compute import set_compute_dtype
         from ..models.devices import resolve_device
         from ..models.loading import load_model
 
@@ -99,7 +103,8 @@ class BenchWorker:
             path = root / rel
             if not path.exists():
                 write_atomic(path, lambda tmp: tmp.write_bytes(data))
-        self.lm = load_model(settings.model, device=resolve_device(settings.device), dtype=settings.dtype)
+        self.lm = set_compute_dtype(load_model(settings.model, device=resolve_device(settings.device),
+                                               dtype=settings.dtype), settings.compute_dtype)
         if self.lm.fingerprint() != fingerprint:
             raise DistributedError(f"worker on {os.uname().nodename} loaded {settings.model or 'the bundled model'} "
                                    f"with fingerprint {self.lm.fingerprint()}, the driver has {fingerprint}: the "
