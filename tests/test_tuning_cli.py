@@ -141,6 +141,7 @@ def test_tune_instruct_mmlu(capsys, tmp_path):
     (["--task-file", FIXTURES / "qnli" / "dev.tsv"], "needs --template"),
     (["--instruct", FIXTURES / "user_task.csv"], "needs --mmlu"),
     (["--tasks", "cb", "--instruct", FIXTURES / "user_task.csv"], "exactly one of"),
+    (["--tasks", "cb", "--data-dir", FIXTURES, "--compute-dtype", "bfloat16"], "tune trains and evaluates adapters"),
 ])
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(capsys, tiny_folder, tmp_path, extra, message):
     if extra == ["--tasks", "cb", "--data-dir", FIXTURES, "--4bit"] and torch.cuda.is_available():

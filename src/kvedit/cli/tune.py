@@ -79,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 
 def _check_args(args: argparse.Namespace) -> None:
     """Argument errors, raised before the model loads or anything is written."""
+    if args.compute_dtype != "float32":
+        raise ValueError(f"--compute-dtype {args.compute_dtype}: kvedit tune trains and evaluates adapters in the "
+                         "weights' own precision (--dtype); --compute-dtype applies to the editors and to mining")
     modes = [m for m, v in (("--tasks", args.tasks), ("--task-file", args.task_file), ("--instruct", args.instruct))
              if v]
     if args.merge_out is not None:
