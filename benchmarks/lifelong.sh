@@ -25,15 +25,16 @@ shared="$(cd "$here/.." && pwd)/shared/data"
 kvedit="${KVEDIT:-$here/.venv/bin/kvedit}"
 [ -x "$kvedit" ] || kvedit=kvedit
 stages=${STAGES:-"cf:10 cf:100 zsre:10 zsre:100 cf:1 zsre:1"}
-# CounterFact: known cases (the unedited model prefers the true object), so retention starts from knowledge the model
-# had; zsRE: the first N records. ROME edits one fact per call: batch size 1 only.
+# The first N cases of each file (all 1,000 for N=1000): --known-only would leave fewer than 1,000 CounterFact cases
+# (the unedited model prefers the true object on fewer than that), and retention measures the new objects, which no
+# case starts out knowing. ROME edits one fact per call: batch size 1 only.
 general=(--general-text "$shared/corpus/wikitext-2/test.txt" --general-tasks "$shared/tasks")
 step() { local start=$SECONDS; "$@"; echo "$(date -u +%FT%TZ) $((SECONDS - start)) s: ${*:2}" >> "$out/timing.log"; }
 mkdir -p "$out"
 for stage in $stages; do
   data=${stage%%:*}; batch=${stage##*:}
   case "$data" in
-    cf) args=(--dataset "$shared/editing/counterfact/counterfact-edit-1k.json" --known-only) ;;
+    cf) args=(--dataset "$shared/editing/counterfact/counterfact-edit-1k.json") ;;
     zsre) args=(--dataset "$shared/editing/zsre/zsre_mend_train-1k.json") ;;
     *) echo "stage $stage: data set must be cf or zsre" >&2; exit 2 ;;
   esac
