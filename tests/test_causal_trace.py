@@ -92,6 +92,30 @@ def test_tracing_equals_a_brute_force_restore(family):
     assert fact.scores["residual"][-1, -1] == pytest.approx(high, abs=1e-5)
 
 
+def test_tracing_a_prompt_longer_than_a_sliding_window_equals_a_brute_force_restore():
+    """The noisy prefix's KV cache of a sliding-window layer keeps only the window: the restoration reads it so."""
+    import copy
+
+    from tiny_models import TINY_CONFIGS, tiny_lm
+    from transformers import AutoModelForCausalLM
+
+    from kvedit.models import LM
+
+    config = copy.deepcopy(TINY_CONFIGS["gemma3_text"])
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    lm = LM.wrap(model, tiny_lm("gemma3_text").tokenizer, name="tiny-gemma3-window-4")
+    prompt = "in the middle of paris the eiffel tower is located in the city of"
+    nu = embedding_noise_scale(lm, [SUBJECT])
+    fact = trace_fact(lm, prompt, SUBJECT, nu, samples=2, window=2)
+    want, high, low = brute_force(lm, prompt, SUBJECT, nu, samples=2, window=2)
+    assert len(fact.tokens) > 2 * config.sliding_window and fact.subject_range[0] > config.sliding_window
+    assert fact.low == pytest.approx(low, abs=1e-6)
+    for kind in KIND_SITES:
+        torch.testing.assert_close(fact.scores[kind], want[kind], atol=1e-5, rtol=1e-4)
+
+
 def test_the_subject_range_and_the_noise_scale():
     lm = tiny("llama")
     ids, span = subject_token_range(lm, PROMPT, SUBJECT)

@@ -11,9 +11,11 @@ value in the noisy runs, at one token t:
 
 `scores[kind][t, l]` is p(o) averaged over the noisy copies; the indirect effect is `scores − low`.
 
-Layers below the lowest restored one compute exactly what the noisy run computed, so each restoration starts from
-the noisy run's stored states there (`models.split.replayed_layers`), and tokens before the subject (which the
-noise cannot reach) keep `low` without a run. All tokens of one (kind, layer) are restored in one batch.
+Only what a restoration can change is recomputed. Layers below the lowest restored one compute what the noisy run
+computed, so each restoration starts from the noisy run's stored states there (`models.split.replayed_layers`);
+the model is causal, so a restoration at token t changes only tokens t…, and tokens before t are read from the
+noisy run's KV cache (computed once per t and shared by every (kind, layer)); tokens before the subject (which the
+noise cannot reach) keep `low` without a run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.lm import LM
-from ..models.split import replayed_layers
+from ..models.lm import cache_keyword, returned_cache
+from ..models.split import appendable_copy, replayed_layers
 from ..models.tracing import Replacement, Trace
 
 #: restored state -> the Trace site it is read from and written back to
@@ -97,21 +100,39 @@ def embedding_noise_scale(lm: LM, subjects: Sequence[str], multiplier: float = N
     return multiplier * torch.cat([o.reshape(-1) for o in outputs]).float().std().item()
 
 
-def _embedding_noise(lm: LM, noise: torch.Tensor, span: tuple[int, int]) -> Callable:
-    """A forward hook adding `noise` `[S, n_subject, d]` to rows' subject embeddings (row r gets noise r mod S)."""
+def _embedding_noise(noise: torch.Tensor, columns: tuple[int, int], repeats: int) -> Callable:
+    """A forward hook adding `noise` `[S, n, d]` to the token-embedding output's columns [a, b) (b − a = n) of
+    `S × repeats` rows (row r gets noise r // repeats)."""
 
     def hook(module, args, output):
-        rows = output.shape[0]
-        index = torch.arange(rows, device=output.device) % noise.shape[0]
         output = output.clone()
-        output[:, span[0]:span[1]] += noise.to(output.device, output.dtype)[index]
+        output[:, columns[0]:columns[1]] += noise.to(output.device, output.dtype).repeat_interleave(repeats, 0)
         return output
 
     return hook
 
 
+def restored_layers(kind: str, layer: int, window: int, n_layers: int) -> list[int]:
+    """The layers whose `kind` state is restored for the score at `layer`: `layer` itself for the residual stream,
+    the window [max(0, layer − window/2), min(L, layer + window/2)) for ffn / attn."""
+    if kind == "residual":
+        return [layer]
+    return list(range(max(0, layer - window // 2), min(n_layers, layer + window - window // 2)))
+
+
+def _start_layer(kind: str, layer: int, window: int, n_layers: int) -> int:
+    """The lowest layer a restoration changes the input of (L when it restores the last layer's output)."""
+    return layer + 1 if kind == "residual" else restored_layers(kind, layer, window, n_layers)[0]
+
+
 class _Tracer:
-    """The clean and noisy runs of one prompt, and restorations on top of them."""
+    """The clean and noisy runs of one prompt, and restorations on top of them.
+
+    A restoration at token t changes only tokens t… (the model is causal), and only layers from its start layer up
+    (`_start_layer`): it runs the tokens t… of the noisy rows through those layers, reading the tokens before t
+    from the noisy run's KV cache (`prefix(t)`) and starting from the noisy run's stored input of the start layer.
+    Restorations with the same token and start layer run as one batch of `samples × restorations` rows.
+    """
 
     def __init__(self, lm: LM, ids: list[int], span: tuple[int, int], nu: float, samples: int) -> None:
         self.lm, self.ids, self.span, self.samples = lm, torch.tensor([ids], device=lm.device), span, samples
@@ -133,52 +154,86 @@ class _Tracer:
         self.high = float(probs[self.answer])
         residual = [("residual", l) for l in range(self.n_layers)]
         with Trace(lm, read=residual) as noisy:
-            self.low = float(self._probabilities(self.ids.expand(samples, -1), 0, None).mean())
+            self.low = float(self._probabilities(0, 0, None, None, 1).mean())
         self.noisy = [noisy["residual", l] for l in range(self.n_layers)]  # [S, T, d] each
 
     def _note_tuple(self, module, args, output) -> None:
         self.as_tuple = isinstance(output, tuple)
 
-    def _probabilities(self, ids: torch.Tensor, start: int, entry: torch.Tensor | None) -> torch.Tensor:
-        """p(answer) at the last token of noisy rows `ids`, running layers `start`… on `entry` (start > 0)."""
+    def _noise_hook(self, first: int, end: int, repeats: int):
+        """The embedding hook noising the subject tokens among tokens [first, end) of `S × repeats` rows, or None
+        if there are none."""
+        low, high = max(first, self.span[0]), min(end, self.span[1])
+        if low >= high:
+            return None
+        noise = self.noise[:, low - self.span[0]:high - self.span[0]]
+        hook = _embedding_noise(noise, (low - first, high - first), repeats)
+        return self.lm.model.get_input_embeddings().register_forward_hook(hook)
+
+    def prefix(self, token: int):
+        """The noisy rows' KV cache of tokens 0 … token−1 (None for token 0)."""
+        if token == 0:
+            return None
+        handle = self._noise_hook(0, token, 1)
+        try:
+            out = self.lm.model.base_model(input_ids=self.ids[:, :token].expand(self.samples, -1), use_cache=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return returned_cache(out)
+
+    def _probabilities(self, token: int, start: int, entry: torch.Tensor | None, cache, repeats: int
+                       ) -> torch.Tensor:
+        """p(answer) `[S × repeats]` at the last token of the noisy rows (row r has noise r // repeats), running
+        tokens `token`… (`cache` holding the earlier ones) through layers `start`… on `entry` `[S × repeats,
+        T − token, d]` (start > 0)."""
+        rows = self.samples * repeats
         replay = replayed_layers(self.lm, start, entry, self.as_tuple) if start else nullcontext()
-        embed = self.lm.model.get_input_embeddings()
-        handle = None if start else embed.register_forward_hook(_embedding_noise(self.lm, self.noise, self.span))
+        handle = None if start else self._noise_hook(token, self.length, repeats)
+        extra = {}
+        if cache is not None:
+            cache = appendable_copy(cache)  # the pass appends to it
+            if repeats > 1:
+                cache.batch_repeat_interleave(repeats)
+            positions = torch.arange(token, self.length, device=self.lm.device).expand(rows, -1)
+            mask = torch.ones(rows, self.length, dtype=torch.long, device=self.lm.device)
+            extra = {"position_ids": positions, "attention_mask": mask, "use_cache": True,
+                     **cache_keyword(self.lm.model.base_model, cache)}
         try:
             with replay:
-                hidden = self.lm.model.base_model(input_ids=ids).last_hidden_state[:, -1]
+                hidden = self.lm.model.base_model(input_ids=self.ids[:, token:].expand(rows, -1),
+                                                  **extra).last_hidden_state[:, -1]
         finally:
             if handle is not None:
                 handle.remove()
         return self.lm.unembed(hidden).float().softmax(-1)[:, self.answer]
 
-    def restore(self, kind: str, layer: int, window: int) -> torch.Tensor:
-        """p(answer) `[T]` with `kind` restored at `layer` (or its window), one token at a time."""
-        site = KIND_SITES[kind]
-        if kind == "residual":
-            layers, start = [layer], layer + 1
-        else:
-            low, high = max(0, layer - window // 2), min(self.n_layers, layer + window - window // 2)
-            layers, start = list(range(low, high)), low
-        scores = torch.full((self.length,), self.low, dtype=torch.float64)
-        tokens = list(range(self.span[0], self.length))  # earlier tokens cannot see the noise: p stays `low`
-        per_pass = max(1, ROWS_PER_PASS // self.samples)
-        for first in range(0, len(tokens), per_pass):
-            chunk = tokens[first:first + per_pass]
-            positions = torch.tensor(chunk).repeat_interleave(self.samples)
-            rows = len(positions)
-            ids = self.ids.expand(rows, -1)
-            entry = self.noisy[start - 1].repeat(len(chunk), 1, 1) if start else None
+    def restore(self, token: int, start: int, restorations: Sequence[tuple[str, int]], window: int, cache
+                ) -> list[float]:
+        """p(answer) averaged over the noisy rows for each (kind, layer) restoration at `token`, all starting at
+        layer `start`; `cache`: `prefix(token)`."""
+        k, samples = len(restorations), self.samples
+        rows = torch.arange(samples * k).view(samples, k)  # row s·k + j: sample s, restoration j
+        entry = self.noisy[start - 1][:, token:].repeat_interleave(k, 0) if start else None
+        groups: dict[tuple[str, int], list[int]] = {}  # site -> restorations writing it
+        for j, (kind, layer) in enumerate(restorations):
+            if _start_layer(kind, layer, window, self.n_layers) != start:
+                raise ValueError(f"restoration {kind} at layer {layer} does not start at layer {start}")
             if kind == "residual":  # the restored state is the next layer's input itself
                 assert entry is not None
-                entry = Replacement(self.clean[site, layer][positions], positions).apply(entry)
-                p = self._probabilities(ids, start, entry)
+                value = self.clean["residual", layer][token].expand(samples, -1)
+                entry = Replacement(value, torch.zeros(samples, dtype=torch.long), rows[:, j]).apply(entry)
             else:
-                replace = {(site, l): Replacement(self.clean[site, l][positions], positions) for l in layers}
-                with Trace(self.lm, replace=replace):
-                    p = self._probabilities(ids, start, entry)
-            scores[chunk] = p.view(len(chunk), self.samples).mean(1).double().cpu()
-        return scores
+                for l in restored_layers(kind, layer, window, self.n_layers):
+                    groups.setdefault((KIND_SITES[kind], l), []).append(j)
+        replace = {}
+        for site, js in groups.items():
+            chosen = rows[:, js].reshape(-1)  # the restored token is the first one run: position 0
+            replace[site] = Replacement(self.clean[site][token].expand(len(chosen), -1),
+                                        torch.zeros(len(chosen), dtype=torch.long), chosen)
+        with Trace(self.lm, replace=replace):
+            p = self._probabilities(token, start, entry, cache, k)
+        return p.view(samples, k).double().mean(0).tolist()
 
 
 @torch.no_grad()
@@ -201,6 +256,18 @@ def trace_fact(lm: LM, prompt: str, subject: str, nu: float, expected: str | Non
         return None
     fact = FactTrace(prompt, subject, answer, [lm.tokenizer.decode([i]) for i in ids], span, tracer.high,
                      tracer.low)
+    for kind in kinds:  # tokens before the subject cannot see the noise: their p stays `low`
+        fact.scores[kind] = torch.full((len(ids), lm.num_layers), tracer.low, dtype=torch.float64)
+    batch = max(1, ROWS_PER_PASS // samples)
+    by_start: dict[int, list[tuple[str, int]]] = {}
     for kind in kinds:
-        fact.scores[kind] = torch.stack([tracer.restore(kind, l, window) for l in range(lm.num_layers)], dim=1)
+        for layer in range(lm.num_layers):
+            by_start.setdefault(_start_layer(kind, layer, window, lm.num_layers), []).append((kind, layer))
+    for token in range(span[0], len(ids)):
+        cache = tracer.prefix(token)
+        for start, restorations in by_start.items():
+            for first in range(0, len(restorations), batch):
+                chunk = restorations[first:first + batch]
+                for (kind, layer), p in zip(chunk, tracer.restore(token, start, chunk, window, cache)):
+                    fact.scores[kind][token, layer] = p
     return fact

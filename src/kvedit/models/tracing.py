@@ -68,14 +68,17 @@ class Addition:
 @dataclass
 class Replacement:
     """Put `values` (`[B, d]`, one vector per sequence) at token `positions` (`[B]`) in place of what the site
-    computed there, e.g. a clean run's state restored into corrupted runs (causal tracing)."""
+    computed there, e.g. a clean run's state restored into corrupted runs (causal tracing).
+    rows: `[n]` sequence indices to replace in, with `values` `[n, d]` and `positions` `[n]` (None: every row)."""
 
     values: torch.Tensor
     positions: torch.Tensor
+    rows: torch.Tensor | None = None
 
     def apply(self, hidden: torch.Tensor) -> torch.Tensor:
-        batch = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden.index_put((batch, self.positions.to(hidden.device)), self.values.to(hidden.device, hidden.dtype))
+        batch = torch.arange(hidden.shape[0]) if self.rows is None else self.rows
+        index = (batch.to(hidden.device), self.positions.to(hidden.device))
+        return hidden.index_put(index, self.values.to(hidden.device, hidden.dtype))
 
 
 @dataclass
