@@ -1,4 +1,5 @@
-"""What every editor's settings share: range checks, and the closed-form editors' common base.
+"""What every editor's settings share: the `EditorSettings` protocol, range checks, and the closed-form
+editors' common base.
 
 An editor's settings are a frozen dataclass with `validate(lm) -> settings`: with a model it checks layers
 and modules too and returns the settings the edit will use (defaults filled in); without one (`None`) it
@@ -9,17 +10,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..models.lm import LM
 from .targets import TargetOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 #: settings that must be > 0 (>= 1 for counts), and settings that must be >= 0, whichever editor has them
 POSITIVE_SETTINGS = ("lr", "max_steps", "stats_tokens", "mom2_update_weight", "clamp_norm_factor", "stop_nll")
 NON_NEGATIVE_SETTINGS = ("weight_decay", "kl_factor")
 
 
-def check_ranges(settings: Any) -> None:
+class EditorSettings(Protocol):
+    """Any editor's settings, as the registry, the commands and the editors pass them around: a frozen
+    dataclass (its fields are the patch's metadata["hparams"]) naming the preset it came from.
+
+    validate(lm): check them (with a model: layers and modules too) and return the settings an edit uses;
+    `registry.make_settings` calls it, and `registry.edit` trusts what that returned.
+    """
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def preset(self) -> str: ...
+
+    def validate(self, lm: LM | None) -> Self: ...
+
+
+def check_ranges(settings: EditorSettings) -> None:
     """Raise ValueError naming the first setting outside its range (NaN and ±Inf are outside every range)."""
     for name in POSITIVE_SETTINGS + NON_NEGATIVE_SETTINGS:
         value = getattr(settings, name, None)

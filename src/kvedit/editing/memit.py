@@ -150,10 +150,11 @@ def update_keys(c_inv: torch.Tensor, keys: torch.Tensor, lam: float) -> torch.Te
 
 
 def distribute(
-    lm: LM, requests: Sequence[EditRequest], layers: Sequence[int], targets: Sequence[Target], hp: Any,
-    spread: Spread, templates: list[list[str]],
+    lm: LM, requests: Sequence[EditRequest], layers: Sequence[int], targets: Sequence[Target],
+    hp: MEMITHyperParams, spread: Spread, templates: list[list[str]],
 ) -> None:
-    """Write each target's missing residual into the layers' weights, in place (see module doc)."""
+    """Write each target's missing residual into the layers' weights, in place (see module doc); `hp` gives
+    the key statistics (stats_source, stats_tokens) and λ (mom2_update_weight): MEMIT's settings or PMET's."""
     for target in targets:  # statistics of every layer in one pass, before the first is needed
         key_statistics(lm, layers, hp.stats_source, hp.stats_tokens, kind=target.stats_kind)
     for i, layer in enumerate(layers):

@@ -53,8 +53,8 @@ class PMETHyperParams(MEMITHyperParams):
             raise ValueError("update_attn needs attn_delta: the attention target is a + δ_a")
         return self
 
-    def target_options(self) -> TargetOptions:
-        return super().target_options(pmet_schedule=True)
+    def target_options(self, **extra: Any) -> TargetOptions:
+        return super().target_options(pmet_schedule=True, **extra)
 
 
 #: REFERENCE.md §5. "smollm2": window, λ and δ decay chosen by benchmarks/select_presets.py on MEMIT's grid
