@@ -205,14 +205,14 @@ def test_the_sweep_table_shows_each_layer_choice_by_lambda_with_the_best_in_bold
 
 
 def test_fine_tuning_takes_the_layer_and_lr_chosen_for_the_model_unless_told_otherwise(monkeypatch):
-    from kvedit.editing import finetune
+    from kvedit.editing import presets
     from kvedit.editing.registry import get_method
     from kvedit.models.lm import LM
 
     lm = tiny("llama")
     gemma_named = LM.wrap(lm.model, lm.tokenizer, name="gemma-3-270m-q4_k_m")
-    monkeypatch.setattr(finetune, "FT_MODEL_SETTINGS",
-                        {"gemma3-270m": {"values": {"layers": (0,), "lr": 1e-4}}})
+    monkeypatch.setattr(presets, "FT_MODEL_PRESETS",
+                        {"values": {"gemma3-270m": {"layers": (0,), "lr": 1e-4}}})
     values, keys = get_method("ft-values"), get_method("ft-keys")
     assert values.make_hparams(gemma_named).validate(gemma_named).layers == (0,)
     assert values.make_hparams(gemma_named).lr == 1e-4
@@ -249,15 +249,15 @@ def test_gemma3_takes_the_closed_form_presets_chosen_for_it():
 def test_preset_tables_hold_what_the_selection_chose(folder, row):
     """Each model's preset rows equal the chosen.json its selection wrote (results/ in this repository), so a
     table run on the model's defaults runs the settings docs/presets.md reports."""
-    from kvedit.editing.finetune import FT_MODEL_SETTINGS
     from kvedit.editing.memit import MEMIT_PRESETS
     from kvedit.editing.pmet import PMET_PRESETS
+    from kvedit.editing.presets import FT_MODEL_PRESETS
     from kvedit.editing.rome import ROME_PRESETS
 
     chosen = json.loads((Path(__file__).parents[1] / "results" / folder / "chosen.json").read_text())
     tables = {"rome": ROME_PRESETS, "memit": MEMIT_PRESETS, "pmet": PMET_PRESETS}
     assert set(chosen) == {"ft-keys", "ft-values", *tables}
     for method, settings in chosen.items():
-        preset = (FT_MODEL_SETTINGS[row][method.removeprefix("ft-")] if method.startswith("ft-")
+        preset = (FT_MODEL_PRESETS[method.removeprefix("ft-")][row] if method.startswith("ft-")
                   else tables[method][row])
         assert {k: list(v) if k == "layers" else v for k, v in preset.items() if k in settings} == settings, method

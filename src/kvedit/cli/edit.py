@@ -77,7 +77,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     save = patch_paths(args.save)[0] if args.save else None
     probe = EditRequest(args.prompt, args.subject, args.target_new)
     lm = load(args)
-    settings = make_settings(lm, args.method, **overrides)  # layers and modules, before any scoring
+    settings = make_settings(lm, args.method, **overrides)  # layers and modules, before any scoring; `edit` uses them
     target_true = args.target_true or greedy_answer(lm, probe.rewrite_prompt)
     request = EditRequest(
         args.prompt, args.subject, args.target_new, target_true,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -23,7 +22,7 @@ from ..models.compute import compute_view, trained_through
 from ..models.lm import LM
 from .delta import check_finite
 from .hparams import EditOutcome, check_ranges
-from .presets import frozen_presets, make_hparams, model_row
+from .presets import FT_FAMILY_DEPTH, frozen_presets, given_overrides, make_hparams
 
 Target = Literal["keys", "key:gate", "key:up", "key", "values"]
 Objective = Literal["teacher_forced", "prompt_last"]
@@ -42,45 +41,10 @@ FT_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
                  objective="prompt_last"),
 })
 
-#: Edit layer and learning rate chosen for one model by benchmarks/select_presets.py (docs/presets.md), per
-#: target, under the model's MODEL_PRESETS row. They apply over the "default" preset when no preset is named.
-FT_MODEL_SETTINGS: Mapping[str, Mapping[str, Mapping[str, Any]]] = MappingProxyType({
-    # 35 settings each (7 layers × 5 learning rates) on 50 tuning cases: keys 100/76/64 (Score 77.4), values
-    # 100/74/64 (76.7, the layer grid's choice before the learning rates joined it)
-    "smollm2": MappingProxyType({"keys": MappingProxyType({"layers": (0,), "lr": 5e-4}),
-                                 "values": MappingProxyType({"layers": (3,), "lr": 2e-3})}),
-    # 30 settings each on 50 tuning cases: keys 100/82/68 (Score 81.3), values 100/88/64 (81.1)
-    "gemma3-270m": MappingProxyType({"keys": MappingProxyType({"layers": (2,), "lr": 1.25e-4}),
-                                     "values": MappingProxyType({"layers": (1,), "lr": 2.5e-4})}),
-})
-
-#: Default edit layer as a fraction of depth, per `model_type`; 0.0 is ROME's FT baseline layer.
-FT_DEFAULT_DEPTH: Mapping[str, float] = MappingProxyType({
-    "llama": 0.1,
-    "mistral": 0.1,
-    "qwen2": 0.1,
-    "qwen3": 0.1,
-    "gpt2": 0.0,
-    "gptj": 0.0,
-    "gpt_neox": 0.1,
-    "opt": 0.1,
-    "bert": 0.5,
-    "gemma": 0.1,
-    "gemma2": 0.1,
-    "gemma3_text": 0.1,
-    "olmo": 0.1,
-    "olmo2": 0.1,
-})
-
-
-def model_settings(lm: LM | None, target: str) -> Mapping[str, Any]:
-    """The layer and learning rate chosen for this model and target (FT_MODEL_SETTINGS), or none."""
-    return FT_MODEL_SETTINGS.get(model_row(lm) or "", {}).get(target, {})
-
 
 def default_layers(lm: LM) -> tuple[int, ...]:
-    """The family's default edit layer for fine-tuning."""
-    fraction = FT_DEFAULT_DEPTH.get(lm.model.config.model_type, 0.1)
+    """The family's default edit layer for fine-tuning (its FT_FAMILY_DEPTH row)."""
+    fraction = FT_FAMILY_DEPTH.get(lm.model.config.model_type, 0.1)
     return (round(fraction * (lm.num_layers - 1)),)
 
 
@@ -111,7 +75,8 @@ class FTHyperParams:
 
     @classmethod
     def from_preset(cls, preset: str = "default", **overrides: Any) -> "FTHyperParams":
-        return make_hparams(cls, FT_PRESETS, preset, None, **overrides)
+        """The named preset with `overrides` (None: the preset's value); no model's own row."""
+        return make_hparams(cls, FT_PRESETS, preset, None, **given_overrides(overrides))
 
     def validate(self, lm: LM | None) -> "FTHyperParams":
         """Check every setting (with a model: layers and modules too) and return the settings the edit uses,

@@ -3,35 +3,43 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ..data.requests import EditRequest
 from ..models.lm import LM
 from ..version import __version__
 from .delta import EditError, WeightDelta, WeightGuard
-from .finetune import FT_PRESETS, FTHyperParams, finetune_edit, finetune_parameters, model_settings
+from .finetune import FT_PRESETS, FTHyperParams, finetune_edit, finetune_parameters
 from .alphaedit import ALPHAEDIT_PRESETS, AlphaEditHyperParams, alphaedit_edit, alphaedit_parameters, alphaedit_prepare
-from .hparams import EditOutcome
+from .hparams import ClosedFormHyperParams, EditorSettings, EditOutcome
 from .kn import KN_PRESETS, KNHyperParams, kn_edit, kn_parameters
 from .tpatcher import TPATCHER_PRESETS, TPatcherHyperParams, tpatcher_edit, tpatcher_parameters, tpatcher_prepare
 from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_parameters, memit_prepare
 from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit, pmet_parameters, pmet_prepare
-from .presets import make_hparams, model_row
+from .presets import PresetTable, ft_model_presets, given_overrides, make_hparams, model_row
 from .rome import ROME_PRESETS, ROMEHyperParams, rome_edit, rome_parameters, rome_prepare
+
+S = TypeVar("S", bound=EditorSettings)
+C = TypeVar("C", bound=ClosedFormHyperParams)
+
+
+def _no_rows() -> Collection[str]:
+    return ()
 
 
 @dataclass(frozen=True)
-class EditMethod:
+class EditMethod(Generic[S]):
     """A named editor. The registry's `edit` does what every editor needs (checks, timing, the weight
     guard, the patch metadata); an editor only computes its update:
 
-    make_hparams(lm, **overrides): its settings from a preset; `parameters(lm, hp)`: the names of the
-    weights it may change; `run(lm, requests, hp)`: change them in place and return an `EditOutcome`;
-    `prepare(lm, hp)`: compute or load once what every edit with those settings reuses (key statistics,
-    context templates), so that an edit's time is its own.
+    build(lm, preset=None, **given): its settings from a preset and the settings a caller gave (no None
+    values: `make_hparams` drops those first); `parameters(lm, hp)`: the names of the weights it may change;
+    `run(lm, requests, hp)`: change them in place and return an `EditOutcome`; `prepare(lm, hp)`: compute or
+    load once what every edit with those settings reuses (key statistics, context templates), so that an
+    edit's time is its own; `model_rows()`: the MODEL_PRESETS rows its tables hold a row for.
 
     Overrides every method accepts: preset, layers, lr, max_steps (`presets`: the names a preset may take).
     carries_history: `run` also takes `history=` (state a sequential run carries from batch to batch, e.g.
@@ -40,40 +48,51 @@ class EditMethod:
 
     name: str
     summary: str
-    make_hparams: Callable[..., Any]
-    parameters: Callable[[LM, Any], list[str]]
-    run: Callable[[LM, Sequence[EditRequest], Any], EditOutcome]
-    prepare: Callable[[LM, Any], None] | None = None
+    build: Callable[..., S]
+    parameters: Callable[[LM, S], list[str]]
+    run: Callable[..., EditOutcome]
+    prepare: Callable[[LM, S], None] | None = None
     presets: tuple[str, ...] = ()
     carries_history: bool = False
     uses_statistics: bool = False  # reads key statistics (stats_source / stats_tokens settings, `prepare`)
+    model_rows: Callable[[], Collection[str]] = _no_rows
+
+    def make_hparams(self, lm: LM | None, **overrides: Any) -> S:
+        """Its settings for `lm` from the preset and `overrides` (None: the preset's value), not yet checked."""
+        return self.build(lm, **given_overrides(overrides))
 
 
-def _finetune(name: str, target: str, summary: str) -> EditMethod:
-    def make(lm: LM | None, preset: str | None = None, **overrides: Any) -> FTHyperParams:
-        chosen = model_settings(lm, target) if preset is None else {}  # a named preset keeps its own settings
-        merged = {**overrides, **{k: v for k, v in chosen.items() if overrides.get(k) is None}}
-        return FTHyperParams.from_preset(preset or "default", target=target, **merged)
+def _finetune(name: str, target: str, summary: str) -> EditMethod[FTHyperParams]:
+    def build(lm: LM | None, preset: str | None = None, **given: Any) -> FTHyperParams:
+        if "target" in given:
+            raise ValueError(f"{name} fine-tunes the {target} target; choose the method for another target")
+        # with no preset named, the row chosen for this model (FT_MODEL_PRESETS) is laid over "default"
+        return make_hparams(FTHyperParams, FT_PRESETS, preset, lm, model_rows=ft_model_presets(target),
+                            target=target, **given)
 
-    return EditMethod(name, summary, make, finetune_parameters, finetune_edit, presets=tuple(FT_PRESETS))
+    return EditMethod(name, summary, build, finetune_parameters, finetune_edit, presets=tuple(FT_PRESETS),
+                      model_rows=lambda: ft_model_presets(target))
 
 
-def _kn() -> EditMethod:
-    def make(lm: LM | None, preset: str | None = None, **overrides: Any) -> KNHyperParams:
-        return make_hparams(KNHyperParams, KN_PRESETS, preset, lm, **{k: v for k, v in overrides.items()
-                                                                      if v is not None})
+def _from_table(cls: type[S], presets: PresetTable, **fixed: Any) -> Callable[..., S]:
+    """The settings builder of an editor whose table has rows per family and per model (`default_preset`)."""
+    def build(lm: LM | None, preset: str | None = None, **given: Any) -> S:
+        return make_hparams(cls, presets, preset, lm, **{**fixed, **given})  # a setting the caller gives wins
 
+    return build
+
+
+def _kn() -> EditMethod[KNHyperParams]:
     return EditMethod("kn", "knowledge neurons of the true object: their value rows moved towards the new "
-                      "object's embedding (EasyEdit's KN)", make, kn_parameters, kn_edit, presets=tuple(KN_PRESETS))
+                      "object's embedding (EasyEdit's KN)", _from_table(KNHyperParams, KN_PRESETS), kn_parameters,
+                      kn_edit, presets=tuple(KN_PRESETS), model_rows=lambda: KN_PRESETS)
 
 
-def _closed_form(name: str, cls: type, presets: Mapping[str, Any], parameters: Callable, run: Callable,
-                 prepare: Callable, summary: str, **fixed: Any) -> EditMethod:
-    def make(lm: LM | None, preset: str | None = None, **overrides: Any) -> Any:
-        given = {k: v for k, v in overrides.items() if v is not None}  # a setting the caller gives wins
-        return make_hparams(cls, presets, preset, lm, **{**fixed, **given})
-
-    return EditMethod(name, summary, make, parameters, run, prepare, presets=tuple(presets), uses_statistics=True)
+def _closed_form(name: str, cls: type[S], presets: PresetTable, parameters: Callable[[LM, S], list[str]],
+                 run: Callable[..., EditOutcome], prepare: Callable[[LM, S], None], summary: str,
+                 **fixed: Any) -> EditMethod[S]:
+    return EditMethod(name, summary, _from_table(cls, presets, **fixed), parameters, run, prepare,
+                      presets=tuple(presets), uses_statistics=True, model_rows=lambda: presets)
 
 
 _ROME = (ROMEHyperParams, ROME_PRESETS, rome_parameters, rome_edit, rome_prepare)
@@ -88,21 +107,20 @@ FAST_LR_FACTOR = 2.0
 FAST_STOP_NLL = 0.1
 
 
-def _fast(base: EditMethod) -> EditMethod:
-    def make(lm: LM | None, preset: str | None = None, **overrides: Any) -> Any:
-        hp = base.make_hparams(lm, preset, **overrides)
-        given = {k for k, v in overrides.items() if v is not None}
+def _fast(base: EditMethod[C]) -> EditMethod[C]:
+    def build(lm: LM | None, preset: str | None = None, **given: Any) -> C:
+        hp = base.build(lm, preset, **given)
         return replace(hp, lr=hp.lr if "lr" in given else hp.lr * FAST_LR_FACTOR,
                        stop_nll=hp.stop_nll if "stop_nll" in given else FAST_STOP_NLL)
 
     summary = f"{base.name.upper()} with a faster target optimisation (lr ×{FAST_LR_FACTOR:g}, stop at NLL < {FAST_STOP_NLL})"
-    return replace(base, name=f"{base.name}-fast", summary=summary, make_hparams=make)
+    return replace(base, name=f"{base.name}-fast", summary=summary, build=build)
 
 
 _ROME_METHOD = _closed_form("rome", *_ROME, "rank-one update of one layer's values")
 _MEMIT_METHOD = _closed_form("memit", *_MEMIT, "batch update spread over layers")
 
-METHODS: Mapping[str, EditMethod] = MappingProxyType(
+METHODS: Mapping[str, EditMethod[Any]] = MappingProxyType(
     {
         m.name: m
         for m in (
@@ -133,31 +151,27 @@ METHODS: Mapping[str, EditMethod] = MappingProxyType(
 )
 
 
-def get_method(name: str) -> EditMethod:
+def get_method(name: str) -> EditMethod[Any]:
     if name not in METHODS:
         raise ValueError(f"unknown editing method {name!r}; expected one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
 def chosen_for_model(lm: LM, method: str) -> bool:
-    """Whether `method`'s default settings for `lm` were chosen for this very model (a MODEL_PRESETS row, or
-    FT_MODEL_SETTINGS for fine-tuning; benchmarks/select_presets.py), not inherited from its family."""
-    base = get_method(method)
-    if base.name.startswith("ft-"):
-        target = base.make_hparams(None).target
-        return bool(model_settings(lm, target))
-    return model_row(lm) in base.presets
+    """Whether `method`'s default settings for `lm` were chosen for this very model (its MODEL_PRESETS row in the
+    method's table, or in FT_MODEL_PRESETS for fine-tuning; benchmarks/select_presets.py), not its family's."""
+    return model_row(lm) in get_method(method).model_rows()
 
 
-def make_settings(lm: LM | None, method: str, **overrides: Any) -> Any:
-    """The settings `edit(lm, …, method, **overrides)` would use, checked.
+def make_settings(lm: LM | None, method: str, **overrides: Any) -> EditorSettings:
+    """The settings `edit(lm, …, method, **overrides)` would use, checked: the one path from overrides to
+    settings (`EditMethod.make_hparams`, then `validate`).
 
     With `lm` None only what needs no model is checked (method, preset, setting names and ranges), so a
-    command can refuse bad input before loading anything; with a model, layers and modules too.
-    Overrides that are None mean "the preset's value".
+    command can refuse bad input before loading anything; with a model, layers and modules too, and the result
+    can be given to `edit(..., hparams=)` as it is. Overrides that are None mean "the preset's value".
     """
-    settings = get_method(method).make_hparams(lm, **{k: v for k, v in overrides.items() if v is not None})
-    return settings.validate(lm)
+    return get_method(method).make_hparams(lm, **overrides).validate(lm)
 
 
 def _layers_touched(lm: LM, names: Sequence[str]) -> list[int]:
@@ -170,14 +184,15 @@ def edit(
     lm: LM,
     requests: EditRequest | Sequence[EditRequest],
     method: str = "ft-keys",
-    hparams: Any | None = None,
+    hparams: EditorSettings | None = None,
     history: Any | None = None,
     **overrides: Any,
 ) -> WeightDelta:
     """Edit `requests` into `lm` in place with `method`; return the exact, reversible `WeightDelta`.
 
-    hparams: a ready settings object; otherwise the method's preset (`preset=...`, default: the
-    one for the model's family) with `overrides`. On any failure (Ctrl-C, NaN/Inf weights included)
+    hparams: settings `make_settings(lm, method, …)` returned, used as they are (they were checked there);
+    otherwise `make_settings(lm, method, **overrides)`: the method's preset (`preset=...`, default: the one
+    chosen for the model) with `overrides`. On any failure (Ctrl-C, NaN/Inf weights included)
     the weights are restored bit-exactly and the error propagates. The delta's metadata names the
     method as registered here, its settings, the requests, the model, the edited layers, and the
     result (steps, time_s: the edit's wall time in s).
@@ -192,8 +207,11 @@ def edit(
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
     if not requests:
         raise ValueError("requests is empty; expected at least one EditRequest")
-    settings = hparams.validate(lm) if hparams is not None else make_settings(lm, method, **overrides)
+    settings = hparams if hparams is not None else make_settings(lm, method, **overrides)
     names = chosen.parameters(lm, settings)
+    if not names:
+        raise EditError(f"{method}'s settings name no weights to change; make them with make_settings(lm, "
+                        f"{method!r}, ...)")
     offloaded = [n for n in names if lm.model.get_parameter(n).device.type == "meta"]
     if offloaded:
         raise EditError(f"{method} changes {offloaded[0]}, which the device map offloaded (not in memory); keep "

@@ -21,6 +21,7 @@ from ..analysis.triggers import TriggerSet, check_for_model, mine_triggers
 from ..analysis.vocab import token_strings
 from ..data.requests import EditRequest, RequestError
 from ..editing.delta import PatchMismatchError, WeightDelta
+from ..editing.hparams import EditorSettings
 from ..editing.registry import METHODS, edit, make_settings
 from ..evaluation.probe import greedy_answer, target_probabilities
 from ..models.lm import LM
@@ -236,7 +237,7 @@ class ExploreSession:
             views.check_known(lm, text, what)
         probe = EditRequest(template, form.subject, form.target_new, form.target_true or None,
                             tuple(form.paraphrases), tuple(form.neighbours))
-        settings = make_settings(lm, form.method, **self._overrides(form))
+        settings = make_settings(lm, form.method, **self._overrides(form))  # the edit uses them as they are
 
         def work(job: Job) -> dict[str, Any]:
             with self.values.writing():
@@ -246,7 +247,8 @@ class ExploreSession:
 
         return self.jobs.submit("edit", f"{form.method} edit of {form.subject!r} → {form.target_new!r}", work)
 
-    def _edit(self, job: Job, form: EditForm, template: str, probe: EditRequest, settings: Any) -> AppliedEdit:
+    def _edit(self, job: Job, form: EditForm, template: str, probe: EditRequest,
+              settings: EditorSettings) -> AppliedEdit:
         """The edit job's steps; on failure the weights are as they were."""
         lm = self.lm
         request = probe

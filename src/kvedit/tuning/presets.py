@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
+from ..editing.presets import given_overrides
+
 #: what an IA3 adapter on each role means (shown by `kvedit tune --help`)
 IA3_CAVEAT = (
     "IA3 rescales activations: on values it scales down_proj's input, which equals rescaling each value vector "
@@ -68,7 +70,8 @@ class TrainConfig:
             raise ValueError(f"invalid training settings: {', '.join(bad)}; counts must be positive integers")
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """These settings with `changes` (None: keep the value, as for the editors' overrides)."""
+        return dataclasses.replace(self, **given_overrides(changes))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
