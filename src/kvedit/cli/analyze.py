@@ -278,7 +278,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     marks = {}
     for method in ("rome", "memit"):  # where the editors' presets edit, drawn beside the effects
         try:
-            marks[method.upper()] = list(make_settings(lm, method).layers)
+            marks[method.upper()] = list(getattr(make_settings(lm, method), "layers", ()))
         except ValueError:  # no preset fits this model (e.g. its layers are fewer than the family's)
             pass
     facts = trace_facts(lm, args.out, requests, args.n, args.samples, args.window, args.kinds,

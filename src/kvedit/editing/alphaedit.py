@@ -32,7 +32,7 @@ import torch
 
 from ..data.requests import EditRequest
 from ..models.devices import float64_device
-from ..models.lm import LM
+from ..models.lm import LM, tensor_attr
 from .alphaedit_state import PRECISIONS, AlphaEditHistory, Precision, null_space_projector, torch_dtype
 from .context import MEMIT_TEMPLATES, context_templates
 from .delta import EditError
@@ -174,7 +174,7 @@ def alphaedit_edit(lm: LM, requests: Sequence[EditRequest], hparams: AlphaEditHy
     goals = torch.stack([v[site][0] + v[site][1] for v in vectors])
     target = Target(lm.values_path, "coefficients", "values", site, goals)
     for i, layer in enumerate(layers):
-        weight = lm.module(lm.values_path(layer)).weight
+        weight = tensor_attr(lm.module(lm.values_path(layer)), "weight")
         dev = float64_device(weight.device) if dtype == torch.float64 else weight.device
         keys = subject_keys(lm, layer, requests, templates).to(dev, dtype)  # [N, d_k]
         measured = site_values(lm, site, requests).to(dev).double()

@@ -23,7 +23,7 @@ import torch
 
 from ..analysis.neurons import attributions, coarse_neurons
 from ..data.requests import EditRequest
-from ..models.lm import LM
+from ..models.lm import LM, tensor_attr
 from .hparams import EditOutcome, check_ranges
 from .presets import frozen_presets
 
@@ -105,7 +105,7 @@ def _value_rows(lm: LM, layer: int) -> torch.Tensor:
 def kn_edit(lm: LM, requests: Sequence[EditRequest], hp: KNHyperParams) -> EditOutcome:
     """Edit each request in turn (module docstring); returns the neurons edited in `records`."""
     layers = hp.edit_layers(lm)
-    embed = lm.model.get_input_embeddings().weight.detach()
+    embed = tensor_attr(lm.model.get_input_embeddings(), "weight").detach()
     edited: list[list[tuple[int, int, float]]] = []
     for request in requests:
         if request.target_true is None:

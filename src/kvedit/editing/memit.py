@@ -28,7 +28,7 @@ import torch
 
 from ..data.requests import EditRequest
 from ..models.devices import float64_device
-from ..models.lm import LM
+from ..models.lm import LM, tensor_attr
 from ..models.memory import output_for_written, written_output
 from ..models.tracing import Site
 from .context import MEMIT_TEMPLATES, context_templates
@@ -159,7 +159,7 @@ def distribute(
         key_statistics(lm, layers, hp.stats_source, hp.stats_tokens, kind=target.stats_kind)
     for i, layer in enumerate(layers):
         for target in targets:
-            weight = lm.module(target.module_path(layer)).weight
+            weight = tensor_attr(lm.module(target.module_path(layer)), "weight")
             dev = float64_device(weight.device)  # the algebra runs beside the weight it changes
             keys = subject_keys(lm, layer, requests, templates, site=target.key_site).to(dev).double()  # [N, d_in]
             measured = site_values(lm, target.measure_site, requests).to(dev).double()

@@ -26,7 +26,7 @@ import torch
 
 from ..data.requests import EditRequest
 from ..models.devices import float64_device
-from ..models.lm import LM
+from ..models.lm import LM, tensor_attr
 from .context import ROME_TEMPLATES, context_templates
 from .hparams import ClosedFormHyperParams, EditOutcome
 from .presets import frozen_presets
@@ -120,7 +120,7 @@ def rome_edit(lm: LM, requests: Sequence[EditRequest], hp: ROMEHyperParams) -> E
         vectors, steps = optimize_targets(lm, [request], [site], templates, hp.target_options())
         init, delta = vectors[0][site]
         total_steps += steps[0]
-        w = module.weight
+        w = tensor_attr(module, "weight")
         dev = float64_device(w.device)  # the rank-one algebra runs beside the weight it changes
         key = key.to(dev)
         with torch.no_grad():

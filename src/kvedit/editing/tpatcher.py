@@ -217,7 +217,7 @@ def _patch_one(lm: LM, layer: int, request: EditRequest, memory: torch.Tensor, a
     as_tuple = layer_returns_tuple(lm)
     with _Hooked(lm, layer, patch):
         for step in range(1, hp.max_steps + 1):
-            with replayed_layers(lm, layer, entry, as_tuple) if layer else nullcontext():
+            with replayed_layers(lm, layer, entry, as_tuple) if entry is not None else nullcontext():
                 out = lm.unembed(lm.model.base_model(input_ids=ids).last_hidden_state[0, positions]).float()
             edit_loss = F.cross_entropy(out, targets, label_smoothing=EDIT_SMOOTHING)
             a_edit = patch.preactivation(inputs[positions[wrong]]).diagonal()

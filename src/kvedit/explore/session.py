@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..analysis.inspect import Intervention
 from ..analysis.neurons import fact_neurons, suppression_effect
@@ -49,7 +49,7 @@ class ExploreSettings:
     corpus: str = "self"
     mine_tokens: int = 20_000
     mine_k: int = 20
-    mine_rank: str = "value"
+    mine_rank: Literal["value", "abs"] = "value"
     stats_source: str | None = None
     stats_tokens: int | None = None
     top_memories: int = 10
@@ -110,7 +110,7 @@ class ExploreSession:
         self.lm = lm
         self.settings = settings or ExploreSettings()
         self.vocab = views.Vocabulary(token_strings(lm))
-        self.jobs = JobRunner(threading.Lock(), cancel_points=list(lm.module(lm.arch.layers)))
+        self.jobs = JobRunner(threading.Lock(), cancel_points=list(lm.layer_list()))
         self.edits = EditLog()
         self.triggers: dict[int, tuple[TriggerSet, str]] = {}
         if triggers is not None:
