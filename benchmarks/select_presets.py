@@ -10,8 +10,11 @@ ROME, MEMIT and PMET search δ decay in a second stage (selection.default_grid):
 at decay 1e-3, run by the process that finds the first stage complete. Two processes may share one --out with
 different --methods or shards (each appends its own lines); the tables are written from everything grid.jsonl
 holds, so run the script once more when both have finished (it also runs a second stage left undone).
+KN and T-Patcher (`--methods kn,t-patcher`) have one layer choice each, so --shard shares their grids out setting
+by setting; grid.md puts the settings without a column of their own (threshold, steps, …) under "other".
 Usage: python benchmarks/select_presets.py --out runs/select-smollm2 [--model gemma3-270m] [--n-tune 50]
-       [--n-report 200] [--methods memit,pmet,rome,ft-keys,ft-values] [--base-preset smollm2] [--shard 0/2]
+       [--n-report 200] [--methods memit,pmet,rome,ft-keys,ft-values,kn,t-patcher] [--base-preset smollm2]
+       [--shard 0/2]
 """
 
 from __future__ import annotations
@@ -22,16 +25,34 @@ import time
 from pathlib import Path
 
 from kvedit import load_model
-from kvedit.bench.selection import CaseLog, best_setting, default_grid, known_split, select, setting_key, sweep_table
+from kvedit.bench.selection import (
+    CaseLog,
+    best_setting,
+    default_grid,
+    known_split,
+    select,
+    setting_key,
+    setting_of,
+    sweep_table,
+)
 from kvedit.data.jsonl import cut_torn_tail
 from kvedit.data.loaders import load_requests
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+TABLE_KEYS = ("layers", "mom2_update_weight", "weight_decay", "lr")  # grid.md's own columns; others go to "other"
+
+
 def _key(row: dict) -> str:
-    return setting_key(row["method"], {k: row[k] for k in ("layers", "mom2_update_weight", "weight_decay", "lr")
-                                       if k in row})
+    """The row's method and grid setting (whatever keys the method's grid has), as `setting_key` spells them."""
+    return setting_key(row["method"], setting_of(row))
+
+
+def _other(row: dict) -> str:
+    """The setting's keys without a column of their own in grid.md, e.g. "threshold 0.2, max_steps 20"."""
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in setting_of(row).items() if k not in TABLE_KEYS) or "–"
 
 
 def _read_grid(path: Path) -> dict[str, dict]:
@@ -58,9 +79,12 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def shard_of(grid: list[dict], k: int, n: int) -> list[dict]:
-    """The settings whose layer choice is the k-th, (k+n)-th, … distinct one of the grid."""
-    layer_choices = list(dict.fromkeys(tuple(s["layers"]) for s in grid))
-    return [s for s in grid if layer_choices.index(tuple(s["layers"])) % n == k]
+    """The settings whose layer choice is the k-th, (k+n)-th, … distinct one of the grid; a grid with fewer layer
+    choices than shards (KN, T-Patcher: one) is shared out setting by setting."""
+    layer_choices = list(dict.fromkeys(tuple(s.get("layers", ())) for s in grid))
+    if len(layer_choices) < n:
+        return grid[k::n]
+    return [s for s in grid if layer_choices.index(tuple(s.get("layers", ()))) % n == k]
 
 
 def main() -> None:
@@ -96,7 +120,7 @@ def main() -> None:
 
     def write(row: dict) -> None:
         with path.open("a") as f:
-            f.write(json.dumps({**row, "layers": list(row["layers"])}) + "\n")
+            f.write(json.dumps({**row, **({"layers": list(row["layers"])} if "layers" in row else {})}) + "\n")
 
     start = time.perf_counter()
     for _stage in range(0 if args.tables_only else 2):  # the δ-decay stage follows a complete first stage
@@ -108,8 +132,8 @@ def main() -> None:
                    log=CaseLog(out / "cases.jsonl"), base_preset=args.base_preset)
     rows = list(_read_grid(path).values())  # with what another process sharing --out has written
     chosen = {}
-    lines = ["| method | layers | λ | δ decay | lr | Efficacy | Paraphrase | Specificity | Score | edit s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | layers | λ | δ decay | lr | other | Efficacy | Paraphrase | Specificity | Score | edit s |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for m in methods:
         grid = default_grid(lm, m, rows)
         order = {setting_key(m, s): i for i, s in enumerate(grid)}
@@ -119,13 +143,14 @@ def main() -> None:
         best = best_setting(m, [r for r in mine if _key(r) in order] or mine, grid)  # off-grid rows never win
         complete = {_key(r) for r in mine} >= set(order)
         if complete:
-            chosen[m] = {k: best[k] for k in ("layers", "mom2_update_weight", "weight_decay", "lr") if k in best}
+            chosen[m] = setting_of(best)
         else:
-            lines.append(f"| {m}: {len(mine)} of {len(grid)} settings so far, none chosen yet | | | | | | | | | |")
+            lines.append(f"| {m}: {len(mine)} of {len(grid)} settings so far, none chosen yet | | | | | | | | | | |")
         for r in mine:
             mark = " **(chosen)**" if r is best and complete else ""
-            lines.append(f"| {m}{mark} | {r['layers']} | {r.get('mom2_update_weight', '–')} | "
-                         f"{r.get('weight_decay', '–')} | {r.get('lr', '–')} | {r['efficacy_success']:.1f} | {r['paraphrase_success']:.1f} "
+            lines.append(f"| {m}{mark} | {r.get('layers', '–')} | {r.get('mom2_update_weight', '–')} | "
+                         f"{r.get('weight_decay', '–')} | {r.get('lr', '–')} | {_other(r)} | "
+                         f"{r['efficacy_success']:.1f} | {r['paraphrase_success']:.1f} "
                          f"| {r['neighborhood_success']:.1f} | {r['score']:.1f} | {r['edit_s']:.2f} |")
     lines += ["", "Success rates × 100 over the tuning split; Score their harmonic mean; edit s the median edit "
               "time (for a setting whose target vectors were reused from one that differs only in λ, the solve "

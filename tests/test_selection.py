@@ -261,3 +261,72 @@ def test_preset_tables_hold_what_the_selection_chose(folder, row):
         preset = (FT_MODEL_PRESETS[method.removeprefix("ft-")][row] if method.startswith("ft-")
                   else tables[method][row])
         assert {k: list(v) if k == "layers" else v for k, v in preset.items() if k in settings} == settings, method
+
+
+def test_kn_and_tpatcher_grids_vary_what_the_references_vary_and_fit_the_model():
+    lm = tiny("llama")  # 4 layers
+    kn, patcher = selection.default_grid(lm, "kn"), selection.default_grid(lm, "t-patcher")
+    assert 1 < len(kn) <= 12 and 1 < len(patcher) <= 12
+    assert all(s["layers"] == (0, 1, 2, 3) for s in kn)  # every layer searched, as EasyEdit does
+    assert {s["threshold"] for s in kn} == set(selection.KN_THRESHOLDS)
+    assert {(s["max_steps"], s["edit_factor"]) for s in kn} == {(m, f) for m in selection.KN_STEPS
+                                                               for f in selection.KN_EDIT_FACTORS}
+    assert kn[0]["threshold"] == max(selection.KN_THRESHOLDS)  # fewest neurons (the smallest edit) first
+    assert all(s["layers"] == (3,) for s in patcher)  # the last FFN layer, as the reference
+    assert patcher[0] == dict(layers=(3,), memory_weight=10.0, max_neurons=1, lr=min(selection.TPATCHER_LEARNING_RATES))
+    for method, grid in (("kn", kn), ("t-patcher", patcher)):
+        assert len({selection.setting_key(method, s) for s in grid}) == len(grid)
+        assert selection.default_grid(lm, method, [{"method": method, **grid[0], "score": 1.0}]) == grid  # one stage
+        hparams = selection.get_method(method).make_hparams(lm, **grid[-1]).validate(lm)
+        assert all(getattr(hparams, k) == v for k, v in grid[-1].items())
+    rows = [{"method": "kn", **s, "score": 50.0 + (s["max_steps"] == 20)} for s in kn]
+    table = selection.sweep_table("kn", rows, kn)
+    assert table.splitlines()[0] == "| layers | threshold 0.3 | threshold 0.2 | threshold 0.1 |"
+    assert "the other settings (max_steps, edit_factor) changed the Score" in table
+
+
+def test_select_presets_runs_kn_and_tpatcher_end_to_end(tmp_path, monkeypatch, tiny_folder, kvedit_cache):
+    """benchmarks/select_presets.py with --methods kn,t-patcher on a tiny model over 2 tuning cases (each grid cut to
+    two settings, T-Patcher to 3 steps) writes their grid rows and chosen.json rows, and resumes from them."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("select_presets", Path(__file__).parents[1] / "benchmarks"
+                                                  / "select_presets.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    records = [{"case_id": 0, "prompt": "{} is located in the city of", "subject": "the eiffel tower",
+                "target_new": "rome", "target_true": "paris",
+                "paraphrase_prompts": ["the famous landmark {} lies in"],
+                "neighborhood_prompts": ["the louvre is located in the city of"]},
+               {"case_id": 1, "prompt": "{} is the capital of", "subject": "berlin", "target_new": "france",
+                "target_true": "germany", "paraphrase_prompts": ["the capital city of {} is in"],
+                "neighborhood_prompts": ["madrid is the capital of"]}]
+    data = tmp_path / "facts.json"
+    data.write_text(json.dumps(records))
+    monkeypatch.setattr(selection, "known_filter", lambda lm, reqs: [True] * len(reqs))
+    real = selection.default_grid
+
+    def small(lm, method, rows=()):
+        extra = dict(max_steps=3, stats_source="self", stats_tokens=256) if method == "t-patcher" else {}
+        return [{**s, **extra} for s in real(lm, method, rows)[:2]]
+
+    monkeypatch.setattr(script, "default_grid", small)
+    out = tmp_path / "select"
+    argv = ["select_presets.py", "--out", str(out), "--model", str(tiny_folder), "--dataset", str(data),
+            "--n-tune", "2", "--n-report", "0", "--methods", "kn,t-patcher"]
+    monkeypatch.setattr(sys, "argv", argv)
+    script.main()
+    rows = [json.loads(line) for line in (out / "grid.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in rows) == ["kn", "kn", "t-patcher", "t-patcher"]
+    assert all(r["cases"] == 2 for r in rows)
+    chosen = json.loads((out / "chosen.json").read_text())
+    lm = script.load_model(str(tiny_folder))
+    for method in ("kn", "t-patcher"):
+        grid = small(lm, method)
+        best = selection.best_setting(method, rows, grid)
+        assert chosen[method] == {**selection.setting_of(best)} and set(chosen[method]) == set(grid[0])
+    assert "threshold 0.3" in (out / "grid.md").read_text()
+    cases = (out / "cases.jsonl").read_text()
+    script.main()  # everything is done: nothing is edited again, the same choice
+    assert (out / "cases.jsonl").read_text() == cases and json.loads((out / "chosen.json").read_text()) == chosen

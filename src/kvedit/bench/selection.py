@@ -6,10 +6,11 @@ The procedure (issue 13):
    `n_tune` of them are the **tuning split**; the next `n_report` are the **report split**, which the tables use
    and the selection never sees.
 2. Each editor runs over the same grid of its settings (MEMIT and PMET share one: edit-layer window, λ and the
-   δ weight decay; ROME: layer and weight decay; fine-tuning: layer, from 0, and learning rate), one edit at a
-   time on every tuning case, reverted after scoring. Every edit starts from the unedited weights, so the target vectors of
-   settings that differ only in λ are optimised once and reused (`reused_targets`); their edit times are then
-   the solve alone.
+   δ weight decay; ROME: layer and weight decay; fine-tuning: layer, from 0, and learning rate; KN: threshold,
+   integration steps and edit factor; T-Patcher: memory-loss weight, neurons per edit and learning rate), one
+   edit at a time on every tuning case, reverted after scoring. Every edit starts from the unedited weights, so
+   the target vectors of settings that differ only in λ are optimised once and reused (`reused_targets`); their
+   edit times are then the solve alone.
 3. The setting with the highest Score (harmonic mean of efficacy, paraphrase and specificity success, × 100) is
    chosen; ties go to the setting listed first in the grid, which lists the smaller edit first (larger λ, larger
    δ decay, smaller learning rate) within each layer choice.
@@ -45,6 +46,21 @@ METRICS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
 #: added when Gemma's first sweep chose the smallest value, 2.5e-4, so that the grid brackets the choice.
 FT_LEARNING_RATES = (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3)
 DECAYS = (0.5, 1e-3)  # δ weight decay: the first in the whole first stage, the others at its best setting
+#: KN (every layer searched, as EasyEdit does): what the references vary (REFERENCE-2 §3.5). The coarse threshold,
+#: largest (fewest neurons: the smaller edit) first: EleutherAI 0.3, the paper and EasyEdit 0.2, EasyEdit's GPT-J
+#: 0.1. Integration steps: EasyEdit's Llama rows 1 (the gradient at zero × the coefficient), the paper and its
+#: GPT-2 XL / GPT-J rows 20. The one-token edit factor: EasyEdit's and EleutherAI's 2, and 8, the paper's λ₂.
+KN_THRESHOLDS = (0.3, 0.2, 0.1)
+KN_STEPS = (1, 20)
+KN_EDIT_FACTORS = (2.0, 8.0)
+#: T-Patcher (one new memory per mistaken target token, at the last layer, as the reference): the memory-loss
+#: weight (zsRE's 10, FEVER's 5), the neurons per edit (FEVER's 1, zsRE's cap of 5) and the learning rate round
+#: the reference's 1e-2 (its only setting, for BART; a new model needs its own). Most locality first.
+TPATCHER_MEMORY_WEIGHTS = (10.0, 5.0)
+TPATCHER_NEURONS = (1, 5)
+TPATCHER_LEARNING_RATES = (3e-3, 1e-2, 3e-2)
+#: what `score_setting` adds to a grid setting in a result row
+RESULT_FIELDS = (*METRICS, "score", "edit_s", "cases")
 
 
 @dataclass(frozen=True)
@@ -98,7 +114,19 @@ def default_grid(lm: LM, method: str, rows: Sequence[Mapping[str, Any]] = ()) ->
     if method.startswith("ft"):  # plus layers 0 and 1: ROME's FT baseline edits layer 0, FT-values' best demo layer
         layers = sorted(set([0, 1] + quarter + [round(n * 0.4)]))
         return [dict(layers=(layer,), lr=lr) for layer in layers if layer < n for lr in FT_LEARNING_RATES]
-    raise ValueError(f"no grid for method {method!r}; expected memit, pmet*, rome or ft-*")
+    if method == "kn":
+        return [dict(layers=tuple(range(n)), max_steps=steps, threshold=threshold, edit_factor=factor)
+                for steps, threshold, factor in itertools.product(KN_STEPS, KN_THRESHOLDS, KN_EDIT_FACTORS)]
+    if method == "t-patcher":
+        return [dict(layers=(n - 1,), memory_weight=weight, max_neurons=neurons, lr=lr)
+                for weight, neurons, lr in itertools.product(TPATCHER_MEMORY_WEIGHTS, TPATCHER_NEURONS,
+                                                             TPATCHER_LEARNING_RATES)]
+    raise ValueError(f"no grid for method {method!r}; expected memit, pmet*, rome, ft-*, kn or t-patcher")
+
+
+def setting_of(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The grid setting a result row (as `select` makes it, or read back from JSON) was scored at."""
+    return {k: v for k, v in row.items() if k != "method" and k not in RESULT_FIELDS}
 
 
 def _decay_stage(method: str, first: Sequence[Mapping[str, Any]],
@@ -240,16 +268,18 @@ def _select_one(
 
 def sweep_table(method: str, rows: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[str, Any]]) -> str:
     """A compact Markdown view of one method's sweep: a row per layer choice, a column per λ (MEMIT, PMET), per
-    learning rate (fine-tuning) or per δ decay (ROME), or one Score column. A cell is the Score, the best over any remaining setting
-    (MEMIT's and PMET's δ decay: a line under the table says how often it changed the Score); – where not run;
-    the best setting of a complete grid in bold."""
+    learning rate (fine-tuning, T-Patcher), per threshold (KN) or per δ decay (ROME), or one Score column. A cell
+    is the Score, the best over any remaining setting (MEMIT's and PMET's δ decay, KN's steps and edit factor: a
+    line under the table says how often they changed the Score); – where not run; the best setting of a complete
+    grid in bold."""
     mine = {setting_key(method, {k: r[k] for k in grid[0] if k in r}): r for r in rows if r["method"] == method}
-    column = next((k for k in ("mom2_update_weight", "lr", "weight_decay") if k in grid[0]), None)
+    column = next((k for k in ("mom2_update_weight", "lr", "threshold", "weight_decay") if k in grid[0]), None)
     layer_choices = list(dict.fromkeys(tuple(s["layers"]) for s in grid))
     columns = list(dict.fromkeys(s[column] for s in grid)) if column else [None]
     complete = all(setting_key(method, s) in mine for s in grid)
     best = best_setting(method, list(mine.values()), grid) if complete else None
-    header = {"mom2_update_weight": "λ", "lr": "lr", "weight_decay": "δ decay"}.get(column or "", "")
+    header = {"mom2_update_weight": "λ", "lr": "lr", "threshold": "threshold", "weight_decay": "δ decay"}.get(
+        column or "", "")
     lines = ["| layers | " + " | ".join(f"{header} {c:g}" if column else "Score" for c in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     differ = pairs = 0
@@ -267,5 +297,7 @@ def sweep_table(method: str, rows: Sequence[Mapping[str, Any]], grid: Sequence[M
         lines.append(f"| {layers[0]}–{layers[-1]} | " if len(layers) > 1 else f"| {layers[0]} | ")
         lines[-1] += " | ".join(cells) + " |"
     if pairs:
-        lines.append(f"\nδ decay 0.5 vs 1e-3 changed the Score in {differ} of {pairs} cells (the better one shown).")
+        others = [k for k in grid[0] if k not in ("layers", column)]
+        what = "δ decay 0.5 vs 1e-3" if others == ["weight_decay"] else f"the other settings ({', '.join(others)})"
+        lines.append(f"\n{what} changed the Score in {differ} of {pairs} cells (the better one shown).")
     return "\n".join(lines)
