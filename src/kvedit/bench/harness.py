@@ -258,7 +258,7 @@ class Bench:
         def on_records(spec: RunSpec, records: list[dict[str, Any]]) -> None:
             self._append_new(spec, records, done)
             batches_left[spec.key] -= 1
-            if batches_left[spec.key] == 0 and sum(batches_left.values()):
+            if batches_left[spec.key] == 0 and any(batches_left.values()):
                 self.write_summary()  # this run is whole: readable (and reportable) while the others go on
 
         pool = WorkerPool(ray, self.runner)

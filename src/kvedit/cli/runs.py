@@ -116,7 +116,7 @@ def _ray_settings(args: argparse.Namespace):
     require_ray()
     return RaySettings(address=None if args.ray == "local" else args.ray, workers=args.workers,
                        worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus, model=args.model,
-                       dtype=args.dtype, device=args.device).check()
+                       dtype=args.dtype, device=args.device, compute_dtype=args.compute_dtype).check()
 
 
 def _run_bench(args: argparse.Namespace, config) -> int:

@@ -16,5 +16,5 @@ def known_filter(lm: LM, requests: Sequence[EditRequest], batch_size: int = 32) 
         raise ValueError("--known-only needs target_true for every case (CounterFact); this dataset has none")
     prompts = [r.rewrite_prompt for r in requests]
     new = target_nll(lm, prompts, [r.target_new for r in requests], batch_size)
-    true = target_nll(lm, prompts, [r.target_true for r in requests], batch_size)
+    true = target_nll(lm, prompts, [r.target_true or "" for r in requests], batch_size)  # none is None: checked
     return (true < new).tolist()

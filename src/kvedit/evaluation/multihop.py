@@ -90,7 +90,7 @@ def greedy_continuations(lm: LM, prompts: Sequence[str], max_new_tokens: int = 1
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left").to(lm.device)
-        ids = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+        ids = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         width = enc["input_ids"].shape[1]
         out += [str(tok.decode(row[width:], skip_special_tokens=True)) for row in ids]

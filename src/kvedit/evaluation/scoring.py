@@ -53,9 +53,9 @@ def encode_target(lm: LM, prompt: str, target: str) -> EncodedTarget:
         target_ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
     if not target_ids:
         raise ValueError(f"target {target!r} tokenises to nothing")
-    input_ids = prompt_ids + target_ids
-    positions = range(len(prompt_ids) - 1, len(input_ids) - 1)
-    return EncodedTarget(tuple(input_ids), tuple(positions), tuple(target_ids))
+    full = list(prompt_ids) + list(target_ids)
+    predicting = range(len(prompt_ids) - 1, len(full) - 1)  # the positions whose next token is a target token
+    return EncodedTarget(tuple(full), tuple(predicting), tuple(target_ids))
 
 
 @dataclass

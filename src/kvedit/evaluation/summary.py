@@ -252,8 +252,8 @@ def compare_runs(
         for b in names[i + 1 :]:
             shared = [c for c in by_case[a] if c in by_case[b]]
             for metric in suite.metrics:
-                pairs = [(by_case[a][c].get(metric.key), by_case[b][c].get(metric.key)) for c in shared]
-                pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+                values = [(by_case[a][c].get(metric.key), by_case[b][c].get(metric.key)) for c in shared]
+                pairs = [(x, y) for x, y in values if x is not None and y is not None]
                 if not pairs:
                     continue
                 result = paired_comparison([x for x, _ in pairs], [y for _, y in pairs], metric.scale, **ci)

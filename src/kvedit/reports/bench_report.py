@@ -37,7 +37,8 @@ def plot_metrics(runs: Mapping[str, Mapping[str, Any]], suite: Suite, path: Path
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 0.35 * len(names) + 2.2), sharey=True)
     colors = plt.get_cmap("tab10")
     for ax, key in zip(axes, keys):
-        means, errors = [], [[], []]
+        means: list[float] = []
+        errors: list[list[float]] = [[], []]
         for name in names:
             stat = runs[name]["metrics"].get(key, {})
             mean = stat.get("mean")
