@@ -7,6 +7,7 @@ machine slows both alike. Prints per fact the CPU time (process time: with one t
 on a shared machine) and wall time of each, their ratio, and the largest score difference between the two
 (they must agree to 1e-5).
 Usage: OMP_NUM_THREADS=1 python benchmarks/trace_speed.py [--n 3] [--threads 1] [--before <commit>] [--skip-before]
+       [--subject-from 3]
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def main() -> None:
     parser.add_argument("--before", default=BEFORE, help="git revision of the earlier causal_trace.py")
     parser.add_argument("--skip-before", action="store_true", help="time the current version only")
     parser.add_argument("--model", default=None, help="model (default: the bundled SmolLM2)")
+    parser.add_argument("--subject-from", type=int, default=0,
+                        help="only facts whose subject starts at this token or later (the KV cache then skips "
+                             "the tokens before it as well)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
@@ -74,6 +78,8 @@ def main() -> None:
         if done == args.n:
             break
         ids, span = causal_trace.subject_token_range(lm, r.rewrite_prompt, r.subject)
+        if span[0] < args.subject_from:
+            continue
         with torch.no_grad():
             top = int(lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0, -1].argmax())
         if r.target_true is None or lm.tokenizer.decode([top]).strip() != r.target_true.strip():
