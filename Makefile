@@ -28,17 +28,17 @@ browser:
 	  || echo "could not install chromium + chromium-driver: the browser test will skip"; \
 	else echo "no chromium/chromedriver and no apt-get as root to install them: the browser test will skip"; fi
 
-test: setup browser lint
+test: setup browser lint typecheck
 	$(PY) -m pytest -q -rs
 
-# ruff's lint rules (pyproject.toml) on the code, tests and benchmarks; clean
+# ruff's lint rules (pyproject.toml) and its format check on the code, tests and benchmarks; clean
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
-# not yet in `test`: mypy on src/ and ruff's format check (issue 29 leaves both to follow-up commits)
+# mypy on src/ (pyproject.toml's [tool.mypy]); clean
 typecheck: setup
 	$(VENV)/bin/mypy
-	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/ft_edit_speed.py

@@ -78,7 +78,7 @@ def subject_token_range(lm: LM, prompt: str, subject: str) -> tuple[list[int], t
         covering = [i for i, (s, e) in enumerate(offsets) if e > s and e > at and s < at + len(subject)]
     else:
         ids = lm.tokenizer(prompt)["input_ids"]
-        pieces = [lm.tokenizer.decode([i]) for i in ids]
+        pieces = [str(lm.tokenizer.decode([i])) for i in ids]
         text = "".join(pieces)
         at = text.find(subject)
         ends = torch.tensor([len(p) for p in pieces]).cumsum(0).tolist()
@@ -188,7 +188,7 @@ class _Tracer:
         tokens `token`… (`cache` holding the earlier ones) through layers `start`… on `entry` `[S × repeats,
         T − token, d]` (start > 0)."""
         rows = self.samples * repeats
-        replay = replayed_layers(self.lm, start, entry, self.as_tuple) if start else nullcontext()
+        replay = replayed_layers(self.lm, start, entry, self.as_tuple) if entry is not None else nullcontext()
         handle = None if start else self._noise_hook(token, self.length, repeats)
         extra = {}
         if cache is not None:
@@ -251,10 +251,10 @@ def trace_fact(lm: LM, prompt: str, subject: str, nu: float, expected: str | Non
         raise ValueError(f"samples and window must be >= 1, got {samples} and {window}")
     ids, span = subject_token_range(lm, prompt, subject)
     tracer = _Tracer(lm, ids, span, nu, samples)
-    answer = lm.tokenizer.decode([tracer.answer])
+    answer = str(lm.tokenizer.decode([tracer.answer]))
     if expected is not None and answer.strip() != expected.strip():
         return None
-    fact = FactTrace(prompt, subject, answer, [lm.tokenizer.decode([i]) for i in ids], span, tracer.high,
+    fact = FactTrace(prompt, subject, answer, [str(lm.tokenizer.decode([i])) for i in ids], span, tracer.high,
                      tracer.low)
     for kind in kinds:  # tokens before the subject cannot see the noise: their p stays `low`
         fact.scores[kind] = torch.full((len(ids), lm.num_layers), tracer.low, dtype=torch.float64)

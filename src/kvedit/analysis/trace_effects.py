@@ -144,9 +144,9 @@ def plot_average(effects: Mapping[str, Any], path: Path, marks: Mapping[str, Seq
     for ax, kind in zip(axes[0], kinds):
         for category, curve in effects["aie"][kind].items():
             mean, band = torch.tensor(curve["mean"]), torch.tensor(curve["band"])
-            layers = range(len(mean))
-            ax.plot(layers, mean, label=category, linewidth=1.8 if "last" in category else 1.0)
-            ax.fill_between(layers, mean - band, mean + band, alpha=0.15)
+            depth = range(len(mean))
+            ax.plot(depth, mean, label=category, linewidth=1.8 if "last" in category else 1.0)
+            ax.fill_between(depth, mean - band, mean + band, alpha=0.15)
         for (name, layers), style in zip((marks or {}).items(), (":", "--")):
             for layer in layers:
                 ax.axvline(layer, color="0.4", linestyle=style, linewidth=0.8)
