@@ -38,13 +38,21 @@ from kvedit.editing.stats import key_statistics  # noqa: E402
 from kvedit.editing.targets import subject_keys  # noqa: E402
 
 BATCHES = [
-    [EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),
-     EditRequest("{} is the capital of", "berlin", target_new="spain", target_true="germany")],
-    [EditRequest("{} is located in the city of", "the colosseum", target_new="london", target_true="rome"),
-     EditRequest("{} is the official language of", "france", target_new="german", target_true="french")],
+    [
+        EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),
+        EditRequest("{} is the capital of", "berlin", target_new="spain", target_true="germany"),
+    ],
+    [
+        EditRequest("{} is located in the city of", "the colosseum", target_new="london", target_true="rome"),
+        EditRequest("{} is the official language of", "france", target_new="german", target_true="french"),
+    ],
 ]
-TEXTS = ["the louvre is a famous landmark and it stands in france", "madrid is the capital of spain where spanish is "
-         "spoken", "big ben lies in london which is in england", "the official language of italy is italian"]
+TEXTS = [
+    "the louvre is a famous landmark and it stands in france",
+    "madrid is the capital of spain where spanish is spoken",
+    "big ben lies in london which is in england",
+    "the official language of italy is italian",
+]
 LAYERS = (1, 2)
 TOKENS = 1000
 L2 = 10.0
@@ -57,7 +65,9 @@ def reference_projector(mom2: torch.Tensor, threshold: float, dtype: torch.dtype
     return small @ small.T
 
 
-def reference_update(keys: torch.Tensor, resid: torch.Tensor, p: torch.Tensor, c: torch.Tensor, lam: float) -> torch.Tensor:
+def reference_update(
+    keys: torch.Tensor, resid: torch.Tensor, p: torch.Tensor, c: torch.Tensor, lam: float
+) -> torch.Tensor:
     """ΔW `[d_out, d_k]` as the reference solves it, in P's dtype (float32 in the reference); keys `[N, d_k]`,
     resid `[N, d_out]`."""
     k, r = keys.to(p.dtype).T, resid.to(p.dtype).T  # the reference's column layout: K [d_k, N], R [d_out, N]
@@ -81,8 +91,18 @@ def compare(family: str, corpus: str, quantile: float, precision: str) -> tuple[
     worst_abs = worst_fro = worst64 = 0.0
     dims: list[int] = []
     for batch in BATCHES:
-        delta = edit(lm, batch, "alphaedit", history=history, layers=LAYERS, stats_source=corpus, stats_tokens=TOKENS,
-                     nullspace_threshold=threshold, l2=L2, precision=precision)
+        delta = edit(
+            lm,
+            batch,
+            "alphaedit",
+            history=history,
+            layers=LAYERS,
+            stats_source=corpus,
+            stats_tokens=TOKENS,
+            nullspace_threshold=threshold,
+            l2=L2,
+            precision=precision,
+        )
         dims = list(delta.records.null_dims.values())
         for rec in delta.records.layers:
             ref = reference_update(rec.keys, rec.assigned, projectors[rec.layer], cache_c[rec.layer], L2)
@@ -100,24 +120,34 @@ def compare(family: str, corpus: str, quantile: float, precision: str) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default="llama,gpt2,gemma3_text")
-    parser.add_argument("--threshold-quantile", type=float, default=0.5,
-                        help="threshold between the eigenvalues at this quantile (tiny models' activations are far "
-                             "smaller than a trained model's; the reference's 2e-2 would keep every direction)")
+    parser.add_argument(
+        "--threshold-quantile",
+        type=float,
+        default=0.5,
+        help="threshold between the eigenvalues at this quantile (tiny models' activations are far "
+        "smaller than a trained model's; the reference's 2e-2 would keep every direction)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["KVEDIT_CACHE"] = str(Path(tmp) / "cache")
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text("\n\n".join(TEXTS * 60))
-        print(f"{'model':<12} {'precision':<9} {'null dims':<10} {'max|Δ−Δref|/max|Δref|':>22} {'‖Δ−Δref‖/‖Δref‖':>16} "
-              f"{'vs the formula in float64':>26}")
+        print(
+            f"{'model':<12} {'precision':<9} {'null dims':<10} {'max|Δ−Δref|/max|Δref|':>22} {'‖Δ−Δref‖/‖Δref‖':>16} "
+            f"{'vs the formula in float64':>26}"
+        )
         overall = 0.0
         for family in args.families.split(","):
             for precision in ("float32", "float64"):
                 worst_abs, worst_fro, worst64, dims = compare(family, str(corpus), args.threshold_quantile, precision)
                 overall = max(overall, worst_abs)
-                print(f"{family:<12} {precision:<9} {str(dims):<10} {worst_abs:>22.2e} {worst_fro:>16.2e} {worst64:>26.2e}")
-        print(f"largest difference from the float32 reference formula over all models, layers, batches and "
-              f"precisions: {overall:.2e} (of max |ΔW_ref|)")
+                print(
+                    f"{family:<12} {precision:<9} {str(dims):<10} {worst_abs:>22.2e} {worst_fro:>16.2e} {worst64:>26.2e}"
+                )
+        print(
+            f"largest difference from the float32 reference formula over all models, layers, batches and "
+            f"precisions: {overall:.2e} (of max |ΔW_ref|)"
+        )
 
 
 if __name__ == "__main__":

@@ -52,9 +52,11 @@ def main() -> None:
     parser.add_argument("--methods", default="rome,memit,pmet,ft-keys,rome-fast,memit-fast")
     parser.add_argument("--model", default=None, help="model to time (default: the bundled SmolLM2)")
     parser.add_argument("--out", default=None, help="write per-case times and steps to this JSON file")
-    parser.add_argument("--compute-dtypes", default=None,
-                        help="compute precisions to interleave (default: float32,bfloat16 with bf16 matrix units, "
-                             "else float32)")
+    parser.add_argument(
+        "--compute-dtypes",
+        default=None,
+        help="compute precisions to interleave (default: float32,bfloat16 with bf16 matrix units, else float32)",
+    )
     parser.add_argument("--force-bf16", action="store_true", help="time bfloat16 even without bf16 matrix units")
     parser.add_argument("--repeats", type=int, default=3, help="timings of the optimisation step (GFLOP/s)")
     parser.add_argument("--n-flops", type=int, default=8, help="facts in the step whose GFLOP/s is printed")
@@ -62,12 +64,16 @@ def main() -> None:
     units = bf16_support().units
     dtypes = (args.compute_dtypes or ("float32,bfloat16" if units else "float32")).split(",")
     if "bfloat16" in dtypes and not (units or args.force_bf16):
-        parser.error("this CPU has no bfloat16 matrix units: bfloat16 would be emulated (30-70x slower matmuls); "
-                     "add --force-bf16 to time it anyway")
+        parser.error(
+            "this CPU has no bfloat16 matrix units: bfloat16 would be emulated (30-70x slower matmuls); "
+            "add --force-bf16 to time it anyway"
+        )
 
     lm = load_model(args.model)
-    print(f"{lm.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{lm.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     requests = load_requests(args.dataset, limit=max(args.n, args.batch) * 2)
     known = [r for r, ok in zip(requests, known_filter(lm, requests)) if ok][: max(args.n, args.batch)]
     results: dict[str, dict] = {}
@@ -94,13 +100,16 @@ def main() -> None:
             name = method if dtype == "float32" else f"{method} {dtype}"
             results[name] = dict(times=times, cpu_times=cpu, steps=steps, prepare_s=prepared)
             per_step = sum(times) / max(1, sum(steps) + len(steps))  # steps counts from 0
-            rows.append((name, statistics.median(times), statistics.median(cpu), statistics.mean(steps), per_step,
-                         prepared))
+            rows.append(
+                (name, statistics.median(times), statistics.median(cpu), statistics.mean(steps), per_step, prepared)
+            )
         if "bfloat16" in runs and "float32" in runs:
             ratios = [a / b for a, b in zip(runs["float32"][0], runs["bfloat16"][0])]
             results[method]["bf16_speedup"] = ratios
-            print(f"{method}: bfloat16 is {statistics.median(ratios):.2f}x float32's speed per edit (median of "
-                  f"{len(ratios)} interleaved cases, spread {min(ratios):.2f}-{max(ratios):.2f})")
+            print(
+                f"{method}: bfloat16 is {statistics.median(ratios):.2f}x float32's speed per edit (median of "
+                f"{len(ratios)} interleaved cases, spread {min(ratios):.2f}-{max(ratios):.2f})"
+            )
     if args.batch:
         prepare(lm, "memit")
         t0, c0 = time.perf_counter(), time.process_time()
@@ -111,14 +120,22 @@ def main() -> None:
         rows.append((f"memit x{args.batch}", elapsed, cpu_s, float("nan"), float("nan"), 0.0))
 
     print(f"\nknown CounterFact cases: {args.n} one at a time; load average now {os.getloadavg()[0]:.1f}")
-    print(f"{'method':<12} {'median s':>9} {'CPU s':>7} {'steps':>6} {'s/step':>7} {'prepare s':>10} {'before s':>9} "
-          f"{'target s':>9}")
+    print(
+        f"{'method':<12} {'median s':>9} {'CPU s':>7} {'steps':>6} {'s/step':>7} {'prepare s':>10} {'before s':>9} "
+        f"{'target s':>9}"
+    )
     for name, median, cpu_s, steps, per_step, prepared in rows:
-        key = "memit x100" if name.startswith("memit x") else name.split()[0].removesuffix("-fast")  # -fast: same targets
-        print(f"{name:<12} {median:>9.2f} {cpu_s:>7.2f} {steps:>6.1f} {per_step:>7.3f} {prepared:>10.1f} "
-              f"{BEFORE.get(key, float('nan')):>9.1f} {TARGET.get(key, float('nan')):>9.1f}")
-    peaks = {name: matmul_peak(dtype, lm.d_model, lm.model.config.intermediate_size)
-             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+        key = (
+            "memit x100" if name.startswith("memit x") else name.split()[0].removesuffix("-fast")
+        )  # -fast: same targets
+        print(
+            f"{name:<12} {median:>9.2f} {cpu_s:>7.2f} {steps:>6.1f} {per_step:>7.3f} {prepared:>10.1f} "
+            f"{BEFORE.get(key, float('nan')):>9.1f} {TARGET.get(key, float('nan')):>9.1f}"
+        )
+    peaks = {
+        name: matmul_peak(dtype, lm.d_model, lm.model.config.intermediate_size)
+        for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
+    }
     print("matmul peak this run: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
     for dtype in dtypes:
         lm.compute_dtype = dtype

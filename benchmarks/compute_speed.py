@@ -115,8 +115,10 @@ def section_step(lm, args) -> None:
     base = statistics.median(times[("float32", "sdpa")])
     print(f"\none target-optimisation step, {len(requests)} facts × 7 rows (median of {args.repeats}, interleaved)")
     for c, t in times.items():
-        print(f"  {c[0]:<9} {c[1]:<6} {statistics.median(t):7.3f} s  (spread {min(t):.3f}-{max(t):.3f})  "
-              f"{base / statistics.median(t):5.2f}x vs float32 sdpa")
+        print(
+            f"  {c[0]:<9} {c[1]:<6} {statistics.median(t):7.3f} s  (spread {min(t):.3f}-{max(t):.3f})  "
+            f"{base / statistics.median(t):5.2f}x vs float32 sdpa"
+        )
 
 
 def section_flops(lm, args, peaks: dict[str, float]) -> None:
@@ -131,9 +133,11 @@ def section_flops(lm, args, peaks: dict[str, float]) -> None:
     seconds = [timed(step) for _ in range(args.repeats)]
     t = statistics.median(seconds)
     rate = flops / t / 1e9
-    print(f"\nMEMIT target-optimisation step ({lm.compute_dtype}), {len(requests)} facts × 7 rows: {flops / 1e9:.2f} GFLOP "
-          f"in {t:.2f} s (spread {min(seconds):.2f}-{max(seconds):.2f}) = {rate:.1f} GFLOP/s; "
-          + ", ".join(f"{100 * rate / p:.0f} % of the {d} matmul peak ({p:.1f})" for d, p in peaks.items()))
+    print(
+        f"\nMEMIT target-optimisation step ({lm.compute_dtype}), {len(requests)} facts × 7 rows: {flops / 1e9:.2f} GFLOP "
+        f"in {t:.2f} s (spread {min(seconds):.2f}-{max(seconds):.2f}) = {rate:.1f} GFLOP/s; "
+        + ", ".join(f"{100 * rate / p:.0f} % of the {d} matmul peak ({p:.1f})" for d, p in peaks.items())
+    )
 
 
 def section_batch(lm, args) -> None:
@@ -147,9 +151,14 @@ def section_batch(lm, args) -> None:
         for _ in range(args.repeats if n < 100 else 1):
             for g in groups:
                 times[g].append(timed(lambda: optimize_targets(lm, pool[:n], sites, templates, opts, group_size=g)))
-        print(f"  N={n:<4} " + "   ".join(
-            f"group {g}: {statistics.median(t) / n:6.2f} s/fact (spread {min(t) / n:.2f}-{max(t) / n:.2f})"
-            for g, t in times.items()) + f"   peak RSS so far {peak_rss_mb():.0f} MB")
+        print(
+            f"  N={n:<4} "
+            + "   ".join(
+                f"group {g}: {statistics.median(t) / n:6.2f} s/fact (spread {min(t) / n:.2f}-{max(t) / n:.2f})"
+                for g, t in times.items()
+            )
+            + f"   peak RSS so far {peak_rss_mb():.0f} MB"
+        )
 
 
 def section_mining(lm, args) -> None:
@@ -170,10 +179,12 @@ def section_mining(lm, args) -> None:
         in_top += int((b[:, :1] == a).any(1).sum())
         total += a.shape[0]
     rate = {d: args.mine_tokens / statistics.median(t) for d, t in seconds.items()}
-    print(f"\ntrigger mining, {args.mine_tokens} tokens of {args.mine_source}, every layer, k=10 (median of {len(seconds['float32'])}):"
-          f" float32 {rate['float32']:.0f} tok/s, bfloat16 {rate['bfloat16']:.0f} tok/s "
-          f"({rate['bfloat16'] / rate['float32']:.2f}x); top-1 example the same for {100 * same / total:.2f} % of "
-          f"{total} memories, bf16's top-1 in float32's top-10 for {100 * in_top / total:.2f} %")
+    print(
+        f"\ntrigger mining, {args.mine_tokens} tokens of {args.mine_source}, every layer, k=10 (median of {len(seconds['float32'])}):"
+        f" float32 {rate['float32']:.0f} tok/s, bfloat16 {rate['bfloat16']:.0f} tok/s "
+        f"({rate['bfloat16'] / rate['float32']:.2f}x); top-1 example the same for {100 * same / total:.2f} % of "
+        f"{total} memories, bf16's top-1 in float32's top-10 for {100 * in_top / total:.2f} %"
+    )
 
 
 def peak_rss_mb() -> float:
@@ -188,14 +199,19 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,10,100")
     parser.add_argument("--group-sizes", default="8,32")
     parser.add_argument("--mine-tokens", type=int, default=4096)
-    parser.add_argument("--mine-source", default=str(SHARED / "corpus/wikitext-2"),
-                        help="mining corpus (a text file or folder; 'self' generates text, which dominates the time)")
+    parser.add_argument(
+        "--mine-source",
+        default=str(SHARED / "corpus/wikitext-2"),
+        help="mining corpus (a text file or folder; 'self' generates text, which dominates the time)",
+    )
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without bf16 matrix units")
     args = parser.parse_args()
     lm = load_model()
     support = bf16_support()
-    print(f"{lm.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}; "
-          f"bf16 matrix units: {'yes' if support.units else 'no'} ({support.detail})")
+    print(
+        f"{lm.name}: torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}; "
+        f"bf16 matrix units: {'yes' if support.units else 'no'} ({support.detail})"
+    )
     sections = args.sections.split(",")
     peaks: dict[str, float] = {}
     if "peak" in sections or "flops" in sections:

@@ -31,6 +31,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GO
 
 # ---------------------------------------------------------------------------------------------- worker process
 
+
 def worker(policy: str, threads: str, model: str | None, batch: int) -> None:
     """Load the model, then answer window requests on stdin ("<start> <end>" in time.monotonic, shared by every
     process on Linux) with the durations of the steps that ran entirely inside the window (at least the first
@@ -69,8 +70,12 @@ def worker(policy: str, threads: str, model: str | None, batch: int) -> None:
 
     for _ in range(3):
         step()  # warm-up: allocations, first backward
-    print(json.dumps({"ready": True, "threads": torch.get_num_threads(),
-                      "wait_policy": os.environ.get("OMP_WAIT_POLICY")}), flush=True)
+    print(
+        json.dumps(
+            {"ready": True, "threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+        ),
+        flush=True,
+    )
     for line in sys.stdin:
         start, end = map(float, line.split())
         while time.monotonic() < start:
@@ -85,6 +90,7 @@ def worker(policy: str, threads: str, model: str | None, batch: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- driver
 
+
 class Workers:
     """P worker processes of one variant, with a clean environment (the variant sets every thread variable)."""
 
@@ -93,8 +99,10 @@ class Workers:
         env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
         cmd = [sys.executable, __file__, "--worker", policy, threads, "--batch", str(batch)]
         cmd += ["--model", model] if model else []
-        self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-                      for _ in range(procs)]
+        self.procs = [
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            for _ in range(procs)
+        ]
         self.info = [json.loads(self._line(p)) for p in self.procs]
 
     @staticmethod
@@ -141,10 +149,13 @@ def main() -> None:
     alone: dict[str, list[float]] = {v: [] for v in variants}
     together: dict[str, list[float]] = {v: [] for v in variants}
     kept: dict[str, list[float]] = {v: [] for v in variants}
-    print(f"{os.cpu_count()} CPUs; load average {load()}; windows of {args.seconds:g} s; {args.procs} processes "
-          f"at once; {args.repeats} repeats", flush=True)
+    print(
+        f"{os.cpu_count()} CPUs; load average {load()}; windows of {args.seconds:g} s; {args.procs} processes "
+        f"at once; {args.repeats} repeats",
+        flush=True,
+    )
     for repeat in range(args.repeats):
-        order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
+        order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]
         for variant in order:
             workers = Workers(variant, args.procs, args.model, args.batch)
             try:
@@ -158,14 +169,19 @@ def main() -> None:
             alone[variant].append(solo)
             together[variant].append(concurrent)
             kept[variant].append(solo / concurrent)
-            print(f"  repeat {repeat + 1} {variant:<16} threads {workers.info[0]['threads']}: alone "
-                  f"{solo * 1e3:7.1f} ms/step, {args.procs} at once {concurrent * 1e3:8.1f} ms/step "
-                  f"({min(map(len, both))}-{max(map(len, both))} steps each), kept {solo / concurrent:.2f}; "
-                  f"load {load()}", flush=True)
+            print(
+                f"  repeat {repeat + 1} {variant:<16} threads {workers.info[0]['threads']}: alone "
+                f"{solo * 1e3:7.1f} ms/step, {args.procs} at once {concurrent * 1e3:8.1f} ms/step "
+                f"({min(map(len, both))}-{max(map(len, both))} steps each), kept {solo / concurrent:.2f}; "
+                f"load {load()}",
+                flush=True,
+            )
     print(f"\n{'variant':<16} {'alone ms/step':>14} {'at once ms/step':>16} {'kept (min-max)':>16}")
     for v in variants:
-        print(f"{v:<16} {statistics.median(alone[v]) * 1e3:>14.1f} {statistics.median(together[v]) * 1e3:>16.1f} "
-              f"{statistics.median(kept[v]):>8.2f} ({min(kept[v]):.2f}-{max(kept[v]):.2f})")
+        print(
+            f"{v:<16} {statistics.median(alone[v]) * 1e3:>14.1f} {statistics.median(together[v]) * 1e3:>16.1f} "
+            f"{statistics.median(kept[v]):>8.2f} ({min(kept[v]):.2f}-{max(kept[v]):.2f})"
+        )
     print(f"load average at the end {load()}")
 
 

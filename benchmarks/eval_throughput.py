@@ -36,8 +36,10 @@ def main() -> None:
     single, b = cases_per_second(lm, cases, 1)
     same = all(abs(x[k] - y[k]) < 1e-9 for x, y in zip(a, b) for k in x if k.endswith("_success"))
     print(f"{len(cases)} cases, {prompts} scored (prompt, target) pairs")
-    print(f"batched ({args.batch} per pass): {batched:.2f} cases/s; one at a time: {single:.2f} cases/s; "
-          f"speed-up {batched / single:.1f}x; identical success metrics: {same}")
+    print(
+        f"batched ({args.batch} per pass): {batched:.2f} cases/s; one at a time: {single:.2f} cases/s; "
+        f"speed-up {batched / single:.1f}x; identical success metrics: {same}"
+    )
     print(f"target >= 2 cases/s batched: {'met' if batched >= 2 else 'not met'}")
 
 

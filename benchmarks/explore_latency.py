@@ -78,8 +78,10 @@ def start_server(model: str | None, threads: int | None) -> tuple[subprocess.Pop
 def describe(times: list[float]) -> str:
     ordered = sorted(times)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return (f"median {statistics.median(times):.3f} s, p90 {p90:.3f} s, max {max(times):.3f} s, "
-            f"min {min(times):.3f} s over {len(times)} requests")
+    return (
+        f"median {statistics.median(times):.3f} s, p90 {p90:.3f} s, max {max(times):.3f} s, "
+        f"min {min(times):.3f} s over {len(times)} requests"
+    )
 
 
 def main() -> int:

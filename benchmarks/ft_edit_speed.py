@@ -30,8 +30,10 @@ def main() -> None:
 
     start = time.perf_counter()
     lm = load_model()
-    print(f"model {lm.name}: loaded in {time.perf_counter() - start:.2f} s, torch threads {torch.get_num_threads()}, "
-          f"peak RSS {peak_rss_mb():.0f} MB")
+    print(
+        f"model {lm.name}: loaded in {time.perf_counter() - start:.2f} s, torch threads {torch.get_num_threads()}, "
+        f"peak RSS {peak_rss_mb():.0f} MB"
+    )
     requests = demo_requests()[: args.n]
     edit(lm, requests[0], "ft-keys").revert(lm)  # warm-up (first backward allocates)
     print(f"{'method':<12} {'preset':<8} {'median s':>9} {'mean s':>7} {'p90 s':>6} {'steps':>6} {'s/step':>7}")
@@ -45,8 +47,10 @@ def main() -> None:
             delta.revert(lm)
         per_step = sum(times) / max(1, sum(steps))
         p90 = sorted(times)[int(0.9 * (len(times) - 1))]
-        print(f"{method:<12} {args.preset:<8} {statistics.median(times):>9.3f} {statistics.mean(times):>7.3f} "
-              f"{p90:>6.3f} {statistics.mean(steps):>6.2f} {per_step:>7.3f}")
+        print(
+            f"{method:<12} {args.preset:<8} {statistics.median(times):>9.3f} {statistics.mean(times):>7.3f} "
+            f"{p90:>6.3f} {statistics.mean(steps):>6.2f} {per_step:>7.3f}"
+        )
     print(f"peak RSS over the run: {peak_rss_mb():.0f} MB")
 
 

@@ -70,8 +70,11 @@ def main() -> None:
     candidates = load_requests(args.data, limit=20 * args.n)
     cases = [r for r, known in zip(candidates, known_filter(lm, candidates)) if known][: args.n]
     print(f"{lm.name}: first {len(cases)} known cases, layer {args.layer} down_proj, Adam lr 5e-4, ≤ 25 steps")
-    rows = {"reference FT-L (no constraint)": [], "kvedit ft-l, norm_constraint=0": [],
-            "kvedit ft-l preset (±5e-4)": []}
+    rows = {
+        "reference FT-L (no constraint)": [],
+        "kvedit ft-l, norm_constraint=0": [],
+        "kvedit ft-l preset (±5e-4)": [],
+    }
     for request in cases:
         rows["reference FT-L (no constraint)"].append(reference_ft_l(lm, request, args.layer))
         for label, constraint in (("kvedit ft-l, norm_constraint=0", 0.0), ("kvedit ft-l preset (±5e-4)", None)):
@@ -79,14 +82,21 @@ def main() -> None:
             result = delta.metadata["result"]
             rows[label].append((flipped(lm, request), result["steps"], result["time_s"]))
             delta.revert(lm)
-        print(f"case {request.case_id}: " + ", ".join(f"{label}: {'flipped' if r[-1][0] else 'kept'} ({r[-1][1]} steps)"
-                                                     for label, r in rows.items()), flush=True)
+        print(
+            f"case {request.case_id}: "
+            + ", ".join(
+                f"{label}: {'flipped' if r[-1][0] else 'kept'} ({r[-1][1]} steps)" for label, r in rows.items()
+            ),
+            flush=True,
+        )
     print(f"{'run':<34} {'flipped':>8} {'steps':>6} {'s/step':>7}")
     for label, results in rows.items():
         steps = sum(r[1] for r in results)
         per_step = sum(r[2] for r in results) / max(1, steps)
-        print(f"{label:<34} {sum(r[0] for r in results):>4} / {len(results):<2} {steps / len(results):>6.1f} "
-              f"{per_step:>7.3f}")
+        print(
+            f"{label:<34} {sum(r[0] for r in results):>4} / {len(results):<2} {steps / len(results):>6.1f} "
+            f"{per_step:>7.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,13 @@ def main() -> None:
     for preset in args.presets.split(","):
         for lr in lrs:
             extra = {"preset": preset} | ({"lr": lr} if lr else {})
-            config = BenchConfig(dataset=str(demo_facts_path()), methods=tuple(args.methods.split(",")), n=args.n,
-                                 layers=tuple(int(x) for x in args.layers.split(",")), extra=extra)
+            config = BenchConfig(
+                dataset=str(demo_facts_path()),
+                methods=tuple(args.methods.split(",")),
+                n=args.n,
+                layers=tuple(int(x) for x in args.layers.split(",")),
+                extra=extra,
+            )
             folder = args.out / (preset + (f"-lr{lr:g}" if lr else ""))
             Bench(lm, config, folder).run()
             print((folder / "table.md").read_text(), flush=True)

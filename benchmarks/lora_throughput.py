@@ -42,8 +42,10 @@ def main() -> None:
     rows = training_sequences(lm, data.train, config)[: args.batch_size]
     batch = collate(rows, lm.tokenizer.pad_token_id)
     tokens = int(batch["attention_mask"].sum())
-    print(f"{lm.name}: batch {len(rows)} × ≤{batch['input_ids'].shape[1]} tokens ({tokens} real), "
-          f"{torch.get_num_threads()} threads, {args.reps} alternating reps (medians)")
+    print(
+        f"{lm.name}: batch {len(rows)} × ≤{batch['input_ids'].shape[1]} tokens ({tokens} real), "
+        f"{torch.get_num_threads()} threads, {args.reps} alternating reps (medians)"
+    )
     print("| target | trainable | floor tok/s | LoRA tok/s | LoRA / floor time |")
     print("|---|---:|---:|---:|---:|")
     for spec in args.targets.split(","):
@@ -78,8 +80,11 @@ def main() -> None:
             if rep:
                 lora_s.append(elapsed)
         floor, lora = statistics.median(floor_s), statistics.median(lora_s)
-        print(f"| {spec} | {trainable:,} ({100 * trainable / total:.3f} %) | {tokens / floor:.0f} | "
-              f"{tokens / lora:.0f} | {lora / floor:.2f}× |", flush=True)
+        print(
+            f"| {spec} | {trainable:,} ({100 * trainable / total:.3f} %) | {tokens / floor:.0f} | "
+            f"{tokens / lora:.0f} | {lora / floor:.2f}× |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

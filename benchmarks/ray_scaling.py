@@ -18,7 +18,9 @@ from kvedit.bench.config import BenchConfig
 from kvedit.bench.harness import Bench
 from kvedit.bench.ray import RaySettings
 
-DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "editing" / "counterfact" / "counterfact-edit-1k.json"
+DATASET = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "editing" / "counterfact" / "counterfact-edit-1k.json"
+)
 
 
 def timed_run(config: BenchConfig, out: Path, ray: RaySettings | None) -> float:
@@ -43,11 +45,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/ray_scaling"))
     args = parser.parse_args()
 
-    config = BenchConfig(dataset=args.dataset, methods=tuple(args.methods.split(",")), n=args.n, known_only=True,
-                         stats_source=args.stats)
+    config = BenchConfig(
+        dataset=args.dataset, methods=tuple(args.methods.split(",")), n=args.n, known_only=True, stats_source=args.stats
+    )
     results = {"one process": timed_run(config, args.out / "local", None)}
     for workers in (int(w) for w in args.workers.split(",")):
-        results[f"ray, {workers} worker(s)"] = timed_run(config, args.out / f"ray{workers}", RaySettings(workers=workers))
+        results[f"ray, {workers} worker(s)"] = timed_run(
+            config, args.out / f"ray{workers}", RaySettings(workers=workers)
+        )
     base = results["one process"]
     edits = args.n * len(config.methods)
     print(f"{edits} edits ({args.methods} on {args.n} known CounterFact cases), bundled model")
@@ -56,8 +61,10 @@ def main() -> None:
         print(f"{name:<22} {seconds:>14.1f} {base / seconds:>8.2f}x {seconds / edits:>11.2f}")
     if "ray, 1 worker(s)" in results:
         overhead = (results["ray, 1 worker(s)"] - base) / edits
-        print(f"overhead of the distributed path: {overhead:+.2f} s per edit (1 worker vs one process; "
-              "includes starting Ray and loading the model in the worker)")
+        print(
+            f"overhead of the distributed path: {overhead:+.2f} s per edit (1 worker vs one process; "
+            "includes starting Ray and loading the model in the worker)"
+        )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,14 @@ def _key(row: dict) -> str:
 
 def _other(row: dict) -> str:
     """The setting's keys without a column of their own in grid.md, e.g. "threshold 0.2, max_steps 20"."""
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in setting_of(row).items() if k not in TABLE_KEYS) or "–"
+    return (
+        ", ".join(
+            f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in setting_of(row).items()
+            if k not in TABLE_KEYS
+        )
+        or "–"
+    )
 
 
 def _read_grid(path: Path) -> dict[str, dict]:
@@ -95,14 +101,24 @@ def main() -> None:
     parser.add_argument("--n-tune", type=int, default=50)
     parser.add_argument("--n-report", type=int, default=200)
     parser.add_argument("--methods", default="memit,pmet,rome,ft-keys,ft-values")
-    parser.add_argument("--shard", default="0/1", metavar="K/N",
-                        help="run only the K-th of N shares of each grid, split by layer choice (so λ sweeps keep "
-                             "reusing their targets): N processes with K = 0..N-1 cover the grid once")
-    parser.add_argument("--tables-only", action="store_true",
-                        help="write grid.md and chosen.json from what grid.jsonl holds, without editing")
-    parser.add_argument("--base-preset", default=None,
-                        help="preset row the closed-form editors start from when the model has none of its own "
-                             "(e.g. smollm2); the grid sets layers, λ and δ decay")
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="K/N",
+        help="run only the K-th of N shares of each grid, split by layer choice (so λ sweeps keep "
+        "reusing their targets): N processes with K = 0..N-1 cover the grid once",
+    )
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="write grid.md and chosen.json from what grid.jsonl holds, without editing",
+    )
+    parser.add_argument(
+        "--base-preset",
+        default=None,
+        help="preset row the closed-form editors start from when the model has none of its own "
+        "(e.g. smollm2); the grid sets layers, λ and δ decay",
+    )
     args = parser.parse_args()
     shard, shards = _shard(args.shard)
     out = Path(args.out)
@@ -110,10 +126,18 @@ def main() -> None:
     lm = load_model(args.model)
     if not args.tables_only:
         split = known_split(lm, load_requests(args.dataset), args.n_tune, args.n_report)
-        (out / "split.json").write_text(json.dumps({"model": lm.name, "dataset": args.dataset,
-                                                    "base_preset": args.base_preset,
-                                                    "tune": [r.case_id for r in split.tune],
-                                                    "report": [r.case_id for r in split.report]}, indent=1))
+        (out / "split.json").write_text(
+            json.dumps(
+                {
+                    "model": lm.name,
+                    "dataset": args.dataset,
+                    "base_preset": args.base_preset,
+                    "tune": [r.case_id for r in split.tune],
+                    "report": [r.case_id for r in split.report],
+                },
+                indent=1,
+            )
+        )
     path = out / "grid.jsonl"
     cut_torn_tail(path)
     methods = args.methods.split(",")
@@ -125,15 +149,30 @@ def main() -> None:
     start = time.perf_counter()
     for _stage in range(0 if args.tables_only else 2):  # the δ-decay stage follows a complete first stage
         done = _read_grid(path)
-        grids = {m: [s for s in shard_of(default_grid(lm, m, list(done.values())), shard, shards)
-                     if setting_key(m, s) not in done] for m in methods}
+        grids = {
+            m: [
+                s
+                for s in shard_of(default_grid(lm, m, list(done.values())), shard, shards)
+                if setting_key(m, s) not in done
+            ]
+            for m in methods
+        }
         if any(grids.values()):
-            select(lm, list(split.tune), [m for m in methods if grids[m]], grids, on_result=write,
-                   log=CaseLog(out / "cases.jsonl"), base_preset=args.base_preset)
+            select(
+                lm,
+                list(split.tune),
+                [m for m in methods if grids[m]],
+                grids,
+                on_result=write,
+                log=CaseLog(out / "cases.jsonl"),
+                base_preset=args.base_preset,
+            )
     rows = list(_read_grid(path).values())  # with what another process sharing --out has written
     chosen = {}
-    lines = ["| method | layers | λ | δ decay | lr | other | Efficacy | Paraphrase | Specificity | Score | edit s |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | layers | λ | δ decay | lr | other | Efficacy | Paraphrase | Specificity | Score | edit s |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for m in methods:
         grid = default_grid(lm, m, rows)
         order = {setting_key(m, s): i for i, s in enumerate(grid)}
@@ -148,16 +187,24 @@ def main() -> None:
             lines.append(f"| {m}: {len(mine)} of {len(grid)} settings so far, none chosen yet | | | | | | | | | | |")
         for r in mine:
             mark = " **(chosen)**" if r is best and complete else ""
-            lines.append(f"| {m}{mark} | {r.get('layers', '–')} | {r.get('mom2_update_weight', '–')} | "
-                         f"{r.get('weight_decay', '–')} | {r.get('lr', '–')} | {_other(r)} | "
-                         f"{r['efficacy_success']:.1f} | {r['paraphrase_success']:.1f} "
-                         f"| {r['neighborhood_success']:.1f} | {r['score']:.1f} | {r['edit_s']:.2f} |")
-    lines += ["", "Success rates × 100 over the tuning split; Score their harmonic mean; edit s the median edit "
-              "time (for a setting whose target vectors were reused from one that differs only in λ, the solve "
-              "alone)."]
+            lines.append(
+                f"| {m}{mark} | {r.get('layers', '–')} | {r.get('mom2_update_weight', '–')} | "
+                f"{r.get('weight_decay', '–')} | {r.get('lr', '–')} | {_other(r)} | "
+                f"{r['efficacy_success']:.1f} | {r['paraphrase_success']:.1f} "
+                f"| {r['neighborhood_success']:.1f} | {r['score']:.1f} | {r['edit_s']:.2f} |"
+            )
+    lines += [
+        "",
+        "Success rates × 100 over the tuning split; Score their harmonic mean; edit s the median edit "
+        "time (for a setting whose target vectors were reused from one that differs only in λ, the solve "
+        "alone).",
+    ]
     (out / "grid.md").write_text("\n".join(lines) + "\n")
-    sweeps = [f"**{m}** (Score on the tuning split)\n\n{sweep_table(m, rows, default_grid(lm, m, rows))}"
-              for m in methods if any(r["method"] == m for r in rows)]
+    sweeps = [
+        f"**{m}** (Score on the tuning split)\n\n{sweep_table(m, rows, default_grid(lm, m, rows))}"
+        for m in methods
+        if any(r["method"] == m for r in rows)
+    ]
     (out / "sweep.md").write_text("\n\n".join(sweeps) + "\n")
     (out / "chosen.json").write_text(json.dumps(chosen, indent=1))
     print("\n".join(lines))

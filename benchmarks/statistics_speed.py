@@ -46,8 +46,10 @@ def main() -> None:
         start = time.perf_counter()
         key_statistics(lm, [3, 4, 5, 6, 7], args.text, args.text_tokens, use_cache=False, progress=False)
         elapsed = time.perf_counter() - start
-        print(f"statistics, 5 layers x {args.text_tokens} text tokens: {elapsed:.1f} s "
-              f"({args.text_tokens / elapsed:.0f} tok/s; target <= 90 s)")
+        print(
+            f"statistics, 5 layers x {args.text_tokens} text tokens: {elapsed:.1f} s "
+            f"({args.text_tokens / elapsed:.0f} tok/s; target <= 90 s)"
+        )
 
         rows = max(1, args.self_tokens // 256)
         start = time.perf_counter()

@@ -46,7 +46,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared/data/editing/zsre/zsre_mend
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """"pmet:clamp_norm_factor=4;kl_factor=0.5" → ("pmet", {"clamp_norm_factor": 4.0, ...})."""
+    """ "pmet:clamp_norm_factor=4;kl_factor=0.5" → ("pmet", {"clamp_norm_factor": 4.0, ...})."""
     method, _, rest = text.partition(":")
     overrides = {}
     for item in filter(None, rest.split(";")):
@@ -99,14 +99,29 @@ def measure(lm, requests, method: str, overrides: dict[str, Any]) -> dict[str, A
             edited = token_accuracy(lm, request, {})
         finally:
             delta.revert(lm)
-        rows.append(dict(case_id=request.case_id, steps=steps[0], reach=reach, written_only=written_only,
-                         edited=edited, at_clamp={s[0]: bool(found[s][1].norm() >= 0.99 * bound[s]) for s in optimised},
-                         **spread_of(delta.records, settings)))
+        rows.append(
+            dict(
+                case_id=request.case_id,
+                steps=steps[0],
+                reach=reach,
+                written_only=written_only,
+                edited=edited,
+                at_clamp={s[0]: bool(found[s][1].norm() >= 0.99 * bound[s]) for s in optimised},
+                **spread_of(delta.records, settings),
+            )
+        )
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     spread = {k: mean(k) for k in ("remainder_first", "remainder_last", "written_sum") if k in rows[0]}
-    return dict(n=len(rows), reach=100 * mean("reach"), written_only=100 * mean("written_only"),
-                edited=100 * mean("edited"), at_clamp={s[0]: sum(r["at_clamp"][s[0]] for r in rows) for s in optimised},
-                ran_all_steps=sum(r["steps"] == settings.max_steps - 1 for r in rows), **spread, cases=rows)
+    return dict(
+        n=len(rows),
+        reach=100 * mean("reach"),
+        written_only=100 * mean("written_only"),
+        edited=100 * mean("edited"),
+        at_clamp={s[0]: sum(r["at_clamp"][s[0]] for r in rows) for s in optimised},
+        ran_all_steps=sum(r["steps"] == settings.max_steps - 1 for r in rows),
+        **spread,
+        cases=rows,
+    )
 
 
 def spread_of(records: Any, settings: Any) -> dict[str, float]:
@@ -118,8 +133,11 @@ def spread_of(records: Any, settings: Any) -> dict[str, float]:
     spread = settings.spread if isinstance(settings, PMETHyperParams) else "even"
     shares = sum(r.remaining * spread_fraction(i, len(layers), spread) for i, r in enumerate(layers))
     first = layers[0].remaining.norm().item()
-    return dict(remainder_first=first, remainder_last=layers[-1].remaining.norm().item(),
-                written_sum=shares.norm().item() / first)
+    return dict(
+        remainder_first=first,
+        remainder_last=layers[-1].remaining.norm().item(),
+        written_sum=shares.norm().item() / first,
+    )
 
 
 def main() -> None:
@@ -127,9 +145,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dataset", default=str(DATA), help="any dataset kvedit loads (default: zsRE)")
     parser.add_argument("--n", type=int, default=20, help="first N valid records")
-    parser.add_argument("--variants", default="memit,pmet,pmet:clamp_norm_factor=4,pmet-no-attn-delta,"
-                        "pmet-no-attn-delta:clamp_norm_factor=4",
-                        help="comma-separated METHOD[:KEY=VALUE;...] (settings over the model's preset)")
+    parser.add_argument(
+        "--variants",
+        default="memit,pmet,pmet:clamp_norm_factor=4,pmet-no-attn-delta,pmet-no-attn-delta:clamp_norm_factor=4",
+        help="comma-separated METHOD[:KEY=VALUE;...] (settings over the model's preset)",
+    )
     parser.add_argument("--out", type=Path, help="also write every case as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -137,16 +157,24 @@ def main() -> None:
     requests = load_requests(args.dataset, limit=args.n, skip_invalid=True)
     results = {}
     print(f"{lm.name}, {len(requests)} requests of {args.dataset}; token accuracy of target_new × 100")
-    print("| variant | reach | written only | edited | at clamp | ran all steps | remainder first → last | "
-          "shares ÷ first |\n|---|---:|---:|---:|---|---:|---|---:|")
+    print(
+        "| variant | reach | written only | edited | at clamp | ran all steps | remainder first → last | "
+        "shares ÷ first |\n|---|---:|---:|---:|---|---:|---|---:|"
+    )
     for text in split_variants(args.variants):
         method, overrides = parse_variant(text)
         r = results[text] = measure(lm, requests, method, overrides)
         clamp = ", ".join(f"{site} {k}/{r['n']}" for site, k in r["at_clamp"].items())
-        spread = (f"{r['remainder_first']:.1f} → {r['remainder_last']:.1f} | {r['written_sum']:.2f}"
-                  if "written_sum" in r else "– | –")
-        print(f"| {text} | {r['reach']:.1f} | {r['written_only']:.1f} | {r['edited']:.1f} | {clamp} | "
-              f"{r['ran_all_steps']}/{r['n']} | {spread} |", flush=True)
+        spread = (
+            f"{r['remainder_first']:.1f} → {r['remainder_last']:.1f} | {r['written_sum']:.2f}"
+            if "written_sum" in r
+            else "– | –"
+        )
+        print(
+            f"| {text} | {r['reach']:.1f} | {r['written_only']:.1f} | {r['edited']:.1f} | {clamp} | "
+            f"{r['ran_all_steps']}/{r['n']} | {spread} |",
+            flush=True,
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

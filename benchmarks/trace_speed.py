@@ -33,8 +33,13 @@ BEFORE = "6468ab7"  # causal_trace.py as first committed (83e89b5), unchanged up
 def load_before(commit: str):
     """`kvedit.analysis.causal_trace` as it was at `commit`, imported as a sibling module (its relative imports
     resolve against the current package)."""
-    source = subprocess.run(["git", "show", f"{commit}:src/kvedit/analysis/causal_trace.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{commit}:src/kvedit/analysis/causal_trace.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     name = "kvedit.analysis._causal_trace_before"
     spec = importlib.util.spec_from_loader(name, loader=None)
     module = importlib.util.module_from_spec(spec)
@@ -59,9 +64,13 @@ def main() -> None:
     parser.add_argument("--before", default=BEFORE, help="git revision of the earlier causal_trace.py")
     parser.add_argument("--skip-before", action="store_true", help="time the current version only")
     parser.add_argument("--model", default=None, help="model (default: the bundled SmolLM2)")
-    parser.add_argument("--subject-from", type=int, default=0,
-                        help="only facts whose subject starts at this token or later (the KV cache then skips "
-                             "the tokens before it as well)")
+    parser.add_argument(
+        "--subject-from",
+        type=int,
+        default=0,
+        help="only facts whose subject starts at this token or later (the KV cache then skips "
+        "the tokens before it as well)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
@@ -69,8 +78,10 @@ def main() -> None:
     nu = causal_trace.embedding_noise_scale(lm, [r.subject for r in requests])
     before = None if args.skip_before else load_before(args.before)
     print(f"{lm.name}: {lm.num_layers} layers, {args.threads} thread(s), ν = {nu:.4f}; before = {args.before}")
-    print("| fact | tokens | subject | before CPU s | after CPU s | CPU ratio | before wall s | after wall s "
-          "| max |Δscore| |")
+    print(
+        "| fact | tokens | subject | before CPU s | after CPU s | CPU ratio | before wall s | after wall s "
+        "| max |Δscore| |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     totals = {"before": [0.0, 0.0], "after": [0.0, 0.0]}
     done = 0
@@ -99,16 +110,23 @@ def main() -> None:
         else:
             b_cpu, b_wall = results["before_t"]
             ratio = b_cpu / a_cpu
-            diff = max(float((results["before"].scores[k] - results["after"].scores[k]).abs().max())
-                       for k in results["after"].scores)
-        print(f"| {r.case_id} | {len(ids)} | {span[0]}–{span[1]} | {b_cpu:.1f} | {a_cpu:.1f} | {ratio:.2f} "
-              f"| {b_wall:.1f} | {a_wall:.1f} | {diff:.1e} |", flush=True)
+            diff = max(
+                float((results["before"].scores[k] - results["after"].scores[k]).abs().max())
+                for k in results["after"].scores
+            )
+        print(
+            f"| {r.case_id} | {len(ids)} | {span[0]}–{span[1]} | {b_cpu:.1f} | {a_cpu:.1f} | {ratio:.2f} "
+            f"| {b_wall:.1f} | {a_wall:.1f} | {diff:.1e} |",
+            flush=True,
+        )
         done += 1
     if done:
         b, a = totals["before"], totals["after"]
         ratio = b[0] / a[0] if before is not None else float("nan")
-        print(f"\nper fact: before {b[0] / done:.1f} s CPU ({b[1] / done:.1f} s wall), after {a[0] / done:.1f} s CPU "
-              f"({a[1] / done:.1f} s wall); before/after CPU ratio {ratio:.2f} over {done} facts")
+        print(
+            f"\nper fact: before {b[0] / done:.1f} s CPU ({b[1] / done:.1f} s wall), after {a[0] / done:.1f} s CPU "
+            f"({a[1] / done:.1f} s wall); before/after CPU ratio {ratio:.2f} over {done} facts"
+        )
 
 
 if __name__ == "__main__":

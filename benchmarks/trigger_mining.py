@@ -39,7 +39,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=100_000)
     p.add_argument("--corpus", default=str(WIKITEXT))
     p.add_argument("--batch-size", type=int, default=512, help="sentences per forward pass at most")
-    p.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per forward pass at most (0: no limit)")
+    p.add_argument(
+        "--batch-tokens", type=int, default=2048, help="padded tokens per forward pass at most (0: no limit)"
+    )
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -49,18 +51,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     batch_tokens = args.batch_tokens or None
     lm = load_model()
-    print(f"{lm.name}: {lm.num_layers} layers; {args.tokens} tokens of {args.corpus}; batches of ≤ {args.batch_size} "
-          f"sentences and ≤ {batch_tokens} tokens, sentences of ≤ {args.max_length} tokens; "
-          f"{torch.get_num_threads()} threads; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"{lm.name}: {lm.num_layers} layers; {args.tokens} tokens of {args.corpus}; batches of ≤ {args.batch_size} "
+        f"sentences and ≤ {batch_tokens} tokens, sentences of ≤ {args.max_length} tokens; "
+        f"{torch.get_num_threads()} threads; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
 
     start = time.perf_counter()
-    batches = list(token_batches(lm, args.corpus, args.tokens, args.max_length, args.batch_size,
-                                 batch_tokens=batch_tokens))
+    batches = list(
+        token_batches(lm, args.corpus, args.tokens, args.max_length, args.batch_size, batch_tokens=batch_tokens)
+    )
     t_tok = time.perf_counter() - start
     counted = sum(b.num_tokens for b, _ in batches)
     padded = sum(b.input_ids.numel() for b, _ in batches)
-    print(f"counted tokens {counted} ({padded} with padding) in {len(batches)} batches; tokenising {t_tok:.1f} s",
-          flush=True)
+    print(
+        f"counted tokens {counted} ({padded} with padding) in {len(batches)} batches; tokenising {t_tok:.1f} s",
+        flush=True,
+    )
 
     t_full = t_base = t_mine = 0.0
     loads = []
@@ -81,8 +89,10 @@ def main() -> None:
     if not args.skip_full_forward:
         print(f"plain forward (with logits)       {t_full:7.1f} s  ({counted / t_full:,.0f} tok/s)")
     print(f"forward without logits            {t_base:7.1f} s  ({counted / t_base:,.0f} tok/s)")
-    print(f"mining, all {lm.num_layers} layers × {miner.tops[0].d} memories "
-          f"{mining:7.1f} s  ({counted / mining:,.0f} tok/s; tokenising + passes + {t_result:.1f} s to collect)")
+    print(
+        f"mining, all {lm.num_layers} layers × {miner.tops[0].d} memories "
+        f"{mining:7.1f} s  ({counted / mining:,.0f} tok/s; tokenising + passes + {t_result:.1f} s to collect)"
+    )
     if not args.skip_full_forward:
         print(f"  = {mining / (t_tok + t_full):.2f} × (tokenising + plain forward)")
     print(f"  = {mining / (t_tok + t_base):.2f} × (tokenising + forward without logits)")

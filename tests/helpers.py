@@ -67,9 +67,18 @@ def write_facts(path: Path, rows: Iterable, **extra) -> Path:
     records = []
     for i, row in enumerate(rows):
         p, s, n, t = (row.prompt, row.subject, row.target_new, row.target_true) if hasattr(row, "prompt") else row
-        records.append({"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": i,
-                        "paraphrase_prompts": [f"{s} lies in"], "neighborhood_prompts": ["the louvre is located in"],
-                        **extra})
+        records.append(
+            {
+                "prompt": p,
+                "subject": s,
+                "target_new": n,
+                "target_true": t,
+                "case_id": i,
+                "paraphrase_prompts": [f"{s} lies in"],
+                "neighborhood_prompts": ["the louvre is located in"],
+                **extra,
+            }
+        )
     path.write_text(json.dumps(records))
     return path
 
@@ -105,7 +114,10 @@ def need_shared(*paths: Path) -> Path:
     for path in paths:
         if not path.exists():
             if os.environ.get("CI", "").strip().lower() == "true":
-                pytest.fail(f"{path} is missing: under CI the tests need the shared data sets in {SHARED_DATA} "
-                            "(checked out beside the project)", pytrace=False)
+                pytest.fail(
+                    f"{path} is missing: under CI the tests need the shared data sets in {SHARED_DATA} "
+                    "(checked out beside the project)",
+                    pytrace=False,
+                )
             pytest.skip(f"{path} is missing (the shared data sets are not checked out beside the project)")
     return paths[0]

@@ -26,10 +26,17 @@ REQUESTS = [
     EditRequest("{} is located in the city of", "the colosseum", target_new="london", target_true="rome"),
 ]
 #: text unlike the edit prompts, so that the edited subjects' keys are not all "preserved knowledge"
-TEXTS = ["the louvre is a famous landmark and it stands in france", "madrid is the capital of spain where spanish is "
-         "spoken", "big ben lies in london which is in england", "the official language of italy is italian"]
-RELATIONS = ["the louvre is located in the city of paris", "big ben is located in the city of london",
-             "the colosseum is located in the city of rome"]
+TEXTS = [
+    "the louvre is a famous landmark and it stands in france",
+    "madrid is the capital of spain where spanish is spoken",
+    "big ben lies in london which is in england",
+    "the official language of italy is italian",
+]
+RELATIONS = [
+    "the louvre is located in the city of paris",
+    "big ben is located in the city of london",
+    "the colosseum is located in the city of rome",
+]
 LAYERS = (1, 2)
 TOKENS = 1000
 #: the statistics corpus (the `corpus` fixture in conftest writes it)
@@ -62,6 +69,7 @@ def rel(a, b) -> float:
 
 # ------------------------------------------------------------------------------- (a) one batch, no history
 
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_one_batch_is_the_published_update_and_memit_on_projected_keys(corpus, family):
     lm = tiny(family)
@@ -78,7 +86,9 @@ def test_one_batch_is_the_published_update_and_memit_on_projected_keys(corpus, f
         assert rel(rec.update, published) < 1e-6
         # MEMIT's closed form R K̃ᵀ (λ C + K̃ K̃ᵀ)⁻¹ with the L2 term for λC (C = I) on projected keys K̃ = P K
         kt = p @ rec.keys.double().T
-        memit_form = rec.assigned.double().T @ kt.T @ torch.linalg.inv(10.0 * torch.eye(len(p), dtype=p.dtype) + kt @ kt.T)
+        memit_form = (
+            rec.assigned.double().T @ kt.T @ torch.linalg.inv(10.0 * torch.eye(len(p), dtype=p.dtype) + kt @ kt.T)
+        )
         assert rel(rec.update, memit_form) < 1e-6
         assert rel(rec.update.double() @ p, rec.update) < 1e-6  # ΔW = ΔW P: rows in the null space
         # what the weights received is that update (to the weights' own float32 rounding)
@@ -101,6 +111,7 @@ def test_the_default_float32_agrees_with_float64(corpus):
 
 # ------------------------------------------------------------------------------------- (b) P = I is MEMIT
 
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_with_every_eigenvector_kept_it_is_memit_with_the_l2_term(corpus, family):
     """Threshold above every eigenvalue: P = I, and ΔW = R Kᵀ (K Kᵀ + λ I)⁻¹ is MEMIT's update with λ C = λ I
@@ -119,14 +130,23 @@ def test_with_every_eigenvector_kept_it_is_memit_with_the_l2_term(corpus, family
     for layer in LAYERS:  # MEMIT with C = I: its cached C⁻¹ is the identity
         d_k = key_statistics(lm, [layer], corpus, TOKENS)[layer].sum_kkT.shape[0]
         lm.memo[("inverse_mom2", "values", layer, corpus, TOKENS)] = torch.eye(d_k, dtype=torch.float64)
-    memit = edit(lm, REQUESTS[:2], "memit", layers=LAYERS, stats_source=corpus, stats_tokens=TOKENS,
-                 mom2_update_weight=10.0, **same)
+    memit = edit(
+        lm,
+        REQUESTS[:2],
+        "memit",
+        layers=LAYERS,
+        stats_source=corpus,
+        stats_tokens=TOKENS,
+        mom2_update_weight=10.0,
+        **same,
+    )
     for a, m in zip(alpha.records.layers, memit.records):
         torch.testing.assert_close(a.update, m.update, rtol=1e-6, atol=1e-9)
     assert all(torch.equal(alpha_after[n], t) for n, t in snapshot(lm).items())  # the same weights, bit for bit
 
 
 # --------------------------------------------------------------------------------------- (c) the projector
+
 
 def test_p_is_an_orthogonal_projector_onto_the_small_eigenvalues(corpus):
     lm = tiny("llama")
@@ -146,7 +166,9 @@ def test_p_is_an_orthogonal_projector_onto_the_small_eigenvalues(corpus):
     # the reference's route (full SVD of the float32 mean, singular values < threshold) selects the same subspace
     u, s, _ = torch.linalg.svd(mom2.float(), full_matrices=False)
     ref = u[:, s < thr] @ u[:, s < thr].T
-    torch.testing.assert_close(null_space_projector(lm, 1, corpus, TOKENS, thr, "float32").matrix, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        null_space_projector(lm, 1, corpus, TOKENS, thr, "float32").matrix, ref, rtol=0, atol=1e-5
+    )
 
 
 def test_the_update_leaves_preserved_keys_alone(corpus):
@@ -182,6 +204,7 @@ def test_projector_is_cached_on_disk_with_a_checksum(corpus, kvedit_cache):
 
 
 # --------------------------------------------------------------------------------------- (d) the history
+
 
 def test_history_over_two_batches_is_the_reference_accumulation_and_survives_a_file(corpus, tmp_path):
     lm = tiny("llama")
@@ -243,14 +266,22 @@ def test_history_files_and_misuse_are_refused(corpus, tmp_path):
     with pytest.raises(ValueError, match="must end in .safetensors"):
         delta.records.history.save(tmp_path / "h.pt")
     with pytest.raises(ValueError, match="carries no history"):
-        edit(lm, REQUESTS[:1], "memit", history=AlphaEditHistory(), layers=LAYERS, stats_source=corpus,
-             stats_tokens=TOKENS)
+        edit(
+            lm,
+            REQUESTS[:1],
+            "memit",
+            history=AlphaEditHistory(),
+            layers=LAYERS,
+            stats_source=corpus,
+            stats_tokens=TOKENS,
+        )
     other = tiny("gpt2")
     with pytest.raises(ValueError, match="belongs to the model"):
         edit(other, REQUESTS[:1], "alphaedit", history=delta.records.history, **settings(corpus, thr))
 
 
 # --------------------------------------------------------------------------------- (e) the edit and revert
+
 
 def test_the_edit_flips_the_target_and_reverts_bit_exactly(corpus, tmp_path):
     """On a tiny random model the flip needs a corpus that holds the relation's words (so P protects the
@@ -279,8 +310,9 @@ def test_the_edit_flips_the_target_and_reverts_bit_exactly(corpus, tmp_path):
 
 
 def test_presets_follow_the_reference_files():
-    assert dict(ALPHAEDIT_PRESETS["gpt2-xl"]) == dict(layers=(13, 14, 15, 16, 17), max_steps=20, lr=0.5,
-                                                      weight_decay=0.5, l2=10.0, nullspace_threshold=2e-2)
+    assert dict(ALPHAEDIT_PRESETS["gpt2-xl"]) == dict(
+        layers=(13, 14, 15, 16, 17), max_steps=20, lr=0.5, weight_decay=0.5, l2=10.0, nullspace_threshold=2e-2
+    )
     assert ALPHAEDIT_PRESETS["gpt-j"]["layers"] == (3, 4, 5, 6, 7, 8) and ALPHAEDIT_PRESETS["gpt-j"]["max_steps"] == 25
     assert ALPHAEDIT_PRESETS["llama"]["lr"] == 0.1 and ALPHAEDIT_PRESETS["llama"]["weight_decay"] == 0.5
     assert ALPHAEDIT_PRESETS["smollm2"]["layers"] == MEMIT_PRESETS["smollm2"]["layers"]
@@ -297,12 +329,37 @@ def test_presets_follow_the_reference_files():
 
 # ----------------------------------------------------------------------------------- (f) the command line
 
+
 def test_kvedit_edit_method_alphaedit_end_to_end(capsys, tiny_folder, corpus, tmp_path):
     save = tmp_path / "alphaedit.safetensors"
-    code = main(["edit", "--model", str(tiny_folder), "--method", "alphaedit", "--prompt",
-                 "{} is located in the city of", "--subject", "the eiffel tower", "--new", "rome", "--true", "paris",
-                 "--layers", "1,2", "--steps", "3", "--stats", corpus, "--stats-tokens", "300", "--save", str(save),
-                 "--json"])
+    code = main(
+        [
+            "edit",
+            "--model",
+            str(tiny_folder),
+            "--method",
+            "alphaedit",
+            "--prompt",
+            "{} is located in the city of",
+            "--subject",
+            "the eiffel tower",
+            "--new",
+            "rome",
+            "--true",
+            "paris",
+            "--layers",
+            "1,2",
+            "--steps",
+            "3",
+            "--stats",
+            corpus,
+            "--stats-tokens",
+            "300",
+            "--save",
+            str(save),
+            "--json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out)
@@ -321,8 +378,27 @@ def test_kvedit_edit_method_alphaedit_end_to_end(capsys, tiny_folder, corpus, tm
 def test_kvedit_bench_methods_alphaedit(capsys, tiny_folder, corpus, tmp_path):
     dataset = write_facts(tmp_path / "facts.json", REQUESTS)
     out = tmp_path / "bench"
-    code = main(["bench", "--model", str(tiny_folder), "--dataset", str(dataset), "--methods", "alphaedit", "--n", "2",
-                 "--layers", "1", "--stats", corpus, "--stats-tokens", "300", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(tiny_folder),
+            "--dataset",
+            str(dataset),
+            "--methods",
+            "alphaedit",
+            "--n",
+            "2",
+            "--layers",
+            "1",
+            "--stats",
+            corpus,
+            "--stats-tokens",
+            "300",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert "alphaedit@L1" in summary["runs"] and summary["settings"]["alphaedit@L1"]["l2"] == 10.0

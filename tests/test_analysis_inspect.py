@@ -28,16 +28,19 @@ def test_sublayer_reads_add_up_to_the_residual(family):
     lm = tiny(family)
     with torch.no_grad(), Trace(lm, read=[("residual", 1), ("residual", 2), ("attn_write", 2), ("ffn_write", 2)]) as tr:
         lm.model(**encode(lm))
-    torch.testing.assert_close(tr["residual", 1] + tr["attn_write", 2] + tr["ffn_write", 2], tr["residual", 2],
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        tr["residual", 1] + tr["attn_write", 2] + tr["ffn_write", 2], tr["residual", 2], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_attn_in_and_ffn_in_are_the_normalised_states_the_sublayers_read():
     lm = tiny("llama")
     seen = {}
     layer = lm.module(f"{lm.arch.layers}.1")
-    hooks = [layer.input_layernorm.register_forward_hook(lambda m, a, o: seen.__setitem__("attn", o)),
-             layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.__setitem__("ffn", o))]
+    hooks = [
+        layer.input_layernorm.register_forward_hook(lambda m, a, o: seen.__setitem__("attn", o)),
+        layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.__setitem__("ffn", o)),
+    ]
     with torch.no_grad(), Trace(lm, read=[("attn_in", 1), ("ffn_in", 1)]) as tr:
         lm.model(**encode(lm))
     for h in hooks:
@@ -56,8 +59,14 @@ def test_scaling_changes_exactly_one_coefficient(family):
     enc = encode(lm)
     with torch.no_grad(), Trace(lm, read=[("coefficients", 1), ("coefficients", 2)]) as base:
         lm.model(**enc)
-    with torch.no_grad(), Trace(lm, read=[("coefficients", 1), ("coefficients", 2)],
-                                scale={("coefficients", 1): Scaling(torch.tensor([7]), torch.tensor([3.0]))}) as tr:
+    with (
+        torch.no_grad(),
+        Trace(
+            lm,
+            read=[("coefficients", 1), ("coefficients", 2)],
+            scale={("coefficients", 1): Scaling(torch.tensor([7]), torch.tensor([3.0]))},
+        ) as tr,
+    ):
         lm.model(**enc)
     diff = (tr["coefficients", 1] - base["coefficients", 1]).abs().amax(dim=(0, 1))
     assert diff.nonzero().flatten().tolist() == [7]
@@ -116,12 +125,25 @@ def hand_patch(lm, layer, role, rows):
     after = before.clone()
     view = memory_major(lm, after, role)  # a view: editing it edits `after`
     view[rows] += 0.5
-    return WeightDelta({path: before}, {path: after}, {"method": "hand", "requests": [
-        {"prompt": "{} is the capital of", "subject": "berlin", "neighborhood_prompts": ["madrid is the capital of"]}]})
+    return WeightDelta(
+        {path: before},
+        {path: after},
+        {
+            "method": "hand",
+            "requests": [
+                {
+                    "prompt": "{} is the capital of",
+                    "subject": "berlin",
+                    "neighborhood_prompts": ["madrid is the capital of"],
+                }
+            ],
+        },
+    )
 
 
-@pytest.mark.parametrize("family,role", [("llama", "key:gate"), ("gpt2", "key:key"), ("gpt2", "values"),
-                                         ("opt", "values")])
+@pytest.mark.parametrize(
+    "family,role", [("llama", "key:gate"), ("gpt2", "key:key"), ("gpt2", "values"), ("opt", "values")]
+)
 def test_patch_view_finds_the_changed_rows_and_no_others(family, role):
     lm = tiny(family)
     delta = hand_patch(lm, 1, role, [3, 7])

@@ -112,8 +112,9 @@ def test_relu_memories_are_active_exactly_when_positive(corpus_file):
     lm = tiny("opt")
     biases = torch.linspace(-1, 1, 64)  # 32 positive
     set_constant_coefficients(lm, 1, biases, torch.randn(64, lm.d_model))
-    stats = corpus_statistics(lm, str(corpus_file), value_projections(lm, [1], progress=False), max_tokens=30,
-                              progress=False)
+    stats = corpus_statistics(
+        lm, str(corpus_file), value_projections(lm, [1], progress=False), max_tokens=30, progress=False
+    )
     assert stats[1]["active_mean"] == 32.0
 
 
@@ -121,8 +122,15 @@ def test_analyze_layers_and_values_write_tables_and_plots(corpus_file, tmp_path)
     lm = tiny("llama")
     done = analyze_layers(lm, tmp_path, str(corpus_file), tokens=30, progress=False)
     names = {p.name for p in done["files"]}
-    assert {"layers.jsonl", "layers.csv", "layers.md", "analysis-active.png", "analysis-composition.png",
-            "analysis-refinement.png", "analysis-ffn-changes.png"} <= names
+    assert {
+        "layers.jsonl",
+        "layers.csv",
+        "layers.md",
+        "analysis-active.png",
+        "analysis-composition.png",
+        "analysis-refinement.png",
+        "analysis-ffn-changes.png",
+    } <= names
     assert "agreement" not in done["stats"][0]  # no mined triggers in this folder
     assert done["stats"][3]["lens_top_is_final"] == 1.0
     assert (tmp_path / "layers.csv").read_text().count("\n") == lm.num_layers + 1

@@ -28,17 +28,20 @@ def hostile_lm() -> LM:
     assert len(vocab) <= VOCAB
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
-                                  eos_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>"
+    )
     return LM.wrap(tiny("llama").model, tok, name="tiny-llama-<hostile>")
 
 
 @pytest.fixture
 def hostile_corpus(tmp_path):
     path = tmp_path / "corpus.txt"
-    path.write_text("the <script>alert(1)</script> tower is located in a&b city of paris. "
-                    "x|y is the capital of *bold* france and <b> it is in rome. "
-                    'the "quoted" city of london is located in a&b france.\n' * 3)
+    path.write_text(
+        "the <script>alert(1)</script> tower is located in a&b city of paris. "
+        "x|y is the capital of *bold* france and <b> it is in rome. "
+        'the "quoted" city of london is located in a&b france.\n' * 3
+    )
     return path
 
 
@@ -83,13 +86,16 @@ def test_the_trigger_token_is_marked_and_markup_is_escaped(hostile_lm):
     ex = example(hostile_lm, "x|y is *bold* a&b")
     assert marked_prefix_html(hostile_lm, ex) == "x|y is *bold* <mark>a&amp;b</mark>"
     assert marked_prefix(hostile_lm, ex) == "x\\|y is \\*bold\\* **a&b**"
-    assert marked_prefix_html(hostile_lm, example(hostile_lm, "the city of london is in paris"), 16) == \
-        "…london is in <mark>paris</mark>"
+    assert (
+        marked_prefix_html(hostile_lm, example(hostile_lm, "the city of london is in paris"), 16)
+        == "…london is in <mark>paris</mark>"
+    )
 
 
 def test_key_pages_in_markdown_and_self_contained_html(hostile_lm, hostile_corpus, tmp_path):
-    done = analyze_triggers(hostile_lm, tmp_path, str(hostile_corpus), keys=[(1, 5), (3, 60)], k=6, tokens=10_000,
-                            progress=False)
+    done = analyze_triggers(
+        hostile_lm, tmp_path, str(hostile_corpus), keys=[(1, 5), (3, 60)], k=6, tokens=10_000, progress=False
+    )
     triggers = TriggerSet.load(tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in done["files"]}
     assert {"keys/L1-K5.md", "keys/L1-K5.html", "keys/L3-K60.md", "keys/L3-K60.html", "keys.md", "keys.html"} <= names
@@ -99,8 +105,26 @@ def test_key_pages_in_markdown_and_self_contained_html(hostile_lm, hostile_corpu
         checker = parse(page)
         # self-contained: inline CSS, no script, no external file
         assert "<style>" in page and not re.search(r"<script|<link|src=|@import", page, re.IGNORECASE)
-        assert set(checker.tags) <= {"html", "head", "meta", "title", "style", "body", "p", "a", "h1", "table", "thead",
-                                     "tbody", "tr", "th", "td", "span", "mark", "code"}
+        assert set(checker.tags) <= {
+            "html",
+            "head",
+            "meta",
+            "title",
+            "style",
+            "body",
+            "p",
+            "a",
+            "h1",
+            "table",
+            "thead",
+            "tbody",
+            "tr",
+            "th",
+            "td",
+            "span",
+            "mark",
+            "code",
+        }
         # one row per example, in rank order, with its coefficient and its trigger token marked
         assert checker.marked == [split_prefix(hostile_lm, ex).trigger for ex in found]
         coefficients = re.findall(r'<td class="num">(-?\d+\.\d{3})</td>', page)
@@ -119,7 +143,13 @@ def test_key_pages_in_markdown_and_self_contained_html(hostile_lm, hostile_corpu
 def test_a_key_the_corpus_never_reached_gets_a_page_saying_so(hostile_lm, tmp_path):
     import torch
 
-    empty = TriggerSet([0], {0: torch.zeros(64, 2)}, {0: torch.full((64, 2), -1)}, {}, 8,
-                       {"coefficient": "m", "rank": "value", "tokens": 0, "source": "x"})
+    empty = TriggerSet(
+        [0],
+        {0: torch.zeros(64, 2)},
+        {0: torch.full((64, 2), -1)},
+        {},
+        8,
+        {"coefficient": "m", "rank": "value", "tokens": 0, "source": "x"},
+    )
     write_key_pages(hostile_lm, empty, [(0, 3)], tmp_path)
     assert "no examples" in (tmp_path / "keys" / "L0-K3.html").read_text()

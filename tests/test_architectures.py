@@ -123,8 +123,9 @@ def test_cached_decoding_equals_full_passes_without_deprecated_cache_arguments(f
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         cached = generate_ids(lm, PROMPTS[:1], total_tokens=12, top_k=1)[0]
-        request = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome",
-                              target_true="paris")
+        request = EditRequest(
+            "{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"
+        )
         edit(lm, request, "rome", layers=(1,), max_steps=2, stats_tokens=200).revert(lm)
     assert not deprecations
     ids = lm.tokenizer(PROMPTS[0])["input_ids"]

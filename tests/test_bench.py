@@ -68,7 +68,8 @@ def test_bench_writes_results_and_resumes_after_a_kill(tiny_llama, dataset, tmp_
     assert same(before, snapshot(tiny_llama))  # every edit reverted
     records = load_cases_file(out / "cases.jsonl")
     assert sorted((r["run"], r["case_id"]) for r in records) == sorted(
-        [("unedited", i) for i in range(4)] + [("ft-keys", i) for i in range(4)])
+        [("unedited", i) for i in range(4)] + [("ft-keys", i) for i in range(4)]
+    )
     run = summary["runs"]["ft-keys"]
     assert run["n"] == 4 and run["metrics"]["efficacy_success"]["count"] == 4
     assert run["metrics"]["fluency"]["mean"] is None  # no generation prompts: absent
@@ -93,8 +94,10 @@ def test_bench_writes_results_and_resumes_after_a_kill(tiny_llama, dataset, tmp_
     assert resumed["runs"]["ft-keys"]["n"] == 4
     assert resumed["runs"]["unedited"] == full["runs"]["unedited"]
     # EasyEdit's locality after the resume still compares with the unedited predictions on file
-    assert resumed["runs"]["ft-keys"]["metrics"]["neighborhood_unchanged"] == full["runs"]["ft-keys"]["metrics"][
-        "neighborhood_unchanged"]
+    assert (
+        resumed["runs"]["ft-keys"]["metrics"]["neighborhood_unchanged"]
+        == full["runs"]["ft-keys"]["metrics"]["neighborhood_unchanged"]
+    )
 
     # growing n reuses what is there
     calls.clear()
@@ -132,8 +135,14 @@ def test_bench_prepares_each_run_before_its_timed_edits(tiny_llama, dataset, tmp
     monkeypatch.setattr(batch_runner_module, "edit", logged)
     config = BenchConfig(dataset=str(dataset), methods=("ft-keys", "ft-values"), n=2)
     Bench(tiny_llama, config, tmp_path / "run", progress=False).run()
-    assert order == [("prepare", "ft-keys"), ("edit", "ft-keys"), ("edit", "ft-keys"),
-                     ("prepare", "ft-values"), ("edit", "ft-values"), ("edit", "ft-values")]
+    assert order == [
+        ("prepare", "ft-keys"),
+        ("edit", "ft-keys"),
+        ("edit", "ft-keys"),
+        ("prepare", "ft-values"),
+        ("edit", "ft-values"),
+        ("edit", "ft-values"),
+    ]
     order.clear()
     Bench(tiny_llama, config, tmp_path / "run", progress=False).run()  # nothing left to do: nothing prepared
     assert order == []
@@ -149,8 +158,9 @@ def test_locality_for_a_folder_written_before_predictions_were_kept(tiny_llama, 
     old = [{k: v for k, v in r.items() if k != "neighborhood_argmax"} for r in records if r["run"] == "unedited"]
     (out / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
     Bench(tiny_llama, config, out, progress=False).run()
-    again = {r["case_id"]: r["neighborhood_unchanged"] for r in load_cases_file(out / "cases.jsonl")
-             if r["run"] == "ft-keys"}
+    again = {
+        r["case_id"]: r["neighborhood_unchanged"] for r in load_cases_file(out / "cases.jsonl") if r["run"] == "ft-keys"
+    }
     assert again == pytest.approx(expected)
 
 
@@ -161,8 +171,11 @@ def test_bench_refuses_a_folder_with_other_settings(tiny_llama, dataset, tmp_pat
         Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=1, known_only=True), out)
     # hparam overrides given as tuples match their JSON form on resume: the second construction resumes
     for _ in range(2):
-        Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), extra={"layers": (0, 1)}),
-              tmp_path / "extra")
+        Bench(
+            tiny_llama,
+            BenchConfig(dataset=str(dataset), methods=("ft-keys",), extra={"layers": (0, 1)}),
+            tmp_path / "extra",
+        )
     assert json.loads((tmp_path / "extra" / "config.json").read_text())["extra"] == {"layers": [0, 1]}
 
 
@@ -170,8 +183,9 @@ def test_a_run_resumed_after_its_preset_changed_is_refused(tiny_llama, dataset, 
     from kvedit.editing import finetune
 
     out = tmp_path / "run"
-    Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys", "ft-values"), n=2), out,
-          progress=False).run()
+    Bench(
+        tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys", "ft-values"), n=2), out, progress=False
+    ).run()
     assert json.loads((out / "settings.json").read_text())["ft-keys"]["layers"] == [0]
     monkeypatch.setattr(finetune, "default_layers", lambda lm: (2,))  # e.g. a layer chosen for the model since
     keys_only = BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=2)
@@ -198,8 +212,12 @@ def test_known_filter_compares_true_and_new(tiny_llama, dataset, tmp_path):
     new = target_nll(tiny_llama, prompts, [r.target_new for r in requests])
     true = target_nll(tiny_llama, prompts, [r.target_true for r in requests])
     assert flags == [bool(t < n) for t, n in zip(true, new)]
-    bench = Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), known_only=True),
-                  tmp_path / "known", progress=False)
+    bench = Bench(
+        tiny_llama,
+        BenchConfig(dataset=str(dataset), methods=("ft-keys",), known_only=True),
+        tmp_path / "known",
+        progress=False,
+    )
     assert [r.case_id for r in bench.cases] == [r.case_id for r, keep in zip(requests, flags) if keep]
     assert bench.filter_info["known_kept"] == sum(flags)
 
@@ -220,11 +238,39 @@ def test_skip_leaves_out_the_first_known_cases(tiny_llama, dataset, tmp_path, ca
     with pytest.raises(BenchError, match="no cases left"):
         Bench(tiny_llama, BenchConfig(**config, skip=len(known)), tmp_path / "empty")
     with pytest.raises(SystemExit) as exit_:
-        main(["bench", "--model", str(tiny_folder), "--dataset", str(dataset), "--skip", "-1",
-              "--out", str(tmp_path / "cli")])
+        main(
+            [
+                "bench",
+                "--model",
+                str(tiny_folder),
+                "--dataset",
+                str(dataset),
+                "--skip",
+                "-1",
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
     assert exit_.value.code == 2 and "--skip" in capsys.readouterr().err
-    assert main(["bench", "--model", str(tiny_folder), "--dataset", str(dataset), "--known-only", "--skip", "1",
-                 "--n", "1", "--out", str(tmp_path / "cli")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tiny_folder),
+                "--dataset",
+                str(dataset),
+                "--known-only",
+                "--skip",
+                "1",
+                "--n",
+                "1",
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["cases"]["skipped"] == 1
 
 
@@ -268,8 +314,20 @@ def test_bad_settings_are_clear_errors(tiny_llama, dataset, tmp_path):
     with pytest.raises(BenchError, match="--batch-size"):
         BenchConfig(dataset=str(dataset), methods=("ft-keys",), batch_sizes=(0,)).specs()
     zsre = tmp_path / "zsre.json"
-    zsre.write_text(json.dumps([{"subject": "rome", "src": "where is rome?", "answers": ["italy"], "rephrase": "rome is in?",
-                                 "loc": "nq question: who is", "loc_ans": "paris"}]))
+    zsre.write_text(
+        json.dumps(
+            [
+                {
+                    "subject": "rome",
+                    "src": "where is rome?",
+                    "answers": ["italy"],
+                    "rephrase": "rome is in?",
+                    "loc": "nq question: who is",
+                    "loc_ans": "paris",
+                }
+            ]
+        )
+    )
     with pytest.raises(BenchError, match="target_true"):
         Bench(tiny_llama, BenchConfig(dataset=str(zsre), methods=("ft-keys",), known_only=True), tmp_path / "z")
     with pytest.raises(DatasetError, match="neither a file nor an official name"):
@@ -278,10 +336,23 @@ def test_bad_settings_are_clear_errors(tiny_llama, dataset, tmp_path):
 
 def test_zsre_bench_reports_token_accuracy(tiny_llama, tmp_path):
     zsre = tmp_path / "zsre.json"
-    zsre.write_text(json.dumps([{"subject": "rome", "src": "where is rome?", "answers": ["italy"],
-                                 "rephrase": "rome is in?", "loc": "nq question: who is", "loc_ans": "paris"}]))
-    summary = Bench(tiny_llama, BenchConfig(dataset=str(zsre), methods=("ft-keys",)), tmp_path / "z",
-                    progress=False).run()
+    zsre.write_text(
+        json.dumps(
+            [
+                {
+                    "subject": "rome",
+                    "src": "where is rome?",
+                    "answers": ["italy"],
+                    "rephrase": "rome is in?",
+                    "loc": "nq question: who is",
+                    "loc_ans": "paris",
+                }
+            ]
+        )
+    )
+    summary = Bench(
+        tiny_llama, BenchConfig(dataset=str(zsre), methods=("ft-keys",)), tmp_path / "z", progress=False
+    ).run()
     assert summary["suite"] == "zsre"
     assert summary["runs"]["ft-keys"]["metrics"]["efficacy_accuracy"]["mean"] == 100.0
 
@@ -296,8 +367,23 @@ def test_download_failure_is_clear_and_leaves_no_file(tmp_path):
 def test_cli_bench_sweep_and_report(capsys, dataset, tiny_folder, tmp_path):
     folder = tiny_folder
     out = tmp_path / "sweep"
-    code = main(["bench", "--model", str(folder), "--dataset", str(dataset), "--methods", "ft-keys,ft-values",
-                 "--n", "3", "--layers", "0,2", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(folder),
+            "--dataset",
+            str(dataset),
+            "--methods",
+            "ft-keys,ft-values",
+            "--n",
+            "3",
+            "--layers",
+            "0,2",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "ft-keys@L0" in printed and "ft-values@L2" in printed
     # the settings each run used, as resolved for the model: which preset row, which layer
@@ -318,8 +404,24 @@ def test_cli_bench_sweep_and_report(capsys, dataset, tiny_folder, tmp_path):
 def test_cli_table3_preset(capsys, dataset, tiny_folder, tmp_path):
     folder = tiny_folder
     out = tmp_path / "table3"
-    assert main(["bench", "--model", str(folder), "--dataset", str(dataset), "--preset", "table3", "--n", "3",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(folder),
+                "--dataset",
+                str(dataset),
+                "--preset",
+                "table3",
+                "--n",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     runs = json.loads((out / "summary.json").read_text())["runs"]
     assert list(runs) == ["unedited", "ft-keys", "ft-values", "ft-keys x10", "ft-values x10"]
     assert runs["ft-keys x10"]["batch_size"] == 10 and runs["ft-keys x10"]["n"] == 3
@@ -334,9 +436,18 @@ def test_official_dataset_downloads_once_into_the_cache(tmp_path, kvedit_cache, 
 
     served = tmp_path / "served"
     served.mkdir()
-    records = [{"subject": "rome", "src": "where is rome?", "answers": ["italy"], "rephrase": "rome is in?",
-                "loc": "nq question: who is", "loc_ans": "paris"}]
+    records = [
+        {
+            "subject": "rome",
+            "src": "where is rome?",
+            "answers": ["italy"],
+            "rephrase": "rome is in?",
+            "loc": "nq question: who is",
+            "loc_ans": "paris",
+        }
+    ]
     (served / "zsre_mend_eval.json").write_text(json.dumps(records))
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -346,7 +457,8 @@ def test_official_dataset_downloads_once_into_the_cache(tmp_path, kvedit_cache, 
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/zsre_mend_eval.json"
         served_table = dict(download_module.OFFICIAL_DATASETS) | {
-            "zsre": download_module.OfficialDataset("zsre_mend_eval.json", url, "zsre")}
+            "zsre": download_module.OfficialDataset("zsre_mend_eval.json", url, "zsre")
+        }
         monkeypatch.setattr(download_module, "OFFICIAL_DATASETS", MappingProxyType(served_table))
         path, fmt = resolve_dataset("zsre")
         assert path == kvedit_cache / "datasets" / "zsre_mend_eval.json" and fmt == "zsre"
@@ -363,9 +475,21 @@ def test_official_dataset_downloads_once_into_the_cache(tmp_path, kvedit_cache, 
 def _own_facts(tmp_path, name="my_facts.json", **extra):
     """kvedit-format records without target_true: what a user writing zsRE-style facts would have."""
     path = tmp_path / name
-    path.write_text(json.dumps([{"prompt": p, "subject": s, "target_new": n, "case_id": f"fact-{i}",
-                                 "paraphrase_prompts": [f"{s} lies in"], **extra}
-                                for i, (p, s, n, _) in enumerate(FACTS[:2])]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "prompt": p,
+                    "subject": s,
+                    "target_new": n,
+                    "case_id": f"fact-{i}",
+                    "paraphrase_prompts": [f"{s} lies in"],
+                    **extra,
+                }
+                for i, (p, s, n, _) in enumerate(FACTS[:2])
+            ]
+        )
+    )
     return path
 
 
@@ -379,24 +503,38 @@ def test_a_file_without_target_true_is_not_silently_scored_as_zsre(tiny_llama, t
 def test_suite_zsre_asked_for_scores_token_accuracy_and_says_so(tiny_llama, tmp_path):
     path = _own_facts(tmp_path, neighborhood_prompts=["the louvre is located in"], neighborhood_target="paris")
     out = tmp_path / "z"
-    summary = Bench(tiny_llama, BenchConfig(dataset=str(path), methods=("ft-keys",), suite="zsre"), out,
-                    progress=False).run()
+    summary = Bench(
+        tiny_llama, BenchConfig(dataset=str(path), methods=("ft-keys",), suite="zsre"), out, progress=False
+    ).run()
     assert summary["suite"] == "zsre" and "efficacy_accuracy" in summary["runs"]["ft-keys"]["metrics"]
     title = (out / "table.md").read_text().splitlines()[0]
     assert title.startswith("my_facts.json, zsRE metrics on ") and summary["title"] == title
     assert json.loads((out / "config.json").read_text())["suite"] == "zsre"
     # the same folder cannot be resumed under the other suite: its records hold the other metrics
     with pytest.raises(BenchError, match="suite"):
-        Bench(tiny_llama, BenchConfig(dataset=str(path), methods=("ft-keys",), suite="counterfact"), out,
-              progress=False)
+        Bench(
+            tiny_llama, BenchConfig(dataset=str(path), methods=("ft-keys",), suite="counterfact"), out, progress=False
+        )
 
 
 def test_a_file_that_does_not_fit_the_suite_asked_for_names_case_and_field(tiny_llama, dataset, tmp_path):
     with pytest.raises(BenchError, match=r"case 0 has neighborhood_prompts but no neighborhood_target.*--suite zsre"):
         Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), suite="zsre"), tmp_path / "a")
     zsre = tmp_path / "zsre.json"
-    zsre.write_text(json.dumps([{"subject": "rome", "src": "where is rome?", "answers": ["italy"],
-                                 "rephrase": "rome is in?", "loc": "nq question: who is", "loc_ans": "paris"}]))
+    zsre.write_text(
+        json.dumps(
+            [
+                {
+                    "subject": "rome",
+                    "src": "where is rome?",
+                    "answers": ["italy"],
+                    "rephrase": "rome is in?",
+                    "loc": "nq question: who is",
+                    "loc_ans": "paris",
+                }
+            ]
+        )
+    )
     with pytest.raises(BenchError, match=r"case 0 has no target_true, which --suite counterfact needs"):
         Bench(tiny_llama, BenchConfig(dataset=str(zsre), methods=("ft-keys",), suite="counterfact"), tmp_path / "b")
     with pytest.raises(BenchError, match="--suite 'squad'"):
@@ -448,8 +586,24 @@ def test_a_folder_run_in_one_compute_precision_is_not_resumed_in_another(tiny_ll
 def test_cli_bench_suite_flag(capsys, tiny_folder, tmp_path):
     path = _own_facts(tmp_path, neighborhood_prompts=["the louvre is located in"], neighborhood_target="paris")
     out = tmp_path / "cli"
-    assert main(["bench", "--model", str(tiny_folder), "--dataset", str(path), "--suite", "zsre", "--methods",
-                 "ft-keys", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tiny_folder),
+                "--dataset",
+                str(path),
+                "--suite",
+                "zsre",
+                "--methods",
+                "ft-keys",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "my_facts.json, zsRE metrics on" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["bench", "--dataset", str(path), "--suite", "squad", "--out", str(tmp_path / "x")])
@@ -459,8 +613,10 @@ def test_cli_bench_suite_flag(capsys, tiny_folder, tmp_path):
 # ---------------------------------------------------------------------------------------------- one process per folder
 
 CLI = "import sys; from kvedit.cli import main; sys.exit(main())"
-HOLD = ("import sys, time; from kvedit.bench.folder import lock_bench_folder; lock_bench_folder(sys.argv[1]); "
-        "print('locked', flush=True); time.sleep(float(sys.argv[2]))")
+HOLD = (
+    "import sys, time; from kvedit.bench.folder import lock_bench_folder; lock_bench_folder(sys.argv[1]); "
+    "print('locked', flush=True); time.sleep(float(sys.argv[2]))"
+)
 
 
 def _holder_pid(out):
@@ -474,12 +630,27 @@ def test_a_second_bench_process_on_a_folder_in_use_is_refused(tiny_folder, tmp_p
     """Two `kvedit bench` processes on one --out both ran every case (24 lines for 12 records): the second is now
     refused, naming the first, while the first runs; the folder ends with each case once."""
     dataset = tmp_path / "facts.json"
-    records = [{"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": 10 * k + i}
-               for k in range(3) for i, (p, s, n, t) in enumerate(FACTS)]
+    records = [
+        {"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": 10 * k + i}
+        for k in range(3)
+        for i, (p, s, n, t) in enumerate(FACTS)
+    ]
     dataset.write_text(json.dumps(records))
     out = tmp_path / "run"
-    argv = [sys.executable, "-c", CLI, "bench", "--model", str(tiny_folder), "--dataset", str(dataset),
-            "--methods", "ft-keys", "--out", str(out)]
+    argv = [
+        sys.executable,
+        "-c",
+        CLI,
+        "bench",
+        "--model",
+        str(tiny_folder),
+        "--dataset",
+        str(dataset),
+        "--methods",
+        "ft-keys",
+        "--out",
+        str(out),
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -35,9 +35,12 @@ from kvedit.evaluation.summary import SUITES
 
 FT = {"max_steps": 20}  # enough for FT-keys to land its edit on the tiny model (and move the probes below)
 #: a KnowEdit record whose subject-aliasing probe asks the rephrased question: FT-keys carries the edit to it
-KNOWEDIT_CARRIED = KNOWEDIT_RECORD | {"portability": {
-    "Reasoning": KNOWEDIT_RECORD["portability"]["Reasoning"],
-    "Subject_Aliasing": [{"prompt": "where is big ben?", "ground_truth": "berlin"}]}}
+KNOWEDIT_CARRIED = KNOWEDIT_RECORD | {
+    "portability": {
+        "Reasoning": KNOWEDIT_RECORD["portability"]["Reasoning"],
+        "Subject_Aliasing": [{"prompt": "where is big ben?", "ground_truth": "berlin"}],
+    }
+}
 #: per format: the record file's records (3 each) and the metric that says whether the edit propagated
 RECORDS = {
     "counterfact-portability": [CF_RECORD | {"case_id": i} for i in range(3)],
@@ -45,8 +48,12 @@ RECORDS = {
     "knowedit": [KNOWEDIT_RECORD, KNOWEDIT_CARRIED, KNOWEDIT_RECORD],
     "mquake": [_mquake_record(i) for i in (1, 2, 3)],
 }
-PROPAGATES = {"counterfact-portability": "portability_accuracy", "zsre-portability": "portability_accuracy",
-              "knowedit": "portability_accuracy", "mquake": "multihop_accuracy"}
+PROPAGATES = {
+    "counterfact-portability": "portability_accuracy",
+    "zsre-portability": "portability_accuracy",
+    "knowedit": "portability_accuracy",
+    "mquake": "multihop_accuracy",
+}
 
 
 def _write(folder: Path, fmt: str) -> Path:
@@ -77,8 +84,17 @@ def cli_folders(tmp_path_factory, module_cache):
         mp.setenv("KVEDIT_CACHE", str(module_cache))
         for fmt in RECORDS:
             out = root / fmt
-            code, printed, err = run("bench", "--model", model, "--dataset", _write(root, fmt), "--methods",
-                                     "ft-keys,ft-values", "--out", out)
+            code, printed, err = run(
+                "bench",
+                "--model",
+                model,
+                "--dataset",
+                _write(root, fmt),
+                "--methods",
+                "ft-keys,ft-values",
+                "--out",
+                out,
+            )
             assert code == 0, err
             folders[fmt] = (out, printed)
     return folders
@@ -89,8 +105,11 @@ def test_each_set_runs_through_bench_and_report(cli_folders, fmt):
     out, printed = cli_folders[fmt]
     summary = json.loads((out / "summary.json").read_text())
     suite = SUITES[fmt]
-    assert summary["suite"] == fmt and summary["complete"] and list(summary["runs"]) == ["unedited", "ft-keys",
-                                                                                         "ft-values"]
+    assert (
+        summary["suite"] == fmt
+        and summary["complete"]
+        and list(summary["runs"]) == ["unedited", "ft-keys", "ft-values"]
+    )
     key = PROPAGATES[fmt]
     for run_summary in summary["runs"].values():  # the unedited row has the same metrics: the base rates
         assert run_summary["n"] == 3 and run_summary["metrics"][key]["count"] == 3
@@ -115,8 +134,11 @@ def test_compare_puts_the_four_sets_side_by_side(cli_folders, tmp_path):
     assert "| ft-keys − ft-values | Portability |" in text and "| ft-keys − ft-values | Multi-hop |" in text
     columns = json.loads((out / "compare.json").read_text())["columns"]
     knowedit = json.loads((folders[2] / "summary.json").read_text())
-    stored = next(c for c in knowedit["comparisons"]
-                  if (c["a"], c["b"], c["metric"]) == ("ft-keys", "ft-values", "portability_accuracy"))
+    stored = next(
+        c
+        for c in knowedit["comparisons"]
+        if (c["a"], c["b"], c["metric"]) == ("ft-keys", "ft-values", "portability_accuracy")
+    )
     label = next(label for label in columns if "KnowEdit" in label)
     assert columns[label]["ft-keys|ft-values|Portability"]["mean_difference"] == stored["mean_difference"]
     assert "MQuAKE: Edit-wise / Single-hop / Multi-hop / Multi-hop prob." in text
@@ -133,8 +155,12 @@ def _records(out: Path, run_name: str) -> dict:
 def test_portability_records_match_hand_computation(fmt, tmp_path):
     lm = _qa_lm()
     out = tmp_path / "run"
-    summary = Bench(lm, BenchConfig(dataset=str(_write(tmp_path, fmt)), methods=("ft-keys", "ft-values"),
-                                    extra=FT), out, progress=False).run()
+    summary = Bench(
+        lm,
+        BenchConfig(dataset=str(_write(tmp_path, fmt)), methods=("ft-keys", "ft-values"), extra=FT),
+        out,
+        progress=False,
+    ).run()
     cases = load_propagation(tmp_path / f"{fmt}.json", fmt)
     before = {}
     for run_name in ("unedited", "ft-keys", "ft-values"):
@@ -165,12 +191,17 @@ def test_portability_records_match_hand_computation(fmt, tmp_path):
         assert summary["runs"][run_name]["metrics"]["portability_accuracy"]["mean"] == pytest.approx(mean)
     keys, values = _records(out, "ft-keys"), _records(out, "ft-values")
     if fmt == "knowedit":  # the values are not all alike: the edit moved some probes and not others
-        assert keys[1]["subject_aliasing_accuracy"] == 1.0 and _records(out, "unedited")[1][
-            "subject_aliasing_accuracy"] == 0.0
+        assert (
+            keys[1]["subject_aliasing_accuracy"] == 1.0
+            and _records(out, "unedited")[1]["subject_aliasing_accuracy"] == 0.0
+        )
         assert min(r["relation_specificity_unchanged"] for r in keys.values()) < 1.0
     difference = 100 * sum(keys[c]["portability_accuracy"] - values[c]["portability_accuracy"] for c in keys) / 3
-    paired = next(c for c in summary["comparisons"]
-                  if (c["a"], c["b"], c["metric"]) == ("ft-keys", "ft-values", "portability_accuracy"))
+    paired = next(
+        c
+        for c in summary["comparisons"]
+        if (c["a"], c["b"], c["metric"]) == ("ft-keys", "ft-values", "portability_accuracy")
+    )
     assert paired["mean_difference"] == pytest.approx(difference)
     if fmt == "counterfact-portability":  # fluency on the generation prompts, as CounterFact's
         assert all(r["fluency"] > 0 for r in keys.values())
@@ -191,8 +222,9 @@ def test_mquake_edits_a_case_in_one_call_restores_weights_and_scores_by_hand(tmp
 
     monkeypatch.setattr(batch_runner_module, "edit", checked)
     out = tmp_path / "mq"
-    Bench(lm, BenchConfig(dataset=str(_write(tmp_path, "mquake")), methods=("ft-keys",), extra=FT), out,
-          progress=False).run()
+    Bench(
+        lm, BenchConfig(dataset=str(_write(tmp_path, "mquake")), methods=("ft-keys",), extra=FT), out, progress=False
+    ).run()
     assert same(snapshot(lm), pristine)
     assert calls == [[f"{i}/0", f"{i}/1"] for i in (1, 2, 3)]  # all of a case's edits, one call per case
     monkeypatch.setattr(batch_runner_module, "edit", real)
@@ -205,10 +237,14 @@ def test_mquake_edits_a_case_in_one_call_restores_weights_and_scores_by_hand(tmp
     try:
         answers = [_hand_greedy(lm, question_prompt(q), 16) for q in case.questions]
         hops = [_hand_greedy(lm, question_prompt(q), 16) for q in case.edit_questions]
-        efficacy = [_hand_nll(lm, r.rewrite_prompt, r.target_new) < _hand_nll(lm, r.rewrite_prompt, r.target_true)
-                    for r in case.requests]
-        nll = [(_hand_nll(lm, question_prompt(q), case.new_answers[0]),
-                _hand_nll(lm, question_prompt(q), case.answers[0])) for q in case.questions]
+        efficacy = [
+            _hand_nll(lm, r.rewrite_prompt, r.target_new) < _hand_nll(lm, r.rewrite_prompt, r.target_true)
+            for r in case.requests
+        ]
+        nll = [
+            (_hand_nll(lm, question_prompt(q), case.new_answers[0]), _hand_nll(lm, question_prompt(q), case.answers[0]))
+            for q in case.questions
+        ]
     finally:
         delta.revert(lm)
     assert same(snapshot(lm), pristine)
@@ -216,7 +252,8 @@ def test_mquake_edits_a_case_in_one_call_restores_weights_and_scores_by_hand(tmp
     assert record["multihop_answers"] == answers and record["single_hop_answers"] == hops
     assert record["multihop_accuracy"] == float(any(answer_matches(a, case.new_answers) for a in answers))
     assert record["single_hop_accuracy"] == pytest.approx(
-        sum(answer_matches(a, acc) for a, acc in zip(hops, case.edit_answers)) / len(hops))
+        sum(answer_matches(a, acc) for a, acc in zip(hops, case.edit_answers)) / len(hops)
+    )
     assert record["efficacy_success"] == pytest.approx(sum(efficacy) / len(efficacy))
     assert record["multihop_prob_accuracy"] == pytest.approx(sum(n < o for n, o in nll) / len(nll))
     assert record["multihop_nll_margin"] == pytest.approx(sum(o - n for n, o in nll) / len(nll), abs=1e-4)
@@ -230,13 +267,17 @@ def test_known_only_keeps_what_each_sets_rule_keeps(tmp_path, monkeypatch):
     import kvedit.evaluation.portability as portability_module
 
     lm = _qa_lm()
-    for fmt, rule in (("knowedit", known_by_preference), ("zsre-portability", known_by_preference),
-                      ("mquake", known_multihop)):
+    for fmt, rule in (
+        ("knowedit", known_by_preference),
+        ("zsre-portability", known_by_preference),
+        ("mquake", known_multihop),
+    ):
         path = _write(tmp_path, fmt)
         cases = load_propagation(path, fmt)
         kept = [c.case_id for c, keep in zip(cases, rule(lm, cases)) if keep]
-        bench = Bench(lm, BenchConfig(dataset=str(path), methods=("ft-keys",), known_only=True), tmp_path / fmt,
-                      progress=False)
+        bench = Bench(
+            lm, BenchConfig(dataset=str(path), methods=("ft-keys",), known_only=True), tmp_path / fmt, progress=False
+        )
         assert [c.case_id for c in bench.cases] == kept
         assert json.loads((tmp_path / fmt / "known.json").read_text())["kept_case_ids"] == kept
         assert bench.filter_info["known_rule"] == SUITES[fmt].known_rule
@@ -244,8 +285,12 @@ def test_known_only_keeps_what_each_sets_rule_keeps(tmp_path, monkeypatch):
     monkeypatch.setattr(portability_module, "known_by_preference", lambda lm_, cases: [True, False, True])
     monkeypatch.setattr(multihop_module, "known_multihop", lambda lm_, cases: [False, True, False])
     for fmt, kept in (("knowedit", [0, 2]), ("mquake", [2])):
-        bench = Bench(lm, BenchConfig(dataset=str(_write(tmp_path, fmt)), methods=("ft-keys",), known_only=True),
-                      tmp_path / f"{fmt}-patched", progress=False)
+        bench = Bench(
+            lm,
+            BenchConfig(dataset=str(_write(tmp_path, fmt)), methods=("ft-keys",), known_only=True),
+            tmp_path / f"{fmt}-patched",
+            progress=False,
+        )
         assert [c.case_id for c in bench.cases] == kept and bench.filter_info["known_kept"] == len(kept)
 
 
@@ -274,8 +319,12 @@ def test_a_resumed_run_does_not_redo_finished_cases(tmp_path, monkeypatch):
 def test_a_portability_file_can_be_scored_as_plain_counterfact_and_sequential_is_refused(tmp_path):
     lm = tiny("llama")
     path = _write(tmp_path, "counterfact-portability")
-    summary = Bench(lm, BenchConfig(dataset=str(path), methods=("ft-keys",), suite="counterfact", extra=FT),
-                    tmp_path / "cf", progress=False).run()
+    summary = Bench(
+        lm,
+        BenchConfig(dataset=str(path), methods=("ft-keys",), suite="counterfact", extra=FT),
+        tmp_path / "cf",
+        progress=False,
+    ).run()
     assert summary["suite"] == "counterfact" and "portability_accuracy" not in summary["runs"]["ft-keys"]["metrics"]
     with pytest.raises(BenchError, match="--sequential"):
         Bench(lm, BenchConfig(dataset=str(path), methods=("ft-keys",), sequential=True), tmp_path / "seq")
@@ -289,8 +338,22 @@ def test_the_folder_is_checked_once_and_before_the_model_loads(tmp_path, tiny_fo
     real = harness.check_bench_folder
     monkeypatch.setattr(harness, "check_bench_folder", lambda out: checks.append(out) or real(out))
     path = _write(tmp_path, "zsre-portability")
-    assert run("bench", "--model", tiny_folder, "--dataset", path, "--methods", "ft-keys", "--n", "1",
-               "--out", tmp_path / "ok")[0] == 0
+    assert (
+        run(
+            "bench",
+            "--model",
+            tiny_folder,
+            "--dataset",
+            path,
+            "--methods",
+            "ft-keys",
+            "--n",
+            "1",
+            "--out",
+            tmp_path / "ok",
+        )[0]
+        == 0
+    )
     assert len(checks) == 1
     (tmp_path / "file").write_text("x")
     monkeypatch.setattr(runs, "load", lambda args: pytest.fail("the model loaded before --out was checked"))
@@ -308,8 +371,9 @@ def test_three_real_records_per_set(fmt, tmp_path):
     path.write_text(json.dumps(records))
     lm = tiny_qa_lm([json.dumps(records)])
     pristine = snapshot(lm)
-    summary = Bench(lm, BenchConfig(dataset=str(path), methods=("ft-keys",), extra=FT), tmp_path / "run",
-                    progress=False).run()
+    summary = Bench(
+        lm, BenchConfig(dataset=str(path), methods=("ft-keys",), extra=FT), tmp_path / "run", progress=False
+    ).run()
     assert same(snapshot(lm), pristine)
     cases = load_propagation(path, fmt, skip_invalid=True)
     key = PROPAGATES[fmt]

@@ -17,7 +17,10 @@ pytestmark = pytest.mark.bundled
 WIKITEXT = SHARED_DATA / "corpus" / "wikitext-2" / "valid.txt"
 
 REQUEST = EditRequest(
-    "{} is located in the city of", "The Eiffel Tower", target_new="Rome", target_true="Paris",
+    "{} is located in the city of",
+    "The Eiffel Tower",
+    target_new="Rome",
+    target_true="Paris",
     paraphrase_prompts=("The Eiffel Tower stands in the city of",),
     neighborhood_prompts=("The Louvre is located in the city of",),
 )
@@ -34,7 +37,9 @@ def test_bundled_model_is_cached_as_safetensors_and_reloads_identically(bundled_
     again = load_model()
     assert again.num_layers == 30 and again.d_model == 576
     assert ffn_memory(again, 0).keys["gate"].shape == (1536, 576)
-    torch.testing.assert_close(logits(again, "The capital of France is"), logits(bundled_lm, "The capital of France is"))
+    torch.testing.assert_close(
+        logits(again, "The capital of France is"), logits(bundled_lm, "The capital of France is")
+    )
 
 
 @pytest.mark.parametrize("method", ["ft-keys", "ft-values"])
@@ -81,9 +86,28 @@ def test_closed_form_editors_run_from_the_command_line_with_preset_layers(capsys
     """`kvedit edit --method rome|memit|pmet` as the README shows it (no --layers: the preset's)."""
     need_shared(WIKITEXT)
     patch = tmp_path / "eiffel.safetensors"
-    code = main(["edit", "--method", method, "--prompt", REQUEST.prompt, "--subject", REQUEST.subject,
-                 "--new", "Rome", "--stats", str(WIKITEXT), "--stats-tokens", "2000", "--steps", "3",
-                 "--save", str(patch), "--json"])
+    code = main(
+        [
+            "edit",
+            "--method",
+            method,
+            "--prompt",
+            REQUEST.prompt,
+            "--subject",
+            REQUEST.subject,
+            "--new",
+            "Rome",
+            "--stats",
+            str(WIKITEXT),
+            "--stats-tokens",
+            "2000",
+            "--steps",
+            "3",
+            "--save",
+            str(patch),
+            "--json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out)

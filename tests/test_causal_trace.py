@@ -42,8 +42,10 @@ def brute_force(lm, prompt, subject, nu, samples, window):
     handles = []
     for kind in KIND_SITES:
         for layer in range(n_layers):
+
             def keep(mod, args, out, key=(kind, layer)):
                 clean[key] = (out[0] if isinstance(out, tuple) else out).reshape(1, length, -1)[0].clone()
+
             handles.append(_module_for(lm, kind, layer).register_forward_hook(keep))
     probs = lm.model(input_ids=ids).logits[0, -1].float().softmax(-1)
     for h in handles:
@@ -51,15 +53,21 @@ def brute_force(lm, prompt, subject, nu, samples, window):
     answer = int(probs.argmax())
 
     def noisy_run(restore):
-        hooks = [lm.model.get_input_embeddings().register_forward_hook(
-            lambda m, a, out: torch.cat([out[:, :s0], out[:, s0:s1] + noise, out[:, s1:]], dim=1))]
+        hooks = [
+            lm.model.get_input_embeddings().register_forward_hook(
+                lambda m, a, out: torch.cat([out[:, :s0], out[:, s0:s1] + noise, out[:, s1:]], dim=1)
+            )
+        ]
         for (kind, layer), token in restore:
+
             def put(mod, args, out, key=(kind, layer), t=token):
                 def fn(h):
                     h = h.reshape(samples, length, -1).clone()
                     h[:, t] = clean[key][t]
                     return h.reshape(out[0].shape if isinstance(out, tuple) else out.shape)
+
                 return _swap_first(out, fn)
+
             hooks.append(_module_for(lm, kind, layer).register_forward_hook(put))
         try:
             return lm.model(input_ids=ids.expand(samples, -1)).logits[:, -1].float().softmax(-1)[:, answer].mean()
@@ -119,11 +127,12 @@ def test_tracing_a_prompt_longer_than_a_sliding_window_equals_a_brute_force_rest
 def test_the_subject_range_and_the_noise_scale():
     lm = tiny("llama")
     ids, span = subject_token_range(lm, PROMPT, SUBJECT)
-    assert [lm.tokenizer.decode([i]) for i in ids[span[0]:span[1]]] == ["eiffel", "tower"]
+    assert [lm.tokenizer.decode([i]) for i in ids[span[0] : span[1]]] == ["eiffel", "tower"]
     embed = lm.model.get_input_embeddings().weight
     words = [lm.tokenizer.convert_tokens_to_ids(w) for w in ("eiffel", "tower", "paris")]
     assert embedding_noise_scale(lm, ["eiffel tower", "paris", "paris"]) == pytest.approx(
-        3 * embed[words].flatten().std().item(), rel=1e-5)
+        3 * embed[words].flatten().std().item(), rel=1e-5
+    )
     with pytest.raises(ValueError, match="not in the prompt"):
         subject_token_range(lm, PROMPT, "the colosseum")
 
@@ -131,8 +140,9 @@ def test_the_subject_range_and_the_noise_scale():
 def test_a_fact_the_model_does_not_predict_is_skipped():
     lm = tiny("llama")
     fact = trace_fact(lm, PROMPT, SUBJECT, 0.1, kinds=("residual",), samples=2)
-    assert trace_fact(lm, PROMPT, SUBJECT, 0.1, expected=fact.answer.strip(), kinds=("residual",),
-                      samples=2) is not None
+    assert (
+        trace_fact(lm, PROMPT, SUBJECT, 0.1, expected=fact.answer.strip(), kinds=("residual",), samples=2) is not None
+    )
     wrong = "rome" if fact.answer.strip() != "rome" else "paris"
     assert trace_fact(lm, PROMPT, SUBJECT, 0.1, expected=wrong, samples=2) is None
 
@@ -146,20 +156,39 @@ def test_analyze_trace_end_to_end_resumes_and_averages_by_category(capsys, tiny_
     from kvedit.models import load_model
 
     lm = load_model(str(tiny_folder))
-    facts = [("{} is located in the city of", "the eiffel tower"), ("{} is the capital of", "berlin"),
-             ("the official language of {} is", "france"), ("{} was born in", "big ben")]
+    facts = [
+        ("{} is located in the city of", "the eiffel tower"),
+        ("{} is the capital of", "berlin"),
+        ("the official language of {} is", "france"),
+        ("{} was born in", "big ben"),
+    ]
     records = []
     for i, (prompt, subject) in enumerate(facts):
         ids = lm.tokenizer(prompt.format(subject), return_tensors="pt")["input_ids"]
         top = lm.tokenizer.decode([int(lm.model(input_ids=ids).logits[0, -1].argmax())]).strip()
         true = top if i != 1 else ("rome" if top != "rome" else "paris")  # case 1: a fact the model gets wrong
-        records.append({"case_id": i, "prompt": prompt, "subject": subject, "target_new": "london",
-                        "target_true": true})
+        records.append(
+            {"case_id": i, "prompt": prompt, "subject": subject, "target_new": "london", "target_true": true}
+        )
     data = tmp_path / "facts.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "trace"
-    argv = ["analyze", "trace", "--dataset", str(data), "--model", str(tiny_folder), "--n", "2", "--samples", "2",
-            "--plots", "1", "--out", str(out)]
+    argv = [
+        "analyze",
+        "trace",
+        "--dataset",
+        str(data),
+        "--model",
+        str(tiny_folder),
+        "--n",
+        "2",
+        "--samples",
+        "2",
+        "--plots",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "2 facts the model predicts" in text and "| FFN output (window) |" in text
@@ -170,16 +199,31 @@ def test_analyze_trace_end_to_end_resumes_and_averages_by_category(capsys, tiny_
     effects = json.loads((out / "trace.json").read_text())
     # by hand: the last subject token's restored p, averaged over facts, minus the mean corrupted p
     for kind in ("residual", "ffn", "attn"):
-        want = [sum(float(f.scores[kind][token_categories(f)["last subject token"][0], layer]) for f in traced) / 2
-                - sum(f.low for f in traced) / 2 for layer in range(lm.num_layers)]
+        want = [
+            sum(float(f.scores[kind][token_categories(f)["last subject token"][0], layer]) for f in traced) / 2
+            - sum(f.low for f in traced) / 2
+            for layer in range(lm.num_layers)
+        ]
         assert effects["aie"][kind]["last subject token"]["mean"] == pytest.approx(want, abs=1e-9)
     assert effects == json.loads(json.dumps(average_effects(traced) | {"editor_layers": effects["editor_layers"]}))
     # a second run finds the facts done and traces nothing more
     assert main(argv) == 0
     assert len((out / "facts.jsonl").read_text().splitlines()) == 3
     capsys.readouterr()
-    other = ["analyze", "trace", "--dataset", str(data), "--model", str(tiny_folder), "--n", "2", "--samples", "3",
-             "--out", str(out)]
+    other = [
+        "analyze",
+        "trace",
+        "--dataset",
+        str(data),
+        "--model",
+        str(tiny_folder),
+        "--n",
+        "2",
+        "--samples",
+        "3",
+        "--out",
+        str(out),
+    ]
     assert main(other) == 2
     assert "other settings (samples)" in capsys.readouterr().err
 
@@ -192,8 +236,13 @@ def test_token_categories_follow_rome():
         return FactTrace("p", "s", "a", tokens, span, 0.5, 0.1, {})
 
     assert token_categories(fact(list("abcdefg"), (1, 4))) == {
-        "first subject token": [1], "middle subject tokens": [2], "last subject token": [3],
-        "first subsequent token": [4], "further tokens": [5], "last token": [6]}
+        "first subject token": [1],
+        "middle subject tokens": [2],
+        "last subject token": [3],
+        "first subsequent token": [4],
+        "further tokens": [5],
+        "last token": [6],
+    }
     one = token_categories(fact(list("abc"), (1, 2)))  # one-token subject, one token after it
     assert one["first subject token"] == one["last subject token"] == [1] and one["middle subject tokens"] == []
     assert one["first subsequent token"] == [] and one["last token"] == [2]

@@ -23,9 +23,28 @@ def test_models_lists_every_family():
 def test_edit_json_then_apply_and_revert(capsys, tiny_folder, tmp_path):
     patch = tmp_path / "patch.safetensors"
     code, out, _ = run(
-        "edit", "--model", str(tiny_folder), "--method", "ft-values", "--prompt", "{} is located in the city of",
-        "--subject", "the eiffel tower", "--new", "rome", "--true", "paris", "--lr", "0.01", "--steps", "40",
-        "--neighborhood", "the louvre is located in the city of", "--save", str(patch), "--json",
+        "edit",
+        "--model",
+        str(tiny_folder),
+        "--method",
+        "ft-values",
+        "--prompt",
+        "{} is located in the city of",
+        "--subject",
+        "the eiffel tower",
+        "--new",
+        "rome",
+        "--true",
+        "paris",
+        "--lr",
+        "0.01",
+        "--steps",
+        "40",
+        "--neighborhood",
+        "the louvre is located in the city of",
+        "--save",
+        str(patch),
+        "--json",
     )
     assert code == 0
     result = json.loads(out)
@@ -46,7 +65,11 @@ def test_edit_json_then_apply_and_revert(capsys, tiny_folder, tmp_path):
     assert all(torch.equal(original[n], back[n]) for n in original)
 
     code, _, err = run("apply", str(patch), "--model", str(edited), "--out", str(tmp_path / "twice"))
-    assert code == 2 and "differ from the unedited weights the patch records (it matches the patch's edited weights: the patch is applied already)" in err
+    assert (
+        code == 2
+        and "differ from the unedited weights the patch records (it matches the patch's edited weights: the patch is applied already)"
+        in err
+    )
 
 
 @pytest.mark.parametrize(
@@ -54,8 +77,14 @@ def test_edit_json_then_apply_and_revert(capsys, tiny_folder, tmp_path):
     [
         (["--prompt", "no placeholder", "--subject", "x", "--new", "rome", "--true", "paris"], "exactly one"),
         (["--prompt", "{} is in", "--subject", "x", "--new", "rome", "--true", "rome"], "equals target_true"),
-        (["--prompt", "{} is in", "--subject", "x", "--new", "rome", "--true", "paris", "--layers", "9"], "out of range"),
-        (["--prompt", "{} is in", "--subject", "x", "--new", "rome", "--true", "paris", "--stats", "self"], "--stats and --stats-tokens apply"),
+        (
+            ["--prompt", "{} is in", "--subject", "x", "--new", "rome", "--true", "paris", "--layers", "9"],
+            "out of range",
+        ),
+        (
+            ["--prompt", "{} is in", "--subject", "x", "--new", "rome", "--true", "paris", "--stats", "self"],
+            "--stats and --stats-tokens apply",
+        ),
     ],
 )
 def test_edit_input_errors_exit_2_with_a_message(capsys, tiny_folder, args, message):
@@ -72,8 +101,9 @@ def test_bad_layer_list_is_an_argparse_error(capsys):
 def test_stats_command_reports_every_layer(tiny_folder, tmp_path, kvedit_cache):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(["the eiffel tower is located in the city of paris"] * 50))
-    code, out, _ = run("stats", "--model", str(tiny_folder), "--layers", "1,2", "--source", str(corpus),
-                       "--tokens", "200")
+    code, out, _ = run(
+        "stats", "--model", str(tiny_folder), "--layers", "1,2", "--source", str(corpus), "--tokens", "200"
+    )
     assert code == 0
     assert "layer   1: 200 tokens, E[kkᵀ] (64, 64)" in out and "layer   2: 200 tokens" in out
     assert len(list((kvedit_cache / "stats").glob("*/*.safetensors"))) == 2
@@ -89,8 +119,10 @@ def test_demo_is_a_resumable_bench_over_the_demo_facts(capsys, tiny_folder, tmp_
     assert len(lines) == 6 and {json.loads(l)["run"] for l in lines} == {"unedited", "ft-keys", "ft-values"}
     assert {json.loads(l)["case_id"] for l in lines} == {"eiffel-tower", "colosseum"}  # the first demo facts
     cases = [json.loads(l) for l in lines]
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
-            for line in (out_dir / "table.md").read_text().split("\n\n")[1].splitlines()[2:]}  # the first table
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in (out_dir / "table.md").read_text().split("\n\n")[1].splitlines()[2:]
+    }  # the first table
     assert list(rows) == ["unedited", "ft-keys", "ft-values"]
     for method in ("unedited", "ft-keys", "ft-values"):
         s, mine = summary["runs"][method], [c for c in cases if c["run"] == method]
@@ -99,13 +131,27 @@ def test_demo_is_a_resumable_bench_over_the_demo_facts(capsys, tiny_folder, tmp_
             wins = [new > true for new, true in zip(c["efficacy_p_new"], c["efficacy_p_true"], strict=True)]
             assert c["efficacy_success"] == pytest.approx(sum(wins) / len(wins))
         efficacy = s["metrics"]["efficacy_success"]
-        assert efficacy["count"] == 2 and efficacy["mean"] == pytest.approx(50 * sum(c["efficacy_success"] for c in mine))
+        assert efficacy["count"] == 2 and efficacy["mean"] == pytest.approx(
+            50 * sum(c["efficacy_success"] for c in mine)
+        )
         # the table shows the summary's means (× 100, two decimals) in the Efficacy column, one row per run
         assert rows[method][1:3] == ["–" if method == "unedited" else "1", "2"]  # #Edits, Cases
         assert rows[method][3].startswith(f"{efficacy['mean']:.2f} ± ")
     # run again: nothing is redone, and a third method adds only its own records
     assert run("demo", "--model", str(tiny_folder), "--n", "2", "--out", str(out_dir))[0] == 0
     assert len((out_dir / "cases.jsonl").read_text().splitlines()) == 6
-    assert run("demo", "--model", str(tiny_folder), "--n", "2", "--out", str(out_dir),
-               "--methods", "ft-keys,ft-values,ft-key-up")[0] == 0
+    assert (
+        run(
+            "demo",
+            "--model",
+            str(tiny_folder),
+            "--n",
+            "2",
+            "--out",
+            str(out_dir),
+            "--methods",
+            "ft-keys,ft-values,ft-key-up",
+        )[0]
+        == 0
+    )
     assert len((out_dir / "cases.jsonl").read_text().splitlines()) == 8

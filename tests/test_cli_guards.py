@@ -32,11 +32,20 @@ def parse_error(capsys, *argv: object) -> str:
 
 # --out ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv", [
-    ["analyze", "triggers", "--tokens", "50"], ["analyze", "values"], ["analyze", "layers"],
-    ["inspect", "The capital of France is"], ["compare", "somewhere"],
-    ["tune", "--tasks", "cb"], ["bench", "--dataset", "counterfact"], ["demo"],
-])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["analyze", "triggers", "--tokens", "50"],
+        ["analyze", "values"],
+        ["analyze", "layers"],
+        ["inspect", "The capital of France is"],
+        ["compare", "somewhere"],
+        ["tune", "--tasks", "cb"],
+        ["bench", "--dataset", "counterfact"],
+        ["demo"],
+    ],
+)
 def test_out_naming_an_existing_file_is_refused_before_any_work(capsys, tmp_path, argv):
     existing = tmp_path / "results.txt"
     existing.write_text("mine\n")
@@ -75,10 +84,26 @@ def test_a_command_that_fails_before_writing_leaves_no_folder(capsys, tmp_path):
 
 # values that were accepted silently -----------------------------------------------------------------------------
 
+
 def test_tune_with_no_target_set_is_refused(capsys, tiny_folder, tmp_path):
     out = tmp_path / "t"
-    assert run("tune", "--model", tiny_folder, "--tasks", "cb", "--data-dir", FIXTURES / "tuning", "--targets", "",
-               "--out", out, *TUNE_QUIET) == 2
+    assert (
+        run(
+            "tune",
+            "--model",
+            tiny_folder,
+            "--tasks",
+            "cb",
+            "--data-dir",
+            FIXTURES / "tuning",
+            "--targets",
+            "",
+            "--out",
+            out,
+            *TUNE_QUIET,
+        )
+        == 2
+    )
     assert "names no target set" in capsys.readouterr().err
     assert not out.exists()
 
@@ -86,11 +111,28 @@ def test_tune_with_no_target_set_is_refused(capsys, tiny_folder, tmp_path):
 def test_compare_with_pairs_no_folder_has_is_refused(capsys, tmp_path):
     folder = tmp_path / "bench"
     folder.mkdir()
-    stored = {"a": "ft-keys", "b": "ft-values", "metric": "paraphrase_success", "mean_difference": 2.0,
-              "ci": [0.5, 3.5], "sign_test_p": 0.2, "wins": 3, "losses": 1, "ties": 6, "count": 10}
-    (folder / "summary.json").write_text(json.dumps({
-        "suite": "counterfact", "model": "m", "comparisons": [stored],
-        "runs": {"ft-keys": {"metrics": {}, "n": 10}, "ft-values": {"metrics": {}, "n": 10}}}))
+    stored = {
+        "a": "ft-keys",
+        "b": "ft-values",
+        "metric": "paraphrase_success",
+        "mean_difference": 2.0,
+        "ci": [0.5, 3.5],
+        "sign_test_p": 0.2,
+        "wins": 3,
+        "losses": 1,
+        "ties": 6,
+        "count": 10,
+    }
+    (folder / "summary.json").write_text(
+        json.dumps(
+            {
+                "suite": "counterfact",
+                "model": "m",
+                "comparisons": [stored],
+                "runs": {"ft-keys": {"metrics": {}, "n": 10}, "ft-values": {"metrics": {}, "n": 10}},
+            }
+        )
+    )
     out = tmp_path / "cmp"
     assert run("compare", folder, "--out", out, "--pairs", "bogus:x") == 2
     err = capsys.readouterr().err
@@ -114,6 +156,7 @@ def test_method_names_are_the_registrys():
 
 # task files ------------------------------------------------------------------------------------------------------
 
+
 def _task(tmp_path: Path, name: str, data: bytes) -> Path:
     path = tmp_path / name
     path.write_bytes(data)
@@ -123,7 +166,7 @@ def _task(tmp_path: Path, name: str, data: bytes) -> Path:
 def test_a_utf8_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
     from kvedit.tuning.records import read_records
 
-    text = "text,label\n\"Caf\u00e9 au lait, hot\",pos\nCold,neg\n"
+    text = 'text,label\n"Caf\u00e9 au lait, hot",pos\nCold,neg\n'
     with_bom = read_records(_task(tmp_path, "bom.csv", b"\xef\xbb\xbf" + text.encode()))
     assert with_bom == read_records(_task(tmp_path, "plain.csv", text.encode()))
     assert with_bom[0] == {"text": "Caf\u00e9 au lait, hot", "label": "pos"}
@@ -140,9 +183,27 @@ def test_a_latin1_file_is_refused_with_file_line_and_encoding(tmp_path):
 
 def test_label_words_that_match_no_record_list_the_files_labels(capsys, tiny_folder, tmp_path):
     out = tmp_path / "t"
-    assert run("tune", "--model", tiny_folder, "--task-file", FIXTURES / "tuning" / "user_task.csv",
-               "--template", "the {review} is", "--label-field", "stars", "--label-words", "bad,good",
-               "--targets", "values", "--out", out, *TUNE_QUIET) == 2
+    assert (
+        run(
+            "tune",
+            "--model",
+            tiny_folder,
+            "--task-file",
+            FIXTURES / "tuning" / "user_task.csv",
+            "--template",
+            "the {review} is",
+            "--label-field",
+            "stars",
+            "--label-words",
+            "bad,good",
+            "--targets",
+            "values",
+            "--out",
+            out,
+            *TUNE_QUIET,
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "no record's 'stars' is one of the --label-words values ['bad', 'good']" in err
     assert "'5', '1'" in err
@@ -150,10 +211,30 @@ def test_label_words_that_match_no_record_list_the_files_labels(capsys, tiny_fol
 
 def test_task_name_names_the_users_task(capsys, tiny_folder, tmp_path):
     out = tmp_path / "t"
-    assert run("tune", "--model", tiny_folder, "--task-file", FIXTURES / "tuning" / "user_task.csv",
-               "--task-name", "sentiment", "--template", "the {review} is", "--label-field", "stars",
-               "--label-words", "1=paris,5=rome", "--targets", "values", "--no-untuned", "--out", out,
-               *TUNE_QUIET) == 0
+    assert (
+        run(
+            "tune",
+            "--model",
+            tiny_folder,
+            "--task-file",
+            FIXTURES / "tuning" / "user_task.csv",
+            "--task-name",
+            "sentiment",
+            "--template",
+            "the {review} is",
+            "--label-field",
+            "stars",
+            "--label-words",
+            "1=paris,5=rome",
+            "--targets",
+            "values",
+            "--no-untuned",
+            "--out",
+            out,
+            *TUNE_QUIET,
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["runs"]["values"]["tasks"]) == ["sentiment"]
     assert "sentiment" in (out / "table.md").read_text()
@@ -162,6 +243,7 @@ def test_task_name_names_the_users_task(capsys, tiny_folder, tmp_path):
 
 # interrupts ------------------------------------------------------------------------------------------------------
 
+
 def test_an_interrupted_tune_says_what_was_kept_and_how_to_resume(capsys, tiny_folder, tmp_path, monkeypatch):
     from kvedit.tuning import runner
 
@@ -169,14 +251,28 @@ def test_an_interrupted_tune_says_what_was_kept_and_how_to_resume(capsys, tiny_f
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "run_tune", interrupted)
-    assert run("tune", "--model", tiny_folder, "--tasks", "cb", "--data-dir", FIXTURES / "tuning",
-               "--out", tmp_path / "t", *TUNE_QUIET) == 130
+    assert (
+        run(
+            "tune",
+            "--model",
+            tiny_folder,
+            "--tasks",
+            "cb",
+            "--data-dir",
+            FIXTURES / "tuning",
+            "--out",
+            tmp_path / "t",
+            *TUNE_QUIET,
+        )
+        == 130
+    )
     err = capsys.readouterr().err
     assert "last checkpoint" in err and "run the same command again to resume" in err
     assert "weights were restored" not in err
 
 
 # every command: --threads, and help without torch ---------------------------------------------------------------
+
 
 def test_every_command_takes_threads():
     parser, _ = build_parser()
@@ -186,14 +282,23 @@ def test_every_command_takes_threads():
         assert any("--threads" in a.option_strings for a in leaf._actions), leaf.prog
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["edit", "--help"], ["analyze", "triggers", "--help"],
-                                  ["bench", "--dataset", "x", "--out", "y", "--methods", "nope"],
-                                  ["edit", "--prompt", "{} is", "--subject", "s"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["edit", "--help"],
+        ["analyze", "triggers", "--help"],
+        ["bench", "--dataset", "x", "--out", "y", "--methods", "nope"],
+        ["edit", "--prompt", "{} is", "--subject", "s"],
+    ],
+)
 def test_help_and_argument_errors_load_neither_torch_nor_transformers(argv):
-    code = ("import sys\nfrom kvedit.cli import main\n"
-            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
-            "print('HEAVY', heavy, 'CODE', code)\n")
+    code = (
+        "import sys\nfrom kvedit.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
+        "print('HEAVY', heavy, 'CODE', code)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("HEAVY [] CODE"), (last, done.stderr[-2000:])
@@ -205,6 +310,22 @@ def test_tune_prints_no_warning_from_peft_wrapping_the_model(tiny_folder, tmp_pa
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert run("tune", "--model", tiny_folder, "--tasks", "cb", "--data-dir", FIXTURES / "tuning",
-                   "--targets", "values", "--no-untuned", "--out", tmp_path / "t", *TUNE_QUIET) == 0
+        assert (
+            run(
+                "tune",
+                "--model",
+                tiny_folder,
+                "--tasks",
+                "cb",
+                "--data-dir",
+                FIXTURES / "tuning",
+                "--targets",
+                "values",
+                "--no-untuned",
+                "--out",
+                tmp_path / "t",
+                *TUNE_QUIET,
+            )
+            == 0
+        )
     assert not [w for w in caught if "checkpointing" in str(w.message)]

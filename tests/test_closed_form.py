@@ -54,7 +54,9 @@ def test_memit_one_layer_is_the_regularised_least_squares_solution(corpus, famil
     grad = (direct @ k - r) @ k.T + lam * direct @ c
     assert grad.abs().max() < 1e-6 * max(1.0, r.abs().max().item())
     stored = delta.update(f"{lm.values_path(2)}.weight").double()
-    torch.testing.assert_close(stored.T if lm.arch.transposed else stored, direct.float().double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        stored.T if lm.arch.transposed else stored, direct.float().double(), rtol=1e-4, atol=1e-5
+    )
     # the keys it used are the template-averaged keys of the unedited model
     delta.revert(lm)
     keys = subject_keys(lm, 2, REQUESTS, context_templates(lm, MEMIT_TEMPLATES))
@@ -69,7 +71,7 @@ def test_pmet_spreads_the_residual_as_eq_11(corpus, method, spread):
     records = delta.records.ffn
     assert [r.layer for r in records] == list(layers)
     # eq. 11: layer i of L writes R/√(L−i) (PMET) or R/(L−i) (MEMIT's even spread), by hand for L = 3
-    by_hand = {"sqrt": [3 ** -0.5, 2 ** -0.5, 1.0], "even": [1 / 3, 1 / 2, 1.0]}[spread]
+    by_hand = {"sqrt": [3**-0.5, 2**-0.5, 1.0], "even": [1 / 3, 1 / 2, 1.0]}[spread]
     for i, rec in enumerate(records):
         assert spread_fraction(i, len(layers), spread) == pytest.approx(by_hand[i])
         torch.testing.assert_close(rec.assigned, rec.remaining * by_hand[i])
@@ -85,7 +87,8 @@ def test_pmet_ablations_touch_the_right_weights(corpus):
     kw = dict(layers=(1, 2), stats_source=corpus, stats_tokens=1000)
     both = edit(lm, REQUESTS, "pmet-update-attn", **kw)
     assert sorted(both.names) == sorted(
-        [f"model.layers.{l}.mlp.down_proj.weight" for l in (1, 2)] + [f"model.layers.{l}.self_attn.o_proj.weight" for l in (1, 2)]
+        [f"model.layers.{l}.mlp.down_proj.weight" for l in (1, 2)]
+        + [f"model.layers.{l}.self_attn.o_proj.weight" for l in (1, 2)]
     )
     both.revert(lm)
     ffn_only = edit(lm, REQUESTS, "pmet-no-attn-delta", **kw)
@@ -209,8 +212,7 @@ def test_requests_optimised_together_match_one_at_a_time(family):
     sites = [("residual", 2), ("attn_out", 2)]
     requests = REQUESTS + [EditRequest("{} is the capital of", "rome", target_new="france", target_true="italy")]
     # a tiny random model barely moves its NLL (≈ ln 52): a threshold just under it makes requests stop apart
-    opts = TargetOptions(steps=12, lr=0.5, kl_factor=0.01, weight_decay=0.01, clamp_norm_factor=20,
-                         early_stop_loss=3.9)
+    opts = TargetOptions(steps=12, lr=0.5, kl_factor=0.01, weight_decay=0.01, clamp_norm_factor=20, early_stop_loss=3.9)
     alone, alone_steps = optimize_targets(lm, requests, sites, templates, opts, group_size=1)
     grouped, grouped_steps = optimize_targets(lm, requests, sites, templates, opts, group_size=3)
     assert grouped_steps == alone_steps and len(set(alone_steps)) > 1  # requests stop at different steps
@@ -245,13 +247,17 @@ def test_fast_variants_double_the_rate_and_stop_on_the_target_nll():
         assert make_settings(lm, f"{method}-fast", layers=(1,), lr=0.3).lr == 0.3  # a given setting wins
     templates = context_templates(lm, MEMIT_TEMPLATES)
     site = ("residual", 2)
-    opts = TargetOptions(steps=12, lr=0.5, kl_factor=0.01, weight_decay=0.01, clamp_norm_factor=20,
-                         early_stop_loss=0.0)  # the reference rule never stops these
+    opts = TargetOptions(
+        steps=12, lr=0.5, kl_factor=0.01, weight_decay=0.01, clamp_norm_factor=20, early_stop_loss=0.0
+    )  # the reference rule never stops these
     _, full = optimize_targets(lm, REQUESTS, [site], templates, opts)
-    stopped, at_once = optimize_targets(lm, REQUESTS, [site], templates, opts.__class__(
-        **{**opts.__dict__, "stop_nll": 100.0}))
+    stopped, at_once = optimize_targets(
+        lm, REQUESTS, [site], templates, opts.__class__(**{**opts.__dict__, "stop_nll": 100.0})
+    )
     assert full == [11, 11] and at_once == [0, 0]  # an NLL below 100 nats stops at the first step, before any change
     assert all(float(r[site][1].norm()) == 0.0 for r in stopped)
     # a threshold inside the random model's NLLs (≈ ln 52) stops only the request already under it
-    _, crossing = optimize_targets(lm, REQUESTS, [site], templates, opts.__class__(**{**opts.__dict__, "stop_nll": 3.9}))
+    _, crossing = optimize_targets(
+        lm, REQUESTS, [site], templates, opts.__class__(**{**opts.__dict__, "stop_nll": 3.9})
+    )
     assert sorted(crossing) == [0, 11]

@@ -13,10 +13,12 @@ from kvedit.bench.harness import Bench
 from kvedit.cli import main
 from kvedit.reports.compare import parse_pairs
 
-FACTS = [("{} is located in the city of", "the eiffel tower", "rome", "paris"),
-         ("{} is located in the city of", "the colosseum", "london", "rome"),
-         ("{} is the capital of", "berlin", "spain", "germany"),
-         ("the official language of {} is", "france", "german", "french")]
+FACTS = [
+    ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
+    ("{} is located in the city of", "the colosseum", "london", "rome"),
+    ("{} is the capital of", "berlin", "spain", "germany"),
+    ("the official language of {} is", "france", "german", "french"),
+]
 
 
 @pytest.fixture
@@ -34,17 +36,35 @@ def two_folders(tmp_path):
 
 def test_compare_puts_each_folders_paired_differences_side_by_side(two_folders, tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", *map(str, two_folders), "--out", str(out), "--labels", "first,second",
-                 "--pairs", "ft-values:ft-keys"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                *map(str, two_folders),
+                "--out",
+                str(out),
+                "--labels",
+                "first,second",
+                "--pairs",
+                "ft-values:ft-keys",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "compare.json").read_text())
     assert list(result["columns"]) == ["first", "second"]
     for label, folder in zip(("first", "second"), two_folders):
-        stored = {c["metric"]: c for c in json.loads((folder / "summary.json").read_text())["comparisons"]
-                  if c["a"] == "ft-keys" and c["b"] == "ft-values"}
+        stored = {
+            c["metric"]: c
+            for c in json.loads((folder / "summary.json").read_text())["comparisons"]
+            if c["a"] == "ft-keys" and c["b"] == "ft-values"
+        }
         got = result["columns"][label]["ft-values|ft-keys|Paraphrase"]
         assert got["mean_difference"] == pytest.approx(-stored["paraphrase_success"]["mean_difference"])
-        assert (got["wins"], got["losses"]) == (stored["paraphrase_success"]["losses"],
-                                                stored["paraphrase_success"]["wins"])
+        assert (got["wins"], got["losses"]) == (
+            stored["paraphrase_success"]["losses"],
+            stored["paraphrase_success"]["wins"],
+        )
         if stored["paraphrase_success"]["ci"]:
             lo, hi = stored["paraphrase_success"]["ci"]
             assert got["ci"] == pytest.approx([-hi, -lo])
@@ -65,13 +85,24 @@ def test_compare_refuses_what_it_cannot_read(two_folders, tmp_path, capsys):
 def test_a_pair_stored_the_other_way_round_is_turned_round(tmp_path):
     from kvedit.reports.compare import write_comparison
 
-    stored = {"a": "memit", "b": "pmet", "metric": "paraphrase_success", "mean_difference": 9.5,
-              "ci": [5.0, 14.0], "sign_test_p": 7e-5, "wins": 21, "losses": 2, "ties": 177, "count": 200}
+    stored = {
+        "a": "memit",
+        "b": "pmet",
+        "metric": "paraphrase_success",
+        "mean_difference": 9.5,
+        "ci": [5.0, 14.0],
+        "sign_test_p": 7e-5,
+        "wins": 21,
+        "losses": 2,
+        "ties": 177,
+        "count": 200,
+    }
     for name, suite in (("cf", "counterfact"), ("zs", "zsre")):
         metric = "paraphrase_success" if suite == "counterfact" else "paraphrase_accuracy"
         (tmp_path / name).mkdir()
-        (tmp_path / name / "summary.json").write_text(json.dumps(
-            {"suite": suite, "model": f"/models/{name}-model", "comparisons": [stored | {"metric": metric}]}))
+        (tmp_path / name / "summary.json").write_text(
+            json.dumps({"suite": suite, "model": f"/models/{name}-model", "comparisons": [stored | {"metric": metric}]})
+        )
     path = write_comparison([tmp_path / "cf", tmp_path / "zs"], tmp_path / "out", [("pmet", "memit")])
     text = path.read_text()
     assert "| pmet − memit | Paraphrase | -9.5 [-14.0, -5.0], p 7e-05 | -9.5 [-14.0, -5.0], p 7e-05 |" in text
@@ -99,6 +130,7 @@ def test_compare_lists_every_runs_scores_side_by_side(two_folders, tmp_path):
 
 def test_a_run_short_of_its_folders_cases_says_so():
     from kvedit.reports.compare import _run_cell
+
     run = {"Efficacy": 96.0, "Paraphrase": 84.5, "Specificity": None, "Score": 88.25, "n": 55}
     assert _run_cell(run, 200) == "96.0 / 84.5 / – (88.2, 55 of 200 cases)"
     assert _run_cell({**run, "n": 200}, 200) == "96.0 / 84.5 / – (88.2)"

@@ -49,8 +49,7 @@ def test_batched_targets_equal_one_at_a_time_in_float32(family):
     lm = tiny_lm(family)
     templates = context_templates(lm, MEMIT_TEMPLATES)
     sites = [("residual", 2)]
-    opts = TargetOptions(steps=10, lr=0.5, kl_factor=0.01, weight_decay=0.01, clamp_norm_factor=20,
-                         early_stop_loss=3.9)
+    opts = TargetOptions(steps=10, lr=0.5, kl_factor=0.01, weight_decay=0.01, clamp_norm_factor=20, early_stop_loss=3.9)
     alone = [optimize_targets(lm, [r], sites, templates, opts, group_size=1) for r in REQUESTS]
     together, steps = optimize_targets(lm, REQUESTS, sites, templates, opts, group_size=len(REQUESTS))
     assert steps == [s[0] for _, s in alone] and len(set(steps)) > 1  # they stop apart: rows leave mid-run
@@ -86,8 +85,9 @@ def test_the_bfloat16_view_follows_edits_and_keeps_ties_and_buffers(bf16_units):
     name = f"{lm.values_path(1)}.weight"
     with torch.no_grad():
         lm.model.get_parameter(name).add_(1.0)
-    torch.testing.assert_close(compute_view(lm).model.get_parameter(name).float(), lm.model.get_parameter(name),
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        compute_view(lm).model.get_parameter(name).float(), lm.model.get_parameter(name), rtol=1e-2, atol=1e-2
+    )
     assert compute_view(set_compute_dtype(tiny_lm("llama"), "float32")).compute_dtype == "float32"
 
 
@@ -96,8 +96,7 @@ def test_bfloat16_targets_stay_close_to_float32(bf16_units):
     lm = tiny_lm("llama")
     templates = context_templates(lm, MEMIT_TEMPLATES)
     sites = [("residual", 2)]
-    opts = TargetOptions(steps=5, lr=0.5, kl_factor=0.01, weight_decay=0.01, clamp_norm_factor=20,
-                         early_stop_loss=0.0)
+    opts = TargetOptions(steps=5, lr=0.5, kl_factor=0.01, weight_decay=0.01, clamp_norm_factor=20, early_stop_loss=0.0)
     f32, _ = optimize_targets(lm, REQUESTS[:2], sites, templates, opts)
     bf16, _ = optimize_targets(set_compute_dtype(lm, "bfloat16"), REQUESTS[:2], sites, templates, opts)
     for a, b in zip(f32, bf16):
@@ -112,17 +111,53 @@ def test_no_bfloat16_units_is_a_clear_error(no_bf16_units, capsys, tiny_folder):
     assert lm.compute_dtype == "float32"
     with pytest.raises(ComputeDtypeError, match="not one of float32, bfloat16"):
         set_compute_dtype(lm, "float16")
-    code = main(["edit", "--model", str(tiny_folder), "--compute-dtype", "bfloat16", "--prompt", "{} is in",
-                 "--subject", "x", "--new", "rome", "--true", "paris"])
+    code = main(
+        [
+            "edit",
+            "--model",
+            str(tiny_folder),
+            "--compute-dtype",
+            "bfloat16",
+            "--prompt",
+            "{} is in",
+            "--subject",
+            "x",
+            "--new",
+            "rome",
+            "--true",
+            "paris",
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "needs bfloat16 matrix units" in err and "Traceback" not in err
 
 
 def test_the_edit_command_runs_in_bfloat16_compute(bf16_units, capsys, tiny_folder, tmp_path):
     patch = tmp_path / "patch.safetensors"
-    code = main(["edit", "--model", str(tiny_folder), "--compute-dtype", "bfloat16", "--method", "ft-values",
-                 "--prompt", "{} is located in the city of", "--subject", "the eiffel tower", "--new", "rome",
-                 "--true", "paris", "--steps", "3", "--save", str(patch), "--json"])
+    code = main(
+        [
+            "edit",
+            "--model",
+            str(tiny_folder),
+            "--compute-dtype",
+            "bfloat16",
+            "--method",
+            "ft-values",
+            "--prompt",
+            "{} is located in the city of",
+            "--subject",
+            "the eiffel tower",
+            "--new",
+            "rome",
+            "--true",
+            "paris",
+            "--steps",
+            "3",
+            "--save",
+            str(patch),
+            "--json",
+        ]
+    )
     capsys.readouterr()
     assert code == 0
     assert json.loads(patch.with_suffix(".json").read_text())["compute_dtype"] == "bfloat16"
@@ -132,8 +167,18 @@ def test_every_command_that_runs_a_model_takes_compute_dtype():
     parser, _ = build_parser()
     with_model = [leaf for leaf in leaf_parsers(parser) if any("--model" in a.option_strings for a in leaf._actions)]
     names = {leaf.prog.split(" ", 1)[1] for leaf in with_model}
-    assert {"edit", "apply", "revert", "stats", "bench", "demo", "analyze triggers", "inspect", "tune",
-            "explore"} <= names
+    assert {
+        "edit",
+        "apply",
+        "revert",
+        "stats",
+        "bench",
+        "demo",
+        "analyze triggers",
+        "inspect",
+        "tune",
+        "explore",
+    } <= names
     for leaf in with_model:
         action = next(a for a in leaf._actions if "--compute-dtype" in a.option_strings)
         assert action.default == "float32" and set(action.choices) == {"float32", "bfloat16"}, leaf.prog

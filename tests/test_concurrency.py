@@ -79,8 +79,13 @@ print("RESULT 0", torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY"), fl
 
 
 def _run_child(code: str, *argv: str, **env: str) -> tuple[list[str], str]:
-    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
-                          env=_clean_env(OMP_DISPLAY_ENV="VERBOSE", **env))
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_clean_env(OMP_DISPLAY_ENV="VERBOSE", **env),
+    )
     result = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
     assert result, done.stdout + done.stderr
     return result[-1].split()[1:], done.stderr
@@ -125,8 +130,12 @@ def test_configure_threads_checks_its_argument_and_says_when_it_is_too_late(monk
 
 def _speeds(seconds: float = 1.5) -> tuple[list[float], list[float]]:
     """Steps per second of two worker processes: each alone (one window each) and both at once (between)."""
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True, env=_clean_env()) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_clean_env()
+        )
+        for _ in range(2)
+    ]
     try:
         for w in workers:
             assert w.stdout.readline().strip() == "ready"
@@ -157,5 +166,7 @@ def test_two_concurrent_kvedit_processes_each_keep_a_third_of_their_solo_speed()
         kept.append([t / a for a, t in zip(alone, together)])
         if min(kept[-1]) >= 1 / 3:
             return
-    pytest.fail(f"concurrent / solo steps per second, per attempt and process: {kept} (median alone "
-                f"{statistics.median(alone):.1f}/s); expected each >= 1/3")
+    pytest.fail(
+        f"concurrent / solo steps per second, per attempt and process: {kept} (median alone "
+        f"{statistics.median(alone):.1f}/s); expected each >= 1/3"
+    )

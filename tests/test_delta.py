@@ -146,8 +146,10 @@ def test_norm_constraint_bounds_every_weight(tiny_llama):
         assert delta.update(name).abs().max() <= eps * 1.001
 
 
-@pytest.mark.parametrize("preset, optimiser, lr, decay", [("qiu2024", torch.optim.Adam, 5e-4, 0.5),
-                                                         ("default", torch.optim.AdamW, 2e-3, 0.0)])
+@pytest.mark.parametrize(
+    "preset, optimiser, lr, decay",
+    [("qiu2024", torch.optim.Adam, 5e-4, 0.5), ("default", torch.optim.AdamW, 2e-3, 0.0)],
+)
 def test_presets_run_their_optimiser(tiny_llama, monkeypatch, preset, optimiser, lr, decay):
     built = []
     real_init = torch.optim.Optimizer.__init__

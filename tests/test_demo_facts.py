@@ -57,4 +57,3 @@ def test_bundled_model_prefers_true_target_on_every_rewrite_prompt(bundled_lm) -
     ok = (nll_true < nll_new).tolist()
     wrong = [f"{r.case_id}: {r.rewrite_prompt!r} -> {r.target_new!r}" for r, good in zip(requests, ok) if not good]
     assert not wrong, "the unedited model prefers target_new on:\n" + "\n".join(wrong)
-

@@ -29,12 +29,20 @@ def _state(lm):
 
 
 @pytest.mark.parametrize("method, layers", [("ft-keys", (3,)), ("rome", (3,)), ("memit", (2, 3))])
-def test_an_edit_under_a_device_map_equals_the_plain_edit_and_reverts(saved_llama, method, layers, tmp_path,
-                                                                      monkeypatch, kvedit_cache):
+def test_an_edit_under_a_device_map_equals_the_plain_edit_and_reverts(
+    saved_llama, method, layers, tmp_path, monkeypatch, kvedit_cache
+):
     plain = load_model(saved_llama)
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
-                  "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "cpu",
+        "model.layers.3": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     mapped = load_model(saved_llama, device_map=device_map)
     assert hasattr(mapped.module("model.layers.1"), "_hf_hook")  # accelerate really hooks the model
     kw = dict(FAST, layers=layers) if method != "ft-keys" else dict(layers=layers, max_steps=3)
@@ -48,9 +56,16 @@ def test_an_edit_under_a_device_map_equals_the_plain_edit_and_reverts(saved_llam
 
 
 def test_editing_an_offloaded_layer_is_refused_and_changes_nothing(saved_llama, tmp_path, monkeypatch, kvedit_cache):
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
-                  "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "cpu",
+        "model.layers.3": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     mapped = load_model(saved_llama, device_map=device_map)
     before = _state(mapped)
     with pytest.raises(EditError, match="offloaded"):
@@ -61,8 +76,23 @@ def test_editing_an_offloaded_layer_is_refused_and_changes_nothing(saved_llama, 
 def test_the_cli_takes_a_device_map(saved_llama, tmp_path, monkeypatch, capsys, kvedit_cache):
     from kvedit.cli import main
 
-    edit_argv = ["edit", "--model", str(saved_llama), "--method", "ft-keys", "--layers", "1", "--subject",
-                 "the eiffel tower", "--prompt", "{} is located in the city of", "--new", "rome", "--true", "paris"]
+    edit_argv = [
+        "edit",
+        "--model",
+        str(saved_llama),
+        "--method",
+        "ft-keys",
+        "--layers",
+        "1",
+        "--subject",
+        "the eiffel tower",
+        "--prompt",
+        "{} is located in the city of",
+        "--new",
+        "rome",
+        "--true",
+        "paris",
+    ]
     code = main([*edit_argv, "--device-map", "auto", "--save", str(tmp_path / "p.safetensors")])
     assert code == 0 and (tmp_path / "p.safetensors").is_file()
     assert main([*edit_argv, "--save", str(tmp_path / "plain.safetensors")]) == 0
@@ -90,7 +120,11 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on t
 @gpu
 @pytest.mark.parametrize("method", ["ft-keys", "ft-values", "rome", "memit", "pmet"])
 def test_an_edit_on_the_gpu_matches_the_cpu(saved_llama, method, tmp_path, monkeypatch, kvedit_cache):
-    kw = dict(layers=(2,), max_steps=3) if method.startswith("ft") else dict(FAST, layers=(2, 3) if method != "rome" else (2,))
+    kw = (
+        dict(layers=(2,), max_steps=3)
+        if method.startswith("ft")
+        else dict(FAST, layers=(2, 3) if method != "rome" else (2,))
+    )
     on_cpu = edit(load_model(saved_llama), REQUEST, method, **kw)
     lm = load_model(saved_llama, device="cuda")
     before = _state(lm)
@@ -105,7 +139,11 @@ def test_an_edit_on_the_gpu_matches_the_cpu(saved_llama, method, tmp_path, monke
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 @pytest.mark.parametrize("method", ["ft-keys", "rome", "memit", "pmet"])
 def test_an_edit_across_two_gpus_matches_one(saved_llama, method, tmp_path, monkeypatch, kvedit_cache):
-    kw = dict(layers=(3,), max_steps=3) if method.startswith("ft") else dict(FAST, layers=(2, 3) if method != "rome" else (3,))
+    kw = (
+        dict(layers=(3,), max_steps=3)
+        if method.startswith("ft")
+        else dict(FAST, layers=(2, 3) if method != "rome" else (3,))
+    )
     one = edit(load_model(saved_llama, device="cuda:0"), REQUEST, method, **kw)
     split = load_model(saved_llama, device_map="balanced")
     assert len({p.device for p in split.model.parameters()}) == 2

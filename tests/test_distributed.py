@@ -33,8 +33,12 @@ SENTENCE = "the eiffel tower is located in the city of paris and rome is the cap
 def ray_instance(tmp_path_factory):
     """A local Ray instance whose workers have their own, empty kvedit cache."""
     worker_cache = tmp_path_factory.mktemp("worker-cache")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"KVEDIT_CACHE": str(worker_cache)}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"KVEDIT_CACHE": str(worker_cache)}},
+    )
     yield worker_cache
     ray.shutdown()
 
@@ -44,16 +48,22 @@ def setup(tmp_path, monkeypatch, tiny_folder, kvedit_cache):
     data = write_facts(tmp_path / "facts.json", FACTS)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(SENTENCE for _ in range(100)))
-    config = BenchConfig(dataset=str(data), methods=("ft-values", "memit"), stats_source=str(corpus),
-                         stats_tokens=300, extra={"layers": (1,), "max_steps": 3})
+    config = BenchConfig(
+        dataset=str(data),
+        methods=("ft-values", "memit"),
+        stats_source=str(corpus),
+        stats_tokens=300,
+        extra={"layers": (1,), "max_steps": 3},
+    )
     return config, RaySettings(workers=2, model=str(tiny_folder))
 
 
 def comparable(folder):
     """Records sorted by (run, case), without the wall times."""
     records = load_cases_file(folder / "cases.jsonl")
-    return sorted(({k: v for k, v in r.items() if k != "time_s"} for r in records),
-                  key=lambda r: (r["run"], r["case_id"]))
+    return sorted(
+        ({k: v for k, v in r.items() if k != "time_s"} for r in records), key=lambda r: (r["run"], r["case_id"])
+    )
 
 
 def close(x, y) -> bool:
@@ -83,7 +93,8 @@ def test_sharded_run_equals_one_process_and_computes_statistics_once(ray_instanc
     lm = load_model(settings.model)  # a fresh driver: nothing in memory
     seen = []
     summary = Bench(lm, config, tmp_path / "ray", progress=False).run(
-        ray=settings, on_progress=lambda pool: seen.append(pool.statistics_computed()))
+        ray=settings, on_progress=lambda pool: seen.append(pool.statistics_computed())
+    )
     assert summary["complete"]
     assert_same_records(comparable(tmp_path / "ray"), comparable(tmp_path / "local"))
     # the driver loaded (or computed) the statistics once; no worker computed any
@@ -96,13 +107,16 @@ def test_sharded_run_reusing_targets_scores_as_one_process(ray_instance, setup, 
     """--reuse-targets on workers: PMET and an ablation that takes its targets score as in one process, whichever
     worker optimises a case's targets first."""
     config, settings = setup
-    config = replace(config, methods=("pmet", "pmet-even-spread"), reuse_targets=True,
-                     extra={"layers": (0, 1), "max_steps": 3})
+    config = replace(
+        config, methods=("pmet", "pmet-even-spread"), reuse_targets=True, extra={"layers": (0, 1), "max_steps": 3}
+    )
     Bench(load_model(settings.model), config, tmp_path / "local", progress=False).run()
     summary = Bench(load_model(settings.model), config, tmp_path / "ray", progress=False).run(ray=settings)
     assert summary["complete"]
-    without_reuse = [[{k: v for k, v in r.items() if k != "targets_reused_s"} for r in comparable(tmp_path / f)]
-                     for f in ("ray", "local")]
+    without_reuse = [
+        [{k: v for k, v in r.items() if k != "targets_reused_s"} for r in comparable(tmp_path / f)]
+        for f in ("ray", "local")
+    ]
     assert_same_records(*without_reuse)
     reused = [r for r in load_cases_file(tmp_path / "ray" / "cases.jsonl") if "targets_reused_s" in r]
     assert reused and all(r["time_s"] > r["targets_reused_s"] > 0 for r in reused)
@@ -120,7 +134,8 @@ def test_a_finished_run_is_summarised_while_the_next_goes_on(ray_instance, setup
         seen.append(None if summary is None else (summary["complete"], {k: v["n"] for k, v in summary["runs"].items()}))
 
     Bench(load_model(settings.model), config, out, progress=False).run(
-        ray=RaySettings(workers=1, model=settings.model), on_progress=snapshot)
+        ray=RaySettings(workers=1, model=settings.model), on_progress=snapshot
+    )
     n = len(FACTS)
     assert seen[: n - 1] == [None] * (n - 1)  # ft-values still running: nothing written yet
     assert seen[n - 1] == (False, {"unedited": n, "ft-values": n})
@@ -139,8 +154,9 @@ def test_a_killed_worker_loses_and_duplicates_nothing(ray_instance, setup, tmp_p
             ray.kill(pool.actors[0])
 
     with pytest.warns(UserWarning, match="worker died"):
-        Bench(load_model(settings.model), config, tmp_path / "ray", progress=False).run(ray=settings,
-                                                                                       on_progress=kill_one)
+        Bench(load_model(settings.model), config, tmp_path / "ray", progress=False).run(
+            ray=settings, on_progress=kill_one
+        )
     Bench(load_model(settings.model), config, tmp_path / "local", progress=False).run()
     records = comparable(tmp_path / "ray")
     assert len({(r["run"], r["case_id"]) for r in records}) == len(records) == 3 * len(FACTS)
@@ -164,8 +180,24 @@ def test_a_killed_driver_resumes(ray_instance, setup, tmp_path):
 
 def test_cli_bench_with_ray(capsys, ray_instance, setup, tmp_path, tiny_folder):
     config, _ = setup
-    code = main(["bench", "--dataset", config.dataset, "--methods", "ft-keys", "--n", "2", "--model",
-                 str(tiny_folder), "--out", str(tmp_path / "cli"), "--ray", "--workers", "2"])
+    code = main(
+        [
+            "bench",
+            "--dataset",
+            config.dataset,
+            "--methods",
+            "ft-keys",
+            "--n",
+            "2",
+            "--model",
+            str(tiny_folder),
+            "--out",
+            str(tmp_path / "cli"),
+            "--ray",
+            "--workers",
+            "2",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "| ft-keys" in out and len(load_cases_file(tmp_path / "cli" / "cases.jsonl")) == 4

@@ -40,7 +40,9 @@ def _reference_accuracy(lm, prompt: str, answer: str) -> float:
     """REFERENCE §6 by hand: for each token t_i of " " + answer, is argmax(prompt + decode(t_<i)) == t_i."""
     tok = lm.tokenizer
     targets = tok(" " + answer, add_special_tokens=False)["input_ids"]
-    hits = [_argmax_after(lm, prompt + (" " + tok.decode(targets[:i]) if i else "")) == t for i, t in enumerate(targets)]
+    hits = [
+        _argmax_after(lm, prompt + (" " + tok.decode(targets[:i]) if i else "")) == t for i, t in enumerate(targets)
+    ]
     return sum(hits) / len(hits)
 
 
@@ -49,17 +51,24 @@ def test_zsre_token_accuracy_matches_the_reference_definition(tiny_llama):
     # pick answers the random model partly predicts: its own greedy continuation, then a changed token
     prompt = "the eiffel tower is located in"
     first = lm.tokenizer.decode([_argmax_after(lm, prompt)]).strip()
-    request = EditRequest("{} is located in", "the eiffel tower", target_new=f"{first} city rome",
-                          paraphrase_prompts=("where is the eiffel tower",),
-                          neighborhood_prompts=("the louvre is located in",), neighborhood_target="paris")
+    request = EditRequest(
+        "{} is located in",
+        "the eiffel tower",
+        target_new=f"{first} city rome",
+        paraphrase_prompts=("where is the eiffel tower",),
+        neighborhood_prompts=("the louvre is located in",),
+        neighborhood_target="paris",
+    )
     case = zsre_case_metrics(lm, [request])[0]
     assert case["efficacy_accuracy"] == pytest.approx(_reference_accuracy(lm, prompt, f"{first} city rome"))
     assert case["efficacy_accuracy"] >= 1 / 3  # the first token is the model's own argmax
     assert case["paraphrase_accuracy"] == pytest.approx(
-        _reference_accuracy(lm, "where is the eiffel tower", f"{first} city rome"))
+        _reference_accuracy(lm, "where is the eiffel tower", f"{first} city rome")
+    )
     assert case["neighborhood_accuracy"] == pytest.approx(_reference_accuracy(lm, "the louvre is located in", "paris"))
-    summary = summarize_zsre([case, {"case_id": 1, "efficacy_accuracy": 0.0, "paraphrase_accuracy": 1.0,
-                                     "neighborhood_accuracy": 0.5}])
+    summary = summarize_zsre(
+        [case, {"case_id": 1, "efficacy_accuracy": 0.0, "paraphrase_accuracy": 1.0, "neighborhood_accuracy": 0.5}]
+    )
     assert summary["efficacy_accuracy"] == pytest.approx(50 * case["efficacy_accuracy"])
 
 
@@ -72,16 +81,27 @@ def _predictions_along(lm, prompt: str, answer: str) -> list[int]:
 
 def test_easyedit_definitions_by_hand(tiny_llama):
     lm = tiny_llama
-    request = EditRequest("{} is located in", "the eiffel tower", target_new="rome city", target_true="paris",
-                          paraphrase_prompts=("where is the eiffel tower", "the eiffel tower lies in"),
-                          neighborhood_prompts=("the louvre is located in",), neighborhood_target="paris france")
+    request = EditRequest(
+        "{} is located in",
+        "the eiffel tower",
+        target_new="rome city",
+        target_true="paris",
+        paraphrase_prompts=("where is the eiffel tower", "the eiffel tower lies in"),
+        neighborhood_prompts=("the louvre is located in",),
+        neighborhood_target="paris france",
+    )
     case = counterfact_case_metrics(lm, [request])[0]
     # rewrite / rephrase accuracy: teacher-forced token accuracy of target_new, mean over paraphrases
     assert case["efficacy_token_accuracy"] == pytest.approx(
-        _reference_accuracy(lm, "the eiffel tower is located in", "rome city"))
+        _reference_accuracy(lm, "the eiffel tower is located in", "rome city")
+    )
     assert case["paraphrase_token_accuracy"] == pytest.approx(
-        (_reference_accuracy(lm, "where is the eiffel tower", "rome city")
-         + _reference_accuracy(lm, "the eiffel tower lies in", "rome city")) / 2)
+        (
+            _reference_accuracy(lm, "where is the eiffel tower", "rome city")
+            + _reference_accuracy(lm, "the eiffel tower lies in", "rome city")
+        )
+        / 2
+    )
     # locality compares argmax tokens along the neighborhood's true answer before and after an edit
     before = _predictions_along(lm, "the louvre is located in", "paris france")
     assert case["neighborhood_argmax"] == [before]
@@ -117,12 +137,18 @@ def test_locality_unchanged_by_hand():
 def test_easyedit_table_counts_the_cases_that_have_the_metrics():
     suite = SUITES["counterfact"]
     base = {"efficacy_success": 1.0, "paraphrase_success": 1.0, "neighborhood_success": 1.0}
-    full = [base | {"case_id": i, "efficacy_token_accuracy": 1.0, "paraphrase_token_accuracy": 0.5,
-                    "neighborhood_unchanged": u} for i, u in enumerate([1.0, 0.5])]
+    full = [
+        base
+        | {"case_id": i, "efficacy_token_accuracy": 1.0, "paraphrase_token_accuracy": 0.5, "neighborhood_unchanged": u}
+        for i, u in enumerate([1.0, 0.5])
+    ]
     partial = [base | {"case_id": 0}, full[1]]  # e.g. a run resumed from an older folder
     none = [base | {"case_id": 0}]
-    runs = {"memit": summarize_run(full, suite), "rome": summarize_run(partial, suite),
-            "ft-keys": summarize_run(none, suite)}
+    runs = {
+        "memit": summarize_run(full, suite),
+        "rome": summarize_run(partial, suite),
+        "ft-keys": summarize_run(none, suite),
+    }
     table = easyedit_table(runs, suite, with_ci=False)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
     assert rows == {"memit": ["–", "2", "100.00", "50.00", "75.00"], "rome": ["–", "1", "100.00", "50.00", "50.00"]}
@@ -204,10 +230,22 @@ def test_paired_comparison():
 def test_summary_score_time_and_absent_metrics():
     suite = SUITES["counterfact"]
     records = [
-        {"case_id": 0, "efficacy_success": 1.0, "paraphrase_success": 0.5, "neighborhood_success": 1.0,
-         "time_s": 4.0, "batch_size": 2},
-        {"case_id": 1, "efficacy_success": 1.0, "paraphrase_success": 1.0, "neighborhood_success": 0.0,
-         "time_s": 4.0, "batch_size": 2},
+        {
+            "case_id": 0,
+            "efficacy_success": 1.0,
+            "paraphrase_success": 0.5,
+            "neighborhood_success": 1.0,
+            "time_s": 4.0,
+            "batch_size": 2,
+        },
+        {
+            "case_id": 1,
+            "efficacy_success": 1.0,
+            "paraphrase_success": 1.0,
+            "neighborhood_success": 0.0,
+            "time_s": 4.0,
+            "batch_size": 2,
+        },
     ]
     s = summarize_run(records, suite)
     rates = [100.0, 75.0, 50.0]
@@ -225,16 +263,21 @@ def test_summary_score_time_and_absent_metrics():
 
 
 def test_consistency_from_official_files(tiny_llama, tmp_path):
-    (tmp_path / "attribute_snippets.json").write_text(json.dumps(
-        [{"relation_id": "P17", "target_id": "Q38", "samples": [{"text": "rome is a city"}, {"text": "rome rome"}]}]))
+    (tmp_path / "attribute_snippets.json").write_text(
+        json.dumps(
+            [{"relation_id": "P17", "target_id": "Q38", "samples": [{"text": "rome is a city"}, {"text": "rome rome"}]}]
+        )
+    )
     (tmp_path / "tfidf_vocab.json").write_text(json.dumps({"rome": 0, "city": 1, "paris": 2, "is": 3}))
     np.save(tmp_path / "idf.npy", np.array([1.0, 2.0, 3.0, 0.5]))
     snippets = load_attribute_snippets(tmp_path)
     assert snippets.texts["P17/Q38"] == ["rome is a city", "rome rome"]
-    request = EditRequest("{} is located in", "rome", target_new="italy", generation_prompts=("rome is", "the city"),
-                          attribute="P17/Q38")
+    request = EditRequest(
+        "{} is located in", "rome", target_new="italy", generation_prompts=("rome is", "the city"), attribute="P17/Q38"
+    )
     case = generation_case_metrics(tiny_llama, [request], seed=1, snippets=snippets)[0]
     texts = generate_texts(tiny_llama, ["rome is", "the city"], seed=1)
     assert case["consistency"] == pytest.approx(
-        tfidf_similarity(" ".join(texts), "rome is a city rome rome", snippets.vocab, snippets.idf))
+        tfidf_similarity(" ".join(texts), "rome is a city rome rome", snippets.vocab, snippets.idf)
+    )
     assert case["fluency"] == pytest.approx(sum(map(ngram_entropy, texts)) / 2)

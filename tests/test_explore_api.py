@@ -24,9 +24,11 @@ from kvedit.explore.views import Vocabulary, prompt_view
 from kvedit.models import ffn_memory
 
 PROMPT = "the eiffel tower is located in the city of"
-TEXT = ("the eiffel tower is located in the city of paris. the colosseum is located in the city of rome. "
-        "berlin is the capital of germany. the louvre is a famous landmark in paris. "
-        "french is the language spoken in france. big ben stands in london.")
+TEXT = (
+    "the eiffel tower is located in the city of paris. the colosseum is located in the city of rome. "
+    "berlin is the capital of germany. the louvre is a famous landmark in paris. "
+    "french is the language spoken in france. big ben stands in london."
+)
 FAST = {"lr": 0.01, "max_steps": 4}  # a few steps: the tests check bookkeeping, not edit quality
 #: the statistics corpus (the `corpus` fixture in conftest writes it)
 CORPUS_TEXT = "\n\n".join(TEXT for _ in range(20))
@@ -38,8 +40,15 @@ def page_client(app, base_url: str = "http://testserver") -> TestClient:
 
 
 def edit_body(**kw):
-    body = {"prompt": PROMPT, "subject": "the eiffel tower", "target_new": "rome", "target_true": "paris",
-            "method": "ft-keys", "layers": [1], **FAST}
+    body = {
+        "prompt": PROMPT,
+        "subject": "the eiffel tower",
+        "target_new": "rome",
+        "target_true": "paris",
+        "method": "ft-keys",
+        "layers": [1],
+        **FAST,
+    }
     return body | kw
 
 
@@ -67,7 +76,9 @@ def assert_same_as_inspect(ours, ref):
     for a, b in zip(ours["layers"], ref["layers"], strict=True):
         assert [m["key"] for m in a["memories"]] == [m["key"] for m in b["memories"]]
         assert [m["value_tokens"] for m in a["memories"]] == [m["value_tokens"] for m in b["memories"]]
-        assert [m["coefficient"] for m in a["memories"]] == pytest.approx([m["coefficient"] for m in b["memories"]], rel=1e-5)
+        assert [m["coefficient"] for m in a["memories"]] == pytest.approx(
+            [m["coefficient"] for m in b["memories"]], rel=1e-5
+        )
         assert [e["token"] for e in a["lens"]] == [e["token"] for e in b["lens"]]
         assert [e["prob"] for e in a["lens"]] == pytest.approx([e["prob"] for e in b["lens"]], rel=1e-5)
 
@@ -104,8 +115,10 @@ def test_value_cache_follows_the_weights(corpus):
     client.post("/api/edits/2/revert")
     assert session.values.ready == 3
     session.values.fill_now()
-    assert_same_as_inspect(client.post("/api/prompt", json={"prompt": PROMPT}).json(),
-                           inspect_prompt(lm, PROMPT, top_memories=10, top_tokens=5))
+    assert_same_as_inspect(
+        client.post("/api/prompt", json={"prompt": PROMPT}).json(),
+        inspect_prompt(lm, PROMPT, top_memories=10, top_tokens=5),
+    )
     assert client.get("/api/info").json()["value_tokens_ready"] == 4
     session.close()
 
@@ -114,7 +127,7 @@ def test_value_cache_follows_the_weights(corpus):
 def test_page_static_files_and_info(app):
     client, session = app
     page = client.get("/")
-    assert page.status_code == 200 and "/static/app.js" in page.text and "<script src=\"http" not in page.text
+    assert page.status_code == 200 and "/static/app.js" in page.text and '<script src="http' not in page.text
     for name in ("app.js", "style.css"):
         assert client.get(f"/static/{name}").status_code == 200
     assert "/api/prompt" in client.get("/openapi.json").json()["paths"]
@@ -133,9 +146,14 @@ def test_prompt_endpoint_and_bad_prompts(app):
     assert len(data["layers"]) == 4 and len(data["layers"][0]["memories"]) == 10
     assert sum(e["prob"] for e in data["next_token"]) <= 1 + 1e-6
     assert data["watch"]["token"] == "paris" and 1 <= data["watch"]["rank"] <= 80
-    assert data["layers"][-1]["watch"]["prob"] == pytest.approx(data["watch"]["prob"], rel=1e-5)  # lens at the end = output
-    for body, message in [({"prompt": "  "}, "empty"), ({"prompt": "the zzz tower"}, "does not know"),
-                          ({}, "prompt: Field required")]:
+    assert data["layers"][-1]["watch"]["prob"] == pytest.approx(
+        data["watch"]["prob"], rel=1e-5
+    )  # lens at the end = output
+    for body, message in [
+        ({"prompt": "  "}, "empty"),
+        ({"prompt": "the zzz tower"}, "does not know"),
+        ({}, "prompt: Field required"),
+    ]:
         r = client.post("/api/prompt", json=body)
         assert r.status_code == 400 and message in r.json()["error"], r.json()
 
@@ -148,9 +166,12 @@ def test_memory_view_and_bad_memories(app):
     assert [e["token"] for e in r["promotes"]] == [session.vocab[i] for i in project(lm, v).topk(10).indices.tolist()]
     assert len(r["on_prompt"]["coefficients"]) == len(r["on_prompt"]["tokens"]) and 1 <= r["on_prompt"]["rank"] <= 64
     assert "triggers" not in r  # nothing mined yet: the page offers to mine
-    for body, message in [({"layer": 2, "key": 64}, "out of range; layer 2 has memories 0..63"),
-                          ({"layer": 4, "key": 0}, "layer 4 is out of range"),
-                          ({"layer": 1, "key": 0, "prompt": " "}, "empty"), ({"layer": "x", "key": 0}, "layer")]:
+    for body, message in [
+        ({"layer": 2, "key": 64}, "out of range; layer 2 has memories 0..63"),
+        ({"layer": 4, "key": 0}, "layer 4 is out of range"),
+        ({"layer": 1, "key": 0, "prompt": " "}, "empty"),
+        ({"layer": "x", "key": 0}, "layer"),
+    ]:
         r = client.post("/api/memory", json=body)
         assert r.status_code == 400 and message in r.json()["error"], r.json()
 
@@ -163,7 +184,9 @@ def test_mining_a_layer_on_the_fly(app, corpus):
     assert client.get("/api/info").json()["mined_layers"] == [1]
     view = client.post("/api/memory", json={"layer": 1, "key": 5}).json()
     reference = mine_triggers(session.lm, corpus, layers=[1], k=5, max_tokens=300, progress=False)
-    assert [e["coefficient"] for e in view["triggers"]] == pytest.approx([e.coefficient for e in reference.examples(1, 5)])
+    assert [e["coefficient"] for e in view["triggers"]] == pytest.approx(
+        [e.coefficient for e in reference.examples(1, 5)]
+    )
     assert all(e["trigger"] for e in view["triggers"]) and "mined here" in view["triggers_origin"]
 
 
@@ -172,8 +195,9 @@ def test_a_facts_knowledge_neurons_are_found_as_a_job_with_their_memories(app):
 
     client, session = app
     prompts = [PROMPT, "the eiffel tower lies in the city of"]
-    done = run_job(client, session, client.post("/api/neurons", json={"prompts": prompts, "answer": "paris",
-                                                                       "steps": 3}))
+    done = run_job(
+        client, session, client.post("/api/neurons", json={"prompts": prompts, "answer": "paris", "steps": 3})
+    )
     want = fact_neurons(session.lm, prompts, "paris", 3)
     got = done["result"]["neurons"]
     assert [(n["layer"], n["key"]) for n in got] == [(l, i) for l, i, _ in want.neurons] and got
@@ -181,10 +205,12 @@ def test_a_facts_knowledge_neurons_are_found_as_a_job_with_their_memories(app):
     assert set(done["result"]["suppression"]) == {"knowledge", "random"}
     first = got[0]  # each links to its memory view
     assert client.post("/api/memory", json={"layer": first["layer"], "key": first["key"]}).status_code == 200
-    for body, message in [({"prompts": [], "answer": "paris"}, "at least one prompt"),
-                          ({"prompts": [PROMPT], "answer": " "}, "answer is empty"),
-                          ({"prompts": [PROMPT], "answer": "paris", "steps": 0}, "steps must be"),
-                          ({"prompts": [PROMPT] * 21, "answer": "paris"}, "at most 20")]:
+    for body, message in [
+        ({"prompts": [], "answer": "paris"}, "at least one prompt"),
+        ({"prompts": [PROMPT], "answer": " "}, "answer is empty"),
+        ({"prompts": [PROMPT], "answer": "paris", "steps": 0}, "steps must be"),
+        ({"prompts": [PROMPT] * 21, "answer": "paris"}, "at most 20"),
+    ]:
         r = client.post("/api/neurons", json=body)
         assert r.status_code == 400 and message in r.json()["error"], r.json()
 
@@ -203,12 +229,16 @@ def test_given_triggers_are_checked_against_the_model(corpus):
 
 def test_intervene(app):
     client, session = app
-    same_dist = client.post("/api/intervene", json={"prompt": PROMPT, "interventions": [{"layer": 1, "key": 3, "factor": 1}]}).json()
+    same_dist = client.post(
+        "/api/intervene", json={"prompt": PROMPT, "interventions": [{"layer": 1, "key": 3, "factor": 1}]}
+    ).json()
     assert same_dist["kl_before_after"] == pytest.approx(0, abs=1e-6) and not same_dist["top_changed"]
     # the memory that writes most at the last token of layer 3, scaled up hard, moves the output
     top = client.post("/api/prompt", json={"prompt": PROMPT}).json()["layers"][3]["memories"][0]["key"]
-    r = client.post("/api/intervene", json={"prompt": PROMPT, "watch": "rome",
-                                            "interventions": [{"layer": 3, "key": top, "factor": 30}]}).json()
+    r = client.post(
+        "/api/intervene",
+        json={"prompt": PROMPT, "watch": "rome", "interventions": [{"layer": 3, "key": top, "factor": 30}]},
+    ).json()
     assert r["kl_before_after"] > 1e-5 and r["before"] != r["after"] and set(r["watch"]) == {"before", "after"}
     # the same as scaling that memory's value vector in the weights (down_proj column), checked independently
     lm = session.lm
@@ -219,9 +249,11 @@ def test_intervene(app):
         probs = torch.softmax(lm.model(**lm.tokenizer(PROMPT, return_tensors="pt")).logits[0, -1], -1)
         weight.copy_(saved)
     assert [e["prob"] for e in r["after"]] == pytest.approx(probs[[e["id"] for e in r["after"]]].tolist(), rel=1e-4)
-    for body, message in [({"prompt": PROMPT, "interventions": []}, "no memories chosen"),
-                          ({"prompt": PROMPT, "interventions": [{"layer": 0, "key": 64}]}, "out of range"),
-                          ({"prompt": "", "interventions": [{"layer": 0, "key": 1}]}, "empty")]:
+    for body, message in [
+        ({"prompt": PROMPT, "interventions": []}, "no memories chosen"),
+        ({"prompt": PROMPT, "interventions": [{"layer": 0, "key": 64}]}, "out of range"),
+        ({"prompt": "", "interventions": [{"layer": 0, "key": 1}]}, "empty"),
+    ]:
         r = client.post("/api/intervene", json=body)
         assert r.status_code == 400 and message in r.json()["error"], r.json()
 
@@ -231,8 +263,16 @@ def test_edit_revert_is_bit_exact_and_patches_round_trip(app, tmp_path):
     client, session = app
     lm = session.lm
     original = snapshot(lm)
-    done = run_job(client, session, client.post("/api/edits", json=edit_body(paraphrases=["the eiffel tower lies in"],
-                                                                             neighbours=["the louvre is located in the city of"])))
+    done = run_job(
+        client,
+        session,
+        client.post(
+            "/api/edits",
+            json=edit_body(
+                paraphrases=["the eiffel tower lies in"], neighbours=["the louvre is located in the city of"]
+            ),
+        ),
+    )
     entry = done["result"]
     assert entry["id"] == 1 and entry["state"] == "applied" and entry["layers"] == [1]
     kinds = [row["kind"] for row in entry["summary"]["rows"]]
@@ -274,8 +314,12 @@ def test_bad_patches_change_nothing(app):
     good = foreign
     damaged = bytearray(good)
     damaged[-3] ^= 0xFF
-    for data, message in [(foreign, "made for 'tiny-gpt2'"), (bytes(damaged), "damaged"), (b"", "empty"),
-                          (b"not a patch", "not a readable safetensors patch")]:
+    for data, message in [
+        (foreign, "made for 'tiny-gpt2'"),
+        (bytes(damaged), "damaged"),
+        (b"", "empty"),
+        (b"not a patch", "not a readable safetensors patch"),
+    ]:
         r = client.post("/api/patches", content=data, headers={"X-Filename": "bad.safetensors"})
         assert r.status_code == 400 and message in r.json()["error"], r.json()
         assert "kvedit-explore-" not in r.json()["error"]  # the user's file name, not the server's temporary copy
@@ -293,17 +337,20 @@ def test_a_patch_upload_larger_than_any_patch_of_the_model_is_refused_unread(app
     assert client.get("/api/edits").json() == []
 
 
-@pytest.mark.parametrize("body, message", [
-    (edit_body(prompt="the louvre is located in the city of"), "does not contain the subject"),
-    (edit_body(prompt=""), "prompt is empty"),
-    (edit_body(subject=" "), "subject is empty"),
-    (edit_body(target_new="zzz"), "does not know"),
-    (edit_body(target_new="paris"), "nothing to edit"),
-    (edit_body(method="magic"), "unknown editing method"),
-    (edit_body(layers=[7]), "out of range"),
-    (edit_body(max_steps=0), "max_steps"),
-    (edit_body(neighbours=["the zzz is in"]), "does not know"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (edit_body(prompt="the louvre is located in the city of"), "does not contain the subject"),
+        (edit_body(prompt=""), "prompt is empty"),
+        (edit_body(subject=" "), "subject is empty"),
+        (edit_body(target_new="zzz"), "does not know"),
+        (edit_body(target_new="paris"), "nothing to edit"),
+        (edit_body(method="magic"), "unknown editing method"),
+        (edit_body(layers=[7]), "out of range"),
+        (edit_body(max_steps=0), "max_steps"),
+        (edit_body(neighbours=["the zzz is in"]), "does not know"),
+    ],
+)
 def test_bad_edit_input_is_refused_before_anything_runs(app, body, message):
     client, session = app
     original = snapshot(session.lm)
@@ -318,7 +365,9 @@ def test_failed_edit_job_reports_and_restores(app):
     from kvedit.evaluation.probe import greedy_answer
 
     answer = greedy_answer(session.lm, PROMPT)  # asking for the model's own answer: nothing to edit
-    failed = run_job(client, session, client.post("/api/edits", json=edit_body(target_new=answer, target_true=None)), "failed")
+    failed = run_job(
+        client, session, client.post("/api/edits", json=edit_body(target_new=answer, target_true=None)), "failed"
+    )
     assert "nothing to edit" in failed["error"]
     assert same(snapshot(session.lm), original) and client.get("/api/edits").json() == []
 
@@ -330,8 +379,16 @@ def test_reverting_one_edit_among_several(app):
     lm = session.lm
     original = snapshot(lm)
     run_job(client, session, client.post("/api/edits", json=edit_body()))
-    run_job(client, session, client.post("/api/edits", json=edit_body(subject="berlin", prompt="berlin is the capital of",
-                                                                       target_new="italy", target_true="germany")))
+    run_job(
+        client,
+        session,
+        client.post(
+            "/api/edits",
+            json=edit_body(
+                subject="berlin", prompt="berlin is the capital of", target_new="italy", target_true="germany"
+            ),
+        ),
+    )
     after_two = snapshot(lm)
     run_job(client, session, client.post("/api/edits", json=edit_body(method="ft-values", layers=[2])))
     after_three = snapshot(lm)
@@ -353,9 +410,20 @@ def test_a_failed_cascade_puts_back_what_it_reverted(app):
     client, session = app
     lm = session.lm
     run_job(client, session, client.post("/api/edits", json=edit_body()))  # gate and up keys of layer 1
-    run_job(client, session, client.post("/api/edits", json=edit_body(subject="berlin", prompt="berlin is the capital of",
-                                                                       target_new="italy", target_true="germany",
-                                                                       method="ft-key-gate")))  # gate keys only
+    run_job(
+        client,
+        session,
+        client.post(
+            "/api/edits",
+            json=edit_body(
+                subject="berlin",
+                prompt="berlin is the capital of",
+                target_new="italy",
+                target_true="germany",
+                method="ft-key-gate",
+            ),
+        ),
+    )  # gate keys only
     # a weight #1 touched and #2 did not is changed behind the explorer's back: #2 reverts, #1 then cannot
     with torch.no_grad():
         lm.module(lm.key_paths(1)["up"]).weight[0, 0] += 1.0
@@ -387,8 +455,12 @@ def test_quick_views_are_refused_while_a_job_holds_the_model(app):
 
 
 def test_settings_are_checked():
-    for bad, message in [({"mine_rank": "max"}, "mine_rank"), ({"mine_tokens": 0}, "mine_tokens"),
-                         ({"top_memories": 0}, "top_memories"), ({"stats_tokens": 0}, "stats_tokens")]:
+    for bad, message in [
+        ({"mine_rank": "max"}, "mine_rank"),
+        ({"mine_tokens": 0}, "mine_tokens"),
+        ({"top_memories": 0}, "top_memories"),
+        ({"stats_tokens": 0}, "stats_tokens"),
+    ]:
         with pytest.raises(ValueError, match=message):
             ExploreSettings(**bad)
 

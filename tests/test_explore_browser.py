@@ -22,9 +22,14 @@ import torch
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-MISSING = ("selenium is not installed (pip install -e '.[test]')" if importlib.util.find_spec("selenium") is None else
-           "chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver; `make test` "
-           "installs them when run as root)" if not (CHROMIUM and CHROMEDRIVER) else None)
+MISSING = (
+    "selenium is not installed (pip install -e '.[test]')"
+    if importlib.util.find_spec("selenium") is None
+    else "chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver; `make test` "
+    "installs them when run as root)"
+    if not (CHROMIUM and CHROMEDRIVER)
+    else None
+)
 
 pytestmark = [pytest.mark.bundled, pytest.mark.skipif(MISSING is not None, reason=f"browser test skipped: {MISSING}")]
 
@@ -59,7 +64,9 @@ def served(tmp_path_factory):
     lm = load_model()
     # no background projection of every layer's values (tests/test_explore_api.py covers it): it would only
     # compete with the browser for the CPU here
-    session = ExploreSession(lm, ExploreSettings(corpus=str(corpus), mine_tokens=1500, mine_k=10, prefetch_values=False))
+    session = ExploreSession(
+        lm, ExploreSettings(corpus=str(corpus), mine_tokens=1500, mine_k=10, prefetch_values=False)
+    )
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(session, ["127.0.0.1"]), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -82,7 +89,13 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -141,7 +154,9 @@ def test_prompt_memory_edit_revert_in_a_browser(served, browser, tmp_path):
     steps.clear()
     steps.send_keys("2")
     find("#kn-run").click()
-    wait(300).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#kn-chips .chip") or "No memory" in find("#kn-result").text)
+    wait(300).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#kn-chips .chip") or "No memory" in find("#kn-result").text
+    )
     chips = browser.find_elements(By.CSS_SELECTOR, "#kn-chips .chip")
     assert chips, find("#kn-result").text
     browser.execute_script("document.getElementById('kn-card').scrollIntoView()")
@@ -201,7 +216,11 @@ def test_prompt_memory_edit_revert_in_a_browser(served, browser, tmp_path):
     assert find('#edits-table tr[data-edit="1"] .pill').get_attribute("textContent") == "flipped"  # (a hidden tab)
     shot("edit")
     # the prompt view now shows the edited model: Rome first
-    wait().until(lambda d: "Rome" in d.find_element(By.CSS_SELECTOR, "#next-token .bar-row .bar-label").get_attribute("textContent"))
+    wait().until(
+        lambda d: (
+            "Rome" in d.find_element(By.CSS_SELECTOR, "#next-token .bar-row .bar-label").get_attribute("textContent")
+        )
+    )
 
     # revert from the list: the weights are exactly the original ones
     find('#tabs button[data-tab="edits"]').click()
@@ -215,7 +234,9 @@ def test_prompt_memory_edit_revert_in_a_browser(served, browser, tmp_path):
     assert badges == ["reverted"], badges  # no green "flipped" badge on an edit that is no longer applied
     find('#edits-table tr[data-edit="1"] button').click()  # its details say it is reverted
     wait().until(lambda d: d.find_elements(By.CSS_SELECTOR, "#edit-detail .flip"))
-    assert "Reverted" in find("#edit-detail .flip").text and not browser.find_elements(By.CSS_SELECTOR, "#edit-detail .flip.yes")
+    assert "Reverted" in find("#edit-detail .flip").text and not browser.find_elements(
+        By.CSS_SELECTOR, "#edit-detail .flip.yes"
+    )
     shot("edits")
 
     # a long edit is cancelled from the page: the job panel shows its progress and Cancel restores the weights

@@ -18,15 +18,25 @@ from kvedit.explore import ExploreSession, ExploreSettings, create_app
 from kvedit.explore.limits import Limits
 
 PROMPT = "the eiffel tower is located in the city of"
-EDIT = {"prompt": PROMPT, "subject": "the eiffel tower", "target_new": "rome", "target_true": "paris",
-        "method": "ft-keys", "layers": [1], "lr": 0.01, "max_steps": 4}
+EDIT = {
+    "prompt": PROMPT,
+    "subject": "the eiffel tower",
+    "target_new": "rome",
+    "target_true": "paris",
+    "method": "ft-keys",
+    "layers": [1],
+    "lr": 0.01,
+    "max_steps": 4,
+}
 
 
 @pytest.fixture
 def api(tmp_path, monkeypatch, kvedit_cache):
     """A page client (the page's Origin and token) over a tiny model, and its session."""
-    session = ExploreSession(tiny("llama"), ExploreSettings(mine_tokens=200, prefetch_values=False,
-                                                               limits=Limits(prompt_chars=2000, prompt_tokens=40)))
+    session = ExploreSession(
+        tiny("llama"),
+        ExploreSettings(mine_tokens=200, prefetch_values=False, limits=Limits(prompt_chars=2000, prompt_tokens=40)),
+    )
     app = create_app(session)
     client = TestClient(app, headers={"Origin": "http://testserver", "X-Kvedit-Token": app.state.token})
     yield client, session
@@ -59,8 +69,15 @@ def test_edit_settings_are_bounded_before_anything_runs(api):
     refused(client, "/api/edits", EDIT | {"lr": float("inf")}, "lr must be a finite number > 0, got inf")
     refused(client, "/api/edits", EDIT | {"lr": float("nan")}, "lr must be a finite number > 0")
     refused(client, "/api/edits", EDIT | {"lr": 0}, "lr must be a finite number > 0")
-    refused(client, "/api/edits", EDIT | {"paraphrases": ["the eiffel tower is in"] * 21}, "21 paraphrases given; at most 20")
-    refused(client, "/api/edits", EDIT | {"neighbours": ["berlin is in"] * 21}, "21 neighbourhood prompts given; at most 20")
+    refused(
+        client,
+        "/api/edits",
+        EDIT | {"paraphrases": ["the eiffel tower is in"] * 21},
+        "21 paraphrases given; at most 20",
+    )
+    refused(
+        client, "/api/edits", EDIT | {"neighbours": ["berlin is in"] * 21}, "21 neighbourhood prompts given; at most 20"
+    )
     refused(client, "/api/edits", EDIT | {"layers": [0, 1, 2, 3, 0]}, "5 layers given; at most 4")
     assert session.jobs.jobs == {} and session.edits.entries == []
 
@@ -68,9 +85,12 @@ def test_edit_settings_are_bounded_before_anything_runs(api):
 def test_prompt_length_is_checked_in_characters_and_tokens(api):
     client, session = api
     long_chars = "paris " * 10_000
-    for path, body in [("/api/prompt", {"prompt": long_chars}), ("/api/memory", {"layer": 1, "key": 1, "prompt": long_chars}),
-                       ("/api/intervene", {"prompt": long_chars, "interventions": [{"layer": 1, "key": 1}]}),
-                       ("/api/edits", EDIT | {"prompt": "the eiffel tower " + long_chars})]:
+    for path, body in [
+        ("/api/prompt", {"prompt": long_chars}),
+        ("/api/memory", {"layer": 1, "key": 1, "prompt": long_chars}),
+        ("/api/intervene", {"prompt": long_chars, "interventions": [{"layer": 1, "key": 1}]}),
+        ("/api/edits", EDIT | {"prompt": "the eiffel tower " + long_chars}),
+    ]:
         refused(client, path, body, "the prompt is", "at most 2000 are accepted")
     refused(client, "/api/prompt", {"prompt": "paris " * 50}, "the prompt is 5", "tokens long; at most 40")
     refused(client, "/api/edits", EDIT | {"neighbours": ["paris " * 50]}, "neighbourhood prompt 1 is", "at most 40")
@@ -81,15 +101,18 @@ def test_prompt_length_is_checked_in_characters_and_tokens(api):
     wide.close()
 
 
-@pytest.mark.parametrize("path, body, field", [
-    ("/api/prompt", {"prompt": "abc \ud800"}, "the prompt holds"),
-    ("/api/prompt", {"prompt": PROMPT, "watch": "a\udc00"}, "the followed token holds"),
-    ("/api/memory", {"layer": 1, "key": 2, "prompt": "abc \ud800"}, "the prompt holds"),
-    ("/api/intervene", {"prompt": "abc \ud800", "interventions": [{"layer": 1, "key": 1}]}, "the prompt holds"),
-    ("/api/edits", EDIT | {"neighbours": ["berlin \ud800 is in"]}, "the neighbourhood prompt 1 holds"),
-    ("/api/edits", EDIT | {"paraphrases": ["the eiffel tower is in", "x \udfff"]}, "the paraphrase 2 holds"),
-    ("/api/edits", EDIT | {"target_new": "ro\ud800me"}, "the new object holds"),
-])
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/api/prompt", {"prompt": "abc \ud800"}, "the prompt holds"),
+        ("/api/prompt", {"prompt": PROMPT, "watch": "a\udc00"}, "the followed token holds"),
+        ("/api/memory", {"layer": 1, "key": 2, "prompt": "abc \ud800"}, "the prompt holds"),
+        ("/api/intervene", {"prompt": "abc \ud800", "interventions": [{"layer": 1, "key": 1}]}, "the prompt holds"),
+        ("/api/edits", EDIT | {"neighbours": ["berlin \ud800 is in"]}, "the neighbourhood prompt 1 holds"),
+        ("/api/edits", EDIT | {"paraphrases": ["the eiffel tower is in", "x \udfff"]}, "the paraphrase 2 holds"),
+        ("/api/edits", EDIT | {"target_new": "ro\ud800me"}, "the new object holds"),
+    ],
+)
 def test_a_lone_surrogate_is_a_400_naming_the_field(api, path, body, field):
     client, session = api
     refused(client, path, body, field, "not valid Unicode")
@@ -98,10 +121,18 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(api, path, body, field):
 
 def test_factors_are_checked_where_every_caller_goes_through(api, capsys):
     client, _ = api
-    refused(client, "/api/intervene", {"prompt": PROMPT, "interventions": [{"layer": 1, "key": 3, "factor": 1e308}]},
-            "the factor of memory 1:3 is 1e+308; expected a factor between -10000 and 10000")
-    refused(client, "/api/intervene", {"prompt": PROMPT, "interventions": [{"layer": 1, "key": 3, "factor": float("nan")}]},
-            "must be a finite number")
+    refused(
+        client,
+        "/api/intervene",
+        {"prompt": PROMPT, "interventions": [{"layer": 1, "key": 3, "factor": 1e308}]},
+        "the factor of memory 1:3 is 1e+308; expected a factor between -10000 and 10000",
+    )
+    refused(
+        client,
+        "/api/intervene",
+        {"prompt": PROMPT, "interventions": [{"layer": 1, "key": 3, "factor": float("nan")}]},
+        "must be a finite number",
+    )
     for factor in (float("inf"), float("nan"), -1e5):
         with pytest.raises(ValueError, match="factor of memory 2:5"):
             Intervention(2, 5, factor)
@@ -139,6 +170,8 @@ def test_a_follow_token_that_is_not_one_token_does_not_block_the_analysis(api):
     assert "is 2 tokens" in data["watch_note"] and "following its first token 'tower'" in data["watch_note"]
     r = client.post("/api/prompt", json={"prompt": PROMPT, "watch": "qqq"})
     assert r.status_code == 200 and "watch" not in r.json() and "follow column is off" in r.json()["watch_note"]
-    r = client.post("/api/intervene", json={"prompt": PROMPT, "watch": "tower is",
-                                            "interventions": [{"layer": 1, "key": 3, "factor": 0}]})
+    r = client.post(
+        "/api/intervene",
+        json={"prompt": PROMPT, "watch": "tower is", "interventions": [{"layer": 1, "key": 3, "factor": 0}]},
+    )
     assert r.status_code == 200 and "following its first token" in r.json()["watch_note"]

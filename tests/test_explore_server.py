@@ -24,8 +24,16 @@ from kvedit.explore.limits import Limits
 from kvedit.explore.security import loopback_origins
 
 PROMPT = "the eiffel tower is located in the city of"
-EDIT = {"prompt": PROMPT, "subject": "the eiffel tower", "target_new": "rome", "target_true": "paris",
-        "method": "ft-keys", "layers": [1], "lr": 0.01, "max_steps": 4}
+EDIT = {
+    "prompt": PROMPT,
+    "subject": "the eiffel tower",
+    "target_new": "rome",
+    "target_true": "paris",
+    "method": "ft-keys",
+    "layers": [1],
+    "lr": 0.01,
+    "max_steps": 4,
+}
 #: an edit that runs until it is cancelled: a learning rate too small to reach the early stop in 10^5 steps
 ENDLESS = EDIT | {"lr": 1e-12, "max_steps": 100_000}
 
@@ -37,8 +45,9 @@ class Server:
     token: str
     http: httpx.Client
 
-    def send(self, method: str, path: str, origin: str | None = "own", token: str | None = "own",
-             **kw) -> httpx.Response:
+    def send(
+        self, method: str, path: str, origin: str | None = "own", token: str | None = "own", **kw
+    ) -> httpx.Response:
         headers = dict(kw.pop("headers", {}))
         if origin is not None:
             headers["Origin"] = self.url if origin == "own" else origin
@@ -59,8 +68,10 @@ class Server:
 def server() -> Iterator[Server]:
     import uvicorn
 
-    session = ExploreSession(tiny("llama"), ExploreSettings(mine_tokens=200, mine_k=5, prefetch_values=False,
-                                                               limits=Limits(max_steps=100_000)))
+    session = ExploreSession(
+        tiny("llama"),
+        ExploreSettings(mine_tokens=200, mine_k=5, prefetch_values=False, limits=Limits(max_steps=100_000)),
+    )
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     app = create_app(session, allowed_hosts=["127.0.0.1", "localhost"], origins=loopback_origins(port))
@@ -141,7 +152,7 @@ def test_requests_not_from_the_page_are_refused_and_change_nothing(server, appli
         r = server.send(method, path, **REFUSALS[refusal], **kw)
         assert r.status_code == 403, (r.status_code, r.text)
         assert "access-control-allow-origin" not in r.headers  # and nothing lets another site read an answer
-        assert ("Origin" in r.json()["error"] or "refused" in r.json()["error"] or "X-Kvedit-Token" in r.json()["error"])
+        assert "Origin" in r.json()["error"] or "refused" in r.json()["error"] or "X-Kvedit-Token" in r.json()["error"]
         if running:
             assert server.http.get(f"{server.url}/api/jobs/{running['id']}").json()["state"] == "running"
         else:
@@ -223,8 +234,11 @@ def test_a_view_holding_the_model_gets_a_busy_answer_not_a_wait(server):
     thread.start()
     try:
         held.wait(10)
-        for method, path, body in [("POST", "/api/prompt", {"prompt": PROMPT}), ("POST", "/api/edits", EDIT),
-                                   ("POST", "/api/mine", {"layer": 1})]:
+        for method, path, body in [
+            ("POST", "/api/prompt", {"prompt": PROMPT}),
+            ("POST", "/api/edits", EDIT),
+            ("POST", "/api/mine", {"layer": 1}),
+        ]:
             start = time.monotonic()
             r = server.send(method, path, json=body)
             assert r.status_code == 409 and "a prompt view of 'a very long text'" in r.json()["error"], r.text
@@ -236,8 +250,22 @@ def test_a_view_holding_the_model_gets_a_busy_answer_not_a_wait(server):
 
 def test_ctrl_c_while_a_job_runs_cancels_it_and_exits_cleanly(tiny_folder, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # KVEDIT_CACHE: conftest's
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from kvedit.cli import main; sys.exit(main())", "explore", "--model", str(tiny_folder), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from kvedit.cli import main; sys.exit(main())",
+            "explore",
+            "--model",
+            str(tiny_folder),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         url = None
         deadline = time.monotonic() + 120

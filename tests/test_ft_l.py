@@ -12,8 +12,7 @@ from kvedit import EditRequest, edit
 from kvedit.editing.finetune import FT_PRESETS, encode_request
 
 # a two-token target: "prompt_last" and "teacher_forced" differ only for targets of more than one token
-REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome italy",
-                      target_true="paris")
+REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome italy", target_true="paris")
 
 
 def reference_ft_l(lm, request: EditRequest, layer: int, lr: float, steps: int, eps: float | None):
@@ -72,12 +71,21 @@ def test_ft_l_matches_the_reference_loop(eps):
     lm = tiny("llama")
     layer, lr, steps = 1, 1e-2, 6
     expected, ref_losses = reference_ft_l(lm, REQUEST, layer, lr, steps, eps)
-    delta = edit(lm, REQUEST, "ft-values", preset="ft-l", layers=(layer,), lr=lr, max_steps=steps,
-                 norm_constraint=eps if eps is not None else 0.0)
+    delta = edit(
+        lm,
+        REQUEST,
+        "ft-values",
+        preset="ft-l",
+        layers=(layer,),
+        lr=lr,
+        max_steps=steps,
+        norm_constraint=eps if eps is not None else 0.0,
+    )
     name = f"{lm.values_path(layer)}.weight"
     torch.testing.assert_close(lm.model.state_dict()[name], expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(delta.metadata["result"]["loss"][:steps]),
-                               torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(delta.metadata["result"]["loss"][:steps]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6
+    )
     assert delta.metadata["hparams"]["objective"] == "prompt_last"
     assert delta.metadata["hparams"]["norm_constraint"] == (eps or 0.0)
 

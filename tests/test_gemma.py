@@ -51,8 +51,15 @@ def test_writes_rebuild_the_residual_stream(family):
     adds, after its own norm, and ffn_write = norm(ffn_out) = Σ m_i (g ⊙ v_i) / rms(ffn_out)."""
     lm = tiny(family)
     enc = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right")
-    sites = [("residual", 0), ("residual", 1), ("attn_write", 1), ("ffn_write", 1), ("ffn_out", 1),
-             ("coefficients", 1), ("attn_out", 1)]
+    sites = [
+        ("residual", 0),
+        ("residual", 1),
+        ("attn_write", 1),
+        ("ffn_write", 1),
+        ("ffn_out", 1),
+        ("coefficients", 1),
+        ("attn_out", 1),
+    ]
     with torch.no_grad(), Trace(lm, read=sites) as tr:
         lm.model(**enc)
     rebuilt = tr["residual", 0] + tr["attn_write", 1] + tr["ffn_write", 1]
@@ -160,8 +167,9 @@ def test_rome_maps_k_star_to_v_star_before_the_post_ffn_norm(corpus, monkeypatch
         lm.model(**enc)
     torch.testing.assert_close(tr["coefficients", layer][0], record.key, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(tr["ffn_out", layer][0], record.target, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(tr["ffn_write", layer][0], written_output(lm, layer, record.target),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        tr["ffn_write", layer][0], written_output(lm, layer, record.target), rtol=1e-4, atol=1e-4
+    )
     assert target_nll(lm, [prompt], ["rome"]).item() < nll_before
 
 
@@ -224,11 +232,13 @@ def test_new_rows_coefficients_are_the_values_module_input(family):
     with torch.no_grad(), Trace(lm, read=[("ffn_out", 1)]) as tr:
         lm.model(**lm.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right"))
     valid = mask.bool()
-    torch.testing.assert_close((coeffs[1] @ ffn_memory(lm, 1).values)[valid], tr["ffn_out", 1][valid],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        (coeffs[1] @ ffn_memory(lm, 1).values)[valid], tr["ffn_out", 1][valid], rtol=1e-5, atol=1e-5
+    )
 
 
 # ---- the packaged Gemma-3-270M (converted into the cache on first use, ≈ 2 min) -------------------
+
 
 @pytest.fixture(scope="module")
 def gemma_lm():
@@ -253,8 +263,12 @@ def test_gemma3_270m_loads_by_short_name_and_knows_paris(gemma_lm):
     assert lm.tokenizer.decode(logits.argmax()) == " Paris"
     # the scoring reads " Paris" right after the prompt, BOS counted once
     nll = target_nll(lm, [prompt, prompt], ["Paris", "Rome"])
-    torch.testing.assert_close(nll[0], -torch.log_softmax(logits, -1)[lm.tokenizer(" Paris", add_special_tokens=False)
-                                                                   ["input_ids"][0]], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        nll[0],
+        -torch.log_softmax(logits, -1)[lm.tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]],
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert nll[0] < nll[1]
 
 
@@ -280,8 +294,16 @@ def test_memit_through_gemma3s_post_ffn_norms_flips_a_fact(gemma_lm, tmp_path, m
     request = EditRequest("{}, developed by", "BMW E23", target_new="Suzuki", target_true="BMW")
     nll = lambda: target_nll(gemma_lm, [request.prompt.format(request.subject)] * 2, ["Suzuki", "BMW"])  # noqa: E731
     assert nll()[0] > nll()[1]
-    delta = edit(gemma_lm, request, "memit", preset="smollm2", layers=(4, 5, 6, 7, 8), mom2_update_weight=50.0,
-                 stats_source=str(wikitext), stats_tokens=2000)
+    delta = edit(
+        gemma_lm,
+        request,
+        "memit",
+        preset="smollm2",
+        layers=(4, 5, 6, 7, 8),
+        mom2_update_weight=50.0,
+        stats_source=str(wikitext),
+        stats_tokens=2000,
+    )
     try:
         after = nll()
         assert after[0] < after[1]

@@ -21,8 +21,7 @@ from kvedit.data.loaders import DatasetError, load_requests
 from kvedit.editing import METHODS, PatchMismatchError, make_settings
 from kvedit.editing.stats import key_statistics
 
-EDIT = ["--prompt", "{} is located in the city of", "--subject", "the eiffel tower", "--new", "rome",
-        "--true", "paris"]
+EDIT = ["--prompt", "{} is located in the city of", "--subject", "the eiffel tower", "--new", "rome", "--true", "paris"]
 SENTENCE = "the eiffel tower is located in the city of paris and rome is the capital of italy"
 #: the statistics corpus (the `corpus` fixture in conftest writes it)
 CORPUS_TEXT = "\n\n".join(SENTENCE for _ in range(100))
@@ -32,21 +31,40 @@ CORPUS_TEXT = "\n\n".join(SENTENCE for _ in range(100))
 def patch(tmp_path):
     """A saved FT-values patch of a tiny Llama, and the model it was made on (unedited again)."""
     lm = tiny("llama")
-    delta = edit(lm, EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
-                 "ft-values", layers=(1,), max_steps=3)
+    delta = edit(
+        lm,
+        EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
+        "ft-values",
+        layers=(1,),
+        max_steps=3,
+    )
     delta.revert(lm)
     return delta.save(tmp_path / "p.safetensors"), lm
 
 
 # ---------------------------------------------------------------- 1. every method from the command line
 
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_edits_from_the_command_line(capsys, tiny_folder, corpus, tmp_path, method):
     layers = "1" if method.startswith(("ft-", "rome", "t-patcher")) else "1,2"  # one-layer editors
     save = tmp_path / f"{method}.safetensors"
-    code, out, err = run("edit", "--model", str(tiny_folder), "--method", method, *EDIT, "--layers", layers,
-                         "--steps", "3", "--save", str(save), "--json",
-                         *(["--stats", str(corpus), "--stats-tokens", "300"] if METHODS[method].uses_statistics else []))
+    code, out, err = run(
+        "edit",
+        "--model",
+        str(tiny_folder),
+        "--method",
+        method,
+        *EDIT,
+        "--layers",
+        layers,
+        "--steps",
+        "3",
+        "--save",
+        str(save),
+        "--json",
+        *(["--stats", str(corpus), "--stats-tokens", "300"] if METHODS[method].uses_statistics else []),
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["layers"] == [int(x) for x in layers.split(",")] and result["patch"] == str(save)
@@ -63,9 +81,9 @@ def test_rome_without_layers_takes_the_preset_layer():
 
 # ---------------------------------------------------------------- 2. a patch never collides with its metadata
 
+
 @pytest.mark.parametrize("name, message", [("x.json", "must end in .safetensors"), ("folder", "is a folder")])
-def test_save_paths_that_would_lose_the_patch_are_refused_before_editing(capsys, tiny_folder, tmp_path, name,
-                                                                         message):
+def test_save_paths_that_would_lose_the_patch_are_refused_before_editing(capsys, tiny_folder, tmp_path, name, message):
     (tmp_path / "folder.safetensors").mkdir()
     target = tmp_path / ("folder.safetensors" if name == "folder" else name)
     code, out, err = run("edit", "--model", "/does/not/exist", *EDIT, "--save", str(target))
@@ -81,6 +99,7 @@ def test_save_without_suffix_writes_patch_and_metadata_apart(patch, tmp_path):
 
 
 # ---------------------------------------------------------------- 3. a patch's checksum, structure and values
+
 
 def _data_offset(path) -> int:
     (header_len,) = struct.unpack("<Q", path.read_bytes()[:8])
@@ -143,6 +162,7 @@ def test_a_mismatch_message_says_what_differs(patch):
 
 # ---------------------------------------------------------------- 4. never truncate another command's results
 
+
 def test_bad_demo_methods_leave_an_existing_folder_untouched(capsys, tiny_folder, tmp_path):
     out = tmp_path / "results"
     out.mkdir()
@@ -156,30 +176,40 @@ def test_bad_demo_methods_leave_an_existing_folder_untouched(capsys, tiny_folder
 
 def test_bench_resumes_a_demo_folder_only_with_the_demo_facts(capsys, tiny_folder, tmp_path):
     out = tmp_path / "demo"
-    assert run("demo", "--n", "1", "--methods", "ft-values", "--out", str(out),
-               "--model", str(tiny_folder))[0] == 0
+    assert run("demo", "--n", "1", "--methods", "ft-values", "--out", str(out), "--model", str(tiny_folder))[0] == 0
     before = (out / "cases.jsonl").read_text()
     data = tmp_path / "facts.json"
-    data.write_text(json.dumps([{"prompt": "{} is in", "subject": "paris", "target_new": "rome",
-                                 "target_true": "france"}]))
+    data.write_text(
+        json.dumps([{"prompt": "{} is in", "subject": "paris", "target_new": "rome", "target_true": "france"}])
+    )
     code, _, err = run("bench", "--dataset", str(data), "--out", str(out), "--model", str(tiny_folder))
     assert code == 2 and "other settings (dataset" in err and (out / "cases.jsonl").read_text() == before
 
 
 # ---------------------------------------------------------------- 5. cases without ids
 
+
 def test_records_without_case_id_are_distinct_cases_by_position(tmp_path):
     path = tmp_path / "facts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": "{} is in", "subject": s, "target_new": "rome"}) + "\n"
-                            for s in ("paris", "berlin", "madrid")))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": "{} is in", "subject": s, "target_new": "rome"}) + "\n"
+            for s in ("paris", "berlin", "madrid")
+        )
+    )
     assert [r.case_id for r in load_requests(path)] == [0, 1, 2]
-    path.write_text("".join(json.dumps({"prompt": "{} is in", "subject": s, "target_new": "rome", "case_id": 7})
-                            + "\n" for s in ("paris", "berlin")))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": "{} is in", "subject": s, "target_new": "rome", "case_id": 7}) + "\n"
+            for s in ("paris", "berlin")
+        )
+    )
     with pytest.raises(DatasetError, match="record 1.*case_id 7 was already used by record 0"):
         load_requests(path)
 
 
 # ---------------------------------------------------------------- 6. the statistics cache
+
 
 @pytest.mark.parametrize("damage", ["altered", "missing", "negative"])
 def test_a_statistics_cache_with_a_damaged_count_is_recomputed(corpus, kvedit_cache, monkeypatch, damage):
@@ -188,8 +218,11 @@ def test_a_statistics_cache_with_a_damaged_count_is_recomputed(corpus, kvedit_ca
     (path,) = list(kvedit_cache.glob("stats/*/*.safetensors"))
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
-    meta = {k: v for k, v in meta.items() if k != "count"} if damage == "missing" else \
-        meta | {"count": "64" if damage == "altered" else "-5"}
+    meta = (
+        {k: v for k, v in meta.items() if k != "count"}
+        if damage == "missing"
+        else meta | {"count": "64" if damage == "altered" else "-5"}
+    )
     save_file(load_file(str(path)), str(path), metadata=meta)
     calls = []
     real = stats_module._accumulate
@@ -211,9 +244,15 @@ def test_sampling_the_self_corpus_leaves_the_global_rng_alone(corpus):
 
 # ---------------------------------------------------------------- weak spots
 
-@pytest.mark.parametrize("extra, message", [(["--lr", "-1"], "lr must be > 0"),
-                                            (["--preset", "bogus"], "unknown preset"),
-                                            (["--steps", "0"], "max_steps must be >= 1")])
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr", "-1"], "lr must be > 0"),
+        (["--preset", "bogus"], "unknown preset"),
+        (["--steps", "0"], "max_steps must be >= 1"),
+    ],
+)
 def test_bad_settings_are_refused_before_the_model_loads(capsys, extra, message):
     code, _, err = run("edit", "--model", "/does/not/exist", *EDIT, *extra)
     assert code == 2 and message in err
@@ -238,8 +277,11 @@ def test_apply_refuses_the_cache_a_file_and_a_full_folder(capsys, patch, tiny_fo
     full.mkdir()
     (full / "keep.txt").write_text("mine")
     (tmp_path / "file").write_text("x")
-    for out, message in ((kvedit_cache / "models" / "x", "inside kvedit's cache"),
-                         (tmp_path / "file", "existing file"), (full, "not empty")):
+    for out, message in (
+        (kvedit_cache / "models" / "x", "inside kvedit's cache"),
+        (tmp_path / "file", "existing file"),
+        (full, "not empty"),
+    ):
         code, _, err = run("apply", str(path), "--model", str(tiny_folder), "--out", str(out))
         assert code == 2 and message in err
     assert (full / "keep.txt").read_text() == "mine" and not (kvedit_cache / "models").exists()
@@ -269,8 +311,12 @@ def test_interrupted_writes_leave_nothing_behind(capsys, patch, tiny_folder, tmp
 
 def test_bench_keys_resume_on_the_dataset_content(capsys, tiny_folder, tmp_path):
     data = tmp_path / "facts.json"
-    record = {"prompt": "{} is located in the city of", "subject": "the eiffel tower", "target_new": "rome",
-              "target_true": "paris"}
+    record = {
+        "prompt": "{} is located in the city of",
+        "subject": "the eiffel tower",
+        "target_new": "rome",
+        "target_true": "paris",
+    }
     data.write_text(json.dumps([record]))
     out = tmp_path / "bench"
     args = ["bench", "--dataset", str(data), "--methods", "ft-values", "--out", str(out), "--model", str(tiny_folder)]
@@ -289,8 +335,7 @@ def test_bench_output_errors_name_the_file(capsys, tiny_folder, tmp_path):
     code, _, err = run("bench", "--dataset", str(data), "--out", str(garbage), "--model", "/does/not/exist")
     assert code == 2 and str(garbage / "config.json") in err
     (tmp_path / "file").write_text("x")
-    code, _, err = run("bench", "--dataset", str(data), "--out", str(tmp_path / "file"),
-                       "--model", "/does/not/exist")
+    code, _, err = run("bench", "--dataset", str(data), "--out", str(tmp_path / "file"), "--model", "/does/not/exist")
     assert code == 2 and "existing file" in err
 
 

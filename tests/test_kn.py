@@ -14,8 +14,7 @@ from kvedit.analysis.neurons import attributions, coarse_neurons
 from kvedit.cli import main
 from kvedit.models.architectures import ARCHITECTURES
 
-REQUEST = kvedit.EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome",
-                             target_true="paris")
+REQUEST = kvedit.EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris")
 
 
 def test_the_value_rows_of_the_neurons_move_by_the_embedding_difference():
@@ -31,8 +30,9 @@ def test_the_value_rows_of_the_neurons_move_by_the_embedding_difference():
     shift = 2 * (embed[new[0]] - embed[greedy])
     delta = kvedit.edit(lm, REQUEST, "kn", preset="gpt2-xl")  # 20 steps, threshold 0.2
     after = snapshot(lm)
-    assert [(l, i) for l, i, _ in delta.records.neurons[0]] and \
-        sorted((l, i) for l, i, _ in delta.records.neurons[0]) == sorted(neurons)
+    assert [(l, i) for l, i, _ in delta.records.neurons[0]] and sorted(
+        (l, i) for l, i, _ in delta.records.neurons[0]
+    ) == sorted(neurons)
     for name in before:
         changed = not torch.equal(before[name], after[name])
         if not any(name == f"{lm.values_path(l)}.weight" for l, _ in neurons):
@@ -85,8 +85,30 @@ def test_kn_on_a_masked_lm_is_refused():
 
 def test_kvedit_edit_method_kn(capsys, tiny_folder, tmp_path):
     patch = tmp_path / "kn.safetensors"
-    assert main(["edit", "--method", "kn", "--prompt", REQUEST.prompt, "--subject", REQUEST.subject, "--new", "rome",
-                 "--true", "paris", "--preset", "gpt2-xl", "--model", str(tiny_folder), "--save", str(patch),
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                "--method",
+                "kn",
+                "--prompt",
+                REQUEST.prompt,
+                "--subject",
+                REQUEST.subject,
+                "--new",
+                "rome",
+                "--true",
+                "paris",
+                "--preset",
+                "gpt2-xl",
+                "--model",
+                str(tiny_folder),
+                "--save",
+                str(patch),
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["method"] == "kn" and patch.is_file()

@@ -31,8 +31,11 @@ FACTS = [
     ("the official language of {} is", "france", "german", "french"),
 ]
 TASKS = SHARED_DATA / "tasks"
-CORPUS = ["the louvre is a famous landmark and it stands in france", "madrid is the capital of spain where spanish "
-          "is spoken", "big ben lies in london which is in england"]
+CORPUS = [
+    "the louvre is a famous landmark and it stands in france",
+    "madrid is the capital of spain where spanish is spoken",
+    "big ben lies in london which is in england",
+]
 
 
 @pytest.fixture
@@ -40,10 +43,22 @@ def files(tmp_path, monkeypatch):
     """A five-fact dataset, a statistics corpus, a probe text; a private cache."""
     monkeypatch.setenv("KVEDIT_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "facts.json"
-    data.write_text(json.dumps([
-        {"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": i,
-         "paraphrase_prompts": [f"{s} lies in"], "neighborhood_prompts": [f"the louvre {i} is located in"]}
-        for i, (p, s, n, t) in enumerate(FACTS)]))
+    data.write_text(
+        json.dumps(
+            [
+                {
+                    "prompt": p,
+                    "subject": s,
+                    "target_new": n,
+                    "target_true": t,
+                    "case_id": i,
+                    "paraphrase_prompts": [f"{s} lies in"],
+                    "neighborhood_prompts": [f"the louvre {i} is located in"],
+                }
+                for i, (p, s, n, t) in enumerate(FACTS)
+            ]
+        )
+    )
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(CORPUS * 60))
     text = tmp_path / "text.txt"
@@ -61,15 +76,27 @@ def _same(a, b):
 
 def _lifelong(files, general=True, **kw):
     tasks = str(TASKS) if TASKS.is_dir() else None
-    return LifelongSettings(general_text=str(files["text"]) if general else None, general_tasks=tasks if general
-                            else None, general_tokens=64, general_window=16, general_per_task=2, **kw)
+    return LifelongSettings(
+        general_text=str(files["text"]) if general else None,
+        general_tasks=tasks if general else None,
+        general_tokens=64,
+        general_window=16,
+        general_per_task=2,
+        **kw,
+    )
 
 
 def _alphaedit_config(files):
-    return BenchConfig(dataset=str(files["data"]), methods=("alphaedit",), batch_sizes=(2,), sequential=True,
-                       stats_source=str(files["corpus"]), stats_tokens=1000,
-                       extra={"layers": (1, 2), "nullspace_threshold": 1e-4},
-                       lifelong=_lifelong(files, general=False, retention_sample=2, specificity_sample=2))
+    return BenchConfig(
+        dataset=str(files["data"]),
+        methods=("alphaedit",),
+        batch_sizes=(2,),
+        sequential=True,
+        stats_source=str(files["corpus"]),
+        stats_tokens=1000,
+        extra={"layers": (1, 2), "nullspace_threshold": 1e-4},
+        lifelong=_lifelong(files, general=False, retention_sample=2, specificity_sample=2),
+    )
 
 
 def _stable(records):
@@ -113,8 +140,9 @@ def test_a_killed_run_resumes_with_its_history_and_equals_an_uninterrupted_one(f
     assert _same(original, _weights(lm))
     (_, a), (_, b) = (load_chain(run_dir(f, config.specs()[0])) for f in (whole, killed))
     assert a.metadata == b.metadata and _same(a.before, b.before) and _same(a.after, b.after)  # bit for bit
-    ha, hb = (AlphaEditHistory.load(run_dir(f, config.specs()[0]) / "history-00003.safetensors")
-              for f in (whole, killed))
+    ha, hb = (
+        AlphaEditHistory.load(run_dir(f, config.specs()[0]) / "history-00003.safetensors") for f in (whole, killed)
+    )
     assert ha.digest() == hb.digest() and ha.n_edits == 5
     assert _stable(sequence_records(whole)) == _stable(sequence_records(killed))
 
@@ -126,8 +154,15 @@ def test_per_batch_records_equal_a_direct_computation_and_the_chain_reverts_bit_
     lm = tiny_lm("llama")
     original = _weights(lm)
     settings = _lifelong(files, retention_sample=1, specificity_sample=2)
-    config = BenchConfig(dataset=str(files["data"]), methods=("ft-values",), n=4, batch_sizes=(2,), sequential=True,
-                         extra={"layers": (1,), "max_steps": 5, "lr": 1e-2}, lifelong=settings)
+    config = BenchConfig(
+        dataset=str(files["data"]),
+        methods=("ft-values",),
+        n=4,
+        batch_sizes=(2,),
+        sequential=True,
+        extra={"layers": (1,), "max_steps": 5, "lr": 1e-2},
+        lifelong=settings,
+    )
     out = tmp_path / "seq"
     Bench(lm, config, out, progress=False).run()
     records = sequence_records(out)
@@ -151,7 +186,10 @@ def test_per_batch_records_equal_a_direct_computation_and_the_chain_reverts_bit_
     probe = GeneralAbilityProbe.build(lm, files["text"], settings.general_tasks, 64, 16, 2)
     measured = probe.measure(lm)
     assert last["general"]["perplexity"] == measured["perplexity"]
-    assert last["general"]["label_accuracy"]["mean"] == 100 * measured["label_accuracy"].get("mean", 0) or not TASKS.is_dir()
+    assert (
+        last["general"]["label_accuracy"]["mean"] == 100 * measured["label_accuracy"].get("mean", 0)
+        or not TASKS.is_dir()
+    )
     relative = weight_change(lm, {n: original[n] for n in chain.names})
     assert {n: w["relative"] for n, w in last["weights"].items()} == relative
     chain.revert(lm)
@@ -174,9 +212,31 @@ def test_milestones_pick_the_nearest_batch():
 
 def test_cli_sequential_options_and_refused_changes(files, tiny_folder, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["bench", "--model", str(tiny_folder), "--dataset", str(files["data"]), "--methods", "ft-values",
-            "--sequential", "--n", "2", "--out", str(out), "--retention-sample", "1", "--general-text",
-            str(files["text"]), "--no-general-tasks", "--general-every", "2", "--general-window", "16", "--general-tokens", "64"]
+    args = [
+        "bench",
+        "--model",
+        str(tiny_folder),
+        "--dataset",
+        str(files["data"]),
+        "--methods",
+        "ft-values",
+        "--sequential",
+        "--n",
+        "2",
+        "--out",
+        str(out),
+        "--retention-sample",
+        "1",
+        "--general-text",
+        str(files["text"]),
+        "--no-general-tasks",
+        "--general-every",
+        "2",
+        "--general-window",
+        "16",
+        "--general-tokens",
+        "64",
+    ]
     assert main(args) == 0
     records = sequence_records(out)
     assert [r["batch"] for r in records] == [-1, 0, 1] and records[-1]["general"]["label_accuracy"] == {}

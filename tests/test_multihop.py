@@ -39,16 +39,28 @@ def _hand_greedy(lm, prompt: str, max_new_tokens: int = MAX_NEW) -> str:
 
 
 def _case(new_answers: tuple[str, ...], answers: tuple[str, ...], edit_answers) -> MquakeCase:
-    requests = (EditRequest(prompt="{} is located in", subject="the louvre", target_new="rome", target_true="paris",
-                            case_id="m/0"),
-                EditRequest(prompt="the language of {} is", subject="rome", target_new="german",
-                            target_true="italian", case_id="m/1"))
+    requests = (
+        EditRequest(
+            prompt="{} is located in", subject="the louvre", target_new="rome", target_true="paris", case_id="m/0"
+        ),
+        EditRequest(
+            prompt="the language of {} is", subject="rome", target_new="german", target_true="italian", case_id="m/1"
+        ),
+    )
     return MquakeCase(
-        case_id="m", requests=requests, edit_questions=("where is the louvre", "which language is spoken in rome"),
+        case_id="m",
+        requests=requests,
+        edit_questions=("where is the louvre", "which language is spoken in rome"),
         edit_answers=edit_answers,
-        questions=("which language is spoken in the city of the louvre", "the louvre city language is",
-                   "what language is spoken where the louvre stands"),
-        answers=answers, new_answers=new_answers, single_hops=(), new_single_hops=(),
+        questions=(
+            "which language is spoken in the city of the louvre",
+            "the louvre city language is",
+            "what language is spoken where the louvre stands",
+        ),
+        answers=answers,
+        new_answers=new_answers,
+        single_hops=(),
+        new_single_hops=(),
     )
 
 
@@ -81,22 +93,28 @@ def test_multihop_metrics_match_hand_computation() -> None:
     assert (got[1]["multihop_accuracy"], got[1]["multihop_old_accuracy"], got[1]["single_hop_accuracy"]) == (0, 1, 0)
 
     # probability form: the new vs the old answer's mean token NLL after each question
-    pairs = [(_hand_nll(lm, question_prompt(q, FEWSHOT), "berlin"), _hand_nll(lm, question_prompt(q, FEWSHOT), "madrid"))
-             for q in hit.questions]
+    pairs = [
+        (_hand_nll(lm, question_prompt(q, FEWSHOT), "berlin"), _hand_nll(lm, question_prompt(q, FEWSHOT), "madrid"))
+        for q in hit.questions
+    ]
     wins = [new < old for new, old in pairs]
     assert got[0]["multihop_prob_accuracy"] == pytest.approx(sum(wins) / 3)
     assert got[0]["multihop_prob_any"] == float(any(wins))
     assert got[0]["multihop_nll_margin"] == pytest.approx(sum(old - new for new, old in pairs) / 3, abs=1e-5)
-    hop_wins = [_hand_nll(lm, question_prompt(q, FEWSHOT), r.target_new) <
-                _hand_nll(lm, question_prompt(q, FEWSHOT), r.target_true) for q, r in zip(hit.edit_questions, hit.requests)]
+    hop_wins = [
+        _hand_nll(lm, question_prompt(q, FEWSHOT), r.target_new)
+        < _hand_nll(lm, question_prompt(q, FEWSHOT), r.target_true)
+        for q, r in zip(hit.edit_questions, hit.requests)
+    ]
     assert got[0]["single_hop_prob_accuracy"] == pytest.approx(sum(hop_wins) / 2)
     assert known_multihop(lm, [hit], fewshot=FEWSHOT) == [any(old < new for new, old in pairs)]
 
     summary = summarize_multihop(got)
     assert summary["n"] == 2 and summary["multihop_accuracy"] == pytest.approx(50.0)
     assert summary["single_hop_accuracy"] == pytest.approx(25.0)
-    assert summary["multihop_nll_margin"] == pytest.approx((got[0]["multihop_nll_margin"] +
-                                                            got[1]["multihop_nll_margin"]) / 2)
+    assert summary["multihop_nll_margin"] == pytest.approx(
+        (got[0]["multihop_nll_margin"] + got[1]["multihop_nll_margin"]) / 2
+    )
 
 
 def test_masked_models_are_refused() -> None:
@@ -117,7 +135,9 @@ def test_real_mquake_records() -> None:
         answers = [_hand_greedy(lm, question_prompt(q), 2) for q in case.questions]
         assert metrics["multihop_answers"] == answers
         assert metrics["multihop_accuracy"] == float(any(answer_matches(a, case.new_answers) for a in answers))
-        nll = [(_hand_nll(lm, question_prompt(q), case.new_answers[0]), _hand_nll(lm, question_prompt(q), case.answers[0]))
-               for q in case.questions]
+        nll = [
+            (_hand_nll(lm, question_prompt(q), case.new_answers[0]), _hand_nll(lm, question_prompt(q), case.answers[0]))
+            for q in case.questions
+        ]
         assert metrics["multihop_prob_accuracy"] == pytest.approx(sum(n < o for n, o in nll) / 3)
     assert SHARED["mquake"].is_file()

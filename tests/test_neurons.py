@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from kvedit.analysis.neurons import (
-    answer_probability, attributions, coarse_neurons, fact_neurons, suppression_effect,
+    answer_probability,
+    attributions,
+    coarse_neurons,
+    fact_neurons,
+    suppression_effect,
 )
 from helpers import tiny
 
@@ -40,7 +44,8 @@ def test_attributions_equal_a_direct_riemann_sum_and_approach_the_integral(famil
     got = attributions(lm, PROMPT, "paris", steps=8, layers=[layer])[0]
     captured = {}
     handle = lm.module(lm.values_path(layer)).register_forward_pre_hook(
-        lambda m, a: captured.setdefault("m", a[0][0, -1].detach().clone()))
+        lambda m, a: captured.setdefault("m", a[0][0, -1].detach().clone())
+    )
     with torch.no_grad():
         lm.model(input_ids=lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"])
     handle.remove()
@@ -66,7 +71,9 @@ def test_coarse_and_refined_selection_follow_the_reference_rule(monkeypatch):
     import kvedit.analysis.neurons as neurons
 
     per_prompt = {"a": [[0.0, 1.0], [0.5, 0.0]], "b": [[0.0, 1.0], [0.0, 0.0]], "c": [[0.3, 1.0], [0.0, 0.9]]}
-    monkeypatch.setattr(neurons, "attributions", lambda lm, p, a, steps, layers, on_layer=None: torch.tensor(per_prompt[p]))
+    monkeypatch.setattr(
+        neurons, "attributions", lambda lm, p, a, steps, layers, on_layer=None: torch.tensor(per_prompt[p])
+    )
 
     class Two:
         num_layers = 2
@@ -88,7 +95,8 @@ def test_suppressing_a_facts_neurons_sets_their_coefficients_to_zero():
     own = [(l, i) for l, i, _ in fact.neurons]
     layer, memory = own[0]
     handle = lm.module(lm.values_path(layer)).register_forward_pre_hook(
-        lambda mod, a: (torch.cat([a[0][:, :-1], a[0][:, -1:].index_fill(-1, torch.tensor([memory]), 0.0)], 1),))
+        lambda mod, a: (torch.cat([a[0][:, :-1], a[0][:, -1:].index_fill(-1, torch.tensor([memory]), 0.0)], 1),)
+    )
     with torch.no_grad():
         ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
         target = lm.tokenizer(" paris", add_special_tokens=False)["input_ids"][0]
@@ -104,16 +112,41 @@ def test_analyze_neurons_end_to_end_and_resume(capsys, tiny_folder, tmp_path):
 
     from kvedit.cli import main
 
-    facts = [{"case_id": i, "prompt": p, "subject": s, "target_new": "london", "target_true": t,
-              "paraphrase_prompts": [f"{s} lies in"]}
-             for i, (p, s, t) in enumerate([("{} is located in the city of", "the eiffel tower", "paris"),
-                                            ("{} is the capital of", "berlin", "germany"),
-                                            ("the official language of {} is", "france", "french")])]
+    facts = [
+        {
+            "case_id": i,
+            "prompt": p,
+            "subject": s,
+            "target_new": "london",
+            "target_true": t,
+            "paraphrase_prompts": [f"{s} lies in"],
+        }
+        for i, (p, s, t) in enumerate(
+            [
+                ("{} is located in the city of", "the eiffel tower", "paris"),
+                ("{} is the capital of", "berlin", "germany"),
+                ("the official language of {} is", "france", "french"),
+            ]
+        )
+    ]
     data = tmp_path / "facts.json"
     data.write_text(json.dumps(facts))
     out = tmp_path / "kn"
-    argv = ["analyze", "neurons", "--dataset", str(data), "--model", str(tiny_folder), "--all-facts", "--n", "2",
-            "--steps", "2", "--out", str(out)]
+    argv = [
+        "analyze",
+        "neurons",
+        "--dataset",
+        str(data),
+        "--model",
+        str(tiny_folder),
+        "--all-facts",
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     records = [json.loads(x) for x in (out / "neurons.jsonl").read_text().splitlines()]

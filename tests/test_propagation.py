@@ -62,8 +62,9 @@ def tiny_qa_lm(texts: Sequence[str] = (), seed: int = 0) -> LM:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
-                                  bos_token="<s>", eos_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>"
+    )
     torch.manual_seed(seed)
     config = LlamaConfig(**LLAMA_SIZES, vocab_size=len(vocab), pad_token_id=0, bos_token_id=5, eos_token_id=6)
     return LM.wrap(AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok, name="tiny-qa-llama")
@@ -78,46 +79,97 @@ def _write(path: Path, records: list) -> Path:
 
 CF_RECORD = {
     "case_id": 7,
-    "requested_rewrite": {"prompt": "{} is located in the city of", "subject": "the eiffel tower",
-                          "relation_id": "P131", "target_new": {"str": "rome", "id": "Q220"},
-                          "target_true": {"str": "paris", "id": "Q90"}},
-    "paraphrase_prompts": ["the eiffel tower stands in"], "neighborhood_prompts": ["the louvre is located in"],
-    "attribute_prompts": [], "generation_prompts": ["the eiffel tower is", "where the eiffel tower stands"],
-    "portability": {"Recalled Relation": "(rome, capital of, italy)",
-                    "New Question": "the eiffel tower is located in the capital of", "New Answer": "italy"},
+    "requested_rewrite": {
+        "prompt": "{} is located in the city of",
+        "subject": "the eiffel tower",
+        "relation_id": "P131",
+        "target_new": {"str": "rome", "id": "Q220"},
+        "target_true": {"str": "paris", "id": "Q90"},
+    },
+    "paraphrase_prompts": ["the eiffel tower stands in"],
+    "neighborhood_prompts": ["the louvre is located in"],
+    "attribute_prompts": [],
+    "generation_prompts": ["the eiffel tower is", "where the eiffel tower stands"],
+    "portability": {
+        "Recalled Relation": "(rome, capital of, italy)",
+        "New Question": "the eiffel tower is located in the capital of",
+        "New Answer": "italy",
+    },
 }
 ZSRE_RECORD = {
-    "subject": "the louvre", "src": "which city is the louvre located in?", "pred": "berlin", "alt": "madrid",
-    "answers": ["paris"], "rephrase": "where is the louvre?", "loc": "nq question: where is big ben",
-    "loc_ans": "london", "cond": "berlin >> madrid || which city is the louvre located in?",
-    "portability": {"Recalled Relation": "(madrid, capital of, spain)",
-                    "New Question": "the louvre is in the capital of which country?", "New Answer": "spain"},
+    "subject": "the louvre",
+    "src": "which city is the louvre located in?",
+    "pred": "berlin",
+    "alt": "madrid",
+    "answers": ["paris"],
+    "rephrase": "where is the louvre?",
+    "loc": "nq question: where is big ben",
+    "loc_ans": "london",
+    "cond": "berlin >> madrid || which city is the louvre located in?",
+    "portability": {
+        "Recalled Relation": "(madrid, capital of, spain)",
+        "New Question": "the louvre is in the capital of which country?",
+        "New Answer": "spain",
+    },
 }
 KNOWEDIT_RECORD = {
-    "subject": "big ben", "target_new": "berlin", "prompt": "which city is big ben located in?",
-    "ground_truth": ["london"], "rephrase_prompt": "where is big ben?", "cond": "x",
-    "locality": {"Relation_Specificity": [{"prompt": "big ben is a famous", "ground_truth": ["landmark"]},
-                                          {"prompt": "big ben landmark", "ground_truth": ["the city of london"]}]},
-    "portability": {"Reasoning": [{"prompt": "big ben is in the capital of", "ground_truth": "germany"}],
-                    "Subject_Aliasing": [{"prompt": "the landmark big ben is located in", "ground_truth": "berlin"}]},
+    "subject": "big ben",
+    "target_new": "berlin",
+    "prompt": "which city is big ben located in?",
+    "ground_truth": ["london"],
+    "rephrase_prompt": "where is big ben?",
+    "cond": "x",
+    "locality": {
+        "Relation_Specificity": [
+            {"prompt": "big ben is a famous", "ground_truth": ["landmark"]},
+            {"prompt": "big ben landmark", "ground_truth": ["the city of london"]},
+        ]
+    },
+    "portability": {
+        "Reasoning": [{"prompt": "big ben is in the capital of", "ground_truth": "germany"}],
+        "Subject_Aliasing": [{"prompt": "the landmark big ben is located in", "ground_truth": "berlin"}],
+    },
 }
 
 
 def _mquake_record(case_id: int = 1) -> dict:
     def rewrite(prompt, subject, new, true, question):
-        return {"prompt": prompt, "relation_id": "P1", "target_new": {"str": new, "id": "Q1"},
-                "target_true": {"str": true, "id": "Q2"}, "subject": subject, "question": question}
+        return {
+            "prompt": prompt,
+            "relation_id": "P1",
+            "target_new": {"str": new, "id": "Q1"},
+            "target_true": {"str": true, "id": "Q2"},
+            "subject": subject,
+            "question": question,
+        }
 
     return {
         "case_id": case_id,
-        "requested_rewrite": [rewrite("{} is located in", "the louvre", "rome", "paris", "where is the louvre?"),
-                              rewrite("the language of {} is", "rome", "german", "italian", "what language is rome?")],
+        "requested_rewrite": [
+            rewrite("{} is located in", "the louvre", "rome", "paris", "where is the louvre?"),
+            rewrite("the language of {} is", "rome", "german", "italian", "what language is rome?"),
+        ],
         "questions": ["what language is spoken in the city of the louvre?", "the louvre city language?"],
-        "answer": "french", "answer_alias": ["french language"], "new_answer": "german", "new_answer_alias": ["deutsch"],
-        "single_hops": [{"question": "where is the louvre?", "cloze": "the louvre is located in", "answer": "paris",
-                         "answer_alias": []}],
-        "new_single_hops": [{"question": "where is the louvre?", "cloze": "the louvre is located in", "answer": "rome",
-                             "answer_alias": ["roma"]}],
+        "answer": "french",
+        "answer_alias": ["french language"],
+        "new_answer": "german",
+        "new_answer_alias": ["deutsch"],
+        "single_hops": [
+            {
+                "question": "where is the louvre?",
+                "cloze": "the louvre is located in",
+                "answer": "paris",
+                "answer_alias": [],
+            }
+        ],
+        "new_single_hops": [
+            {
+                "question": "where is the louvre?",
+                "cloze": "the louvre is located in",
+                "answer": "rome",
+                "answer_alias": ["roma"],
+            }
+        ],
         "orig": {},
     }
 
@@ -144,8 +196,12 @@ def test_loaders_map_fields(tmp_path: Path) -> None:
     assert mq.requests[1].case_id == "1/1" and mq.edit_questions[1] == "what language is rome?"
     assert mq.edit_answers == (("rome", "roma"), ("german",))  # aliases from the matching new single hop
     assert mq.new_answers == ("german", "deutsch") and mq.answers == ("french", "french language")
-    for fmt, record in [("counterfact-portability", CF_RECORD), ("zsre-portability", ZSRE_RECORD),
-                        ("knowedit", KNOWEDIT_RECORD), ("mquake", _mquake_record())]:
+    for fmt, record in [
+        ("counterfact-portability", CF_RECORD),
+        ("zsre-portability", ZSRE_RECORD),
+        ("knowedit", KNOWEDIT_RECORD),
+        ("mquake", _mquake_record()),
+    ]:
         path = _write(tmp_path / f"{fmt}.json", [record])
         assert detect_propagation_format(path) == fmt
         assert type(load_propagation(path)[0]) is type(load_propagation(path, fmt)[0])
@@ -167,7 +223,9 @@ def test_loader_errors_name_record_and_field(tmp_path: Path) -> None:
         load_counterfact_portability(_write(tmp_path / "cf.json", [no_question]))
     no_truth = json.loads(json.dumps(CF_RECORD))
     del no_truth["requested_rewrite"]["target_true"]["str"]  # the request part is read by load_counterfact
-    with pytest.raises(DatasetError, match=r"record 0 \(case_id 7\): missing key 'requested_rewrite\.target_true\.str'"):
+    with pytest.raises(
+        DatasetError, match=r"record 0 \(case_id 7\): missing key 'requested_rewrite\.target_true\.str'"
+    ):
         load_counterfact_portability(_write(tmp_path / "cf2.json", [no_truth]))
     with pytest.raises(DatasetError, match="cannot tell the propagation format"):
         load_propagation(_write(tmp_path / "x.json", [{"a": 1}]))
@@ -205,17 +263,27 @@ def _hand_nll(lm, prompt: str, answer: str) -> float:
     with torch.no_grad():
         logp = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), -1)
     return -sum(float(logp[n_prompt - 1 + j, ids[n_prompt + j]]) for j in range(len(ids) - n_prompt)) / (
-        len(ids) - n_prompt)
+        len(ids) - n_prompt
+    )
 
 
 def _case() -> PortabilityCase:
-    request = EditRequest(prompt="{} is located in the city of", subject="the colosseum", target_new="paris",
-                          target_true="rome", case_id="c")
-    portability = (Probe("reasoning", "the colosseum is located in the capital of", ("france",)),
-                   Probe("reasoning", "the colosseum stands in a city where people speak", ("french and english",)),
-                   Probe("subject_aliasing", "the famous landmark of rome is located in", ("paris",)))
-    locality = (Probe("relation_specificity", "the colosseum is a famous", ("landmark",)),
-                Probe("relation_specificity", "the colosseum was", ("a famous landmark of italy",)))
+    request = EditRequest(
+        prompt="{} is located in the city of",
+        subject="the colosseum",
+        target_new="paris",
+        target_true="rome",
+        case_id="c",
+    )
+    portability = (
+        Probe("reasoning", "the colosseum is located in the capital of", ("france",)),
+        Probe("reasoning", "the colosseum stands in a city where people speak", ("french and english",)),
+        Probe("subject_aliasing", "the famous landmark of rome is located in", ("paris",)),
+    )
+    locality = (
+        Probe("relation_specificity", "the colosseum is a famous", ("landmark",)),
+        Probe("relation_specificity", "the colosseum was", ("a famous landmark of italy",)),
+    )
     return PortabilityCase(request, portability, locality, true_answers=("rome",))
 
 
@@ -245,18 +313,29 @@ def test_portability_metrics_match_hand_computation() -> None:
 
 
 def test_summary_and_known_rules() -> None:
-    summary = summarize_portability([{"portability_accuracy": 0.5, "one_hop_accuracy": 0.5},
-                                     {"portability_accuracy": 1.0, "relation_specificity_unchanged": 0.25}])
+    summary = summarize_portability(
+        [
+            {"portability_accuracy": 0.5, "one_hop_accuracy": 0.5},
+            {"portability_accuracy": 1.0, "relation_specificity_unchanged": 0.25},
+        ]
+    )
     assert summary["n"] == 2 and summary["portability_accuracy"] == pytest.approx(75.0)
     assert summary["one_hop_accuracy"] == pytest.approx(50.0) and summary["n_one_hop_accuracy"] == 1
     assert summary["relation_specificity_unchanged"] == pytest.approx(25.0) and summary["reasoning_accuracy"] is None
 
     lm = tiny("llama")
-    cases = [_case(), PortabilityCase(EditRequest(prompt="{} is located in", subject="big ben", target_new="rome",
-                                                  target_true="london"), ()),
-             PortabilityCase(EditRequest(prompt="{} is located in", subject="big ben", target_new="rome"), ())]
-    expected = [_hand_nll(lm, c.request.rewrite_prompt, c.request.target_true) <
-                _hand_nll(lm, c.request.rewrite_prompt, c.request.target_new) for c in cases[:2]]
+    cases = [
+        _case(),
+        PortabilityCase(
+            EditRequest(prompt="{} is located in", subject="big ben", target_new="rome", target_true="london"), ()
+        ),
+        PortabilityCase(EditRequest(prompt="{} is located in", subject="big ben", target_new="rome"), ()),
+    ]
+    expected = [
+        _hand_nll(lm, c.request.rewrite_prompt, c.request.target_true)
+        < _hand_nll(lm, c.request.rewrite_prompt, c.request.target_new)
+        for c in cases[:2]
+    ]
     assert known_by_preference(lm, cases) == expected + [False]  # no target_true: nothing to change
     accuracy = [_hand_accuracy(lm, c.request.rewrite_prompt, c.request.target_true)[0] for c in cases[:2]]
     assert known_by_accuracy(lm, cases) == [a == 1.0 for a in accuracy] + [False]
@@ -265,8 +344,13 @@ def test_summary_and_known_rules() -> None:
 
 def test_fluency_on_generation_prompts() -> None:
     lm = tiny("llama")
-    request = EditRequest(prompt="{} is located in the city of", subject="the louvre", target_new="rome",
-                          target_true="paris", generation_prompts=("the louvre is", "the louvre stands in"))
+    request = EditRequest(
+        prompt="{} is located in the city of",
+        subject="the louvre",
+        target_new="rome",
+        target_true="paris",
+        generation_prompts=("the louvre is", "the louvre stands in"),
+    )
     out = portability_fluency(lm, [PortabilityCase(request, ()), _case()], seed=3)
     texts = generate_texts(lm, request.generation_prompts, seed=3)
     assert out[0]["fluency"] == pytest.approx(sum(map(ngram_entropy, texts)) / 2)
@@ -289,7 +373,10 @@ def test_real_records_load_and_score(fmt: str) -> None:
         assert first.portability[0].prompt.endswith("which was established in 2006?")
     else:
         assert (first.request.subject, first.request.target_new, first.request.target_true) == (
-            "Epaspidoceras", "Noctuidae", "Aspidoceratidae")
+            "Epaspidoceras",
+            "Noctuidae",
+            "Aspidoceratidae",
+        )
         assert [p.kind for p in first.portability] == ["reasoning"] and len(first.locality) == 2
     lm = tiny_qa_lm([t for c in cases for p in (*c.portability, *c.locality) for t in (p.prompt, p.answer)])
     assert lm.tokenizer.unk_token_id not in lm.tokenizer(first.portability[0].prompt)["input_ids"]

@@ -51,8 +51,12 @@ def test_my_facts_benches_as_counterfact_on_a_tiny_model(tiny_llama, tmp_path):
 def test_my_questions_bench_as_zsre_only_when_asked(tiny_llama, tmp_path):
     with pytest.raises(BenchError, match="case 'fuji' has no target_true.*--suite zsre"):
         Bench(tiny_llama, BenchConfig(dataset=str(QUESTIONS), methods=("ft-keys",)), tmp_path / "a", progress=False)
-    summary = Bench(tiny_llama, BenchConfig(dataset=str(QUESTIONS), methods=("ft-keys",), suite="zsre"),
-                    tmp_path / "b", progress=False).run()
+    summary = Bench(
+        tiny_llama,
+        BenchConfig(dataset=str(QUESTIONS), methods=("ft-keys",), suite="zsre"),
+        tmp_path / "b",
+        progress=False,
+    ).run()
     assert summary["suite"] == "zsre" and summary["runs"]["ft-keys"]["metrics"]["score"]["count"] == 2
 
 

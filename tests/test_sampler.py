@@ -14,6 +14,7 @@ PROMPTS = ["the eiffel tower is", "rome is the capital of italy and"]
 
 def boost(lm, token: int, amount: float):
     """Add `amount` to one token's logit everywhere (a forward hook on the unembedding)."""
+
     def hook(module, args, output):
         bump = torch.zeros(output.shape[-1], dtype=output.dtype)
         bump[token] = amount

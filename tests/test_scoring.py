@@ -76,7 +76,10 @@ def test_token_accuracy_counts_argmax_hits():
 
 def test_bundled_tokenizer_keeps_target_tokens_at_the_boundary(bundled_lm):
     """SmolLM2's BPE: the joint tokenisation ends with the target's own tokens."""
-    for prompt, target in [("The Eiffel Tower is located in the city of", "Paris"), ("The capital of Japan is", "Tokyo")]:
+    for prompt, target in [
+        ("The Eiffel Tower is located in the city of", "Paris"),
+        ("The capital of Japan is", "Tokyo"),
+    ]:
         enc = encode_target(bundled_lm, prompt, target)
         alone = bundled_lm.tokenizer(" " + target, add_special_tokens=False)["input_ids"]
         assert list(enc.target_ids) == alone
@@ -88,12 +91,13 @@ def test_counterfact_metrics_equal_hand_computation(monkeypatch):
     import kvedit.evaluation.counterfact as cf
 
     requests = [
-        EditRequest("{} is in", "a", "x", "y", paraphrase_prompts=("p1", "p2"), neighborhood_prompts=("n1", "n2", "n3")),
+        EditRequest(
+            "{} is in", "a", "x", "y", paraphrase_prompts=("p1", "p2"), neighborhood_prompts=("n1", "n2", "n3")
+        ),
         EditRequest("{} lies in", "b", "x", "y", paraphrase_prompts=("q1",), neighborhood_prompts=("m1",)),
     ]
     # (NLL_new, NLL_true) per prompt in order: rewrite, paraphrases, neighborhoods
-    pairs = [(0.1, 2.0), (0.5, 1.0), (3.0, 1.0), (2.0, 0.2), (0.3, 0.9), (1.5, 0.5),
-             (2.5, 0.4), (0.2, 0.1), (1.4, 0.4)]
+    pairs = [(0.1, 2.0), (0.5, 1.0), (3.0, 1.0), (2.0, 0.2), (0.3, 0.9), (1.5, 0.5), (2.5, 0.4), (0.2, 0.1), (1.4, 0.4)]
     flat = torch.tensor([v for pair in pairs for v in pair])
     one_token = torch.ones(len(flat), 1, dtype=torch.bool)  # each target one token with log-probability −NLL
     fixed = TokenScores(-flat[:, None], torch.zeros(len(flat), 1, dtype=torch.long), ~one_token, one_token)
@@ -105,7 +109,8 @@ def test_counterfact_metrics_equal_hand_computation(monkeypatch):
     assert cases[0]["neighborhood_success"] == pytest.approx(2 / 3)
     assert cases[0]["paraphrase_magnitude"] == pytest.approx(((e(-0.5) - e(-1.0)) + (e(-3.0) - e(-1.0))) / 2)
     assert cases[0]["neighborhood_magnitude"] == pytest.approx(
-        ((e(-0.2) - e(-2.0)) + (e(-0.9) - e(-0.3)) + (e(-0.5) - e(-1.5))) / 3)
+        ((e(-0.2) - e(-2.0)) + (e(-0.9) - e(-0.3)) + (e(-0.5) - e(-1.5))) / 3
+    )
     assert cases[1]["efficacy_success"] == 0.0 and cases[1]["paraphrase_success"] == 0.0
     assert cases[1]["neighborhood_success"] == 1.0
 

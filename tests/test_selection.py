@@ -48,10 +48,11 @@ def test_delta_decay_is_a_second_stage_at_the_best_first_stage_setting(monkeypat
         rows = [{"method": method, **s, "score": scores[selection.setting_key(method, s)]} for s in first]
         assert selection.default_grid(lm, method, rows[:-1]) == first  # the first stage is not complete yet
         best = selection.best_setting(method, rows, first)
-        second = selection.default_grid(lm, method, rows)[len(first):]
+        second = selection.default_grid(lm, method, rows)[len(first) :]
         assert second == [{**{k: best[k] for k in first[0]}, "layers": tuple(best["layers"]), "weight_decay": 1e-3}]
     assert selection.default_grid(lm, "ft-keys", [{"method": "ft-keys", "score": 1.0}]) == selection.default_grid(
-        lm, "ft-keys")  # fine-tuning has no decay stage
+        lm, "ft-keys"
+    )  # fine-tuning has no decay stage
 
     scored = []  # select() with the default grid runs the second stage after the first
 
@@ -71,18 +72,40 @@ def test_select_scores_every_setting_and_keeps_the_best_leaving_weights_alone(tm
     lm = tiny("llama")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     requests = [  # in the tiny vocabulary
-        EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris",
-                    paraphrase_prompts=("the famous landmark {} lies in",),
-                    neighborhood_prompts=("the louvre is located in the city of",), case_id=0),
-        EditRequest("{} is the capital of", "berlin", target_new="france", target_true="germany",
-                    paraphrase_prompts=("the capital city of {} is in",),
-                    neighborhood_prompts=("madrid is the capital of",), case_id=1),
+        EditRequest(
+            "{} is located in the city of",
+            "the eiffel tower",
+            target_new="rome",
+            target_true="paris",
+            paraphrase_prompts=("the famous landmark {} lies in",),
+            neighborhood_prompts=("the louvre is located in the city of",),
+            case_id=0,
+        ),
+        EditRequest(
+            "{} is the capital of",
+            "berlin",
+            target_new="france",
+            target_true="germany",
+            paraphrase_prompts=("the capital city of {} is in",),
+            neighborhood_prompts=("madrid is the capital of",),
+            case_id=1,
+        ),
     ]
-    grids = {"ft-values": [dict(layers=(0,), lr=1e-6), dict(layers=(3,), lr=0.5)],
-             "rome": [dict(layers=(1,), weight_decay=0.5)]}
+    grids = {
+        "ft-values": [dict(layers=(0,), lr=1e-6), dict(layers=(3,), lr=0.5)],
+        "rome": [dict(layers=(1,), weight_decay=0.5)],
+    }
     seen = []
-    rows, chosen = selection.select(lm, requests, ["ft-values", "rome"], grids, on_result=seen.append,
-                                    max_steps=3, stats_source="self", stats_tokens=256)
+    rows, chosen = selection.select(
+        lm,
+        requests,
+        ["ft-values", "rome"],
+        grids,
+        on_result=seen.append,
+        max_steps=3,
+        stats_source="self",
+        stats_tokens=256,
+    )
     assert rows == seen and [r["method"] for r in rows] == ["ft-values", "ft-values", "rome"]
     ft = [r for r in rows if r["method"] == "ft-values"]
     best = max(ft, key=lambda r: r["score"])
@@ -179,8 +202,16 @@ def test_a_tie_in_score_goes_to_the_smaller_edit_whatever_order_the_rows_came_in
     window = grid[0]["layers"]
     lambdas = [s["mom2_update_weight"] for s in grid if s["layers"] == window and s["weight_decay"] == 0.5]
     assert lambdas == sorted(lambdas, reverse=True)  # the largest λ (smallest update) first
-    rows = [{"method": "memit", "layers": list(window), "mom2_update_weight": lam, "weight_decay": 0.5,
-             "score": 80.0 if lam <= 500 else 70.0} for lam in (50.0, 150.0, 500.0, 1500.0)]
+    rows = [
+        {
+            "method": "memit",
+            "layers": list(window),
+            "mom2_update_weight": lam,
+            "weight_decay": 0.5,
+            "score": 80.0 if lam <= 500 else 70.0,
+        }
+        for lam in (50.0, 150.0, 500.0, 1500.0)
+    ]
     best = selection.best_setting("memit", rows, grid)
     assert best["mom2_update_weight"] == 500.0  # tied with 150 and 50, and listed before them
     assert selection.best_setting("memit", rows[::-1], grid) == best
@@ -189,18 +220,27 @@ def test_a_tie_in_score_goes_to_the_smaller_edit_whatever_order_the_rows_came_in
 
 
 def test_the_sweep_table_shows_each_layer_choice_by_lambda_with_the_best_in_bold():
-    grid = [dict(layers=w, mom2_update_weight=lam, weight_decay=wd)
-            for w in ((1, 2), (2, 3)) for lam in (100.0, 10.0) for wd in (0.5, 1e-3)]
+    grid = [
+        dict(layers=w, mom2_update_weight=lam, weight_decay=wd)
+        for w in ((1, 2), (2, 3))
+        for lam in (100.0, 10.0)
+        for wd in (0.5, 1e-3)
+    ]
     scores = [50.0, 50.0, 70.0, 72.0, 60.0, 60.0, 65.0, 65.0]
     rows = [{"method": "memit", **s, "score": v} for s, v in zip(grid, scores)]
     table = selection.sweep_table("memit", rows, grid)
-    assert table.splitlines()[:4] == ["| layers | λ 100 | λ 10 |", "|---|---:|---:|",
-                                      "| 1–2 | 50.0 | **72.0** |", "| 2–3 | 60.0 | 65.0 |"]
+    assert table.splitlines()[:4] == [
+        "| layers | λ 100 | λ 10 |",
+        "|---|---:|---:|",
+        "| 1–2 | 50.0 | **72.0** |",
+        "| 2–3 | 60.0 | 65.0 |",
+    ]
     assert "changed the Score in 1 of 4 cells" in table
     partial = selection.sweep_table("memit", rows[:5], grid)  # unfinished: no choice, – where not run
     assert "**" not in partial and "| 2–3 | 60.0 | – |" in partial
-    ft = selection.sweep_table("ft-keys", [{"method": "ft-keys", "layers": [0], "score": 40.0}],
-                               [dict(layers=(0,)), dict(layers=(3,))])
+    ft = selection.sweep_table(
+        "ft-keys", [{"method": "ft-keys", "layers": [0], "score": 40.0}], [dict(layers=(0,)), dict(layers=(3,))]
+    )
     assert ft.splitlines()[2:] == ["| 0 | 40.0 |", "| 3 | – |"]
 
 
@@ -211,16 +251,18 @@ def test_fine_tuning_takes_the_layer_and_lr_chosen_for_the_model_unless_told_oth
 
     lm = tiny("llama")
     gemma_named = LM.wrap(lm.model, lm.tokenizer, name="gemma-3-270m-q4_k_m")
-    monkeypatch.setattr(presets, "FT_MODEL_PRESETS",
-                        {"values": {"gemma3-270m": {"layers": (0,), "lr": 1e-4}}})
+    monkeypatch.setattr(presets, "FT_MODEL_PRESETS", {"values": {"gemma3-270m": {"layers": (0,), "lr": 1e-4}}})
     values, keys = get_method("ft-values"), get_method("ft-keys")
     assert values.make_hparams(gemma_named).validate(gemma_named).layers == (0,)
     assert values.make_hparams(gemma_named).lr == 1e-4
     assert values.make_hparams(gemma_named, lr=1e-3, layers=None).lr == 1e-3  # the caller's setting wins
-    assert values.make_hparams(gemma_named, preset="ft-l").lr == 5e-4 and \
-        values.make_hparams(gemma_named, preset="qiu2024").layers == ()  # a named preset: the family's layer
+    assert (
+        values.make_hparams(gemma_named, preset="ft-l").lr == 5e-4
+        and values.make_hparams(gemma_named, preset="qiu2024").layers == ()
+    )  # a named preset: the family's layer
     assert keys.make_hparams(gemma_named).lr == values.make_hparams(lm).lr == 2e-3  # no row: the default
     from kvedit.editing.registry import chosen_for_model
+
     assert chosen_for_model(gemma_named, "ft-values") and not chosen_for_model(gemma_named, "ft-keys")
     smol = LM.wrap(lm.model, lm.tokenizer, name="SmolLM2-135M-Instruct")
     assert chosen_for_model(smol, "rome") and chosen_for_model(smol, "pmet-even-spread")
@@ -234,8 +276,16 @@ def test_gemma3_takes_the_closed_form_presets_chosen_for_it():
 
     lm = tiny("gemma3_text")
     gemma = LM.wrap(lm.model, lm.tokenizer, name="gemma-3-270m-q4_k_m")
-    one_at_a_time = ["ft-keys", "ft-values", "rome", "memit", "pmet", "pmet-no-attn-delta", "pmet-update-attn",
-                     "pmet-even-spread"]
+    one_at_a_time = [
+        "ft-keys",
+        "ft-values",
+        "rome",
+        "memit",
+        "pmet",
+        "pmet-no-attn-delta",
+        "pmet-update-attn",
+        "pmet-even-spread",
+    ]
     assert [m for m in one_at_a_time if not chosen_for_model(gemma, m)] == []
     assert not chosen_for_model(lm, "pmet")  # the tiny model's name selects no row
     memit, pmet = get_method("memit").make_hparams(gemma), get_method("pmet").make_hparams(gemma)
@@ -258,8 +308,7 @@ def test_preset_tables_hold_what_the_selection_chose(folder, row):
     tables = {"rome": ROME_PRESETS, "memit": MEMIT_PRESETS, "pmet": PMET_PRESETS}
     assert set(chosen) == {"ft-keys", "ft-values", *tables}
     for method, settings in chosen.items():
-        preset = (FT_MODEL_PRESETS[method.removeprefix("ft-")][row] if method.startswith("ft-")
-                  else tables[method][row])
+        preset = FT_MODEL_PRESETS[method.removeprefix("ft-")][row] if method.startswith("ft-") else tables[method][row]
         assert {k: list(v) if k == "layers" else v for k, v in preset.items() if k in settings} == settings, method
 
 
@@ -269,8 +318,9 @@ def test_kn_and_tpatcher_grids_vary_what_the_references_vary_and_fit_the_model()
     assert 1 < len(kn) <= 12 and 1 < len(patcher) <= 12
     assert all(s["layers"] == (0, 1, 2, 3) for s in kn)  # every layer searched, as EasyEdit does
     assert {s["threshold"] for s in kn} == set(selection.KN_THRESHOLDS)
-    assert {(s["max_steps"], s["edit_factor"]) for s in kn} == {(m, f) for m in selection.KN_STEPS
-                                                               for f in selection.KN_EDIT_FACTORS}
+    assert {(s["max_steps"], s["edit_factor"]) for s in kn} == {
+        (m, f) for m in selection.KN_STEPS for f in selection.KN_EDIT_FACTORS
+    }
     assert kn[0]["threshold"] == max(selection.KN_THRESHOLDS)  # fewest neurons (the smallest edit) first
     assert all(s["layers"] == (3,) for s in patcher)  # the last FFN layer, as the reference
     assert patcher[0] == dict(layers=(3,), memory_weight=10.0, max_neurons=1, lr=min(selection.TPATCHER_LEARNING_RATES))
@@ -291,17 +341,31 @@ def test_select_presets_runs_kn_and_tpatcher_end_to_end(tmp_path, monkeypatch, t
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("select_presets", Path(__file__).parents[1] / "benchmarks"
-                                                  / "select_presets.py")
+    spec = importlib.util.spec_from_file_location(
+        "select_presets", Path(__file__).parents[1] / "benchmarks" / "select_presets.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    records = [{"case_id": 0, "prompt": "{} is located in the city of", "subject": "the eiffel tower",
-                "target_new": "rome", "target_true": "paris",
-                "paraphrase_prompts": ["the famous landmark {} lies in"],
-                "neighborhood_prompts": ["the louvre is located in the city of"]},
-               {"case_id": 1, "prompt": "{} is the capital of", "subject": "berlin", "target_new": "france",
-                "target_true": "germany", "paraphrase_prompts": ["the capital city of {} is in"],
-                "neighborhood_prompts": ["madrid is the capital of"]}]
+    records = [
+        {
+            "case_id": 0,
+            "prompt": "{} is located in the city of",
+            "subject": "the eiffel tower",
+            "target_new": "rome",
+            "target_true": "paris",
+            "paraphrase_prompts": ["the famous landmark {} lies in"],
+            "neighborhood_prompts": ["the louvre is located in the city of"],
+        },
+        {
+            "case_id": 1,
+            "prompt": "{} is the capital of",
+            "subject": "berlin",
+            "target_new": "france",
+            "target_true": "germany",
+            "paraphrase_prompts": ["the capital city of {} is in"],
+            "neighborhood_prompts": ["madrid is the capital of"],
+        },
+    ]
     data = tmp_path / "facts.json"
     data.write_text(json.dumps(records))
     monkeypatch.setattr(selection, "known_filter", lambda lm, reqs: [True] * len(reqs))
@@ -313,8 +377,21 @@ def test_select_presets_runs_kn_and_tpatcher_end_to_end(tmp_path, monkeypatch, t
 
     monkeypatch.setattr(script, "default_grid", small)
     out = tmp_path / "select"
-    argv = ["select_presets.py", "--out", str(out), "--model", str(tiny_folder), "--dataset", str(data),
-            "--n-tune", "2", "--n-report", "0", "--methods", "kn,t-patcher"]
+    argv = [
+        "select_presets.py",
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_folder),
+        "--dataset",
+        str(data),
+        "--n-tune",
+        "2",
+        "--n-report",
+        "0",
+        "--methods",
+        "kn,t-patcher",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     script.main()
     rows = [json.loads(line) for line in (out / "grid.jsonl").read_text().splitlines()]

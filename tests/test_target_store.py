@@ -29,8 +29,11 @@ def _update(lm, method, request=REQUEST, **settings):
 def _count_optimisations(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = targets._optimize_targets
-    monkeypatch.setattr(targets, "_optimize_targets",
-                        lambda lm, requests, *a, **k: calls.append(len(requests)) or original(lm, requests, *a, **k))
+    monkeypatch.setattr(
+        targets,
+        "_optimize_targets",
+        lambda lm, requests, *a, **k: calls.append(len(requests)) or original(lm, requests, *a, **k),
+    )
     return calls
 
 
@@ -81,35 +84,62 @@ def test_a_batch_serves_its_stored_requests_and_optimises_the_rest(tmp_path, mon
 
 @pytest.fixture
 def facts(tmp_path):
-    rows = [("{} is located in the city of", "the eiffel tower", "rome", "paris"),
-            ("{} is the capital of", "berlin", "spain", "germany")]
+    rows = [
+        ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
+        ("{} is the capital of", "berlin", "spain", "germany"),
+    ]
     return write_facts(tmp_path / "facts.json", rows)
 
 
 def test_bench_reuse_targets_gives_the_same_scores_and_counts_the_optimisation_time(
-        facts, tiny_folder, tmp_path, monkeypatch, kvedit_cache):
-    common = ["bench", "--model", str(tiny_folder), "--dataset", str(facts), "--stats", "self",
-              "--stats-tokens", "256", "--layers", "2"]
+    facts, tiny_folder, tmp_path, monkeypatch, kvedit_cache
+):
+    common = [
+        "bench",
+        "--model",
+        str(tiny_folder),
+        "--dataset",
+        str(facts),
+        "--stats",
+        "self",
+        "--stats-tokens",
+        "256",
+        "--layers",
+        "2",
+    ]
     assert main([*common, "--methods", "pmet-even-spread", "--out", str(tmp_path / "plain")]) == 0
     assert main([*common, "--methods", "pmet", "--batch-size", "2", "--out", str(tmp_path / "plain")]) == 0
     calls = _count_optimisations(monkeypatch)
-    assert main([*common, "--methods", "pmet,pmet-even-spread", "--reuse-targets",
-                 "--out", str(tmp_path / "reused")]) == 0
-    assert main([*common, "--methods", "pmet", "--batch-size", "2", "--reuse-targets",
-                 "--out", str(tmp_path / "reused")]) == 0
-    assert main([*common, "--methods", "pmet", "--sequential", "--reuse-targets",
-                 "--out", str(tmp_path / "reused")]) == 0
+    assert (
+        main([*common, "--methods", "pmet,pmet-even-spread", "--reuse-targets", "--out", str(tmp_path / "reused")]) == 0
+    )
+    assert (
+        main([*common, "--methods", "pmet", "--batch-size", "2", "--reuse-targets", "--out", str(tmp_path / "reused")])
+        == 0
+    )
+    assert (
+        main([*common, "--methods", "pmet", "--sequential", "--reuse-targets", "--out", str(tmp_path / "reused")]) == 0
+    )
     # pmet's two cases; its ablation and the batch of 2 (from the unedited weights) reused them; a sequential run
     # edits on top of its earlier edits, so it optimises its own
     assert calls == [1, 1, 1, 1], calls
-    plain = {(r["run"].replace("pmet-even-spread", "pmet"), r["case_id"]): r
-             for r in load_cases_file(tmp_path / "plain" / "cases.jsonl") if r["run"] != "unedited"}
+    plain = {
+        (r["run"].replace("pmet-even-spread", "pmet"), r["case_id"]): r
+        for r in load_cases_file(tmp_path / "plain" / "cases.jsonl")
+        if r["run"] != "unedited"
+    }
     records = load_cases_file(tmp_path / "reused" / "cases.jsonl")
     for record in (r for r in records if r["run"] in ("pmet-even-spread@L2", "pmet@L2 x2")):
         assert record["targets_reused_s"] > 0 and record["time_s"] > record["targets_reused_s"]
         fresh = plain[(record["run"].replace("pmet-even-spread", "pmet"), record["case_id"])]
-        for metric in ("efficacy_success", "paraphrase_success", "neighborhood_success", "efficacy_magnitude",
-                       "paraphrase_magnitude", "neighborhood_magnitude"):
+        for metric in (
+            "efficacy_success",
+            "paraphrase_success",
+            "neighborhood_success",
+            "efficacy_magnitude",
+            "paraphrase_magnitude",
+            "neighborhood_magnitude",
+        ):
             assert record[metric] == pytest.approx(fresh[metric], abs=1e-5), metric
     assert not any("targets_reused_s" in r for r in records if r["run"] == "pmet@L2")
     assert "pmet@L2 x2 (2 of 2 cases)" in (tmp_path / "reused" / "table.md").read_text()

@@ -16,11 +16,17 @@ from kvedit.models.ffn_width import ffn_width
 from kvedit.models.saving import save_model_folder
 from kvedit.models.tracing import Trace
 
-TEXT = ("the eiffel tower is located in the city of paris. the colosseum is located in the city of rome. "
-        "berlin is the capital of germany. the louvre is a famous landmark in paris.\n\n")
-REQUEST = kvedit.EditRequest("{} is located in the city of", "the eiffel tower", target_new="rome",
-                             target_true="paris", neighborhood_prompts=("the colosseum is located in the city of",
-                                                                        "the louvre is a famous landmark in"))
+TEXT = (
+    "the eiffel tower is located in the city of paris. the colosseum is located in the city of rome. "
+    "berlin is the capital of germany. the louvre is a famous landmark in paris.\n\n"
+)
+REQUEST = kvedit.EditRequest(
+    "{} is located in the city of",
+    "the eiffel tower",
+    target_new="rome",
+    target_true="paris",
+    neighborhood_prompts=("the colosseum is located in the city of", "the louvre is a famous landmark in"),
+)
 FAST = {"max_steps": 150}
 #: the statistics corpus (the `corpus` fixture in conftest writes it)
 CORPUS_TEXT = TEXT * 30

@@ -48,16 +48,22 @@ def test_positions_select_one_token_per_sequence_and_keep_gradients():
     enc = encode(lm)
     delta = torch.zeros(lm.d_model, requires_grad=True)
     positions = torch.tensor([5, 1])
-    with Trace(lm, read=[("coefficients", 2)], add={("attn_out", 1): Addition(delta, positions)},
-               positions=positions, detach=False) as tr:
+    with Trace(
+        lm,
+        read=[("coefficients", 2)],
+        add={("attn_out", 1): Addition(delta, positions)},
+        positions=positions,
+        detach=False,
+    ) as tr:
         lm.model(**enc)
     coeffs = tr["coefficients", 2]
     assert coeffs.shape == (2, 64)
     coeffs.sum().backward()
     # the same as reading every token and picking each sequence's position, values and gradient
     full_delta = torch.zeros(lm.d_model, requires_grad=True)
-    with Trace(lm, read=[("coefficients", 2)], add={("attn_out", 1): Addition(full_delta, positions)},
-               detach=False) as full:
+    with Trace(
+        lm, read=[("coefficients", 2)], add={("attn_out", 1): Addition(full_delta, positions)}, detach=False
+    ) as full:
         lm.model(**enc)
     picked = full["coefficients", 2][torch.arange(2), positions]
     torch.testing.assert_close(coeffs.detach(), picked.detach())

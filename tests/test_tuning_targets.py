@@ -23,20 +23,44 @@ from kvedit.tuning.targets import (
 # Written out by hand from each family's module names (not read from the architecture table).
 EXPECTED = {
     "gpt2": {"attn-qv": ["attn.c_attn"], "key": ["mlp.c_fc"], "keys": ["mlp.c_fc"], "values": ["mlp.c_proj"]},
-    "gptj": {"attn-qv": ["attn.q_proj", "attn.v_proj"], "key": ["mlp.fc_in"], "keys": ["mlp.fc_in"],
-             "values": ["mlp.fc_out"]},
-    "gpt_neox": {"attn-qv": ["attention.query_key_value"], "key": ["mlp.dense_h_to_4h"],
-                 "keys": ["mlp.dense_h_to_4h"], "values": ["mlp.dense_4h_to_h"]},
+    "gptj": {
+        "attn-qv": ["attn.q_proj", "attn.v_proj"],
+        "key": ["mlp.fc_in"],
+        "keys": ["mlp.fc_in"],
+        "values": ["mlp.fc_out"],
+    },
+    "gpt_neox": {
+        "attn-qv": ["attention.query_key_value"],
+        "key": ["mlp.dense_h_to_4h"],
+        "keys": ["mlp.dense_h_to_4h"],
+        "values": ["mlp.dense_4h_to_h"],
+    },
     "opt": {"attn-qv": ["self_attn.q_proj", "self_attn.v_proj"], "key": ["fc1"], "keys": ["fc1"], "values": ["fc2"]},
-    "bert": {"attn-qv": ["attention.self.query", "attention.self.value"], "key": ["intermediate.dense"],
-             "keys": ["intermediate.dense"], "values": ["output.dense"]},
+    "bert": {
+        "attn-qv": ["attention.self.query", "attention.self.value"],
+        "key": ["intermediate.dense"],
+        "keys": ["intermediate.dense"],
+        "values": ["output.dense"],
+    },
 }
-LLAMA_ROLES = {"attn-qv": ["self_attn.q_proj", "self_attn.v_proj"], "key-gate": ["mlp.gate_proj"],
-               "key-up": ["mlp.up_proj"], "keys": ["mlp.gate_proj", "mlp.up_proj"], "values": ["mlp.down_proj"]}
-EXPECTED |= {family: LLAMA_ROLES
-             for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")}
-LAYER_LISTS = {"gpt2": "transformer.h", "gptj": "transformer.h", "gpt_neox": "gpt_neox.layers",
-               "opt": "model.decoder.layers", "bert": "bert.encoder.layer"}
+LLAMA_ROLES = {
+    "attn-qv": ["self_attn.q_proj", "self_attn.v_proj"],
+    "key-gate": ["mlp.gate_proj"],
+    "key-up": ["mlp.up_proj"],
+    "keys": ["mlp.gate_proj", "mlp.up_proj"],
+    "values": ["mlp.down_proj"],
+}
+EXPECTED |= {
+    family: LLAMA_ROLES
+    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")
+}
+LAYER_LISTS = {
+    "gpt2": "transformer.h",
+    "gptj": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+    "bert": "bert.encoder.layer",
+}
 
 # LoRA r=8 parameters per layer, r × (in + out), from the tiny configs: d_model 32, d_ff 64; GPT-2/NeoX fused
 # q/k/v 32 → 96; Llama-like v_proj 32 → 16 (2 key-value heads × head dim 8).
@@ -45,8 +69,13 @@ R8_PER_LAYER = {
     "gpt_neox": {"attn-qv": 8 * (32 + 96), "keys": 8 * (32 + 64), "values": 8 * (64 + 32)},
     "gptj": {"attn-qv": 8 * (32 + 32) * 2, "keys": 8 * (32 + 64), "values": 8 * (64 + 32)},
     "opt": {"attn-qv": 8 * (32 + 32) * 2, "keys": 8 * (32 + 64), "values": 8 * (64 + 32)},
-    "llama": {"attn-qv": 8 * (32 + 32) + 8 * (32 + 16), "keys": 2 * 8 * (32 + 64), "values": 8 * (64 + 32),
-              "key-up": 8 * (32 + 64), "attn-qv+values": 8 * (32 + 32) + 8 * (32 + 16) + 8 * (64 + 32)},
+    "llama": {
+        "attn-qv": 8 * (32 + 32) + 8 * (32 + 16),
+        "keys": 2 * 8 * (32 + 64),
+        "values": 8 * (64 + 32),
+        "key-up": 8 * (32 + 64),
+        "attn-qv+values": 8 * (32 + 32) + 8 * (32 + 16) + 8 * (64 + 32),
+    },
 }
 
 _MODELS: dict[str, object] = {}
@@ -100,8 +129,9 @@ def test_trainable_count_equals_hand_count(family):
         peft_model = attach_adapter(lm, targets, rank=8)
         trainable, total = parameter_counts(peft_model)
         assert trainable == 2 * per_layer == lora_parameter_count(lm, targets, 8), spec
-        assert {n.removeprefix("base_model.model.") for n, p in peft_model.named_parameters() if p.requires_grad} \
-            == {f"{m}.lora_{ab}.default.weight" for m in targets.modules for ab in "AB"}
+        assert {n.removeprefix("base_model.model.") for n, p in peft_model.named_parameters() if p.requires_grad} == {
+            f"{m}.lora_{ab}.default.weight" for m in targets.modules for ab in "AB"
+        }
         assert sorted(adapted_modules(peft_model)) == sorted(targets.modules)
         lm.model = detach_adapter(peft_model)
     after = lm.model.state_dict()
@@ -129,14 +159,17 @@ def test_combinations_negative_layers_and_fused_attention_note():
     assert parse_targets(model("llama"), "keys").notes == ()
 
 
-@pytest.mark.parametrize("spec, layers, message", [
-    ("key-gate", None, "valid roles: attn-qv, key, keys, values"),
-    ("attn-qv+bogus", None, "no role ['bogus']"),
-    ("", None, "empty"),
-    ("values+values", None, "twice"),
-    ("values", [4], "layers 0..3"),
-    ("values", [-5], "layers 0..3"),
-])
+@pytest.mark.parametrize(
+    "spec, layers, message",
+    [
+        ("key-gate", None, "valid roles: attn-qv, key, keys, values"),
+        ("attn-qv+bogus", None, "no role ['bogus']"),
+        ("", None, "empty"),
+        ("values+values", None, "twice"),
+        ("values", [4], "layers 0..3"),
+        ("values", [-5], "layers 0..3"),
+    ],
+)
 def test_bad_targets_are_clear_errors(spec, layers, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         parse_targets(model("gpt2"), spec, layers)

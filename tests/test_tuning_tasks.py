@@ -25,16 +25,16 @@ FIXTURES = Path(__file__).parent / "fixtures" / "tuning"
 # The seed repo's prompts (REFERENCE §7), written out for the fixture records, label appended.
 SEED_TEXTS = {
     "cb": "### Premise:He ran to the station. ### Hypothesis:He moved. ### Relationship (entailment, contradiction "
-          "or neutral):entailment",
+    "or neutral):entailment",
     "boolq": "Read the Passage and answer the Question with true or false ### Question:can fish swim ### Passage: "
-             "Most fish swim using their fins. ### Answer:true",
+    "Most fish swim using their fins. ### Answer:true",
     "copa": "### Premise:My body cast a shadow over the grass. ### Choice1:The sun was rising. ### Choice2:The grass "
-            "was cut. ### Question:cause ### Choice:Choice1",
+    "was cut. ### Question:cause ### Choice:Choice1",
     "qnli": "### Premise:What came into force after the new constitution was herald? ### Hypothesis:As of that day, "
-            "the new constitution heralding the Second Republic came into force. ### Relationship (choose between "
-            "'entailment' and 'not entailment'):entailment",
+    "the new constitution heralding the Second Republic came into force. ### Relationship (choose between "
+    "'entailment' and 'not entailment'):entailment",
     "race": "Read Context and answer question ### Context:The sky is blue. A dog has four legs. ### Question:What "
-            "colour is the sky? ### Options:A.red. B.blue. C.green. D.black### Choice:B",
+    "colour is the sky? ### Options:A.red. B.blue. C.green. D.black### Choice:B",
     "20ng": "### Sentence:The new graphics card renders fast. ### Class:comp.graphics",
 }
 
@@ -67,8 +67,10 @@ def test_20ng_folder_tree(tmp_path):
         (tmp_path / "test" / group).mkdir(parents=True)
         (tmp_path / "test" / group / "1001").write_text(text)
     data = load_task(TASKS["20ng"], tmp_path, 10, 10)
-    assert {(e.prompt, e.label) for e in data.test} == {("### Sentence:New brakes. ### Class:", "rec.autos"),
-                                                        ("### Sentence:The orbit decayed. ### Class:", "sci.space")}
+    assert {(e.prompt, e.label) for e in data.test} == {
+        ("### Sentence:New brakes. ### Class:", "rec.autos"),
+        ("### Sentence:The orbit decayed. ### Class:", "sci.space"),
+    }
 
 
 def test_only_a_validation_split_is_split_with_a_fixed_seed():
@@ -82,17 +84,31 @@ def test_only_a_validation_split_is_split_with_a_fixed_seed():
 
 def test_llm_foundry_records_recover_the_seed_fields():
     boolq = read_records(FIXTURES / "boolq_foundry.jsonl")[0]
-    assert parse_boolq(boolq) == {"question": "is ice hot", "passage": "Ice is frozen water and is cold.",
-                                  "label": "false"}
+    assert parse_boolq(boolq) == {
+        "question": "is ice hot",
+        "passage": "Ice is frozen water and is cold.",
+        "label": "false",
+    }
     effect, cause = read_records(FIXTURES / "copa_foundry.jsonl")
-    assert parse_copa(effect) == {"premise": "The man turned on the faucet.", "choice1": "The toilet filled with water.",
-                                  "choice2": "Water flowed from the spout.", "question": "effect", "label": "Choice2"}
+    assert parse_copa(effect) == {
+        "premise": "The man turned on the faucet.",
+        "choice1": "The toilet filled with water.",
+        "choice2": "Water flowed from the spout.",
+        "question": "effect",
+        "label": "Choice2",
+    }
     assert parse_copa(cause)["question"] == "cause" and parse_copa(cause)["label"] == "Choice1"
 
 
 def test_user_task_from_csv():
-    data = load_user_task(FIXTURES / "user_task.csv", "### Review:{review} ### Sentiment:", "stars",
-                          parse_label_words("1=negative,5=positive"), n_train=10, n_test=2)
+    data = load_user_task(
+        FIXTURES / "user_task.csv",
+        "### Review:{review} ### Sentiment:",
+        "stars",
+        parse_label_words("1=negative,5=positive"),
+        n_train=10,
+        n_test=2,
+    )
     assert data.labels == ("negative", "positive")
     assert len(data.test) == 2 and len(data.train) == 4
     texts = {e.text for e in data.train + data.test}
@@ -130,13 +146,18 @@ def test_wrong_format_and_missing_splits(tmp_path):
 def test_alpaca_prompt_and_mmlu_round_robin(tmp_path):
     assert alpaca_prompt({"instruction": "Add 2 and 3.", "input": ""}) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n")
+        "\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n"
+    )
     assert alpaca_prompt({"instruction": "Translate.", "input": "Hallo"}).endswith(
-        "### Instruction:\nTranslate.\n\n### Input:\nHallo\n\n### Response:\n")
+        "### Instruction:\nTranslate.\n\n### Input:\nHallo\n\n### Response:\n"
+    )
     mmlu = tmp_path / "mmlu.json"
-    mmlu.write_text("\n".join(
-        f'{{"subject": "{s}", "input": "Q{i}\\nAnswer:", "output": "{"ABCD"[i % 4]}"}}'
-        for i, s in enumerate(["x", "x", "x", "y", "y", "z"])))
+    mmlu.write_text(
+        "\n".join(
+            f'{{"subject": "{s}", "input": "Q{i}\\nAnswer:", "output": "{"ABCD"[i % 4]}"}}'
+            for i, s in enumerate(["x", "x", "x", "y", "y", "z"])
+        )
+    )
     assert [it.subject for it in load_mmlu(mmlu, 4)] == ["x", "x", "y", "z"]
     assert len(load_mmlu(mmlu)) == 6
 

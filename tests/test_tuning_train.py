@@ -23,8 +23,16 @@ from kvedit.tuning.tasks import Example, TaskData
 from kvedit.tuning.tokens import encode_example
 from kvedit.tuning.train import training_sequences
 
-PROMPTS = ["the capital of france is", "rome is located in", "the language spoken in berlin is", "london is in",
-           "the eiffel tower stands in", "madrid is the capital of", "the louvre is in", "big ben is in"]
+PROMPTS = [
+    "the capital of france is",
+    "rome is located in",
+    "the language spoken in berlin is",
+    "london is in",
+    "the eiffel tower stands in",
+    "madrid is the capital of",
+    "the louvre is in",
+    "big ben is in",
+]
 LABELS = ["paris", "italy", "german", "england", "paris", "spain", "paris", "london"]
 
 
@@ -38,8 +46,14 @@ def one_thread():
 
 def toy_data() -> TuneData:
     examples = [Example("toy", f"toy:{i}", p + " :", l) for i, (p, l) in enumerate(zip(PROMPTS, LABELS))]
-    task = TaskData("toy", examples[:6], examples[6:] + examples[:2], "inline", "inline",
-                    ("paris", "italy", "german", "england", "spain", "london"))
+    task = TaskData(
+        "toy",
+        examples[:6],
+        examples[6:] + examples[:2],
+        "inline",
+        "inline",
+        ("paris", "italy", "german", "england", "spain", "london"),
+    )
     return TuneData(task.train, {"toy": task})
 
 
@@ -129,8 +143,12 @@ def test_label_scores_and_greedy_answers_match_brute_force(family):
         assert prediction.ranked == labels[max(range(3), key=lambda j: brute[j])]
         prompt = encode_example(lm.tokenizer, example.prompt, "x")
         with torch.no_grad():
-            out = lm.model.generate(torch.tensor([prompt.ids[: prompt.n_prompt]]), max_new_tokens=4, do_sample=False,
-                                    pad_token_id=lm.tokenizer.pad_token_id)
+            out = lm.model.generate(
+                torch.tensor([prompt.ids[: prompt.n_prompt]]),
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=lm.tokenizer.pad_token_id,
+            )
         new = [t for t in out[0, prompt.n_prompt :].tolist()]
         if lm.tokenizer.eos_token_id in new:
             new = new[: new.index(lm.tokenizer.eos_token_id)]
@@ -154,16 +172,26 @@ def letters_lm() -> LM:
 
     tok.backend_tokenizer.normalizer = normalizers.Lowercase()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0,
-                         eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
     return LM.wrap(LlamaForCausalLM(config), tok, name="tiny-letters")
 
 
 def test_mmlu_picks_the_highest_letter_logit_and_macro_averages():
     lm = letters_lm()
-    items = [MMLUItem(f"mmlu:{i}", s, f"question {q} answer:", "A") for i, (s, q) in
-             enumerate([("s1", "x"), ("s1", "y"), ("s2", "x y")])]
+    items = [
+        MMLUItem(f"mmlu:{i}", s, f"question {q} answer:", "A")
+        for i, (s, q) in enumerate([("s1", "x"), ("s1", "y"), ("s2", "x y")])
+    ]
     records = mmlu_predictions(lm, items, batch_size=2)
     letters = [lm.tokenizer(" " + c, add_special_tokens=False)["input_ids"][-1] for c in "ABCD"]
     for item, record in zip(items, records):

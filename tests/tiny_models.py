@@ -70,22 +70,47 @@ def _lower(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
 
 VOCAB = len(SPECIALS) + len(WORDS)
 SMALL = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=5, eos_token_id=6)
-LLAMA_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=64)
+LLAMA_SIZES = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 TINY_CONFIGS: dict[str, PretrainedConfig] = {
     "gpt2": GPT2Config(n_embd=32, n_layer=4, n_head=4, n_inner=64, n_positions=64, **SMALL),
     "gptj": GPTJConfig(n_embd=32, n_layer=4, n_head=4, n_inner=64, rotary_dim=4, n_positions=64, **SMALL),
-    "gpt_neox": GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                              max_position_embeddings=64, **SMALL),
+    "gpt_neox": GPTNeoXConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        **SMALL,
+    ),
     "llama": LlamaConfig(**LLAMA_SIZES, **SMALL),
     "mistral": MistralConfig(**LLAMA_SIZES, **SMALL),
     "qwen2": Qwen2Config(**LLAMA_SIZES, **SMALL),
     "qwen3": Qwen3Config(**LLAMA_SIZES, head_dim=8, **SMALL),
-    "opt": OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=32,
-                     max_position_embeddings=64, **SMALL),
-    "bert": BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                       max_position_embeddings=64, **SMALL),
+    "opt": OPTConfig(
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+        **SMALL,
+    ),
+    "bert": BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        **SMALL,
+    ),
     "gemma": GemmaConfig(**LLAMA_SIZES, head_dim=8, **SMALL),
     # a soft-cap near the tiny model's logits (|z| ≤ 0.3 at init): scoring must apply it as the forward does
     "gemma2": Gemma2Config(**LLAMA_SIZES, head_dim=8, sliding_window=16, final_logit_softcapping=1.0, **SMALL),

@@ -23,10 +23,17 @@ if TYPE_CHECKING:
     from .models import LM, Trace, ffn_memory, load_model, memory_coefficients
 
 _EXPORTS = {
-    "EditRequest": ".data", "RequestError": ".data",
-    "METHODS": ".editing", "WeightDelta": ".editing", "edit": ".editing",
-    "counterfact_case_metrics": ".evaluation", "summarize_counterfact": ".evaluation",
-    "LM": ".models", "Trace": ".models", "ffn_memory": ".models", "load_model": ".models",
+    "EditRequest": ".data",
+    "RequestError": ".data",
+    "METHODS": ".editing",
+    "WeightDelta": ".editing",
+    "edit": ".editing",
+    "counterfact_case_metrics": ".evaluation",
+    "summarize_counterfact": ".evaluation",
+    "LM": ".models",
+    "Trace": ".models",
+    "ffn_memory": ".models",
+    "load_model": ".models",
     "memory_coefficients": ".models",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]

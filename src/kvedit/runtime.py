@@ -37,9 +37,12 @@ def configure_threads(threads: int | None) -> None:
     user_tuned = any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
     if not user_tuned:
         if "torch" in sys.modules:
-            warnings.warn("configure_threads was called after torch was imported: OpenMP's wait policy is already "
-                          "fixed (idle threads spin); set OMP_WAIT_POLICY=PASSIVE in the environment or call it "
-                          "before importing torch", stacklevel=2)
+            warnings.warn(
+                "configure_threads was called after torch was imported: OpenMP's wait policy is already "
+                "fixed (idle threads spin); set OMP_WAIT_POLICY=PASSIVE in the environment or call it "
+                "before importing torch",
+                stacklevel=2,
+            )
         for name, value in THREAD_ENVIRONMENT.items():
             os.environ.setdefault(name, value)
     if threads is not None:

@@ -54,15 +54,29 @@ class FactTrace:
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "subject": self.subject, "answer": self.answer, "tokens": self.tokens,
-                "subject_range": list(self.subject_range), "high": self.high, "low": self.low,
-                "scores": {k: v.tolist() for k, v in self.scores.items()}}
+        return {
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "answer": self.answer,
+            "tokens": self.tokens,
+            "subject_range": list(self.subject_range),
+            "high": self.high,
+            "low": self.low,
+            "scores": {k: v.tolist() for k, v in self.scores.items()},
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "FactTrace":
-        return cls(d["prompt"], d["subject"], d["answer"], list(d["tokens"]), tuple(d["subject_range"]),
-                   float(d["high"]), float(d["low"]),
-                   {k: torch.tensor(v, dtype=torch.float64) for k, v in d["scores"].items()})
+        return cls(
+            d["prompt"],
+            d["subject"],
+            d["answer"],
+            list(d["tokens"]),
+            tuple(d["subject_range"]),
+            float(d["high"]),
+            float(d["low"]),
+            {k: torch.tensor(v, dtype=torch.float64) for k, v in d["scores"].items()},
+        )
 
 
 def subject_token_range(lm: LM, prompt: str, subject: str) -> tuple[list[int], tuple[int, int]]:
@@ -82,7 +96,9 @@ def subject_token_range(lm: LM, prompt: str, subject: str) -> tuple[list[int], t
         text = "".join(pieces)
         at = text.find(subject)
         ends = torch.tensor([len(p) for p in pieces]).cumsum(0).tolist()
-        covering = [i for i, e in enumerate(ends) if e > at and e - len(pieces[i]) < at + len(subject)] if at >= 0 else []
+        covering = (
+            [i for i, e in enumerate(ends) if e > at and e - len(pieces[i]) < at + len(subject)] if at >= 0 else []
+        )
     if not covering:
         raise ValueError(f"no token of the tokenised prompt {prompt!r} covers the subject {subject!r}")
     return list(ids), (covering[0], covering[-1] + 1)
@@ -93,8 +109,11 @@ def embedding_noise_scale(lm: LM, subjects: Sequence[str], multiplier: float = N
     subject, tokenised on its own (ROME's `collect_embedding_std`)."""
     embed = lm.model.get_input_embeddings()
     with torch.no_grad():
-        outputs = [embed(torch.tensor([lm.tokenizer(s, add_special_tokens=False)["input_ids"]], device=lm.device))
-                   for s in dict.fromkeys(subjects) if s]
+        outputs = [
+            embed(torch.tensor([lm.tokenizer(s, add_special_tokens=False)["input_ids"]], device=lm.device))
+            for s in dict.fromkeys(subjects)
+            if s
+        ]
     if not outputs:
         raise ValueError("no subjects to measure the embeddings' spread on")
     return multiplier * torch.cat([o.reshape(-1) for o in outputs]).float().std().item()
@@ -106,7 +125,7 @@ def _embedding_noise(noise: torch.Tensor, columns: tuple[int, int], repeats: int
 
     def hook(module, args, output):
         output = output.clone()
-        output[:, columns[0]:columns[1]] += noise.to(output.device, output.dtype).repeat_interleave(repeats, 0)
+        output[:, columns[0] : columns[1]] += noise.to(output.device, output.dtype).repeat_interleave(repeats, 0)
         return output
 
     return hook
@@ -166,7 +185,7 @@ class _Tracer:
         low, high = max(first, self.span[0]), min(end, self.span[1])
         if low >= high:
             return None
-        noise = self.noise[:, low - self.span[0]:high - self.span[0]]
+        noise = self.noise[:, low - self.span[0] : high - self.span[0]]
         hook = _embedding_noise(noise, (low - first, high - first), repeats)
         return self.lm.model.get_input_embeddings().register_forward_hook(hook)
 
@@ -182,8 +201,7 @@ class _Tracer:
                 handle.remove()
         return returned_cache(out)
 
-    def _probabilities(self, token: int, start: int, entry: torch.Tensor | None, cache, repeats: int
-                       ) -> torch.Tensor:
+    def _probabilities(self, token: int, start: int, entry: torch.Tensor | None, cache, repeats: int) -> torch.Tensor:
         """p(answer) `[S × repeats]` at the last token of the noisy rows (row r has noise r // repeats), running
         tokens `token`… (`cache` holding the earlier ones) through layers `start`… on `entry` `[S × repeats,
         T − token, d]` (start > 0)."""
@@ -197,19 +215,25 @@ class _Tracer:
                 cache.batch_repeat_interleave(repeats)
             positions = torch.arange(token, self.length, device=self.lm.device).expand(rows, -1)
             mask = torch.ones(rows, self.length, dtype=torch.long, device=self.lm.device)
-            extra = {"position_ids": positions, "attention_mask": mask, "use_cache": True,
-                     **cache_keyword(self.lm.model.base_model, cache)}
+            extra = {
+                "position_ids": positions,
+                "attention_mask": mask,
+                "use_cache": True,
+                **cache_keyword(self.lm.model.base_model, cache),
+            }
         try:
             with replay:
-                hidden = self.lm.model.base_model(input_ids=self.ids[:, token:].expand(rows, -1),
-                                                  **extra).last_hidden_state[:, -1]
+                hidden = self.lm.model.base_model(
+                    input_ids=self.ids[:, token:].expand(rows, -1), **extra
+                ).last_hidden_state[:, -1]
         finally:
             if handle is not None:
                 handle.remove()
         return self.lm.unembed(hidden).float().softmax(-1)[:, self.answer]
 
-    def restore(self, token: int, start: int, restorations: Sequence[tuple[str, int]], window: int, cache
-                ) -> list[float]:
+    def restore(
+        self, token: int, start: int, restorations: Sequence[tuple[str, int]], window: int, cache
+    ) -> list[float]:
         """p(answer) averaged over the noisy rows for each (kind, layer) restoration at `token`, all starting at
         layer `start`; `cache`: `prefix(token)`."""
         k, samples = len(restorations), self.samples
@@ -229,17 +253,25 @@ class _Tracer:
         replace = {}
         for site, js in groups.items():
             chosen = rows[:, js].reshape(-1)  # the restored token is the first one run: position 0
-            replace[site] = Replacement(self.clean[site][token].expand(len(chosen), -1),
-                                        torch.zeros(len(chosen), dtype=torch.long), chosen)
+            replace[site] = Replacement(
+                self.clean[site][token].expand(len(chosen), -1), torch.zeros(len(chosen), dtype=torch.long), chosen
+            )
         with Trace(self.lm, replace=replace):
             p = self._probabilities(token, start, entry, cache, k)
         return p.view(samples, k).double().mean(0).tolist()
 
 
 @torch.no_grad()
-def trace_fact(lm: LM, prompt: str, subject: str, nu: float, expected: str | None = None,
-               kinds: Sequence[str] = tuple(KIND_SITES), samples: int = SAMPLES, window: int = WINDOW,
-               ) -> FactTrace | None:
+def trace_fact(
+    lm: LM,
+    prompt: str,
+    subject: str,
+    nu: float,
+    expected: str | None = None,
+    kinds: Sequence[str] = tuple(KIND_SITES),
+    samples: int = SAMPLES,
+    window: int = WINDOW,
+) -> FactTrace | None:
     """Trace one fact. `expected`: the known answer; when given and the clean top token, decoded and stripped,
     is not it, the fact is skipped (None), as ROME skips facts the model does not predict."""
     if lm.arch.objective != "causal":
@@ -254,8 +286,9 @@ def trace_fact(lm: LM, prompt: str, subject: str, nu: float, expected: str | Non
     answer = str(lm.tokenizer.decode([tracer.answer]))
     if expected is not None and answer.strip() != expected.strip():
         return None
-    fact = FactTrace(prompt, subject, answer, [str(lm.tokenizer.decode([i])) for i in ids], span, tracer.high,
-                     tracer.low)
+    fact = FactTrace(
+        prompt, subject, answer, [str(lm.tokenizer.decode([i])) for i in ids], span, tracer.high, tracer.low
+    )
     for kind in kinds:  # tokens before the subject cannot see the noise: their p stays `low`
         fact.scores[kind] = torch.full((len(ids), lm.num_layers), tracer.low, dtype=torch.float64)
     batch = max(1, ROWS_PER_PASS // samples)
@@ -267,7 +300,7 @@ def trace_fact(lm: LM, prompt: str, subject: str, nu: float, expected: str | Non
         cache = tracer.prefix(token)
         for start, restorations in by_start.items():
             for first in range(0, len(restorations), batch):
-                chunk = restorations[first:first + batch]
+                chunk = restorations[first : first + batch]
                 for (kind, layer), p in zip(chunk, tracer.restore(token, start, chunk, window, cache)):
                     fact.scores[kind][token, layer] = p
     return fact

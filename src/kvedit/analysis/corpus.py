@@ -76,8 +76,9 @@ def token_batches(
     def flush(rows: list[tuple[int, list[int]]]) -> Iterator[tuple[TokenBatch, list[list[int]]]]:
         chunk: list[tuple[int, list[int]]] = []
         for row in sorted(rows, key=lambda r: len(r[1])):  # longest last, so len(row) is the padded width
-            if chunk and (len(chunk) == batch_size or
-                          (batch_tokens is not None and (len(chunk) + 1) * len(row[1]) > batch_tokens)):
+            if chunk and (
+                len(chunk) == batch_size or (batch_tokens is not None and (len(chunk) + 1) * len(row[1]) > batch_tokens)
+            ):
                 yield _collate(chunk, tok.pad_token_id, special), [ids for _, ids in chunk]
                 chunk = []
             chunk.append(row)

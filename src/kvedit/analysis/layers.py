@@ -60,8 +60,10 @@ def agreement(
             base1.append(_rate(pred[perm] == nxt[:, 0], valid))
             base_any.append(_rate((pred[perm][:, None] == nxt).any(1), (nxt >= 0).any(1)))
         out[layer] = {
-            "agreement": top1, "agreement_shuffled": sum(base1) / max(1, shuffles),
-            "agreement_any": any_k, "agreement_any_shuffled": sum(base_any) / max(1, shuffles),
+            "agreement": top1,
+            "agreement_shuffled": sum(base1) / max(1, shuffles),
+            "agreement_any": any_k,
+            "agreement_any_shuffled": sum(base_any) / max(1, shuffles),
             "shallow": _shallow_rate(trig),
         }
     return out
@@ -103,19 +105,26 @@ def corpus_statistics(
     relu = is_relu(lm)
     norms = {l: ffn_memory(lm, l).written.detach().float().norm(dim=1) for l in layers}  # ‖v_i‖ as written, [d_ff]
     use_norm = any(p.final_norm for p in projections.values())
-    acc = {l: dict.fromkeys(("tokens", "active", "composed", "with_active", "match", "prob", "changed"), 0.0)
-           for l in layers}
+    acc = {
+        l: dict.fromkeys(("tokens", "active", "composed", "with_active", "match", "prob", "changed"), 0.0)
+        for l in layers
+    }
     bar = tqdm(total=max_tokens, unit="tok", desc="layer statistics", disable=not progress)
     for batch, _ in token_batches(lm, source, max_tokens, max_length, batch_size, seed=seed):
         reads = [(kind, l) for l in layers for kind in ("residual", "ffn_write", "coefficients")]
         with Trace(lm, read=reads) as tr:
-            logits = lm.model(input_ids=batch.input_ids.to(lm.device),
-                              attention_mask=batch.attention_mask.to(lm.device)).logits
+            logits = lm.model(
+                input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device)
+            ).logits
         sel = batch.counted.to(lm.device)
         final = logits[sel].argmax(-1)  # the model's own prediction at each counted token, [N]
         for layer in layers:
             a = acc[layer]
-            resid, ffn, m = tr["residual", layer][sel], tr["ffn_write", layer][sel], tr["coefficients", layer][sel].float()
+            resid, ffn, m = (
+                tr["residual", layer][sel],
+                tr["ffn_write", layer][sel],
+                tr["coefficients", layer][sel].float(),
+            )
             lens = logit_lens(lm, resid)
             top = lens.argmax(-1)
             a["match"] += float((top == final).sum())
@@ -141,9 +150,11 @@ def corpus_statistics(
         d_ff = norms[layer].shape[0]
         out[layer] = {
             "tokens": int(a["tokens"]),
-            "active_mean": a["active"] / n, "active_fraction": a["active"] / n / d_ff,
+            "active_mean": a["active"] / n,
+            "active_fraction": a["active"] / n / d_ff,
             "composition": a["composed"] / max(a["with_active"], 1),
-            "lens_top_is_final": a["match"] / n, "lens_prob_final": a["prob"] / n,
+            "lens_top_is_final": a["match"] / n,
+            "lens_prob_final": a["prob"] / n,
             "ffn_changed_top": float("nan") if lm.arch.post_norm else a["changed"] / n,
         }
     return out

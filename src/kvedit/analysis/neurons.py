@@ -56,8 +56,14 @@ def _answer_token(lm: LM, answer: str) -> int:
     return ids[0]
 
 
-def attributions(lm: LM, prompt: str, answer: str, steps: int = STEPS,
-                 layers: Sequence[int] | None = None, on_layer: Callable[[], None] | None = None) -> torch.Tensor:
+def attributions(
+    lm: LM,
+    prompt: str,
+    answer: str,
+    steps: int = STEPS,
+    layers: Sequence[int] | None = None,
+    on_layer: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """Integrated-gradient attributions `[layers, d_ff]` (float32) of P(answer's first token) to every memory
     coefficient at the prompt's last token; rows follow `layers` (default: all). `on_layer` is called after each
     layer (progress)."""
@@ -104,8 +110,15 @@ def coarse_neurons(scores: torch.Tensor, layers: Sequence[int], threshold: float
     return [(layers[r], int(c)) for r, c in zip(rows.tolist(), cols.tolist())]
 
 
-def fact_neurons(lm: LM, prompts: Sequence[str], answer: str, steps: int = STEPS, threshold: float = THRESHOLD,
-                 bag_ratio: float = BAG_RATIO, progress: bool = False) -> FactNeurons:
+def fact_neurons(
+    lm: LM,
+    prompts: Sequence[str],
+    answer: str,
+    steps: int = STEPS,
+    threshold: float = THRESHOLD,
+    bag_ratio: float = BAG_RATIO,
+    progress: bool = False,
+) -> FactNeurons:
     """The knowledge neurons of one fact asked by several `prompts` (see the module's rule); `progress` shows a bar
     over prompts × layers."""
     if not prompts:

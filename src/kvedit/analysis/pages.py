@@ -29,7 +29,7 @@ def split_prefix(lm: LM, example: TriggerExample) -> MarkedPrefix:
     tok = lm.tokenizer
     head = str(tok.decode(list(example.ids[:-1]), skip_special_tokens=True))
     full = str(tok.decode(list(example.ids), skip_special_tokens=True))
-    rest = full[len(head):] if full.startswith(head) else str(tok.decode([example.ids[-1]]))
+    rest = full[len(head) :] if full.startswith(head) else str(tok.decode([example.ids[-1]]))
     lead = rest[: len(rest) - len(rest.lstrip())]
     return MarkedPrefix((head + lead).lstrip(), rest.strip() or repr(rest))
 
@@ -83,10 +83,19 @@ def write_trigger_jsonl(lm: LM, triggers: TriggerSet, out: str | Path, examples:
         path = folder / f"layer-{layer:02d}.jsonl"
         with path.open("w") as f:
             for key in range(len(coef)):
-                rows = [{"coefficient": round(c, 5), "sequence": s, "position": p, "token": strings[t],
-                         "next": strings[x] if x >= 0 else None}
-                        for c, s, p, t, x, code in zip(coef[key], seq[key], pos[key], trig[key], nxt[key], codes[key].tolist())
-                        if code >= 0]
+                rows = [
+                    {
+                        "coefficient": round(c, 5),
+                        "sequence": s,
+                        "position": p,
+                        "token": strings[t],
+                        "next": strings[x] if x >= 0 else None,
+                    }
+                    for c, s, p, t, x, code in zip(
+                        coef[key], seq[key], pos[key], trig[key], nxt[key], codes[key].tolist()
+                    )
+                    if code >= 0
+                ]
                 f.write(json.dumps({"layer": layer, "key": key, "examples": rows}) + "\n")
         paths.append(path)
     return paths
@@ -111,11 +120,23 @@ a{color:#0b5cad}
 
 def _html_page(title: str, body: list[str]) -> str:
     """A whole self-contained HTML document (inline CSS, no scripts, no external files)."""
-    return "\n".join([
-        "<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">', f"<title>{html.escape(title)}</title>",
-        f"<style>\n{_CSS}\n</style>", "</head>", "<body>", *body, "</body>", "</html>", "",
-    ])
+    return "\n".join(
+        [
+            "<!doctype html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{html.escape(title)}</title>",
+            f"<style>\n{_CSS}\n</style>",
+            "</head>",
+            "<body>",
+            *body,
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
 
 
 def _codes(tokens: Sequence[str]) -> str:
@@ -124,8 +145,10 @@ def _codes(tokens: Sequence[str]) -> str:
 
 def _summary(triggers: TriggerSet) -> str:
     rank = "the signed coefficient" if triggers.meta.get("rank") == "value" else "|coefficient|"
-    return (f"{triggers.meta.get('coefficient', '')}; ranked by {rank}; {triggers.meta.get('tokens')} tokens of "
-            f"{triggers.meta.get('source')}.")
+    return (
+        f"{triggers.meta.get('coefficient', '')}; ranked by {rank}; {triggers.meta.get('tokens')} tokens of "
+        f"{triggers.meta.get('source')}."
+    )
 
 
 @dataclass(frozen=True)
@@ -152,12 +175,17 @@ def key_markdown(lm: LM, triggers: TriggerSet, page: KeyPage) -> str:
     """One key's page as Markdown: trigger token in bold, corpus text escaped for a table cell."""
     lines = [f"# {page.heading}", "", triggers.meta.get("coefficient", ""), ""]
     if page.values:
-        lines += [f"Value tokens (+v): {', '.join(_md_token(t) for t in page.values[0])}",
-                  f"Value tokens (−v): {', '.join(_md_token(t) for t in page.values[1])}", ""]
+        lines += [
+            f"Value tokens (+v): {', '.join(_md_token(t) for t in page.values[0])}",
+            f"Value tokens (−v): {', '.join(_md_token(t) for t in page.values[1])}",
+            "",
+        ]
     lines += ["| # | coefficient | prefix (trigger token in bold) | next token |", "|---:|---:|---|---|"]
     for rank, (ex, nxt) in enumerate(zip(page.examples, page.next_tokens), 1):
-        lines.append(f"| {rank} | {ex.coefficient:.3f} | {marked_prefix(lm, ex)} | "
-                     f"{_md_token(nxt) if nxt is not None else '(end)'} |")
+        lines.append(
+            f"| {rank} | {ex.coefficient:.3f} | {marked_prefix(lm, ex)} | "
+            f"{_md_token(nxt) if nxt is not None else '(end)'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -165,18 +193,29 @@ def key_html(lm: LM, triggers: TriggerSet, page: KeyPage) -> str:
     """One key's page as a self-contained HTML document: trigger token in `<mark>`, a bar per coefficient
     (scaled to the page's largest |coefficient|), every corpus string escaped."""
     scale = max((abs(ex.coefficient) for ex in page.examples), default=0.0) or 1.0
-    body = ['<p><a href="../keys.html">← all keys</a></p>', f"<h1>{html.escape(page.heading)}</h1>",
-            f'<p class="note">{html.escape(_summary(triggers))}</p>']
+    body = [
+        '<p><a href="../keys.html">← all keys</a></p>',
+        f"<h1>{html.escape(page.heading)}</h1>",
+        f'<p class="note">{html.escape(_summary(triggers))}</p>',
+    ]
     if page.values:
-        body += [f"<p>Value tokens (+v): {_codes(page.values[0])}</p>",
-                 f"<p>Value tokens (−v): {_codes(page.values[1])}</p>"]
-    body += ["<table>", "<thead><tr><th>#</th><th>coefficient</th><th></th><th>prefix (trigger token marked)</th>"
-             "<th>next token</th></tr></thead>", "<tbody>"]
+        body += [
+            f"<p>Value tokens (+v): {_codes(page.values[0])}</p>",
+            f"<p>Value tokens (−v): {_codes(page.values[1])}</p>",
+        ]
+    body += [
+        "<table>",
+        "<thead><tr><th>#</th><th>coefficient</th><th></th><th>prefix (trigger token marked)</th>"
+        "<th>next token</th></tr></thead>",
+        "<tbody>",
+    ]
     for rank, (ex, nxt) in enumerate(zip(page.examples, page.next_tokens), 1):
         sign = ' class="neg"' if ex.coefficient < 0 else ""
-        body.append(f'<tr><td class="num">{rank}</td><td class="num">{ex.coefficient:.3f}</td>'
-                    f'<td class="bar"><span{sign} style="width:{100 * abs(ex.coefficient) / scale:.0f}%"></span></td>'
-                    f"<td>{marked_prefix_html(lm, ex)}</td><td>{_codes([nxt]) if nxt is not None else '(end)'}</td></tr>")
+        body.append(
+            f'<tr><td class="num">{rank}</td><td class="num">{ex.coefficient:.3f}</td>'
+            f'<td class="bar"><span{sign} style="width:{100 * abs(ex.coefficient) / scale:.0f}%"></span></td>'
+            f"<td>{marked_prefix_html(lm, ex)}</td><td>{_codes([nxt]) if nxt is not None else '(end)'}</td></tr>"
+        )
     if not page.examples:
         body.append('<tr><td colspan="5">no examples (the corpus never reached this memory)</td></tr>')
     body += ["</tbody>", "</table>"]
@@ -206,20 +245,35 @@ def write_key_pages(
         values = None
         if projections and layer in projections:
             proj = projections[layer]
-            values = ([strings[t] for t in proj.top_ids[key].tolist()], [strings[t] for t in proj.bottom_ids[key].tolist()])
-        page = KeyPage(layer, key, found, [strings[ex.next_id] if ex.next_id is not None else None for ex in found],
-                       values)
+            values = (
+                [strings[t] for t in proj.top_ids[key].tolist()],
+                [strings[t] for t in proj.bottom_ids[key].tolist()],
+            )
+        page = KeyPage(
+            layer, key, found, [strings[ex.next_id] if ex.next_id is not None else None for ex in found], values
+        )
         (folder / f"{page.name}.md").write_text(key_markdown(lm, triggers, page))
         (folder / f"{page.name}.html").write_text(key_html(lm, triggers, page))
         paths += [folder / f"{page.name}.md", folder / f"{page.name}.html"]
-        md_index.append(f"- [layer {layer}, memory {key}](keys/{page.name}.md): "
-                        + " · ".join(marked_prefix(lm, ex, 60) for ex in found[:3]))
-        html_rows.append(f'<tr><td class="num">{layer}</td><td class="num"><a href="keys/{page.name}.html">{key}</a></td>'
-                         f"<td>{' · '.join(marked_prefix_html(lm, ex, 60) for ex in found[:3])}</td>"
-                         f"<td>{_codes(values[0][:5]) if values else ''}</td></tr>")
+        md_index.append(
+            f"- [layer {layer}, memory {key}](keys/{page.name}.md): "
+            + " · ".join(marked_prefix(lm, ex, 60) for ex in found[:3])
+        )
+        html_rows.append(
+            f'<tr><td class="num">{layer}</td><td class="num"><a href="keys/{page.name}.html">{key}</a></td>'
+            f"<td>{' · '.join(marked_prefix_html(lm, ex, 60) for ex in found[:3])}</td>"
+            f"<td>{_codes(values[0][:5]) if values else ''}</td></tr>"
+        )
     (out / "keys.md").write_text("\n".join(md_index) + "\n")
-    index = [f"<h1>{html.escape(title)}</h1>", f'<p class="note">{html.escape(_summary(triggers))}</p>',
-             "<table>", "<thead><tr><th>layer</th><th>memory</th><th>top trigger examples</th>"
-             "<th>value's top tokens</th></tr></thead>", "<tbody>", *html_rows, "</tbody>", "</table>"]
+    index = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="note">{html.escape(_summary(triggers))}</p>',
+        "<table>",
+        "<thead><tr><th>layer</th><th>memory</th><th>top trigger examples</th><th>value's top tokens</th></tr></thead>",
+        "<tbody>",
+        *html_rows,
+        "</tbody>",
+        "</table>",
+    ]
     (out / "keys.html").write_text(_html_page(title, index))
     return [*paths, out / "keys.md", out / "keys.html"]

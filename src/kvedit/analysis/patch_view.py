@@ -47,8 +47,9 @@ def changed_memories(lm: LM, delta: WeightDelta) -> dict[int, dict[str, list[int
     return out
 
 
-def _last_token_coefficients(lm: LM, prompts: Sequence[str], layers: Sequence[int],
-                             ends: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+def _last_token_coefficients(
+    lm: LM, prompts: Sequence[str], layers: Sequence[int], ends: Sequence[int] | None = None
+) -> dict[int, torch.Tensor]:
     """{layer: `[P, d_ff]`} coefficients at each prompt's last token, or at the token that ends character
     `ends[i]` of prompt i (e.g. the subject's last token)."""
     enc = lm.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="right").to(lm.device)
@@ -70,8 +71,16 @@ def _movement(before: torch.Tensor, after: torch.Tensor, changed: set[int], top:
     on_changed = float(move[sorted(changed)].sum()) if changed else 0.0
     return {
         "mean_abs_change": float(move.mean()),
-        "top": [{"key": k, "mean_abs_change": float(move[k]), "before": float(before[:, k].mean()),
-                 "after": float(after[:, k].mean()), "weights_changed": k in changed} for k in best],
+        "top": [
+            {
+                "key": k,
+                "mean_abs_change": float(move[k]),
+                "before": float(before[:, k].mean()),
+                "after": float(after[:, k].mean()),
+                "weights_changed": k in changed,
+            }
+            for k in best
+        ],
         "share_on_changed_memories": on_changed / total if total > 0 else float("nan"),
     }
 
@@ -93,13 +102,23 @@ def patch_report(
     neighborhood = list(neighborhood) or [p for r in requests for p in r.get("neighborhood_prompts", ())]
     changed = changed_memories(lm, delta)
     if not changed:
-        raise ValueError("the patch changes no FFN key or value weights of this model; nothing to read as memories "
-                         f"(it changes {delta.names})")
+        raise ValueError(
+            "the patch changes no FFN key or value weights of this model; nothing to read as memories "
+            f"(it changes {delta.names})"
+        )
     layers = sorted(changed)
     other = [n for n in delta.names if n not in parameter_roles(lm, delta.names)]
-    report: dict[str, Any] = {"method": delta.metadata.get("method"), "prompts": prompts,
-                              "neighborhood": neighborhood, "other_parameters": other, "layers": {}}
-    sets: dict[str, tuple[list[str], list[int] | None]] = {"prompts": (prompts, None), "neighborhood": (neighborhood, None)}
+    report: dict[str, Any] = {
+        "method": delta.metadata.get("method"),
+        "prompts": prompts,
+        "neighborhood": neighborhood,
+        "other_parameters": other,
+        "layers": {},
+    }
+    sets: dict[str, tuple[list[str], list[int] | None]] = {
+        "prompts": (prompts, None),
+        "neighborhood": (neighborhood, None),
+    }
     subjects = [r["subject"] for r in requests if r.get("subject")]
     ends = [next((p.find(s) + len(s) for s in subjects if s in p), None) for p in prompts]
     if any(e is not None for e in ends):  # the subject's last token in the edit prompts
@@ -113,20 +132,31 @@ def patch_report(
     strings = token_strings(lm)
     for layer in layers:
         roles = changed[layer]
-        entry: dict[str, Any] = {"changed": {role: {"count": len(rows), "memories": rows[:200]}
-                                             for role, rows in roles.items()}}
+        entry: dict[str, Any] = {
+            "changed": {role: {"count": len(rows), "memories": rows[:200]} for role, rows in roles.items()}
+        }
         key_rows = sorted({r for role, rows in roles.items() if role.startswith("key:") for r in rows})
         if key_rows or "values" not in roles:
-            entry["coefficients"] = {name: _movement(before[name][layer], after[name][layer], set(key_rows), top)
-                                     for name in before}
+            entry["coefficients"] = {
+                name: _movement(before[name][layer], after[name][layer], set(key_rows), top) for name in before
+            }
             if "prompts" in entry["coefficients"] and "neighborhood" in entry["coefficients"]:
                 p, n = entry["coefficients"]["prompts"], entry["coefficients"]["neighborhood"]
                 entry["locality_ratio"] = n["mean_abs_change"] / p["mean_abs_change"] if p["mean_abs_change"] else None
                 tp, tn = {t["key"] for t in p["top"]}, {t["key"] for t in n["top"]}
                 entry["top_overlap"] = len(tp & tn) / len(tp | tn) if tp | tn else None
         if "values" in roles:
-            entry["values"] = _value_changes(lm, delta, layer, roles["values"], before.get("prompts", {}).get(layer),
-                                             strings, top, top_tokens, apply_final_norm)
+            entry["values"] = _value_changes(
+                lm,
+                delta,
+                layer,
+                roles["values"],
+                before.get("prompts", {}).get(layer),
+                strings,
+                top,
+                top_tokens,
+                apply_final_norm,
+            )
         report["layers"][layer] = entry
     return report
 
@@ -146,14 +176,27 @@ def _value_changes(lm, delta, layer, rows, prompt_coefficients, strings, top, to
     out: dict[str, Any] = {"relative_change": float(change.norm() / v_before.norm()), "top": []}
     if best:
         tb, ta, td = tokens(v_before[best]), tokens(v_after[best]), tokens(v_after[best] - v_before[best])
-        out["top"] = [{"key": k, "norm_change": float(change[k]), "norm_before": float(v_before[k].norm()),
-                       "tokens_before": tb[i], "tokens_after": ta[i], "tokens_of_change": td[i]}
-                      for i, k in enumerate(best)]
+        out["top"] = [
+            {
+                "key": k,
+                "norm_change": float(change[k]),
+                "norm_before": float(v_before[k].norm()),
+                "tokens_before": tb[i],
+                "tokens_after": ta[i],
+                "tokens_of_change": td[i],
+            }
+            for i, k in enumerate(best)
+        ]
     if prompt_coefficients is not None:  # which memories carry the edit on the edit prompts: |m_i|·‖Δv_i‖
         carry = (prompt_coefficients.abs().mean(0) * change).cpu()
-        out["carriers_on_prompts"] = [{"key": k, "mean_abs_coefficient": float(prompt_coefficients[:, k].abs().mean()),
-                                       "contribution_change": float(carry[k])}
-                                      for k in carry.topk(min(top, carry.shape[0])).indices.tolist()]
+        out["carriers_on_prompts"] = [
+            {
+                "key": k,
+                "mean_abs_coefficient": float(prompt_coefficients[:, k].abs().mean()),
+                "contribution_change": float(carry[k]),
+            }
+            for k in carry.topk(min(top, carry.shape[0])).indices.tolist()
+        ]
     return out
 
 
@@ -161,37 +204,69 @@ def patch_markdown(report: dict[str, Any]) -> str:
     """The patch report as a readable Markdown page."""
     from .vocab import show
 
-    lines = [f"# What the patch changed ({report.get('method') or 'unknown method'})", "",
-             f"Edit prompts: {', '.join(repr(p) for p in report['prompts']) or '–'}",
-             f"Neighbourhood prompts: {len(report['neighborhood'])}", ""]
+    lines = [
+        f"# What the patch changed ({report.get('method') or 'unknown method'})",
+        "",
+        f"Edit prompts: {', '.join(repr(p) for p in report['prompts']) or '–'}",
+        f"Neighbourhood prompts: {len(report['neighborhood'])}",
+        "",
+    ]
     if report["other_parameters"]:
         lines += [f"Other parameters changed (not FFN keys/values): {', '.join(report['other_parameters'])}", ""]
     for layer, entry in report["layers"].items():
         lines.append(f"## Layer {layer}")
         lines.append("")
         for role, info in entry["changed"].items():
-            lines.append(f"- {role}: {info['count']} memories changed"
-                         + (f" ({', '.join(map(str, info['memories'][:20]))}{', …' if info['count'] > 20 else ''})"
-                            if info["count"] else ""))
+            lines.append(
+                f"- {role}: {info['count']} memories changed"
+                + (
+                    f" ({', '.join(map(str, info['memories'][:20]))}{', …' if info['count'] > 20 else ''})"
+                    if info["count"]
+                    else ""
+                )
+            )
         if "locality_ratio" in entry:
-            lines.append(f"- mean |Δm| on neighbourhood prompts / on edit prompts: {entry['locality_ratio']:.3f}; "
-                         f"overlap (Jaccard) of the most-moved memories: {entry['top_overlap']:.2f}")
+            lines.append(
+                f"- mean |Δm| on neighbourhood prompts / on edit prompts: {entry['locality_ratio']:.3f}; "
+                f"overlap (Jaccard) of the most-moved memories: {entry['top_overlap']:.2f}"
+            )
         for name, move in entry.get("coefficients", {}).items():
-            where = "the subject's last token in the edit prompts" if name == "subject" else f"the last token of the {name}"
-            lines += ["", f"Coefficients at {where} (mean |Δm| {move['mean_abs_change']:.4f}; "
-                      f"{100 * move['share_on_changed_memories']:.1f} % of the movement on memories whose keys changed):",
-                      "", "| memory | mean \\|Δm\\| | m before | m after | key changed |", "|---:|---:|---:|---:|---|"]
-            lines += [f"| {t['key']} | {t['mean_abs_change']:.4f} | {t['before']:.4f} | {t['after']:.4f} | "
-                      f"{'yes' if t['weights_changed'] else 'no'} |" for t in move["top"]]
+            where = (
+                "the subject's last token in the edit prompts" if name == "subject" else f"the last token of the {name}"
+            )
+            lines += [
+                "",
+                f"Coefficients at {where} (mean |Δm| {move['mean_abs_change']:.4f}; "
+                f"{100 * move['share_on_changed_memories']:.1f} % of the movement on memories whose keys changed):",
+                "",
+                "| memory | mean \\|Δm\\| | m before | m after | key changed |",
+                "|---:|---:|---:|---:|---|",
+            ]
+            lines += [
+                f"| {t['key']} | {t['mean_abs_change']:.4f} | {t['before']:.4f} | {t['after']:.4f} | "
+                f"{'yes' if t['weights_changed'] else 'no'} |"
+                for t in move["top"]
+            ]
         if "values" in entry:
             val = entry["values"]
-            lines += ["", f"Values: ‖ΔV‖/‖V‖ = {val['relative_change']:.4g}", "",
-                      "| memory | ‖Δv‖ | ‖v‖ | tokens before | tokens after | tokens of Δv |", "|---:|---:|---:|---|---|---|"]
-            lines += [f"| {t['key']} | {t['norm_change']:.4f} | {t['norm_before']:.3f} | "
-                      f"{', '.join(map(show, t['tokens_before']))} | {', '.join(map(show, t['tokens_after']))} | "
-                      f"{', '.join(map(show, t['tokens_of_change']))} |" for t in val["top"]]
+            lines += [
+                "",
+                f"Values: ‖ΔV‖/‖V‖ = {val['relative_change']:.4g}",
+                "",
+                "| memory | ‖Δv‖ | ‖v‖ | tokens before | tokens after | tokens of Δv |",
+                "|---:|---:|---:|---|---|---|",
+            ]
+            lines += [
+                f"| {t['key']} | {t['norm_change']:.4f} | {t['norm_before']:.3f} | "
+                f"{', '.join(map(show, t['tokens_before']))} | {', '.join(map(show, t['tokens_after']))} | "
+                f"{', '.join(map(show, t['tokens_of_change']))} |"
+                for t in val["top"]
+            ]
             if "carriers_on_prompts" in val:
-                lines += ["", "Memories carrying the edit on the edit prompts (mean |m| · ‖Δv‖): "
-                          + ", ".join(f"{c['key']} ({c['contribution_change']:.3g})" for c in val["carriers_on_prompts"])]
+                lines += [
+                    "",
+                    "Memories carrying the edit on the edit prompts (mean |m| · ‖Δv‖): "
+                    + ", ".join(f"{c['key']} ({c['contribution_change']:.3g})" for c in val["carriers_on_prompts"]),
+                ]
         lines.append("")
     return "\n".join(lines) + "\n"

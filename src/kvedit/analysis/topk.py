@@ -44,13 +44,16 @@ class RunningTopK:
     def d(self) -> int:
         return self.scores.shape[0]
 
-    def update(self, coefficients: torch.Tensor, codes: torch.Tensor, rank: Rank = "value",
-               valid: torch.Tensor | None = None) -> None:
+    def update(
+        self, coefficients: torch.Tensor, codes: torch.Tensor, rank: Rank = "value", valid: torch.Tensor | None = None
+    ) -> None:
         """Merge a batch: `coefficients` `[N, d]` (any float dtype) at the places `codes` `[N]` (0 ≤ code < 2³²
         − 1); rows where `valid` `[N]` (bool) is False (padding, special tokens) are skipped."""
         if coefficients.dim() != 2 or coefficients.shape[1] != self.d or codes.shape != coefficients.shape[:1]:
-            raise ValueError(f"expected coefficients [N, {self.d}] and codes [N]; got {tuple(coefficients.shape)} "
-                             f"and {tuple(codes.shape)}")
+            raise ValueError(
+                f"expected coefficients [N, {self.d}] and codes [N]; got {tuple(coefficients.shape)} "
+                f"and {tuple(codes.shape)}"
+            )
         if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) <= 2**32 - 2:
             raise ValueError(f"codes must lie in 0..2^32-2, got {int(codes.min())}..{int(codes.max())}")
         coefficients = coefficients.float()
@@ -70,8 +73,11 @@ class RunningTopK:
         width = int(counts.max())
         new_scores = scores.new_full((self.d, width), float("-inf")).index_put_((mem, slot), scores[rows, mem])
         new_codes = codes.new_full((self.d, width), -1).index_put_((mem, slot), codes[rows])
-        new_coefs = new_scores if rank == "value" else coefficients.new_zeros((self.d, width)).index_put_(
-            (mem, slot), coefficients[rows, mem])
+        new_coefs = (
+            new_scores
+            if rank == "value"
+            else coefficients.new_zeros((self.d, width)).index_put_((mem, slot), coefficients[rows, mem])
+        )
         self._merge(new_scores, new_coefs, new_codes)
 
     def _threshold(self, scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

@@ -127,8 +127,10 @@ class TriggerSet:
     def load(cls, folder: str | Path) -> "TriggerSet":
         path = Path(folder) / TRIGGERS_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{folder} holds no mined triggers ({TRIGGERS_FILE}); run `kvedit analyze "
-                                    f"triggers --out {folder}` first")
+            raise FileNotFoundError(
+                f"{folder} holds no mined triggers ({TRIGGERS_FILE}); run `kvedit analyze "
+                f"triggers --out {folder}` first"
+            )
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             if header.get("format") != "kvedit-triggers":
@@ -140,8 +142,14 @@ class TriggerSet:
             sequences[seq] = tuple(tokens[start : start + length])
             start += length
         layers = [int(l) for l in meta["layers"]]
-        return cls(layers, {l: t[f"coefficients.{l}"] for l in layers}, {l: t[f"codes.{l}"] for l in layers},
-                   sequences, int(meta["stride"]), meta)
+        return cls(
+            layers,
+            {l: t[f"coefficients.{l}"] for l in layers},
+            {l: t[f"codes.{l}"] for l in layers},
+            sequences,
+            int(meta["stride"]),
+            meta,
+        )
 
 
 class _StopForward(Exception):
@@ -159,8 +167,9 @@ class TriggerMiner:
     coefficients are ranked and stored in float32.
     """
 
-    def __init__(self, lm: LM, layers: Sequence[int] | None = None, k: int = 50, rank: Rank = "value",
-                 stride: int = 64) -> None:
+    def __init__(
+        self, lm: LM, layers: Sequence[int] | None = None, k: int = 50, rank: Rank = "value", stride: int = 64
+    ) -> None:
         self.layers = sorted({lm.check_layer(l) for l in (range(lm.num_layers) if layers is None else layers)})
         if not self.layers:
             raise ValueError("layers is empty; give at least one layer")
@@ -177,8 +186,9 @@ class TriggerMiner:
         self._prune_at = 4096
         self._extra = {"use_cache": False} if "use_cache" in signature(lm.model.forward).parameters else {}
 
-    def _hook(self, layer: int, codes: torch.Tensor, valid: torch.Tensor, module: torch.nn.Module,
-              args: tuple[Any, ...]) -> None:
+    def _hook(
+        self, layer: int, codes: torch.Tensor, valid: torch.Tensor, module: torch.nn.Module, args: tuple[Any, ...]
+    ) -> None:
         coefficients = args[0].float()
         self.tops[layer].update(coefficients.reshape(-1, coefficients.shape[-1]), codes, self.rank, valid)
         if layer == self.layers[-1]:
@@ -193,11 +203,14 @@ class TriggerMiner:
         positions = torch.arange(batch.input_ids.shape[1])
         codes = (batch.sequence_ids[:, None] * self.stride + positions).reshape(-1).to(device)
         valid = batch.counted.reshape(-1).to(device)
-        handles = [self.view.module(self.view.values_path(l)).register_forward_pre_hook(
-            partial(self._hook, l, codes, valid)) for l in self.layers]
+        handles = [
+            self.view.module(self.view.values_path(l)).register_forward_pre_hook(partial(self._hook, l, codes, valid))
+            for l in self.layers
+        ]
         try:
-            self.view.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                          **self._extra)
+            self.view.model(
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), **self._extra
+            )
         except _StopForward:
             pass
         finally:
@@ -211,12 +224,24 @@ class TriggerMiner:
 
     def result(self, meta: dict[str, Any] | None = None) -> TriggerSet:
         """The mined triggers so far (tensors on the CPU), with `meta` added to the settings."""
-        meta = {"model": self.lm.name, "model_fingerprint": self.lm.base_fingerprint, "tokens": self.tokens,
-                "k": self.k, "rank": self.rank, "max_length": self.stride, "coefficient": coefficient_note(self.lm),
-                "compute_dtype": self.lm.compute_dtype} | (meta or {})
-        return TriggerSet(self.layers, {l: self.tops[l].coefficients.cpu() for l in self.layers},
-                          {l: self.tops[l].codes.cpu() for l in self.layers},
-                          _referenced(self.sequences, self.tops, self.stride), self.stride, meta)
+        meta = {
+            "model": self.lm.name,
+            "model_fingerprint": self.lm.base_fingerprint,
+            "tokens": self.tokens,
+            "k": self.k,
+            "rank": self.rank,
+            "max_length": self.stride,
+            "coefficient": coefficient_note(self.lm),
+            "compute_dtype": self.lm.compute_dtype,
+        } | (meta or {})
+        return TriggerSet(
+            self.layers,
+            {l: self.tops[l].coefficients.cpu() for l in self.layers},
+            {l: self.tops[l].codes.cpu() for l in self.layers},
+            _referenced(self.sequences, self.tops, self.stride),
+            self.stride,
+            meta,
+        )
 
 
 def mine_triggers(
@@ -244,11 +269,17 @@ def mine_triggers(
     limit = getattr(lm.model.config, "max_position_embeddings", None)
     max_length = min(max_length, limit) if limit else max_length
     miner = TriggerMiner(lm, layers, k, rank, max_length)
-    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"mining triggers ({len(miner.layers)} layers)",
-               disable=not progress)
+    bar = tqdm(
+        total=max_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=f"mining triggers ({len(miner.layers)} layers)",
+        disable=not progress,
+    )
     with bar:
-        for batch, ids in token_batches(lm, source, max_tokens, max_length, batch_size, seed=seed,
-                                        batch_tokens=batch_tokens):
+        for batch, ids in token_batches(
+            lm, source, max_tokens, max_length, batch_size, seed=seed, batch_tokens=batch_tokens
+        ):
             miner.add(batch, ids)
             bar.update(batch.num_tokens)
     if not miner.sequences:
@@ -280,6 +311,8 @@ def load_or_mine(folder: str | Path, lm: LM, layers: Sequence[int] | None = None
 def check_for_model(triggers: TriggerSet, lm: LM, folder: str | Path) -> None:
     """Refuse triggers mined on another model (their coefficients would mean nothing here)."""
     if triggers.meta.get("model_fingerprint") != lm.base_fingerprint:
-        raise ValueError(f"the triggers in {folder} were mined on {triggers.meta.get('model')!r} (fingerprint "
-                         f"{triggers.meta.get('model_fingerprint')}), not on this model ({lm.name}, fingerprint "
-                         f"{lm.base_fingerprint}); mine again into another folder")
+        raise ValueError(
+            f"the triggers in {folder} were mined on {triggers.meta.get('model')!r} (fingerprint "
+            f"{triggers.meta.get('model_fingerprint')}), not on this model ({lm.name}, fingerprint "
+            f"{lm.base_fingerprint}); mine again into another folder"
+        )

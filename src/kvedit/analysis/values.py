@@ -52,8 +52,14 @@ def value_projection(
         # -v: with a final norm, norm(-v) is not -norm(v) when the norm has a bias, so project it
         neg = project(lm, -v, apply_final_norm) if apply_final_norm else -scores
         bottoms.append(neg.topk(k, dim=-1).indices)
-    return ValueProjection(lm.check_layer(layer), apply_final_norm, torch.cat(tops).cpu(), torch.cat(logits).cpu(),
-                           torch.cat(probs).cpu(), torch.cat(bottoms).cpu())
+    return ValueProjection(
+        lm.check_layer(layer),
+        apply_final_norm,
+        torch.cat(tops).cpu(),
+        torch.cat(logits).cpu(),
+        torch.cat(probs).cpu(),
+        torch.cat(bottoms).cpu(),
+    )
 
 
 def value_projections(
@@ -61,12 +67,19 @@ def value_projections(
 ) -> dict[int, ValueProjection]:
     """`value_projection` of every layer in `layers` (default all), with a progress bar."""
     layers = sorted({lm.check_layer(l) for l in (range(lm.num_layers) if layers is None else layers)})
-    return {l: value_projection(lm, l, k, apply_final_norm)
-            for l in tqdm(layers, desc="value projection", unit="layer", disable=not progress)}
+    return {
+        l: value_projection(lm, l, k, apply_final_norm)
+        for l in tqdm(layers, desc="value projection", unit="layer", disable=not progress)
+    }
 
 
-def write_value_projections(lm: LM, projections: dict[int, ValueProjection], out: str | Path,
-                            keys: Sequence[tuple[int, int]] = (), show_top: int = 10) -> list[Path]:
+def write_value_projections(
+    lm: LM,
+    projections: dict[int, ValueProjection],
+    out: str | Path,
+    keys: Sequence[tuple[int, int]] = (),
+    show_top: int = 10,
+) -> list[Path]:
     """`values/layer-XX.jsonl` (one line per memory: its top tokens, logits and probabilities) and
     `values.md` (the requested `keys` as (layer, memory) pairs, or the first memories of a few layers)."""
     out = Path(out)
@@ -77,19 +90,35 @@ def write_value_projections(lm: LM, projections: dict[int, ValueProjection], out
         path = out / "values" / f"layer-{layer:02d}.jsonl"
         with path.open("w") as f:
             for i in range(proj.top_ids.shape[0]):
-                f.write(json.dumps({
-                    "layer": layer, "key": i, "final_norm": proj.final_norm,
-                    "top": [strings[t] for t in proj.top_ids[i].tolist()],
-                    "logits": [round(x, 4) for x in proj.top_logits[i].tolist()],
-                    "probs": [round(x, 6) for x in proj.probs[i].tolist()],
-                    "bottom": [strings[t] for t in proj.bottom_ids[i].tolist()],
-                }) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "layer": layer,
+                            "key": i,
+                            "final_norm": proj.final_norm,
+                            "top": [strings[t] for t in proj.top_ids[i].tolist()],
+                            "logits": [round(x, 4) for x in proj.top_logits[i].tolist()],
+                            "probs": [round(x, 6) for x in proj.probs[i].tolist()],
+                            "bottom": [strings[t] for t in proj.bottom_ids[i].tolist()],
+                        }
+                    )
+                    + "\n"
+                )
         written.append(path)
-    norm = "E·norm(v) (final norm applied)" if any(p.final_norm for p in projections.values()) else \
-        "E·v (no final norm, as Geva et al.)"
-    lines = [f"# Value projection: {lm.name}", "", f"Each value vector v_i is read as {norm}; the top tokens of "
-             "+v (what a positive coefficient promotes) and of −v (what a negative one promotes).", "",
-             "| layer | memory | top tokens of +v | top tokens of −v |", "|---:|---:|---|---|"]
+    norm = (
+        "E·norm(v) (final norm applied)"
+        if any(p.final_norm for p in projections.values())
+        else "E·v (no final norm, as Geva et al.)"
+    )
+    lines = [
+        f"# Value projection: {lm.name}",
+        "",
+        f"Each value vector v_i is read as {norm}; the top tokens of "
+        "+v (what a positive coefficient promotes) and of −v (what a negative one promotes).",
+        "",
+        "| layer | memory | top tokens of +v | top tokens of −v |",
+        "|---:|---:|---|---|",
+    ]
     chosen = list(keys) or [(l, i) for l in list(projections)[:: max(1, len(projections) // 4)] for i in range(3)]
     for layer, i in chosen:
         if layer not in projections:

@@ -21,9 +21,11 @@ if TYPE_CHECKING:
     from ..models.lm import LM
 
 #: `--preset table3`: the seed's Table 3 protocol, FT on keys vs values with 1 and 10 counterfacts per edit.
-BENCH_PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    "table3": MappingProxyType({"methods": ("ft-keys", "ft-values"), "batch_sizes": (1, 10)}),
-})
+BENCH_PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "table3": MappingProxyType({"methods": ("ft-keys", "ft-values"), "batch_sizes": (1, 10)}),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -83,19 +85,28 @@ class BenchConfig:
     def specs(self) -> list[RunSpec]:
         """The runs: every batch size × method × layer (None: the method's preset layers)."""
         layers: Sequence[int | None] = self.layers or (None,)
-        return [RunSpec(m, b, layer, self.sequential) for b in self.batch_sizes for m in self.methods for layer in layers]
+        return [
+            RunSpec(m, b, layer, self.sequential) for b in self.batch_sizes for m in self.methods for layer in layers
+        ]
 
     def resume_key(self, lm: LM, dataset_path: str | Path | None = None) -> dict[str, Any]:
         """Settings that change every number: a folder holding other values cannot be resumed.
 
         The dataset is keyed by its content (`dataset_sha256` of the resolved file), not only its path."""
         content = file_sha256(dataset_path) if dataset_path is not None else None
-        key = {"dataset": _absolute(self.dataset), "dataset_sha256": content, "known_only": self.known_only,
-               "skip": self.skip,
-               "stats_source": None if self.stats_source is None else _absolute(self.stats_source),
-               "stats_tokens": self.stats_tokens, "seed": self.seed, "extra": self.extra,
-               "model": lm.name, "model_fingerprint": lm.fingerprint(),
-               "compute_dtype": getattr(lm, "compute_dtype", "float32")}
+        key = {
+            "dataset": _absolute(self.dataset),
+            "dataset_sha256": content,
+            "known_only": self.known_only,
+            "skip": self.skip,
+            "stats_source": None if self.stats_source is None else _absolute(self.stats_source),
+            "stats_tokens": self.stats_tokens,
+            "seed": self.seed,
+            "extra": self.extra,
+            "model": lm.name,
+            "model_fingerprint": lm.fingerprint(),
+            "compute_dtype": getattr(lm, "compute_dtype", "float32"),
+        }
         return json.loads(json.dumps(key))  # as stored in config.json (tuples become lists)
 
 
@@ -107,11 +118,18 @@ def _absolute(name_or_path: str) -> str:
 
 #: The suite a dataset format is scored with when none is asked for: kvedit's own files are CounterFact's; each
 #: propagation set (`data.propagation.PROPAGATION_FORMATS`) has the suite of its name.
-FORMAT_SUITES: Mapping[str, str] = MappingProxyType({
-    "counterfact": "counterfact", "easyedit": "counterfact", "kvedit": "counterfact", "zsre": "zsre",
-    "counterfact-portability": "counterfact-portability", "zsre-portability": "zsre-portability",
-    "knowedit": "knowedit", "mquake": "mquake",
-})
+FORMAT_SUITES: Mapping[str, str] = MappingProxyType(
+    {
+        "counterfact": "counterfact",
+        "easyedit": "counterfact",
+        "kvedit": "counterfact",
+        "zsre": "zsre",
+        "counterfact-portability": "counterfact-portability",
+        "zsre-portability": "zsre-portability",
+        "knowedit": "knowedit",
+        "mquake": "mquake",
+    }
+)
 
 
 def suite_for(asked: str | None, fmt: str) -> Suite:
@@ -135,12 +153,14 @@ def choose_suite(asked: str | None, fmt: str, cases: Sequence[Any], dataset: str
             raise BenchError(
                 f"{where} has no target_true, which {how} needs (efficacy compares P(target_new) with "
                 "P(target_true)); add target_true to every record, or pass --suite zsre to score the token "
-                "accuracy of target_new instead")
+                "accuracy of target_new instead"
+            )
         if suite.needs_neighborhood_target and request.neighborhood_prompts and request.neighborhood_target is None:
             raise BenchError(
                 f"{where} has neighborhood_prompts but no neighborhood_target, which {how} needs (zsRE "
                 "specificity is the token accuracy of each neighbourhood prompt's own answer); add "
-                "neighborhood_target, or use --suite counterfact")
+                "neighborhood_target, or use --suite counterfact"
+            )
     return suite
 
 

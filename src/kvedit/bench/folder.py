@@ -43,14 +43,16 @@ def check_bench_folder(out: str | Path) -> Path:
         try:
             stored = json.loads(config.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BenchError(f"{config} is not valid JSON ({err}); it is not a bench folder kvedit wrote. "
-                             "Remove the file or choose another --out") from None
+            raise BenchError(
+                f"{config} is not valid JSON ({err}); it is not a bench folder kvedit wrote. "
+                "Remove the file or choose another --out"
+            ) from None
         if not isinstance(stored, dict) or "dataset" not in stored:
-            raise BenchError(f"{config} is not a kvedit bench configuration (no 'dataset' key); "
-                             "choose another --out")
+            raise BenchError(f"{config} is not a kvedit bench configuration (no 'dataset' key); choose another --out")
     elif (out / "cases.jsonl").exists():
-        raise BenchError(f"{out} holds a cases.jsonl that kvedit bench did not write (no config.json); "
-                         "choose another --out")
+        raise BenchError(
+            f"{out} holds a cases.jsonl that kvedit bench did not write (no config.json); choose another --out"
+        )
     _refuse_if_locked(out)
     return out
 
@@ -68,8 +70,10 @@ def describe_holder(holder: dict[str, Any]) -> str:
     """'pid 123 on host h, running `kvedit bench …` since 2024-…' from a lock file's entry."""
     if not holder.get("pid"):
         return "a process that is just starting (its details are not written yet)"
-    return (f"pid {holder['pid']} on host {holder.get('host', '?')}, running `{holder.get('command', '?')}` "
-            f"since {holder.get('started', '?')}")
+    return (
+        f"pid {holder['pid']} on host {holder.get('host', '?')}, running `{holder.get('command', '?')}` "
+        f"since {holder.get('started', '?')}"
+    )
 
 
 def _held_by_this_process(holder: dict[str, Any]) -> bool:
@@ -77,9 +81,11 @@ def _held_by_this_process(holder: dict[str, Any]) -> bool:
 
 
 def _busy(out: Path, holder: dict[str, Any]) -> FolderInUseError:
-    return FolderInUseError(f"{out} is in use by another kvedit process: {describe_holder(holder)}. Two processes "
-                            "on one folder would both run every case; wait for it to finish (or stop it), or "
-                            "choose another --out")
+    return FolderInUseError(
+        f"{out} is in use by another kvedit process: {describe_holder(holder)}. Two processes "
+        "on one folder would both run every case; wait for it to finish (or stop it), or "
+        "choose another --out"
+    )
 
 
 def _refuse_if_locked(out: Path) -> None:
@@ -136,18 +142,29 @@ def lock_bench_folder(out: str | Path, wait: float = 0.5) -> None:
             os.close(fd)
             if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            warnings.warn(f"cannot lock {out} ({err.strerror}): make sure no other kvedit bench uses it at the "
-                          "same time", stacklevel=2)
+            warnings.warn(
+                f"cannot lock {out} ({err.strerror}): make sure no other kvedit bench uses it at the same time",
+                stacklevel=2,
+            )
             return
     stale = _holder(fd)
     if stale.get("pid"):
-        gone = "is no longer running" if stale.get("host") == socket.gethostname() and not _alive(stale["pid"]) \
+        gone = (
+            "is no longer running"
+            if stale.get("host") == socket.gethostname() and not _alive(stale["pid"])
             else "no longer holds it"
-        warnings.warn(f"{out}: taking over the lock left by {describe_holder(stale)}, which {gone} (it did not end "
-                      "cleanly; cases.jsonl keeps what it finished)", stacklevel=2)
-    entry = {"pid": os.getpid(), "host": socket.gethostname(),
-             "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
-             "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        )
+        warnings.warn(
+            f"{out}: taking over the lock left by {describe_holder(stale)}, which {gone} (it did not end "
+            "cleanly; cases.jsonl keeps what it finished)",
+            stacklevel=2,
+        )
+    entry = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(entry) + "\n").encode(), 0)
     atexit.register(_release, fd, os.getpid())  # the descriptor stays open (and the lock held) until then

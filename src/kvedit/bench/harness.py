@@ -74,8 +74,10 @@ class Bench:
         fmt = (dataset_format(path) or "kvedit") if fmt == "auto" else fmt
         suite = suite_for(config.suite, fmt)
         if config.sequential and not suite.sequential:
-            raise BenchError(f"--sequential: the {suite.name} suite's cases are scored on their own edits (each case "
-                             "edited, scored and reverted); run it without --sequential")
+            raise BenchError(
+                f"--sequential: the {suite.name} suite's cases are scored on their own edits (each case "
+                "edited, scored and reverted); run it without --sequential"
+            )
         self.requests: list[Any] = load_cases(path, fmt, suite)  # edit requests, or the set's cases
         if not self.requests:
             raise BenchError(f"dataset {config.dataset} has no records")
@@ -91,8 +93,15 @@ class Bench:
             settings["stats_source"] = config.stats_source
         if config.stats_tokens is not None:
             settings["stats_tokens"] = config.stats_tokens
-        self.runner = BatchRunner(lm, self.suite, config.seed, settings, self._snippets(), progress=progress,
-                                  reuse_targets=config.reuse_targets)
+        self.runner = BatchRunner(
+            lm,
+            self.suite,
+            config.seed,
+            settings,
+            self._snippets(),
+            progress=progress,
+            reuse_targets=config.reuse_targets,
+        )
         self.run_settings = {spec.key: self._resolved_settings(spec) for spec in self.specs}
         self._check_run_settings()
         config_path = self.out / "config.json"
@@ -105,19 +114,29 @@ class Bench:
         path = self.out / "settings.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         with_records = runs_on_file(self.cases_file)
-        changed = {run: sorted(k for k in set(old[run]) | set(now) if old[run].get(k) != now.get(k))
-                   for run, now in self.run_settings.items() if run in old and run in with_records and old[run] != now}
+        changed = {
+            run: sorted(k for k in set(old[run]) | set(now) if old[run].get(k) != now.get(k))
+            for run, now in self.run_settings.items()
+            if run in old and run in with_records and old[run] != now
+        }
         unknown = sorted(run for run in self.run_settings if run in with_records and run not in old)
         if unknown:
-            warnings.warn(f"{self.out} holds records of {', '.join(unknown)} from before kvedit recorded each run's "
-                          "settings (settings.json): they are kept as if made with today's "
-                          f"({settings_line({r: self.run_settings[r] for r in unknown})}); remove their lines from "
-                          "cases.jsonl to redo them if a preset has changed since", stacklevel=2)
+            warnings.warn(
+                f"{self.out} holds records of {', '.join(unknown)} from before kvedit recorded each run's "
+                "settings (settings.json): they are kept as if made with today's "
+                f"({settings_line({r: self.run_settings[r] for r in unknown})}); remove their lines from "
+                "cases.jsonl to redo them if a preset has changed since",
+                stacklevel=2,
+            )
         if changed:
-            detail = "; ".join(f"{run}: {', '.join(f'{k} {old[run].get(k)} -> {self.run_settings[run].get(k)}' for k in keys)}"
-                               for run, keys in changed.items())
-            raise BenchError(f"{self.out} holds records of runs made with other settings ({detail}); remove those "
-                             "runs' lines from cases.jsonl to redo them, or use another --out")
+            detail = "; ".join(
+                f"{run}: {', '.join(f'{k} {old[run].get(k)} -> {self.run_settings[run].get(k)}' for k in keys)}"
+                for run, keys in changed.items()
+            )
+            raise BenchError(
+                f"{self.out} holds records of runs made with other settings ({detail}); remove those "
+                "runs' lines from cases.jsonl to redo them, or use another --out"
+            )
         path.write_text(json.dumps(old | self.run_settings, indent=2) + "\n")
 
     def _snippets(self) -> AttributeSnippets | None:
@@ -135,8 +154,11 @@ class Bench:
         if path.exists():
             old = json.loads(path.read_text())
             if "dataset_sha256" not in old:  # written before datasets were keyed by content
-                warnings.warn(f"{path} predates content keys; assuming {self.config.dataset} is unchanged "
-                              "and recording its hash now", stacklevel=3)
+                warnings.warn(
+                    f"{path} predates content keys; assuming {self.config.dataset} is unchanged "
+                    "and recording its hash now",
+                    stacklevel=3,
+                )
                 path.write_text(json.dumps(old | {"dataset_sha256": key["dataset_sha256"]}, indent=2) + "\n")
                 old["dataset_sha256"] = key["dataset_sha256"]
             old.setdefault("skip", 0)  # folders written before --skip existed skipped nothing
@@ -146,8 +168,10 @@ class Bench:
             old.setdefault("compute_dtype", "float32")  # folders from before --compute-dtype ran in float32
             diff = sorted(k for k in key if old.get(k) != key[k])
             if diff == ["dataset_sha256"]:
-                raise BenchError(f"{self.out} holds results for another version of {self.config.dataset}: the file's "
-                                 "content changed since they were written; use another --out")
+                raise BenchError(
+                    f"{self.out} holds results for another version of {self.config.dataset}: the file's "
+                    "content changed since they were written; use another --out"
+                )
             if diff:
                 raise BenchError(
                     f"{self.out} holds a run with other settings ({', '.join(diff)}: "
@@ -167,21 +191,29 @@ class Bench:
                 except ValueError as err:  # e.g. CounterFact's rule on cases without target_true
                     raise BenchError(str(err)) from None
                 kept_ids = [r.case_id for r, keep in zip(requests, flags) if keep]
-                path.write_text(json.dumps({"scored": len(requests), "kept": len(kept_ids),
-                                            "kept_case_ids": kept_ids}) + "\n")
+                path.write_text(
+                    json.dumps({"scored": len(requests), "kept": len(kept_ids), "kept_case_ids": kept_ids}) + "\n"
+                )
             kept = set(kept_ids)
             requests = [r for r in requests if r.case_id in kept]
-            info |= {"known_kept": len(requests), "known_fraction": len(requests) / len(self.requests),
-                     "known_rule": self.suite.known_rule}
+            info |= {
+                "known_kept": len(requests),
+                "known_fraction": len(requests) / len(self.requests),
+                "known_rule": self.suite.known_rule,
+            }
         if skip:
             info["skipped"] = min(skip, len(requests))
             requests = requests[skip:]
         if n is not None and n > len(requests):
-            warnings.warn(f"--n {n} but only {len(requests)} cases are available after --skip {skip}; using them all",
-                          stacklevel=2)
+            warnings.warn(
+                f"--n {n} but only {len(requests)} cases are available after --skip {skip}; using them all",
+                stacklevel=2,
+            )
         cases = list(requests[:n])
         if skip and not cases:
-            raise BenchError(f"no cases left: --skip {skip} leaves none of the {info.get('known_kept', len(self.requests))}")
+            raise BenchError(
+                f"no cases left: --skip {skip} leaves none of the {info.get('known_kept', len(self.requests))}"
+            )
         info["cases"] = len(cases)
         return cases, info
 
@@ -191,8 +223,9 @@ class Bench:
         """Unedited argmax ids (locality) for cases scored before cases.jsonl kept them (held in memory)."""
         if not cases:
             return
-        self.runner.unedited_predictions |= neighborhood_predictions(self.suite.case_metrics(self.lm, cases),
-                                                                     self.suite)
+        self.runner.unedited_predictions |= neighborhood_predictions(
+            self.suite.case_metrics(self.lm, cases), self.suite
+        )
 
     # ------------------------------------------------------------------ running
 
@@ -205,12 +238,18 @@ class Bench:
         """
         existing = load_cases_file(self.cases_file)
         done = {(r["run"], r["case_id"]) for r in existing}
-        self.runner.unedited_predictions = neighborhood_predictions([r for r in existing if r["run"] == "unedited"],
-                                                                    self.suite)
+        self.runner.unedited_predictions = neighborhood_predictions(
+            [r for r in existing if r["run"] == "unedited"], self.suite
+        )
         edits_pending = any((s.key, c.case_id) not in done for s in self.specs for c in self.cases)
         if edits_pending:
-            self._predict_unedited([c for c in self.cases if ("unedited", c.case_id) in done
-                                    and c.case_id not in self.runner.unedited_predictions])
+            self._predict_unedited(
+                [
+                    c
+                    for c in self.cases
+                    if ("unedited", c.case_id) in done and c.case_id not in self.runner.unedited_predictions
+                ]
+            )
         if any(("unedited", c.case_id) not in done for c in self.cases):
             todo = [c for c in self.cases if ("unedited", c.case_id) not in done]
             records = [m | {"run": "unedited", "method": "unedited"} for m in self.runner.evaluate(todo)]
@@ -236,8 +275,7 @@ class Bench:
         """Append the records of cases this run has not recorded yet (a resumed batch's others are kept)."""
         append_records(self.cases_file, [r for r in records if (spec.key, r["case_id"]) not in done])
 
-    def _run_distributed(self, ray: "RaySettings", done: Done,
-                         on_progress: Callable[[Any], None] | None) -> None:
+    def _run_distributed(self, ray: "RaySettings", done: Done, on_progress: Callable[[Any], None] | None) -> None:
         """Every non-sequential run's pending batches on Ray workers; statistics prepared here, once."""
         from .ray import WorkerPool
 
@@ -294,8 +332,7 @@ class Bench:
                 runs.setdefault(record["run"], {}).setdefault(record["case_id"], record)
         # this config's runs first, then any other run the folder holds (earlier invocations)
         wanted = list(dict.fromkeys(["unedited", *(s.key for s in self.specs), *runs]))
-        return {name: sorted(runs[name].values(), key=lambda r: order[r["case_id"]])
-                for name in wanted if name in runs}
+        return {name: sorted(runs[name].values(), key=lambda r: order[r["case_id"]]) for name in wanted if name in runs}
 
     def write_summary(self) -> dict[str, Any]:
         runs = self.runs()
@@ -304,7 +341,9 @@ class Bench:
         for name, records in runs.items():
             spec = specs.get(name)
             first = records[0]
-            setting = asdict(spec) if spec else {k: first.get(k) for k in ("method", "layer", "batch_size", "sequential")}
+            setting = (
+                asdict(spec) if spec else {k: first.get(k) for k in ("method", "layer", "batch_size", "sequential")}
+            )
             summaries[name] = summarize_run(records, self.suite, seed=self.config.seed) | setting
         expected = {"unedited", *specs, *runs}  # a run this config asks for and has not started is missing
         complete = all(len(runs.get(name, ())) == len(self.cases) for name in expected)
@@ -313,17 +352,26 @@ class Bench:
         known = (json.loads(path.read_text()) if path.exists() else {}) | self.run_settings
         settings = {name: known[name] for name in edited if name in known}
         summary = {
-            "model": self.lm.name, "dataset": self.config.dataset, "suite": self.suite.name,
-            "title": self.title(), "metric_titles": self.suite.metric_titles(), "cases": self.filter_info, "complete": complete, "runs": summaries,
-            "comparisons": compare_runs(edited, self.suite, seed=self.config.seed), "settings": settings,
+            "model": self.lm.name,
+            "dataset": self.config.dataset,
+            "suite": self.suite.name,
+            "title": self.title(),
+            "metric_titles": self.suite.metric_titles(),
+            "cases": self.filter_info,
+            "complete": complete,
+            "runs": summaries,
+            "comparisons": compare_runs(edited, self.suite, seed=self.config.seed),
+            "settings": settings,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.out / "summary.csv").write_text(summary_csv(summaries, self.suite))
         tables = [self.title(), markdown_table(summaries, self.suite)] + [settings_line(settings)] * bool(settings)
         tables += [line] if (line := reuse_line(runs)) else []
         if (easyedit := easyedit_table(summaries, self.suite)) is not None:
-            tables += ["Under EasyEdit's definitions (token accuracy; locality = predictions unchanged by the edit):",
-                       easyedit]
+            tables += [
+                "Under EasyEdit's definitions (token accuracy; locality = predictions unchanged by the edit):",
+                easyedit,
+            ]
         (self.out / "table.md").write_text("\n\n".join(tables))
         return summary
 
@@ -334,8 +382,10 @@ class Bench:
 
     def title(self) -> str:
         info = self.filter_info
-        known = f", known to the unedited model ({info['known_kept']} of {info['dataset_records']})" \
-            if "known_kept" in info else ""
+        known = (
+            f", known to the unedited model ({info['known_kept']} of {info['dataset_records']})"
+            if "known_kept" in info
+            else ""
+        )
         data = dataset_title(self.config.dataset, self.suite.name)
         return f"{data} on {self.lm.name}: {info['cases']} cases{known}; means × 100, ± half the 95 % interval"
-

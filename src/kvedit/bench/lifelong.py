@@ -66,19 +66,27 @@ class LifelongSettings:
 
     def __post_init__(self) -> None:
         if self.retention_sample < 1 or self.specificity_sample < 0:
-            raise BenchError(f"--retention-sample must be >= 1 and --specificity-sample >= 0, got "
-                             f"{self.retention_sample} and {self.specificity_sample}")
+            raise BenchError(
+                f"--retention-sample must be >= 1 and --specificity-sample >= 0, got "
+                f"{self.retention_sample} and {self.specificity_sample}"
+            )
         if self.general_every < 1:
             raise BenchError(f"--general-every must be >= 1, got {self.general_every}")
         if self.general_tokens < self.general_window or self.general_window < 2 or self.general_per_task < 1:
-            raise BenchError(f"need --general-tokens >= --general-window >= 2 and --general-per-task >= 1, got "
-                             f"{self.general_tokens}, {self.general_window} and {self.general_per_task}")
+            raise BenchError(
+                f"need --general-tokens >= --general-window >= 2 and --general-per-task >= 1, got "
+                f"{self.general_tokens}, {self.general_window} and {self.general_per_task}"
+            )
         if self.general_text is not None and not Path(self.general_text).is_file():
-            raise BenchError(f"--general-text {self.general_text}: expected a text file (WikiText-2's test.txt); "
-                             "pass another with --general-text or switch the probe off with --no-general")
+            raise BenchError(
+                f"--general-text {self.general_text}: expected a text file (WikiText-2's test.txt); "
+                "pass another with --general-text or switch the probe off with --no-general"
+            )
         if self.general_tasks is not None and not Path(self.general_tasks).is_dir():
-            raise BenchError(f"--general-tasks {self.general_tasks}: expected a folder with cb/, boolq/, copa/, "
-                             "qnli/; pass another or --no-general-tasks")
+            raise BenchError(
+                f"--general-tasks {self.general_tasks}: expected a folder with cb/, boolq/, copa/, "
+                "qnli/; pass another or --no-general-tasks"
+            )
 
     def key(self) -> dict[str, Any]:
         """The settings as stored in state/lifelong.json (paths made absolute): a resumed run must match."""
@@ -123,8 +131,11 @@ class Samples:
             order = list(ids)
             rng.shuffle(order)
             with_neighbours = [c.case_id for c in cases if c.neighborhood_prompts]
-            chosen = set(random.Random(settings.seed + 1).sample(
-                with_neighbours, min(settings.specificity_sample, len(with_neighbours))))
+            chosen = set(
+                random.Random(settings.seed + 1).sample(
+                    with_neighbours, min(settings.specificity_sample, len(with_neighbours))
+                )
+            )
             samples = cls(tuple(order), tuple(i for i in ids if i in chosen))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"order": list(samples.order), "specificity": list(samples.specificity)}) + "\n")
@@ -141,8 +152,9 @@ class Samples:
 class LifelongMeter:
     """Scores one state of the model: the new batch, retention, specificity, general ability, weight change."""
 
-    def __init__(self, lm: LM, suite: Suite, cases: Sequence[EditRequest], settings: LifelongSettings,
-                 samples: Samples) -> None:
+    def __init__(
+        self, lm: LM, suite: Suite, cases: Sequence[EditRequest], settings: LifelongSettings, samples: Samples
+    ) -> None:
         self.lm, self.suite, self.settings, self.samples = lm, suite, settings, samples
         by_id = {c.case_id: c for c in cases}
         self.unrelated = [replace(by_id[i], paraphrase_prompts=()) for i in samples.specificity if i in by_id]
@@ -155,8 +167,15 @@ class LifelongMeter:
 
         s = self.settings
         if self._probe is None and s.general_text is not None:
-            self._probe = GeneralAbilityProbe.build(self.lm, s.general_text, s.general_tasks, s.general_tokens,
-                                                    s.general_window, s.general_per_task, seed=s.seed)
+            self._probe = GeneralAbilityProbe.build(
+                self.lm,
+                s.general_text,
+                s.general_tasks,
+                s.general_tokens,
+                s.general_window,
+                s.general_per_task,
+                seed=s.seed,
+            )
         return self._probe
 
     def _stats(self, cases: Sequence[Mapping[str, Any]], keys: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
@@ -168,8 +187,13 @@ class LifelongMeter:
             out[name] = mean_with_ci(values, 100.0, seed=self.settings.seed)
         return out
 
-    def measure(self, new_cases: Sequence[Mapping[str, Any]] | None, earlier: Sequence[EditRequest],
-                chain: WeightDelta | None, general: bool = True) -> dict[str, Any]:
+    def measure(
+        self,
+        new_cases: Sequence[Mapping[str, Any]] | None,
+        earlier: Sequence[EditRequest],
+        chain: WeightDelta | None,
+        general: bool = True,
+    ) -> dict[str, Any]:
         """One record's measurements (metrics × 100); `new_cases`: the new batch's per-case metrics (None: the
         record before the first batch); `earlier`: the cases edited before the new batch; `chain`: W₀ → now; `general`: run the
         general-ability probe (if there is one)."""
@@ -196,13 +220,17 @@ class LifelongMeter:
             counts = Counter(e.task for e in self.probe.examples)
             n = sum(counts.values())
             hits = round(sum(accuracy.get(t, 0.0) * c for t, c in counts.items()))
-            record["general"] = {"perplexity": probed["perplexity"],
-                                 "label_accuracy": {k: 100 * v for k, v in accuracy.items()},
-                                 "label_ci": wilson(hits, n), "examples": n}
+            record["general"] = {
+                "perplexity": probed["perplexity"],
+                "label_accuracy": {k: 100 * v for k, v in accuracy.items()},
+                "label_ci": wilson(hits, n),
+                "examples": n,
+            }
         if chain is not None:
             relative = weight_change(self.lm, {n: t.float() for n, t in chain.before.items()})
-            record["weights"] = {n: {"norm": float(chain.update(n).norm()), "relative": relative[n]}
-                                 for n in chain.names}
+            record["weights"] = {
+                n: {"norm": float(chain.update(n).norm()), "relative": relative[n]} for n in chain.names
+            }
         record["eval_s"] = time.perf_counter() - start
         return record
 
@@ -214,9 +242,11 @@ def check_settings(path: Path, settings: LifelongSettings) -> None:
         old = json.loads(path.read_text())
         diff = sorted(k for k in key if old.get(k) != key[k])
         if diff:
-            raise BenchError(f"{path.parent.parent} measured its sequential runs with other settings "
-                             f"({', '.join(f'{k}: {old.get(k)} vs {key[k]}' for k in diff)}); use the same "
-                             "options or another --out")
+            raise BenchError(
+                f"{path.parent.parent} measured its sequential runs with other settings "
+                f"({', '.join(f'{k}: {old.get(k)} vs {key[k]}' for k in diff)}); use the same "
+                "options or another --out"
+            )
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(key, indent=2) + "\n")

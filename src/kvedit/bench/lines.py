@@ -12,15 +12,26 @@ def settings_line(settings: Mapping[str, Mapping[str, Any]]) -> str:
     for name, hp in settings.items():
         layers = hp.get("layers") or []
         where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}" if layers else ""
-        extra = [f"λ {hp['mom2_update_weight']:g}" if "mom2_update_weight" in hp else "",
-                 f"lr {hp['lr']:g}" if "target" in hp else ""]
+        extra = [
+            f"λ {hp['mom2_update_weight']:g}" if "mom2_update_weight" in hp else "",
+            f"lr {hp['lr']:g}" if "target" in hp else "",
+        ]
         parts.append(f"{name}: preset {hp.get('preset')}, " + ", ".join(x for x in (where, *extra) if x))
     return "Settings: " + "; ".join(parts) + "." if parts else ""
 
 
 def reuse_line(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     """One line naming the runs whose edits took stored target vectors (--reuse-targets), or ""."""
-    parts = [f"{name} ({sum('targets_reused_s' in r for r in records)} of {len(records)} cases)"
-             for name, records in runs.items() if any("targets_reused_s" in r for r in records)]
-    return ("Target vectors served from the cache (optimised by an earlier run with the same settings; the edit "
-            "time counts their optimisation time as then measured): " + ", ".join(parts) + ".") if parts else ""
+    parts = [
+        f"{name} ({sum('targets_reused_s' in r for r in records)} of {len(records)} cases)"
+        for name, records in runs.items()
+        if any("targets_reused_s" in r for r in records)
+    ]
+    return (
+        (
+            "Target vectors served from the cache (optimised by an earlier run with the same settings; the edit "
+            "time counts their optimisation time as then measured): " + ", ".join(parts) + "."
+        )
+        if parts
+        else ""
+    )

@@ -71,8 +71,9 @@ class RaySettings:
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.worker_cpus <= 0 or self.worker_gpus < 0:
-            raise ValueError(f"--worker-cpus must be > 0 and --worker-gpus >= 0, got {self.worker_cpus}, "
-                             f"{self.worker_gpus}")
+            raise ValueError(
+                f"--worker-cpus must be > 0 and --worker-gpus >= 0, got {self.worker_cpus}, {self.worker_gpus}"
+            )
         return self
 
 
@@ -88,9 +89,17 @@ def cache_payload(lm: LM) -> dict[str, bytes]:
 class BenchWorker:
     """A Ray actor's state: its model and `BatchRunner`. Created with `ray.remote(BenchWorker)`."""
 
-    def __init__(self, settings: RaySettings, fingerprint: str, suite: str, seed: int,
-                 edit_settings: dict[str, Any], snippets: Any, cache_files: dict[str, bytes],
-                 reuse_targets: bool = False) -> None:
+    def __init__(
+        self,
+        settings: RaySettings,
+        fingerprint: str,
+        suite: str,
+        seed: int,
+        edit_settings: dict[str, Any],
+        snippets: Any,
+        cache_files: dict[str, bytes],
+        reuse_targets: bool = False,
+    ) -> None:
         from ..models.compute import set_compute_dtype
         from ..models.devices import resolve_device
         from ..models.loading import load_model
@@ -103,18 +112,24 @@ class BenchWorker:
             path = root / rel
             if not path.exists():
                 write_atomic(path, lambda tmp: tmp.write_bytes(data))
-        self.lm = set_compute_dtype(load_model(settings.model, device=resolve_device(settings.device),
-                                               dtype=settings.dtype), settings.compute_dtype)
+        self.lm = set_compute_dtype(
+            load_model(settings.model, device=resolve_device(settings.device), dtype=settings.dtype),
+            settings.compute_dtype,
+        )
         if self.lm.fingerprint() != fingerprint:
-            raise DistributedError(f"worker on {os.uname().nodename} loaded {settings.model or 'the bundled model'} "
-                                   f"with fingerprint {self.lm.fingerprint()}, the driver has {fingerprint}: the "
-                                   "nodes must hold the same model")
-        self.runner = BatchRunner(self.lm, SUITES[suite], seed, edit_settings, snippets, progress=False,
-                                  reuse_targets=reuse_targets)
+            raise DistributedError(
+                f"worker on {os.uname().nodename} loaded {settings.model or 'the bundled model'} "
+                f"with fingerprint {self.lm.fingerprint()}, the driver has {fingerprint}: the "
+                "nodes must hold the same model"
+            )
+        self.runner = BatchRunner(
+            self.lm, SUITES[suite], seed, edit_settings, snippets, progress=False, reuse_targets=reuse_targets
+        )
         self.prepared: set[str] = set()
 
-    def run_batch(self, spec: RunSpec, batch: list[EditRequest], index: int,
-                  predictions: dict[Any, Any]) -> list[dict[str, Any]]:
+    def run_batch(
+        self, spec: RunSpec, batch: list[EditRequest], index: int, predictions: dict[Any, Any]
+    ) -> list[dict[str, Any]]:
         """Edit, score and revert one batch; prepares the run (from the shipped cache) on first use."""
         if spec.key not in self.prepared:
             self.runner.prepare(spec)
@@ -143,20 +158,35 @@ class WorkerPool:
         lm = runner.lm
         payload = self.ray.put(cache_payload(lm))
         remote = self.ray.remote(BenchWorker).options(num_cpus=settings.worker_cpus, num_gpus=settings.worker_gpus)
-        self._start = lambda: remote.remote(settings, lm.fingerprint(), runner.suite.name, runner.seed,
-                                            runner.settings, runner.snippets, payload, runner.reuse_targets)
+        self._start = lambda: remote.remote(
+            settings,
+            lm.fingerprint(),
+            runner.suite.name,
+            runner.seed,
+            runner.settings,
+            runner.snippets,
+            payload,
+            runner.reuse_targets,
+        )
         self.actors = [self._start() for _ in range(settings.workers)]
         self.restarts = 0
 
-    def run(self, tasks: Sequence[Task], predictions: dict[Any, Any],
-            on_records: Callable[[RunSpec, list[dict[str, Any]]], None],
-            on_progress: Callable[["WorkerPool"], None] | None = None, progress: bool = True) -> None:
+    def run(
+        self,
+        tasks: Sequence[Task],
+        predictions: dict[Any, Any],
+        on_records: Callable[[RunSpec, list[dict[str, Any]]], None],
+        on_progress: Callable[["WorkerPool"], None] | None = None,
+        progress: bool = True,
+    ) -> None:
         """Run every task; `on_records(spec, records)` is called in this process as each batch finishes."""
         errors = (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError)
         queue, idle = deque(tasks), list(self.actors)
         in_flight: dict[Any, tuple[Any, Task]] = {}
-        bar = tqdm(total=len(queue), unit="batch", desc=f"batches on {len(self.actors)} Ray workers",
-                   disable=not progress)
+        bar = tqdm(
+            total=len(queue), unit="batch", desc=f"batches on {len(self.actors)} Ray workers", disable=not progress
+        )
+
         def dispatch() -> None:
             while idle and queue:
                 actor, task = idle.pop(), queue.popleft()
@@ -186,10 +216,14 @@ class WorkerPool:
     def _replace(self, dead: Any, err: Exception) -> None:
         self.restarts += 1
         if self.restarts > self.settings.max_restarts:
-            raise DistributedError(f"{self.restarts} Ray workers died (last: {err}); giving up. Finished batches "
-                                   "are in cases.jsonl: run the same command again to resume") from err
-        warnings.warn(f"a Ray worker died ({type(err).__name__}); its batch goes back to the queue and a new "
-                      "worker starts", stacklevel=2)
+            raise DistributedError(
+                f"{self.restarts} Ray workers died (last: {err}); giving up. Finished batches "
+                "are in cases.jsonl: run the same command again to resume"
+            ) from err
+        warnings.warn(
+            f"a Ray worker died ({type(err).__name__}); its batch goes back to the queue and a new worker starts",
+            stacklevel=2,
+        )
         self.actors = [a for a in self.actors if a is not dead] + [self._start()]
 
     def statistics_computed(self) -> list[int]:

@@ -77,8 +77,9 @@ class BatchRunner:
         model's predictions are known."""
         records = self.suite.case_metrics(self.lm, cases)
         if self.suite.generation:
-            generated = generation_case_metrics(self.lm, [case_edits(c)[0] for c in cases], seed=self.seed,
-                                                snippets=self.snippets)
+            generated = generation_case_metrics(
+                self.lm, [case_edits(c)[0] for c in cases], seed=self.seed, snippets=self.snippets
+            )
             records = [c | g for c, g in zip(records, generated)]
         add_unchanged(records, self.unedited_predictions, self.suite)
         return records
@@ -97,13 +98,27 @@ class BatchRunner:
         if self.progress and elapsed > 1.0:
             tqdm.write(f"{spec.key}: statistics and context templates ready in {elapsed:.1f} s (cached for later runs)")
 
-    def records(self, spec: RunSpec, batch: Sequence[Any], delta: WeightDelta, elapsed: float,
-                index: int, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def records(
+        self,
+        spec: RunSpec,
+        batch: Sequence[Any],
+        delta: WeightDelta,
+        elapsed: float,
+        index: int,
+        extra: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
         """The batch's records after its edit: metrics per case plus the run's settings and edit time
         (`elapsed`: the wall time, plus the stored optimisation time of reused targets)."""
-        base = {"run": spec.key, "method": spec.method, "layer": spec.layer, "batch_size": len(batch),
-                "sequential": spec.sequential, "batch": index, "time_s": elapsed,
-                "steps": delta.metadata.get("result", {}).get("steps")} | (extra or {})
+        base = {
+            "run": spec.key,
+            "method": spec.method,
+            "layer": spec.layer,
+            "batch_size": len(batch),
+            "sequential": spec.sequential,
+            "batch": index,
+            "time_s": elapsed,
+            "steps": delta.metadata.get("result", {}).get("steps"),
+        } | (extra or {})
         edits = sum(len(case_edits(c)) for c in batch)
         if edits != len(batch):  # cases of several facts each (MQuAKE): the requests the call applied
             base["edits"] = edits
@@ -111,8 +126,7 @@ class BatchRunner:
         argmax = {key for key, _ in self.suite.locality}
         return [{k: v for k, v in m.items() if k not in argmax} | base for m in self.evaluate(batch)]
 
-    def edit(self, spec: RunSpec, batch: Sequence[Any],
-             history: Any | None = None) -> tuple[WeightDelta, float, float]:
+    def edit(self, spec: RunSpec, batch: Sequence[Any], history: Any | None = None) -> tuple[WeightDelta, float, float]:
         """Edit `batch` in place (one call applying every request of its cases, `case_edits`); return the delta, the edit's time in s and, of that time, the seconds of
         target vectors served from the store (their optimisation time when first computed; `reuse_targets`
         applies to runs that are not sequential, where every batch starts from the unedited weights: a request's

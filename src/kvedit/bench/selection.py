@@ -104,8 +104,10 @@ def default_grid(lm: LM, method: str, rows: Sequence[Mapping[str, Any]] = ()) ->
     if method in ("memit",) or method.startswith("pmet"):
         windows = layer_windows(n, min(5, n), sorted(set(quarter)))
         lambdas = (20000.0, 6000.0, 1500.0, 500.0, 150.0, 50.0)  # SmolLM2's old presets: MEMIT 1500, PMET 600
-        first = [dict(layers=w, mom2_update_weight=lam, weight_decay=DECAYS[0])
-                 for w, lam in itertools.product(windows, lambdas)]
+        first = [
+            dict(layers=w, mom2_update_weight=lam, weight_decay=DECAYS[0])
+            for w, lam in itertools.product(windows, lambdas)
+        ]
         return first + _decay_stage(method, first, rows)
     if method == "rome":
         layers = sorted(set(quarter + [round(n * 0.4)]))
@@ -115,12 +117,17 @@ def default_grid(lm: LM, method: str, rows: Sequence[Mapping[str, Any]] = ()) ->
         layers = sorted(set([0, 1] + quarter + [round(n * 0.4)]))
         return [dict(layers=(layer,), lr=lr) for layer in layers if layer < n for lr in FT_LEARNING_RATES]
     if method == "kn":
-        return [dict(layers=tuple(range(n)), max_steps=steps, threshold=threshold, edit_factor=factor)
-                for steps, threshold, factor in itertools.product(KN_STEPS, KN_THRESHOLDS, KN_EDIT_FACTORS)]
+        return [
+            dict(layers=tuple(range(n)), max_steps=steps, threshold=threshold, edit_factor=factor)
+            for steps, threshold, factor in itertools.product(KN_STEPS, KN_THRESHOLDS, KN_EDIT_FACTORS)
+        ]
     if method == "t-patcher":
-        return [dict(layers=(n - 1,), memory_weight=weight, max_neurons=neurons, lr=lr)
-                for weight, neurons, lr in itertools.product(TPATCHER_MEMORY_WEIGHTS, TPATCHER_NEURONS,
-                                                             TPATCHER_LEARNING_RATES)]
+        return [
+            dict(layers=(n - 1,), memory_weight=weight, max_neurons=neurons, lr=lr)
+            for weight, neurons, lr in itertools.product(
+                TPATCHER_MEMORY_WEIGHTS, TPATCHER_NEURONS, TPATCHER_LEARNING_RATES
+            )
+        ]
     raise ValueError(f"no grid for method {method!r}; expected memit, pmet*, rome, ft-*, kn or t-patcher")
 
 
@@ -129,20 +136,23 @@ def setting_of(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k != "method" and k not in RESULT_FIELDS}
 
 
-def _decay_stage(method: str, first: Sequence[Mapping[str, Any]],
-                 rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _decay_stage(
+    method: str, first: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
     """The best first-stage setting at each other δ decay, once `rows` score every first-stage setting; else []."""
     by_key = {setting_key(method, {k: r[k] for k in first[0] if k in r}): r for r in rows if r["method"] == method}
     scored = [by_key[key] for s in first if (key := setting_key(method, s)) in by_key]
     if len(scored) < len(first):
         return []
     best = best_setting(method, scored, first)
-    return [{**{k: best[k] for k in first[0]}, "weight_decay": wd,
-             "layers": tuple(best["layers"])} for wd in DECAYS[1:]]
+    return [
+        {**{k: best[k] for k in first[0]}, "weight_decay": wd, "layers": tuple(best["layers"])} for wd in DECAYS[1:]
+    ]
 
 
-def best_setting(method: str, rows: Sequence[Mapping[str, Any]],
-                 grid: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+def best_setting(
+    method: str, rows: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[str, Any]]
+) -> Mapping[str, Any]:
     """The row of `method` with the highest Score; ties go to the setting listed first in `grid` (rows of
     settings the grid does not list come last, in the order given)."""
     order = {setting_key(method, s): i for i, s in enumerate(grid)}
@@ -185,8 +195,14 @@ class CaseLog:
         append_jsonl(self.path, [row], sync=False)
 
 
-def score_setting(lm: LM, requests: Sequence[EditRequest], method: str, setting: Mapping[str, Any],
-                  log: CaseLog | None = None, **fixed: Any) -> dict[str, Any]:
+def score_setting(
+    lm: LM,
+    requests: Sequence[EditRequest],
+    method: str,
+    setting: Mapping[str, Any],
+    log: CaseLog | None = None,
+    **fixed: Any,
+) -> dict[str, Any]:
     """Edit each request alone with `setting`, score it, revert it; means × 100, Score and the median edit time.
     Cases `log` already holds for this setting are read from it, not edited again; new ones are added to it."""
     key = setting_key(method, setting)
@@ -212,10 +228,14 @@ def score_setting(lm: LM, requests: Sequence[EditRequest], method: str, setting:
 
 
 def select(
-    lm: LM, requests: Sequence[EditRequest], methods: Sequence[str],
+    lm: LM,
+    requests: Sequence[EditRequest],
+    methods: Sequence[str],
     grids: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-    on_result: Callable[[dict[str, Any]], None] | None = None, log: CaseLog | None = None,
-    base_preset: str | None = None, **fixed: Any,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    log: CaseLog | None = None,
+    base_preset: str | None = None,
+    **fixed: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Score every grid setting of every method on `requests` (the tuning split).
 
@@ -230,14 +250,18 @@ def select(
     with reused_targets(lm):
         for method in methods:
             given = {**fixed, "preset": base_preset} if base_preset in get_method(method).presets else fixed
-            chosen[method] = _select_one(lm, requests, method, (grids or {}).get(method), rows, on_result, log,
-                                          given)
+            chosen[method] = _select_one(lm, requests, method, (grids or {}).get(method), rows, on_result, log, given)
     return rows, chosen
 
 
 def _select_one(
-    lm: LM, requests: Sequence[EditRequest], method: str, grid: Sequence[Mapping[str, Any]] | None,
-    rows: list[dict[str, Any]], on_result: Callable[[dict[str, Any]], None] | None, log: CaseLog | None,
+    lm: LM,
+    requests: Sequence[EditRequest],
+    method: str,
+    grid: Sequence[Mapping[str, Any]] | None,
+    rows: list[dict[str, Any]],
+    on_result: Callable[[dict[str, Any]], None] | None,
+    log: CaseLog | None,
     fixed: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Score `method` at every setting of its grid (`None`: the default grid, both stages), appending to `rows`;
@@ -249,8 +273,11 @@ def _select_one(
     def run(settings: Sequence[Mapping[str, Any]]) -> None:
         for setting in tqdm(settings, desc=f"{method} grid", unit="setting", leave=False):
             prepare(lm, method, **method_fixed, **setting)
-            row = {"method": method, **dict(setting),
-                   **score_setting(lm, requests, method, setting, log, **method_fixed)}
+            row = {
+                "method": method,
+                **dict(setting),
+                **score_setting(lm, requests, method, setting, log, **method_fixed),
+            }
             mine.append(row)
             if on_result is not None:
                 on_result(row)
@@ -260,7 +287,7 @@ def _select_one(
     else:
         run(default_grid(lm, method))
         grid = default_grid(lm, method, mine)
-        run(grid[len(mine):])  # the second stage, if the method has one
+        run(grid[len(mine) :])  # the second stage, if the method has one
     rows += mine
     best = best_setting(method, mine, grid)
     return {k: best[k] for k in grid[0]}
@@ -279,15 +306,23 @@ def sweep_table(method: str, rows: Sequence[Mapping[str, Any]], grid: Sequence[M
     complete = all(setting_key(method, s) in mine for s in grid)
     best = best_setting(method, list(mine.values()), grid) if complete else None
     header = {"mom2_update_weight": "λ", "lr": "lr", "threshold": "threshold", "weight_decay": "δ decay"}.get(
-        column or "", "")
-    lines = ["| layers | " + " | ".join(f"{header} {c:g}" if column else "Score" for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+        column or "", ""
+    )
+    lines = [
+        "| layers | " + " | ".join(f"{header} {c:g}" if column else "Score" for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
     differ = pairs = 0
     for layers in layer_choices:
         cells = []
         for c in columns:
-            scored = [r for s in grid if tuple(s["layers"]) == layers and (column is None or s[column] == c)
-                      and (r := mine.get(setting_key(method, s))) is not None]
+            scored = [
+                r
+                for s in grid
+                if tuple(s["layers"]) == layers
+                and (column is None or s[column] == c)
+                and (r := mine.get(setting_key(method, s))) is not None
+            ]
             if len(scored) > 1:
                 pairs += 1
                 differ += len({round(r["score"], 6) for r in scored}) > 1

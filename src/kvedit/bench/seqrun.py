@@ -92,8 +92,14 @@ class SequentialRun:
 
     def _chain_meta(self, batches_done: int, history: AlphaEditHistory | None = None) -> dict[str, Any]:
         earlier = sum(len(b) for b in self.batches[:batches_done])
-        meta = {"method": "chain", "run": self.spec.key, "batches_done": batches_done, "n_edited": earlier,
-                "model_name": self.bench.lm.name, "model_fingerprint": self.bench.lm.base_fingerprint}
+        meta = {
+            "method": "chain",
+            "run": self.spec.key,
+            "batches_done": batches_done,
+            "n_edited": earlier,
+            "model_name": self.bench.lm.name,
+            "model_fingerprint": self.bench.lm.base_fingerprint,
+        }
         return meta | ({"history_digest": history.digest()} if history is not None else {})
 
     def pending(self, done: Done) -> bool:
@@ -126,8 +132,13 @@ class SequentialRun:
                 raise ValueError(f"{spec.key}: per-batch patches hold no {spec.method} history; use another --out")
         state: dict[str, Any] = {"chain": restored, "history": history, "retention": None}
         sequence = self.bench.out / SEQUENCE_FILE
-        base = {"run": spec.key, "method": spec.method, "layer": spec.layer, "batch_size": spec.batch_size,
-                "n_batches": len(self.batches)}
+        base = {
+            "run": spec.key,
+            "method": spec.method,
+            "layer": spec.layer,
+            "batch_size": spec.batch_size,
+            "n_batches": len(self.batches),
+        }
         if start == 0 and not any(r["batch"] == -1 for r in sequence_records(bench.out, spec.key)):
             append_jsonl(sequence, [base | {"batch": -1, "n_edited": 0} | meter.measure(None, [], None)])
 
@@ -139,7 +150,9 @@ class SequentialRun:
                 records = bench.runner.records(spec, batch, delta, elapsed, index, {"n_edited": n_edited})
                 now = chain([d for d in (state["chain"], delta) if d is not None], self._chain_meta(index + 1))
                 every = bench.config.lifelong.general_every
-                measured = meter.measure(records, earlier, now, (index + 1) % every == 0 or index == len(self.batches) - 1)
+                measured = meter.measure(
+                    records, earlier, now, (index + 1) % every == 0 or index == len(self.batches) - 1
+                )
                 if "retention" in measured:
                     for r in records:
                         r["earlier_efficacy"] = measured["retention"]["efficacy"]["mean"]
@@ -154,8 +167,9 @@ class SequentialRun:
             except BaseException:
                 delta.revert(lm)  # the batches before it are reverted by edit_in_order
                 raise
-            state.update(chain=now, history=history,
-                         retention=measured.get("retention", {}).get("efficacy", {}).get("mean"))
+            state.update(
+                chain=now, history=history, retention=measured.get("retention", {}).get("efficacy", {}).get("mean")
+            )
             return delta
 
         def status() -> Mapping[str, Any]:
@@ -163,8 +177,17 @@ class SequentialRun:
             return {"retention": "–" if value is None else f"{value:.1f}"}
 
         try:  # the model holds state["chain"]'s edited weights between batches: reverting it restores W₀
-            edit_in_order(lm, self.batches[start:], step, desc=spec.key, progress=bench.progress, leave=False,
-                          start=start, status=status, keep=False)
+            edit_in_order(
+                lm,
+                self.batches[start:],
+                step,
+                desc=spec.key,
+                progress=bench.progress,
+                leave=False,
+                start=start,
+                status=status,
+                keep=False,
+            )
         finally:
             if state["chain"] is not None:
                 state["chain"].revert(lm)

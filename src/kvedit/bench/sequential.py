@@ -103,5 +103,6 @@ def sequential_edit(
         return delta
 
     deltas = edit_in_order(lm, batches, step, desc=f"{method} sequential", progress=progress)
-    return chain(deltas, {"method": method, "sequential": True, "batch_size": batch_size,
-                          "parts": [d.metadata for d in deltas]}), history
+    return chain(
+        deltas, {"method": method, "sequential": True, "batch_size": batch_size, "parts": [d.metadata for d in deltas]}
+    ), history

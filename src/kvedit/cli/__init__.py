@@ -25,9 +25,9 @@ KEPT_ON_INTERRUPT = {
     "bench": "the finished cases are kept in --out; run the same command again to resume",
     "demo": "the finished cases are kept in --out; run the same command again to resume",
     "tune": "finished runs and the last checkpoint (every --checkpoint-every steps) are kept in --out; run the same "
-            "command again to resume from them",
+    "command again to resume from them",
     "analyze": "finished analyses are kept in --out (mined triggers only once mining is complete); run the same "
-               "command again to reuse them",
+    "command again to reuse them",
     "stats": "statistics are cached only once complete; nothing was kept",
 }
 NOTHING_WRITTEN = "nothing was written"
@@ -67,13 +67,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with folder:
             return handlers[args.command](args)
-    except (RequestError, EditError, PatchMismatchError, UnsupportedModelError, ModelLoadError, FileNotFoundError,
-            DistributedError, ValueError) as err:
+    except (
+        RequestError,
+        EditError,
+        PatchMismatchError,
+        UnsupportedModelError,
+        ModelLoadError,
+        FileNotFoundError,
+        DistributedError,
+        ValueError,
+    ) as err:
         print(f"kvedit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"kvedit {args.command}: interrupted; {KEPT_ON_INTERRUPT.get(args.command, NOTHING_WRITTEN)}",
-              file=sys.stderr)
+        print(
+            f"kvedit {args.command}: interrupted; {KEPT_ON_INTERRUPT.get(args.command, NOTHING_WRITTEN)}",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -44,35 +44,68 @@ def trace_kinds(text: str) -> tuple[str, ...]:
 
 
 def _corpus(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default="self",
-                   help="text file, folder of .txt files, hf:<dataset> (needs a hub) or self (text the model "
-                        "samples itself; the default)")
+    p.add_argument(
+        "--corpus",
+        default="self",
+        help="text file, folder of .txt files, hf:<dataset> (needs a hub) or self (text the model "
+        "samples itself; the default)",
+    )
     p.add_argument("--max-length", type=positive_int, default=64, help="tokens per sentence at most (default 64)")
 
 
 def _triggers_opts(p: argparse.ArgumentParser, tokens_flag: str = "--tokens") -> None:
-    p.add_argument(tokens_flag, type=positive_int, default=100_000, dest="trigger_tokens",
-                   help="corpus tokens to mine (default 100000)")
+    p.add_argument(
+        tokens_flag,
+        type=positive_int,
+        default=100_000,
+        dest="trigger_tokens",
+        help="corpus tokens to mine (default 100000)",
+    )
     p.add_argument("--k", type=positive_int, default=50, help="trigger examples kept per memory (default 50)")
-    p.add_argument("--rank", choices=["value", "abs"], default="value",
-                   help="rank prefixes by the signed coefficient (default) or by |coefficient|")
-    p.add_argument("--keys", type=key_list, default=(),
-                   help="memories to write a page for, as LAYER:MEMORY pairs (default: a few random ones)")
-    p.add_argument("--batch-tokens", type=positive_int, default=2048,
-                   help="mining: tokens per forward pass at most, padding included (default 2048); --batch-size "
-                        "caps the sentences (default 512 for mining)")
+    p.add_argument(
+        "--rank",
+        choices=["value", "abs"],
+        default="value",
+        help="rank prefixes by the signed coefficient (default) or by |coefficient|",
+    )
+    p.add_argument(
+        "--keys",
+        type=key_list,
+        default=(),
+        help="memories to write a page for, as LAYER:MEMORY pairs (default: a few random ones)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=positive_int,
+        default=2048,
+        help="mining: tokens per forward pass at most, padding included (default 2048); --batch-size "
+        "caps the sentences (default 512 for mining)",
+    )
 
 
 def _layers_opts(p: argparse.ArgumentParser, tokens_flag: str = "--tokens") -> None:
-    p.add_argument(tokens_flag, type=positive_int, default=2000, dest="layer_tokens",
-                   help="corpus tokens for the layer statistics (default 2000)")
-    p.add_argument("--active-threshold", type=float, default=0.1,
-                   help="non-ReLU FFNs: a memory is active when |m|·‖v‖ ≥ this × the token's largest (default 0.1)")
+    p.add_argument(
+        tokens_flag,
+        type=positive_int,
+        default=2000,
+        dest="layer_tokens",
+        help="corpus tokens for the layer statistics (default 2000)",
+    )
+    p.add_argument(
+        "--active-threshold",
+        type=float,
+        default=0.1,
+        help="non-ReLU FFNs: a memory is active when |m|·‖v‖ ≥ this × the token's largest (default 0.1)",
+    )
 
 
 def _components_opts(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--dataset", required=required, default=None,
-                   help="CounterFact file whose rewrite prompts are used (any format kvedit loads)")
+    p.add_argument(
+        "--dataset",
+        required=required,
+        default=None,
+        help="CounterFact file whose rewrite prompts are used (any format kvedit loads)",
+    )
     p.add_argument("--n", type=positive_int, default=200, help="prompts to use (default 200)")
     p.add_argument("--known-only", action="store_true", help="only prompts whose true object the model prefers")
 
@@ -84,8 +117,12 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     t = asub.add_parser("triggers", help="top-k trigger prefixes of every key, all layers in one pass")
     _corpus(t)
     _triggers_opts(t)
-    t.add_argument("--jsonl-examples", type=positive_int, default=10,
-                   help="examples per memory in the per-layer JSONL (default 10; all k stay in triggers.safetensors)")
+    t.add_argument(
+        "--jsonl-examples",
+        type=positive_int,
+        default=10,
+        help="examples per memory in the per-layer JSONL (default 10; all k stay in triggers.safetensors)",
+    )
 
     v = asub.add_parser("values", help="each value vector's top tokens through the unembedding")
     v.add_argument("--k", type=positive_int, default=10, help="tokens per value (default 10)")
@@ -104,62 +141,121 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     _layers_opts(al, "--layer-tokens")
     _components_opts(al, required=False)
 
-    tr = asub.add_parser("trace", help="causal tracing (ROME): which states carry a fact, per token and layer, "
-                                       "restoring the residual stream, FFN or attention output")
-    tr.add_argument("--dataset", required=True,
-                    help="facts with their true object (any format kvedit loads, e.g. CounterFact); facts the model "
-                         "does not predict are skipped, as ROME does")
+    tr = asub.add_parser(
+        "trace",
+        help="causal tracing (ROME): which states carry a fact, per token and layer, "
+        "restoring the residual stream, FFN or attention output",
+    )
+    tr.add_argument(
+        "--dataset",
+        required=True,
+        help="facts with their true object (any format kvedit loads, e.g. CounterFact); facts the model "
+        "does not predict are skipped, as ROME does",
+    )
     tr.add_argument("--n", type=positive_int, default=200, help="facts to trace (default 200)")
-    tr.add_argument("--kinds", type=trace_kinds, default=("residual", "ffn", "attn"),
-                    help="states to restore: residual, ffn, attn (comma-separated; default all three)")
+    tr.add_argument(
+        "--kinds",
+        type=trace_kinds,
+        default=("residual", "ffn", "attn"),
+        help="states to restore: residual, ffn, attn (comma-separated; default all three)",
+    )
     tr.add_argument("--samples", type=positive_int, default=10, help="noisy copies per fact (default 10, ROME's)")
-    tr.add_argument("--window", type=positive_int, default=10,
-                    help="layers restored at once for ffn and attn (default 10, ROME's [l−5, l+5))")
+    tr.add_argument(
+        "--window",
+        type=positive_int,
+        default=10,
+        help="layers restored at once for ffn and attn (default 10, ROME's [l−5, l+5))",
+    )
     tr.add_argument("--plots", type=non_negative_int, default=3, help="facts drawn as heat maps (default 3)")
 
-    kn = asub.add_parser("neurons", help="knowledge neurons (Dai et al.): the memories each fact's answer depends "
-                                         "on, by integrated gradients, and what suppressing them does")
-    kn.add_argument("--dataset", required=True,
-                    help="facts with their true object (any format kvedit loads); each is asked by its rewrite "
-                         "prompt and its paraphrases")
+    kn = asub.add_parser(
+        "neurons",
+        help="knowledge neurons (Dai et al.): the memories each fact's answer depends "
+        "on, by integrated gradients, and what suppressing them does",
+    )
+    kn.add_argument(
+        "--dataset",
+        required=True,
+        help="facts with their true object (any format kvedit loads); each is asked by its rewrite "
+        "prompt and its paraphrases",
+    )
     kn.add_argument("--n", type=positive_int, default=100, help="facts (default 100)")
-    kn.add_argument("--all-facts", action="store_true",
-                    help="also facts the model does not know (default: only those with P(true) > P(new))")
+    kn.add_argument(
+        "--all-facts",
+        action="store_true",
+        help="also facts the model does not know (default: only those with P(true) > P(new))",
+    )
     kn.add_argument("--steps", type=positive_int, default=20, help="integration steps (default 20, the paper's)")
-    kn.add_argument("--threshold", type=unit_fraction, default=0.2,
-                    help="coarse neurons: attribution ≥ this × the prompt's largest (default 0.2)")
-    kn.add_argument("--bag-ratio", type=unit_fraction, default=0.7,
-                    help="knowledge neurons: coarse in at least this share of the fact's prompts (default 0.7)")
+    kn.add_argument(
+        "--threshold",
+        type=unit_fraction,
+        default=0.2,
+        help="coarse neurons: attribution ≥ this × the prompt's largest (default 0.2)",
+    )
+    kn.add_argument(
+        "--bag-ratio",
+        type=unit_fraction,
+        default=0.7,
+        help="knowledge neurons: coarse in at least this share of the fact's prompts (default 0.7)",
+    )
 
     for p in (t, v, l, c, al, tr, kn):
-        p.add_argument("--out", type=results_folder("analyze"), required=True,
-                       help="results folder (mined triggers in it are reused)")
+        p.add_argument(
+            "--out",
+            type=results_folder("analyze"),
+            required=True,
+            help="results folder (mined triggers in it are reused)",
+        )
         if p in (tr, kn):
             add_model_args(p)
             continue
         if p in (t, v):
             p.add_argument("--layers", type=layer_list, default=None, help="layers (default all)")
         if p in (v, l, al):
-            p.add_argument("--final-norm", action="store_true",
-                           help="read values and FFN outputs as E·norm(v) instead of E·v (the reference's choice)")
-        p.add_argument("--batch-size", type=positive_int, default=None,
-                       help="sentences per forward pass (default: 512 for mining, 8 for layer statistics)")
+            p.add_argument(
+                "--final-norm",
+                action="store_true",
+                help="read values and FFN outputs as E·norm(v) instead of E·v (the reference's choice)",
+            )
+        p.add_argument(
+            "--batch-size",
+            type=positive_int,
+            default=None,
+            help="sentences per forward pass (default: 512 for mining, 8 for layer statistics)",
+        )
         add_model_args(p)
 
-    i = sub.add_parser("inspect", help="prompts: top memories, logit lens, interventions; or what a patch changed "
-                                       "(several prompts share one model load)")
+    i = sub.add_parser(
+        "inspect",
+        help="prompts: top memories, logit lens, interventions; or what a patch changed "
+        "(several prompts share one model load)",
+    )
     i.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts, e.g. 'The capital of France is'")
-    i.add_argument("--prompts-file", type=Path, default=None,
-                   help="a UTF-8 text file with one prompt per line (blank lines skipped), after any PROMPTs")
+    i.add_argument(
+        "--prompts-file",
+        type=Path,
+        default=None,
+        help="a UTF-8 text file with one prompt per line (blank lines skipped), after any PROMPTs",
+    )
     i.add_argument("--triggers", type=Path, default=None, help="a folder with mined triggers to show per memory")
     i.add_argument("--top", type=positive_int, default=10, help="memories per layer (default 10)")
     i.add_argument("--zero", action="append", default=[], metavar="L:i", help="switch memory i of layer L off")
     i.add_argument("--scale", action="append", default=[], metavar="L:i=F", help="multiply memory i of layer L by F")
     i.add_argument("--final-norm", action="store_true", help="read value tokens as E·norm(v)")
     i.add_argument("--patch", type=Path, default=None, help="a kvedit patch: show what it changed on this prompt")
-    i.add_argument("--neighborhood", action="append", default=[], metavar="PROMPT",
-                   help="with --patch: neighbourhood prompts (default: the patch's own)")
-    i.add_argument("--out", type=results_folder("inspect"), default=None, help="also write inspect.json and inspect.md (or patch.*) here")
+    i.add_argument(
+        "--neighborhood",
+        action="append",
+        default=[],
+        metavar="PROMPT",
+        help="with --patch: neighbourhood prompts (default: the patch's own)",
+    )
+    i.add_argument(
+        "--out",
+        type=results_folder("inspect"),
+        default=None,
+        help="also write inspect.json and inspect.md (or patch.*) here",
+    )
     i.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     add_model_args(i)
     return {"analyze": cmd_analyze, "inspect": cmd_inspect}
@@ -184,26 +280,55 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     lm = load(args)
     batch = args.batch_size
     if args.analysis in ("triggers", "all"):
-        done = runs.analyze_triggers(lm, args.out, args.corpus, getattr(args, "layers", None), args.keys, args.k,
-                                     args.trigger_tokens, args.max_length, batch or 512, args.rank,
-                                     getattr(args, "jsonl_examples", 10), batch_tokens=args.batch_tokens)
-        print(f"triggers: {'reused' if done['reused'] else 'mined'} {done['tokens']} tokens, layers "
-              f"{done['layers'][0]}–{done['layers'][-1]}; see {args.out / 'keys.html'} (or keys.md)")
+        done = runs.analyze_triggers(
+            lm,
+            args.out,
+            args.corpus,
+            getattr(args, "layers", None),
+            args.keys,
+            args.k,
+            args.trigger_tokens,
+            args.max_length,
+            batch or 512,
+            args.rank,
+            getattr(args, "jsonl_examples", 10),
+            batch_tokens=args.batch_tokens,
+        )
+        print(
+            f"triggers: {'reused' if done['reused'] else 'mined'} {done['tokens']} tokens, layers "
+            f"{done['layers'][0]}–{done['layers'][-1]}; see {args.out / 'keys.html'} (or keys.md)"
+        )
     projections = None
     if args.analysis in ("values", "all"):
-        done = runs.analyze_values(lm, args.out, getattr(args, "layers", None), args.keys,
-                                   getattr(args, "k", 10) if args.analysis == "values" else 10, args.final_norm)
+        done = runs.analyze_values(
+            lm,
+            args.out,
+            getattr(args, "layers", None),
+            args.keys,
+            getattr(args, "k", 10) if args.analysis == "values" else 10,
+            args.final_norm,
+        )
         print(f"values: see {args.out / 'values.md'}")
         projections = done["projections"] if args.analysis == "all" else None
     if args.analysis in ("layers", "all"):
-        done = runs.analyze_layers(lm, args.out, args.corpus, args.layer_tokens, args.max_length, batch or 8,
-                                   args.final_norm, args.active_threshold, projections=projections)
+        done = runs.analyze_layers(
+            lm,
+            args.out,
+            args.corpus,
+            args.layer_tokens,
+            args.max_length,
+            batch or 8,
+            args.final_norm,
+            args.active_threshold,
+            projections=projections,
+        )
         print((args.out / "layers.md").read_text())
         _print_files(p for p in done["files"] if p.suffix == ".png")
     if args.analysis == "components" or (args.analysis == "all" and args.dataset):
         prompts = runs.counterfact_prompts(lm, args.dataset, args.n, args.known_only)
-        note = (f"the first {len(prompts)} rewrite prompts of {Path(args.dataset).name}"
-                + (" the model gets right" if args.known_only else ""))
+        note = f"the first {len(prompts)} rewrite prompts of {Path(args.dataset).name}" + (
+            " the model gets right" if args.known_only else ""
+        )
         done = runs.analyze_components(lm, args.out, prompts, note)
         print((args.out / "components.md").read_text())
         _print_files(p for p in done["files"] if p.suffix == ".png")
@@ -220,8 +345,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.patch is not None and interventions:
         raise ValueError("--patch shows what a patch changed; --zero/--scale cannot be combined with it")
     if args.triggers is not None and not (args.triggers / "triggers.safetensors").is_file():
-        raise FileNotFoundError(f"--triggers {args.triggers} holds no mined triggers; run `kvedit analyze triggers "
-                                f"--out {args.triggers}` first")
+        raise FileNotFoundError(
+            f"--triggers {args.triggers} holds no mined triggers; run `kvedit analyze triggers "
+            f"--out {args.triggers}` first"
+        )
     if args.patch is not None:
         from ..editing.delta import WeightDelta
 
@@ -233,8 +360,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         lm = load(args)
         triggers = triggers_in(args.triggers, lm) if args.triggers else None
-        reports = [inspect_prompt(lm, prompt, args.top, triggers=triggers, apply_final_norm=args.final_norm,
-                                  interventions=interventions) for prompt in _progress(prompts)]
+        reports = [
+            inspect_prompt(
+                lm, prompt, args.top, triggers=triggers, apply_final_norm=args.final_norm, interventions=interventions
+            )
+            for prompt in _progress(prompts)
+        ]
         report = reports[0] if len(reports) == 1 else reports  # one prompt: the page as before
         text, name = "\n".join(inspect_markdown(r) for r in reports), "inspect"
     if args.out is not None:
@@ -281,11 +412,12 @@ def _cmd_trace(args: argparse.Namespace) -> int:
             marks[method.upper()] = list(getattr(make_settings(lm, method), "layers", ()))
         except ValueError:  # no preset fits this model (e.g. its layers are fewer than the family's)
             pass
-    facts = trace_facts(lm, args.out, requests, args.n, args.samples, args.window, args.kinds,
-                        source=str(args.dataset))
+    facts = trace_facts(lm, args.out, requests, args.n, args.samples, args.window, args.kinds, source=str(args.dataset))
     if not facts:
-        raise ValueError(f"the model predicts the true object of none of the {len(requests)} facts in "
-                         f"{args.dataset}; nothing to trace")
+        raise ValueError(
+            f"the model predicts the true object of none of the {len(requests)} facts in "
+            f"{args.dataset}; nothing to trace"
+        )
     files = write_trace_results(args.out, facts, lm.name, marks, args.plots)
     print(files[0].read_text())
     _print_files(files)
@@ -305,12 +437,12 @@ def _cmd_neurons(args: argparse.Namespace) -> int:
         kept: list = []
         read = 0
         while read < len(requests) and len(kept) < args.n:  # the known-fact filter, until n are found
-            chunk = requests[read:read + 64]
+            chunk = requests[read : read + 64]
             kept += [r for r, known in zip(chunk, known_filter(lm, chunk)) if known]
             read += len(chunk)
         print(f"known-fact filter: {len(kept)} facts with P(true) > P(new) in the first {read}")
         requests = kept
-    records = find_neurons(lm, args.out, requests[:args.n], args.steps, args.threshold, args.bag_ratio)
+    records = find_neurons(lm, args.out, requests[: args.n], args.steps, args.threshold, args.bag_ratio)
     files = write_neuron_results(args.out, records, lm.name, lm.num_layers)
     print(files[0].read_text())
     _print_files(files)

@@ -59,21 +59,36 @@ def device_name(text: str) -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="HF id, local folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default=None, help="HF id, local folder or .gguf file (default: bundled SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
-    p.add_argument("--device", default="cpu", type=device_name,
-                   help="cpu (default), cuda, cuda:N, mps, or auto (the first accelerator present, else cpu)")
-    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
-                   help="split a model too large for one device over every device present (transformers' "
-                        "device_map; replaces --device)")
-    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="precision of the editors' inner loops (target optimisation, fine-tuning steps); the "
-                        "weights written stay exact. bfloat16 needs bfloat16 matrix units (AMX, AVX512-BF16, a GPU); "
-                        "`kvedit models` says whether they were found")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a model folder's own Python code to run (off by default: kvedit never runs it "
-                        "unless asked)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        type=device_name,
+        help="cpu (default), cuda, cuda:N, mps, or auto (the first accelerator present, else cpu)",
+    )
+    p.add_argument(
+        "--device-map",
+        default=None,
+        choices=["auto", "balanced", "sequential"],
+        help="split a model too large for one device over every device present (transformers' "
+        "device_map; replaces --device)",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="precision of the editors' inner loops (target optimisation, fine-tuning steps); the "
+        "weights written stay exact. bfloat16 needs bfloat16 matrix units (AMX, AVX512-BF16, a GPU); "
+        "`kvedit models` says whether they were found",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a model folder's own Python code to run (off by default: kvedit never runs it unless asked)",
+    )
 
 
 def load(args: argparse.Namespace):
@@ -84,9 +99,13 @@ def load(args: argparse.Namespace):
 
     device = resolve_device(getattr(args, "device", "cpu"))
     compute = check_compute_dtype(getattr(args, "compute_dtype", "float32"), device)  # before the model loads
-    lm = load_model(args.model, device=device, dtype=args.dtype,
-                    trust_remote_code=getattr(args, "trust_remote_code", False),
-                    device_map=getattr(args, "device_map", None))
+    lm = load_model(
+        args.model,
+        device=device,
+        dtype=args.dtype,
+        trust_remote_code=getattr(args, "trust_remote_code", False),
+        device_map=getattr(args, "device_map", None),
+    )
     return set_compute_dtype(lm, compute)
 
 
@@ -96,12 +115,14 @@ def method_list(text: str) -> tuple[str, ...]:
 
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
     if not methods:
-        raise argparse.ArgumentTypeError(f"expected comma-separated methods out of {', '.join(METHOD_NAMES)}; "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated methods out of {', '.join(METHOD_NAMES)}; got {text!r}"
+        )
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method {', '.join(map(repr, unknown))}; expected methods out of "
-                                         f"{', '.join(METHOD_NAMES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown method {', '.join(map(repr, unknown))}; expected methods out of {', '.join(METHOD_NAMES)}"
+        )
     return methods
 
 
@@ -110,9 +131,13 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not subs:
         if not any("--threads" in a.option_strings for a in parser._actions):
-            parser.add_argument("--threads", type=positive_int, default=None,
-                                help="CPU threads for torch (default: one per core, waiting without spinning so "
-                                     "that two kvedit processes share the cores)")
+            parser.add_argument(
+                "--threads",
+                type=positive_int,
+                default=None,
+                help="CPU threads for torch (default: one per core, waiting without spinning so "
+                "that two kvedit processes share the cores)",
+            )
         return
     for child in {id(p): p for s in subs for p in s.choices.values()}.values():
         add_threads_option(child)

@@ -24,27 +24,55 @@ def port_number(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    e = sub.add_parser("explore", help="the memory explorer: a local web page to look inside FFN memories, "
-                                       "intervene, edit and revert",
-                       description="Serve the memory explorer for one model on http://HOST:PORT (loopback only "
-                                   "unless --host says otherwise): prompt view, memory view, interventions, edits.")
-    e.add_argument("--mined", type=Path, default=None,
-                   help="a folder with mined trigger examples (`kvedit analyze triggers --out DIR`) to show per memory")
-    e.add_argument("--corpus", default="self",
-                   help="what 'Mine this layer' reads: a text file, a folder of .txt files, hf:<dataset>, or self "
-                        "(text the model samples itself; the default)")
-    e.add_argument("--mine-tokens", type=positive_int, default=20_000,
-                   help="corpus tokens mined per layer on the fly (default 20000; the page can change it)")
-    e.add_argument("--mine-rank", choices=["value", "abs"], default="value",
-                   help="rank mined prefixes by the signed coefficient (default) or by |coefficient| (gated FFNs "
-                        "also write strongly with negative coefficients)")
-    e.add_argument("--stats", default=None, dest="stats_source",
-                   help="rome/memit/pmet: corpus for key statistics (default: the preset's, 'self')")
-    e.add_argument("--stats-tokens", type=positive_int, default=None,
-                   help="rome/memit/pmet: tokens of the statistics corpus (default: the preset's)")
-    e.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 lets anyone who can "
-                        "reach it look at and edit the model)")
+    e = sub.add_parser(
+        "explore",
+        help="the memory explorer: a local web page to look inside FFN memories, intervene, edit and revert",
+        description="Serve the memory explorer for one model on http://HOST:PORT (loopback only "
+        "unless --host says otherwise): prompt view, memory view, interventions, edits.",
+    )
+    e.add_argument(
+        "--mined",
+        type=Path,
+        default=None,
+        help="a folder with mined trigger examples (`kvedit analyze triggers --out DIR`) to show per memory",
+    )
+    e.add_argument(
+        "--corpus",
+        default="self",
+        help="what 'Mine this layer' reads: a text file, a folder of .txt files, hf:<dataset>, or self "
+        "(text the model samples itself; the default)",
+    )
+    e.add_argument(
+        "--mine-tokens",
+        type=positive_int,
+        default=20_000,
+        help="corpus tokens mined per layer on the fly (default 20000; the page can change it)",
+    )
+    e.add_argument(
+        "--mine-rank",
+        choices=["value", "abs"],
+        default="value",
+        help="rank mined prefixes by the signed coefficient (default) or by |coefficient| (gated FFNs "
+        "also write strongly with negative coefficients)",
+    )
+    e.add_argument(
+        "--stats",
+        default=None,
+        dest="stats_source",
+        help="rome/memit/pmet: corpus for key statistics (default: the preset's, 'self')",
+    )
+    e.add_argument(
+        "--stats-tokens",
+        type=positive_int,
+        default=None,
+        help="rome/memit/pmet: tokens of the statistics corpus (default: the preset's)",
+    )
+    e.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 lets anyone who can "
+        "reach it look at and edit the model)",
+    )
     e.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0 picks a free one)")
     add_model_args(e)
     return {"explore": cmd_explore}
@@ -68,8 +96,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port "
-                         "(or --port 0 for a free one)") from None
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({err.strerror}); pass another --port (or --port 0 for a free one)"
+        ) from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
@@ -83,10 +112,17 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from ..explore.security import loopback_origins
 
     if args.mined is not None and not (args.mined / TRIGGERS_FILE).is_file():
-        raise FileNotFoundError(f"--mined {args.mined} holds no mined triggers ({TRIGGERS_FILE}); run `kvedit analyze "
-                                f"triggers --out {args.mined}` first, or leave --mined out and mine layers in the page")
-    settings = ExploreSettings(corpus=args.corpus, mine_tokens=args.mine_tokens, mine_rank=args.mine_rank,
-                               stats_source=args.stats_source, stats_tokens=args.stats_tokens)
+        raise FileNotFoundError(
+            f"--mined {args.mined} holds no mined triggers ({TRIGGERS_FILE}); run `kvedit analyze "
+            f"triggers --out {args.mined}` first, or leave --mined out and mine layers in the page"
+        )
+    settings = ExploreSettings(
+        corpus=args.corpus,
+        mine_tokens=args.mine_tokens,
+        mine_rank=args.mine_rank,
+        stats_source=args.stats_source,
+        stats_tokens=args.stats_tokens,
+    )
     sock = bind_socket(args.host, args.port)  # before loading: a taken port fails at once
     triggers = TriggerSet.load(args.mined) if args.mined is not None else None
     lm = load(args)
@@ -99,14 +135,18 @@ def cmd_explore(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"kvedit explore: {lm.name} ({lm.num_layers} layers) at http://{shown}:{port}/")
     if loopback:
-        print("listening on the loopback interface only: reachable from this machine, not from the network "
-              "(--host 0.0.0.0 to change that)")
+        print(
+            "listening on the loopback interface only: reachable from this machine, not from the network "
+            "(--host 0.0.0.0 to change that)"
+        )
     else:
         print(f"listening on {host}: anyone who can reach this address can look at and edit the model")
     if triggers is not None:
         print(f"trigger examples of layers {triggers.layers[0]}–{triggers.layers[-1]} from {args.mined}")
-    print("Ctrl-C stops the server (edits live in memory only; download a patch to keep one); a running job is "
-          "cancelled first and its weights restored")
+    print(
+        "Ctrl-C stops the server (edits live in memory only; download a patch to keep one); a running job is "
+        "cancelled first and its weights restored"
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     try:
         server.run(sockets=[sock])  # Ctrl-C: uvicorn shuts down (the app's lifespan cancels the job), then re-raises

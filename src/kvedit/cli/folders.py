@@ -26,7 +26,11 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
 
 #: command -> the folder kinds it may add to (inspect may write beside the analyses it reads)
 WRITES_INTO: dict[str, tuple[str, ...]] = {
-    "bench": ("bench",), "demo": ("bench",), "tune": ("tune",), "analyze": ("analyze",), "compare": ("compare",),
+    "bench": ("bench",),
+    "demo": ("bench",),
+    "tune": ("tune",),
+    "analyze": ("analyze",),
+    "compare": ("compare",),
     "inspect": ("inspect", "analyze"),
 }
 
@@ -50,13 +54,16 @@ def folder_kind(folder: Path) -> str | None:
 def check_results_folder(out: Path, command: str) -> Path:
     """Refuse `--out` when it is an existing file or a folder another command wrote. Raises ValueError."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is an existing file; expected a folder (new, or one `kvedit {command}` "
-                         "wrote before)")
+        raise ValueError(
+            f"--out {out} is an existing file; expected a folder (new, or one `kvedit {command}` wrote before)"
+        )
     if out.is_dir():
         kind = folder_kind(out)
         if kind is not None and kind not in WRITES_INTO[command]:
-            raise ValueError(f"--out {out} holds the results of `kvedit {kind}`; `kvedit {command}` would mix its "
-                             "files in. Choose another folder")
+            raise ValueError(
+                f"--out {out} holds the results of `kvedit {kind}`; `kvedit {command}` would mix its "
+                "files in. Choose another folder"
+            )
     return out
 
 

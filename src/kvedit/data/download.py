@@ -33,13 +33,15 @@ class OfficialDataset:
     format: str
 
 
-OFFICIAL_DATASETS: Mapping[str, OfficialDataset] = MappingProxyType({
-    "counterfact": OfficialDataset("counterfact.json", f"{DSETS_URL}/counterfact.json", "counterfact"),
-    "multi_counterfact": OfficialDataset(
-        "multi_counterfact.json", f"{DSETS_URL}/multi_counterfact.json", "counterfact"
-    ),
-    "zsre": OfficialDataset("zsre_mend_eval.json", f"{DSETS_URL}/zsre_mend_eval.json", "zsre"),
-})
+OFFICIAL_DATASETS: Mapping[str, OfficialDataset] = MappingProxyType(
+    {
+        "counterfact": OfficialDataset("counterfact.json", f"{DSETS_URL}/counterfact.json", "counterfact"),
+        "multi_counterfact": OfficialDataset(
+            "multi_counterfact.json", f"{DSETS_URL}/multi_counterfact.json", "counterfact"
+        ),
+        "zsre": OfficialDataset("zsre_mend_eval.json", f"{DSETS_URL}/zsre_mend_eval.json", "zsre"),
+    }
+)
 
 
 def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
@@ -67,9 +69,9 @@ def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
 
 
 #: The reference's consistency resources (`AttributeSnippets`, TF-IDF idf weights and vocabulary).
-CONSISTENCY_FILES: Mapping[str, str] = MappingProxyType({
-    name: f"{DSETS_URL}/{name}" for name in ("attribute_snippets.json", "idf.npy", "tfidf_vocab.json")
-})
+CONSISTENCY_FILES: Mapping[str, str] = MappingProxyType(
+    {name: f"{DSETS_URL}/{name}" for name in ("attribute_snippets.json", "idf.npy", "tfidf_vocab.json")}
+)
 
 
 def official_file(filename: str, url: str) -> Path:

@@ -80,8 +80,7 @@ def _parse_json_list(path: Path, text: str, limit: int | None) -> list[Any]:
         i = _skip_ws(text, i)
         if i >= len(text):
             raise DatasetError(
-                f"{path} record {len(records) - 1}: file ends after this record; expected ',' or ']' "
-                "(truncated JSON?)"
+                f"{path} record {len(records) - 1}: file ends after this record; expected ',' or ']' (truncated JSON?)"
             )
         if text[i] == "]":
             if _skip_ws(text, i + 1) < len(text):
@@ -148,8 +147,10 @@ def _convert_all(
             if request.case_id is None:
                 request = replace(request, case_id=index)
             if request.case_id in seen:
-                raise RecordProblem(f"case_id {request.case_id!r} was already used by record "
-                                     f"{seen[request.case_id]}; every case needs its own id")
+                raise RecordProblem(
+                    f"case_id {request.case_id!r} was already used by record "
+                    f"{seen[request.case_id]}; every case needs its own id"
+                )
             seen[request.case_id] = index
             requests.append(request)
         except RecordProblem as e:

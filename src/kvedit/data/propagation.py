@@ -20,7 +20,6 @@ case's edits, applied together). Problems raise `DatasetError` naming the file, 
 and the field, as `data/loaders.py` does; CounterFact's requests come from its `load_counterfact`.
 """
 
-
 from __future__ import annotations
 
 import warnings
@@ -86,16 +85,19 @@ def _convert(path: Path, records: Sequence[Any], fmt: str, skip_invalid: bool) -
             else:
                 case = convert(record, index)
             if case.case_id in seen:
-                raise RecordProblem(f"case_id {case.case_id!r} was already used by record {seen[case.case_id]}; "
-                                     "every case needs its own id")
+                raise RecordProblem(
+                    f"case_id {case.case_id!r} was already used by record {seen[case.case_id]}; "
+                    "every case needs its own id"
+                )
             seen[case.case_id] = index
             cases.append(case)
         except RecordProblem as e:
             raise DatasetError(f"{where}: {e}") from None
         except RequestError as e:
             if not skip_invalid:
-                raise DatasetError(f"{where}: invalid edit request: {e} (skip_invalid=True leaves such records "
-                                   "out with a warning)") from e
+                raise DatasetError(
+                    f"{where}: invalid edit request: {e} (skip_invalid=True leaves such records out with a warning)"
+                ) from e
             skipped.append(index)
     if skipped:
         shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
@@ -177,14 +179,16 @@ def load_propagation(
     return _convert(path, records, fmt, skip_invalid)
 
 
-def load_counterfact_portability(path: PathLike, limit: int | None = None, *,
-                                 skip_invalid: bool = False) -> list[PortabilityCase]:
+def load_counterfact_portability(
+    path: PathLike, limit: int | None = None, *, skip_invalid: bool = False
+) -> list[PortabilityCase]:
     """CounterFact + one-hop portability (EasyEdit's ``counterfact_portability_gpt4.json``)."""
     return load_propagation(path, "counterfact-portability", limit, skip_invalid=skip_invalid)
 
 
-def load_zsre_portability(path: PathLike, limit: int | None = None, *,
-                          skip_invalid: bool = False) -> list[PortabilityCase]:
+def load_zsre_portability(
+    path: PathLike, limit: int | None = None, *, skip_invalid: bool = False
+) -> list[PortabilityCase]:
     """MEND zsRE + one-hop portability (``zsre_mend_eval_portability_gpt4.json``): target_new = alt."""
     return load_propagation(path, "zsre-portability", limit, skip_invalid=skip_invalid)
 

@@ -14,7 +14,9 @@ PROPAGATION_FORMATS: tuple[str, ...] = ("counterfact-portability", "zsre-portabi
 #: probe kinds: the one-hop question of the portability files, and KnowEdit's three portability kinds
 PORTABILITY_KINDS: tuple[str, ...] = ("one_hop", "reasoning", "subject_aliasing", "logical_generalization")
 _KNOWEDIT_KINDS: Mapping[str, str] = {
-    "Reasoning": "reasoning", "Subject_Aliasing": "subject_aliasing", "Logical_Generalization": "logical_generalization",
+    "Reasoning": "reasoning",
+    "Subject_Aliasing": "subject_aliasing",
+    "Logical_Generalization": "logical_generalization",
 }
 
 
@@ -132,10 +134,14 @@ def _from_zsre_portability(record: Mapping[str, Any], index: int) -> Portability
         raise RecordProblem("key 'answers' is empty; expected the true answer(s)")
     # EasyEdit's zsRE edit (target_new = alt, ground truth = answers[0]); neighborhood as kvedit's zsRE loader
     request = EditRequest(
-        prompt=_template(field(record, "src"), subject, "src"), subject=subject, target_new=alt,
+        prompt=_template(field(record, "src"), subject, "src"),
+        subject=subject,
+        target_new=alt,
         target_true=None if answers[0].strip() == alt.strip() else answers[0],
-        paraphrase_prompts=(field(record, "rephrase"),), neighborhood_prompts=(field(record, "loc") + "?",),
-        neighborhood_target=field(record, "loc_ans"), case_id=index,
+        paraphrase_prompts=(field(record, "rephrase"),),
+        neighborhood_prompts=(field(record, "loc") + "?",),
+        neighborhood_target=field(record, "loc_ans"),
+        case_id=index,
     )
     return PortabilityCase(request, probes, true_answers=answers, recalled_relation=relation)
 
@@ -145,8 +151,9 @@ def _probe_list(record: Mapping[str, Any], dotted: str, kind: str) -> tuple[Prob
     for j, item in enumerate(field(record, dotted, list)):
         where = f"{dotted}[{j}]"
         if not isinstance(item, dict):
-            raise RecordProblem(f"key {where!r} should be an object with 'prompt' and 'ground_truth', "
-                                 f"got {type(item).__name__}")
+            raise RecordProblem(
+                f"key {where!r} should be an object with 'prompt' and 'ground_truth', got {type(item).__name__}"
+            )
         try:
             prompt = field(item, "prompt")
         except RecordProblem as e:
@@ -154,18 +161,24 @@ def _probe_list(record: Mapping[str, Any], dotted: str, kind: str) -> tuple[Prob
         truth = item.get("ground_truth")
         answers = (truth,) if isinstance(truth, str) else tuple(truth) if isinstance(truth, list) else ()
         # nested lists (KnowEdit's counterfact split: [["a", "alias"]]) flatten to answer + aliases
-        answers = tuple(a for x in answers for a in ((x,) if isinstance(x, str) else x if isinstance(x, list) else (x,)))
+        answers = tuple(
+            a for x in answers for a in ((x,) if isinstance(x, str) else x if isinstance(x, list) else (x,))
+        )
         if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-            raise RecordProblem(f"key '{where}.ground_truth' should be a non-empty string or list of strings, "
-                                 f"got {truth!r:.80}")
+            raise RecordProblem(
+                f"key '{where}.ground_truth' should be a non-empty string or list of strings, got {truth!r:.80}"
+            )
         probes.append(Probe(kind, prompt, answers))
     return tuple(probes)
 
 
 def _from_knowedit(record: Mapping[str, Any], index: int) -> PortabilityCase:
     subject, prompt = field(record, "subject"), field(record, "prompt")
-    truth = strings(record, "ground_truth") if isinstance(record.get("ground_truth"), list) \
+    truth = (
+        strings(record, "ground_truth")
+        if isinstance(record.get("ground_truth"), list)
         else (field(record, "ground_truth"),)
+    )
     if not truth:
         raise RecordProblem("key 'ground_truth' is empty; expected the unedited answer(s)")
     target_new = field(record, "target_new")
@@ -176,8 +189,11 @@ def _from_knowedit(record: Mapping[str, Any], index: int) -> PortabilityCase:
             raise RecordProblem(f"unknown portability kind {key!r}; expected some of {sorted(_KNOWEDIT_KINDS)}")
         portability += _probe_list(record, f"portability.{key}", _KNOWEDIT_KINDS[key])
     locality = record.get("locality") or {}
-    relation = _probe_list(record, "locality.Relation_Specificity", "relation_specificity") \
-        if "Relation_Specificity" in locality else ()
+    relation = (
+        _probe_list(record, "locality.Relation_Specificity", "relation_specificity")
+        if "Relation_Specificity" in locality
+        else ()
+    )
     request = EditRequest(
         prompt=_template(prompt, subject, "prompt"),
         subject=subject,
@@ -227,8 +243,11 @@ def _from_mquake(record: Mapping[str, Any], index: int) -> MquakeCase:
             target_new = field(rewrite, "target_new.str")
             relation, target_id = rewrite.get("relation_id"), rewrite.get("target_new", {}).get("id")
             request = EditRequest(
-                prompt=field(rewrite, "prompt"), subject=field(rewrite, "subject"), target_new=target_new,
-                target_true=field(rewrite, "target_true.str"), case_id=f"{case_id}/{j}",
+                prompt=field(rewrite, "prompt"),
+                subject=field(rewrite, "subject"),
+                target_new=target_new,
+                target_true=field(rewrite, "target_true.str"),
+                case_id=f"{case_id}/{j}",
                 attribute=f"{relation}/{target_id}" if relation and target_id else None,
             )
         except RecordProblem as e:
@@ -240,11 +259,15 @@ def _from_mquake(record: Mapping[str, Any], index: int) -> MquakeCase:
         edit_questions.append(question)
         edit_answers.append(hop.answers if hop is not None and hop.answers[0] == target_new else (target_new,))
     return MquakeCase(
-        case_id=case_id, requests=tuple(requests), edit_questions=tuple(edit_questions),
-        edit_answers=tuple(edit_answers), questions=questions,
+        case_id=case_id,
+        requests=tuple(requests),
+        edit_questions=tuple(edit_questions),
+        edit_answers=tuple(edit_answers),
+        questions=questions,
         answers=_aliases(record, "answer", "answer_alias"),
         new_answers=_aliases(record, "new_answer", "new_answer_alias"),
-        single_hops=_hops(record, "single_hops"), new_single_hops=new_hops,
+        single_hops=_hops(record, "single_hops"),
+        new_single_hops=new_hops,
     )
 
 
@@ -257,4 +280,3 @@ CONVERTERS: Mapping[str, Callable[[Mapping[str, Any], int], Any] | None] = {
 
 
 # ---------------------------------------------------------------- loading
-

@@ -22,8 +22,10 @@ def check_text(value: Any, field: str, max_chars: int | None = None) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise RequestError(f"{field} holds a character that is not valid Unicode ({value[err.start]!r} at "
-                           f"position {err.start}: a lone surrogate); send the text as valid UTF-8") from None
+        raise RequestError(
+            f"{field} holds a character that is not valid Unicode ({value[err.start]!r} at "
+            f"position {err.start}: a lone surrogate); send the text as valid UTF-8"
+        ) from None
     if "\x00" in value:
         raise RequestError(f"{field} holds a NUL character (at position {value.index(chr(0))}); remove it")
     if max_chars is not None and len(value) > max_chars:
@@ -95,9 +97,7 @@ class EditRequest:
             if not self.target_true.strip():
                 raise RequestError(f"{who}: target_true is empty; leave it out (None) or give the current object")
             if self.target_true.strip() == self.target_new.strip():
-                raise RequestError(
-                    f"{who}: target_new equals target_true ({self.target_new!r}); nothing to edit"
-                )
+                raise RequestError(f"{who}: target_new equals target_true ({self.target_new!r}); nothing to edit")
         template = self.prompt.replace("{}", " ")
         for name in ("target_new", "target_true"):
             target = getattr(self, name)

@@ -21,4 +21,5 @@ def read_utf8(path: str | Path) -> str:
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         raise TextFileError(
             f"{path} line {line}, column {column}: byte 0x{data[err.start]:02x} is not UTF-8; expected a UTF-8 file "
-            "(re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`)") from None
+            "(re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None

@@ -15,10 +15,19 @@ if TYPE_CHECKING:
     from .registry import METHODS, EditMethod, edit, get_method, make_settings, prepare
 
 _EXPORTS = {
-    "EditError": ".delta", "PatchMismatchError": ".delta", "WeightDelta": ".delta", "WeightGuard": ".delta",
-    "FT_PRESETS": ".finetune", "FTHyperParams": ".finetune", "finetune_edit": ".finetune",
-    "METHODS": ".registry", "EditMethod": ".registry", "edit": ".registry", "get_method": ".registry",
-    "make_settings": ".registry", "prepare": ".registry",
+    "EditError": ".delta",
+    "PatchMismatchError": ".delta",
+    "WeightDelta": ".delta",
+    "WeightGuard": ".delta",
+    "FT_PRESETS": ".finetune",
+    "FTHyperParams": ".finetune",
+    "finetune_edit": ".finetune",
+    "METHODS": ".registry",
+    "EditMethod": ".registry",
+    "edit": ".registry",
+    "get_method": ".registry",
+    "make_settings": ".registry",
+    "prepare": ".registry",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

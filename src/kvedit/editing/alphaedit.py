@@ -96,11 +96,16 @@ _REFERENCE_ROWS: dict[str, dict[str, Any]] = {
     "llama": dict(layers=(4, 5, 6, 7, 8), max_steps=25, lr=0.1, weight_decay=0.5),
 }
 _FROM_MEMIT = ("gpt-neox", "smollm2", "gemma3-270m")
-ALPHAEDIT_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
-    **{name: row | dict(l2=10.0, nullspace_threshold=2e-2) for name, row in _REFERENCE_ROWS.items()},
-    **{name: {k: v for k, v in MEMIT_PRESETS[name].items() if k != "mom2_update_weight"}
-       | dict(l2=10.0, nullspace_threshold=2e-2) for name in _FROM_MEMIT},
-})
+ALPHAEDIT_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets(
+    {
+        **{name: row | dict(l2=10.0, nullspace_threshold=2e-2) for name, row in _REFERENCE_ROWS.items()},
+        **{
+            name: {k: v for k, v in MEMIT_PRESETS[name].items() if k != "mom2_update_weight"}
+            | dict(l2=10.0, nullspace_threshold=2e-2)
+            for name in _FROM_MEMIT
+        },
+    }
+)
 
 
 @dataclass
@@ -117,8 +122,9 @@ class AlphaEditRecords:
     history: AlphaEditHistory | None
 
 
-def alphaedit_update(keys: torch.Tensor, assigned: torch.Tensor, projector: torch.Tensor,
-                     history_sum: torch.Tensor, l2: float) -> torch.Tensor:
+def alphaedit_update(
+    keys: torch.Tensor, assigned: torch.Tensor, projector: torch.Tensor, history_sum: torch.Tensor, l2: float
+) -> torch.Tensor:
     """ΔW `[d_out, d_k]` = Xᵀ with X = (P (KᵀK + C) + λI)⁻¹ P Kᵀ A, in the dtype of `keys`.
 
     keys `[N, d_k]` (a row per request); assigned `[N, d_out]` (each request's share of the residual for this
@@ -139,8 +145,9 @@ def alphaedit_prepare(lm: LM, hparams: AlphaEditHyperParams) -> None:
     context_templates(lm, MEMIT_TEMPLATES)
     key_statistics(lm, list(hparams.layers), hparams.stats_source, hparams.stats_tokens)
     for layer in hparams.layers:
-        null_space_projector(lm, layer, hparams.stats_source, hparams.stats_tokens, hparams.nullspace_threshold,
-                             hparams.precision)
+        null_space_projector(
+            lm, layer, hparams.stats_source, hparams.stats_tokens, hparams.nullspace_threshold, hparams.precision
+        )
 
 
 def alphaedit_parameters(lm: LM, hp: AlphaEditHyperParams) -> list[str]:
@@ -148,8 +155,9 @@ def alphaedit_parameters(lm: LM, hp: AlphaEditHyperParams) -> list[str]:
     return [f"{lm.values_path(l)}.weight" for l in hp.layers]
 
 
-def alphaedit_edit(lm: LM, requests: Sequence[EditRequest], hparams: AlphaEditHyperParams,
-                   history: AlphaEditHistory | None = None) -> EditOutcome:
+def alphaedit_edit(
+    lm: LM, requests: Sequence[EditRequest], hparams: AlphaEditHyperParams, history: AlphaEditHistory | None = None
+) -> EditOutcome:
     """Edit all `requests` at once into the values of `hparams.layers`, in place (see the module doc).
 
     history: Σ K Kᵀ of the earlier batches of a sequential run (None or an empty history: the first batch).
@@ -160,14 +168,20 @@ def alphaedit_edit(lm: LM, requests: Sequence[EditRequest], hparams: AlphaEditHy
     if history is not None:
         history.check_model(lm)
     dtype = torch_dtype(hparams.precision)
-    projectors = {l: null_space_projector(lm, l, hparams.stats_source, hparams.stats_tokens,
-                                          hparams.nullspace_threshold, hparams.precision) for l in layers}
+    projectors = {
+        l: null_space_projector(
+            lm, l, hparams.stats_source, hparams.stats_tokens, hparams.nullspace_threshold, hparams.precision
+        )
+        for l in layers
+    }
     null_dims = {l: p.null_dim for l, p in projectors.items()}
     empty = [l for l, n in null_dims.items() if n == 0]
     if empty:
-        warnings.warn(f"AlphaEdit: no eigenvalue of E[kkᵀ] is below {hparams.nullspace_threshold:g} at layer(s) "
-                      f"{empty}, so P = 0 there and those layers cannot change; raise nullspace_threshold",
-                      stacklevel=2)
+        warnings.warn(
+            f"AlphaEdit: no eigenvalue of E[kkᵀ] is below {hparams.nullspace_threshold:g} at layer(s) "
+            f"{empty}, so P = 0 there and those layers cannot change; raise nullspace_threshold",
+            stacklevel=2,
+        )
     templates = context_templates(lm, MEMIT_TEMPLATES)
     site = ("residual", layers[-1])
     vectors, steps = optimize_targets(lm, requests, [site], templates, hparams.target_options())
@@ -187,8 +201,7 @@ def alphaedit_edit(lm: LM, requests: Sequence[EditRequest], hparams: AlphaEditHy
             remaining = target.goal.double() - measured
             assigned = remaining * share
         history_sum = (history or AlphaEditHistory()).sum_for(layer, keys.shape[1], dtype, dev)
-        update = alphaedit_update(keys, assigned.to(dtype), projectors[layer].matrix.to(dev), history_sum,
-                                  hparams.l2)
+        update = alphaedit_update(keys, assigned.to(dtype), projectors[layer].matrix.to(dev), history_sum, hparams.l2)
         if not torch.isfinite(update).all():
             raise EditError(f"AlphaEdit's update of layer {layer} is not finite; weights restored")
         with torch.no_grad():
@@ -198,6 +211,9 @@ def alphaedit_edit(lm: LM, requests: Sequence[EditRequest], hparams: AlphaEditHy
     if history is not None:  # the reference adds the keys measured on the fully edited model
         keys_after = {l: subject_keys(lm, l, requests, templates).to(dtype) for l in layers}
         after = history.added(keys_after, len(requests), lm.base_fingerprint)
-    result = {"layers": summarize_records([target]), "null_space_dims": {str(l): n for l, n in null_dims.items()},
-              "history_edits_before": None if history is None else history.n_edits}
+    result = {
+        "layers": summarize_records([target]),
+        "null_space_dims": {str(l): n for l, n in null_dims.items()},
+        "history_edits_before": None if history is None else history.n_edits,
+    }
     return EditOutcome(steps=sum(steps), records=AlphaEditRecords(target.records, null_dims, after), result=result)

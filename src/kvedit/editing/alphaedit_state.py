@@ -58,6 +58,7 @@ def _digest(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> str
 
 # ------------------------------------------------------------------------------------------- the projector
 
+
 @dataclass(frozen=True)
 class Projector:
     """P `[d_k, d_k]` for one layer, and how it was made.
@@ -99,8 +100,15 @@ def _projector_path(lm: LM, layer: int, source: str, n_tokens: int, threshold: f
 
 
 def _projector_meta(lm: LM, layer: int, source: str, n_tokens: int, threshold: float, precision: str) -> dict[str, str]:
-    return {"model": lm.base_fingerprint, "layer": str(layer), "source": source, "n_tokens": str(n_tokens),
-            "threshold": repr(threshold), "precision": precision, "statistic": "values mom2 (sum / count)"}
+    return {
+        "model": lm.base_fingerprint,
+        "layer": str(layer),
+        "source": source,
+        "n_tokens": str(n_tokens),
+        "threshold": repr(threshold),
+        "precision": precision,
+        "statistic": "values mom2 (sum / count)",
+    }
 
 
 def _load_projector(path: Path, expect: dict[str, str], dtype: torch.dtype) -> Projector | None:
@@ -124,7 +132,12 @@ def _load_projector(path: Path, expect: dict[str, str], dtype: torch.dtype) -> P
 
 
 def null_space_projector(
-    lm: LM, layer: int, source: str, n_tokens: int, threshold: float, precision: Precision = "float32",
+    lm: LM,
+    layer: int,
+    source: str,
+    n_tokens: int,
+    threshold: float,
+    precision: Precision = "float32",
     use_cache: bool = True,
 ) -> Projector:
     """P for `layer`'s values-module keys from `key_statistics(lm, [layer], source, n_tokens)`.
@@ -146,13 +159,16 @@ def null_space_projector(
         if use_cache:
             tensors = {"P": found.matrix.contiguous(), "eigenvalues": found.eigenvalues.contiguous()}
             full = meta | {"null_dim": str(found.null_dim)}
-            write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=full | {"sha256": _digest(tensors, full)}))
+            write_atomic(
+                path, lambda tmp: save_file(tensors, str(tmp), metadata=full | {"sha256": _digest(tensors, full)})
+            )
     if use_cache:
         lm.memo[memo_key] = found
     return found
 
 
 # --------------------------------------------------------------------------------------------- the history
+
 
 @dataclass(frozen=True)
 class AlphaEditHistory:
@@ -183,8 +199,10 @@ class AlphaEditHistory:
     def check_model(self, lm: LM) -> None:
         """Refuse a history that was built on another model."""
         if self.model and self.model != lm.base_fingerprint:
-            raise ValueError(f"this AlphaEdit history belongs to the model with fingerprint {self.model}; this model "
-                             f"is {lm.base_fingerprint}. Start a new history for a new run")
+            raise ValueError(
+                f"this AlphaEdit history belongs to the model with fingerprint {self.model}; this model "
+                f"is {lm.base_fingerprint}. Start a new history for a new run"
+            )
 
     def sum_for(self, layer: int, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         """Σ K Kᵀ `[dim, dim]` of `layer` (zeros if the layer has no history yet) as `dtype` on `device`."""
@@ -242,7 +260,9 @@ class AlphaEditHistory:
         tensors.pop("empty", None)
         if meta.get("sha256") != _digest(tensors, meta):
             raise ValueError(f"{path} is damaged: its tensors or counts do not match the checksum it was written with")
-        bad = [k for k in tensors if not (k.startswith("layer.") and k[len("layer."):].isdigit())]
+        bad = [k for k in tensors if not (k.startswith("layer.") and k[len("layer.") :].isdigit())]
         if bad or not meta.get("n_edits", "").isdigit():
             raise ValueError(f"{path} is malformed (tensors {sorted(tensors)[:6]}, n_edits {meta.get('n_edits')!r})")
-        return cls({int(k[len("layer."):]): t for k, t in tensors.items()}, int(meta["n_edits"]), meta.get("model", ""))
+        return cls(
+            {int(k[len("layer.") :]): t for k, t in tensors.items()}, int(meta["n_edits"]), meta.get("model", "")
+        )

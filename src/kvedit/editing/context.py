@@ -28,7 +28,11 @@ def _generate(lm: LM, length: int, count: int, seed: int) -> list[str]:
     with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's RNG state is left alone
         torch.manual_seed(seed)
         out = lm.generate(
-            **enc, do_sample=True, top_k=5, max_new_tokens=length, min_new_tokens=length,
+            **enc,
+            do_sample=True,
+            top_k=5,
+            max_new_tokens=length,
+            min_new_tokens=length,
             pad_token_id=tok.pad_token_id,
         )
     texts = tok.batch_decode(out, skip_special_tokens=True)

@@ -50,8 +50,9 @@ def patch_paths(path: str | Path) -> tuple[Path, Path]:
     if path.suffix == "":
         path = path.with_suffix(PATCH_SUFFIX)
     if path.suffix != PATCH_SUFFIX:
-        raise ValueError(f"a patch file must end in {PATCH_SUFFIX} (its metadata goes beside it as "
-                         f"{path.stem}.json); got {path}")
+        raise ValueError(
+            f"a patch file must end in {PATCH_SUFFIX} (its metadata goes beside it as {path.stem}.json); got {path}"
+        )
     if path.is_dir():
         raise ValueError(f"patch path {path} is a folder; expected a file name ending in {PATCH_SUFFIX}")
     if path.parent.exists() and not path.parent.is_dir():
@@ -77,8 +78,10 @@ def _describe_difference(name: str, model: torch.Tensor, recorded: torch.Tensor)
     n_bad = int(bad.sum())
     rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if bad.dim() else []
     shown = ", ".join(map(str, rows[:8])) + (", …" if len(rows) > 8 else "")
-    return (f"{name}: {n_bad} of {diff.numel()} elements differ (rows {shown}; largest |difference| "
-            f"{float(diff.max()):.3g})")
+    return (
+        f"{name}: {n_bad} of {diff.numel()} elements differ (rows {shown}; largest |difference| "
+        f"{float(diff.max()):.3g})"
+    )
 
 
 def _params(lm: LM, names: Iterable[str]) -> dict[str, torch.nn.Parameter]:
@@ -132,12 +135,15 @@ class WeightDelta:
             current = p.detach().cpu()
             if not torch.equal(current, expect[name].to(p.dtype)):
                 state = "unedited" if verb == "apply" else "edited"
-                hint = (" (it matches the patch's edited weights: the patch is applied already)"
-                        if verb == "apply" and torch.equal(current, put[name].to(p.dtype)) else
-                        " (it matches the patch's unedited weights: the patch is not applied)"
-                        if verb == "revert" and torch.equal(current, put[name].to(p.dtype)) else
-                        " (same model family; was another edit applied first?)"
-                        if self.metadata.get("model_fingerprint") == lm.base_fingerprint else "")
+                hint = (
+                    " (it matches the patch's edited weights: the patch is applied already)"
+                    if verb == "apply" and torch.equal(current, put[name].to(p.dtype))
+                    else " (it matches the patch's unedited weights: the patch is not applied)"
+                    if verb == "revert" and torch.equal(current, put[name].to(p.dtype))
+                    else " (same model family; was another edit applied first?)"
+                    if self.metadata.get("model_fingerprint") == lm.base_fingerprint
+                    else ""
+                )
                 raise PatchMismatchError(
                     f"cannot {verb} patch: this model's weights differ from the {state} weights the patch "
                     f"records{hint}. {_describe_difference(name, current, expect[name])}. The patch was made "
@@ -185,19 +191,23 @@ class WeightDelta:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
                 if header.get("format") != PATCH_FORMAT or "kvedit" not in header:
-                    raise PatchMismatchError(f"{path} is a safetensors file but not a kvedit patch "
-                                             "(its header has no kvedit metadata)")
+                    raise PatchMismatchError(
+                        f"{path} is a safetensors file but not a kvedit patch (its header has no kvedit metadata)"
+                    )
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except PatchMismatchError:
             raise
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise PatchMismatchError(f"{path} is not a readable safetensors patch: {err}") from err
         if "sha256" not in header:
-            raise PatchMismatchError(f"{path} carries no checksum (written by kvedit 0.1); it cannot be verified. "
-                                     "Re-create it with this version of kvedit")
+            raise PatchMismatchError(
+                f"{path} carries no checksum (written by kvedit 0.1); it cannot be verified. "
+                "Re-create it with this version of kvedit"
+            )
         if _tensor_digest(tensors, header["kvedit"]) != header["sha256"]:
-            raise PatchMismatchError(f"{path} is damaged: its weights or metadata do not match the checksum "
-                                     "it was written with")
+            raise PatchMismatchError(
+                f"{path} is damaged: its weights or metadata do not match the checksum it was written with"
+            )
         try:
             metadata = json.loads(header["kvedit"])
         except json.JSONDecodeError as err:
@@ -205,19 +215,25 @@ class WeightDelta:
         if not isinstance(metadata, dict):
             raise PatchMismatchError(f"{path}: the kvedit metadata is not a JSON object")
         odd = [k for k in tensors if not k.startswith(("before.", "after."))]
-        before = {k[len("before."):]: t for k, t in tensors.items() if k.startswith("before.")}
-        after = {k[len("after."):]: t for k, t in tensors.items() if k.startswith("after.")}
+        before = {k[len("before.") :]: t for k, t in tensors.items() if k.startswith("before.")}
+        after = {k[len("after.") :]: t for k, t in tensors.items() if k.startswith("after.")}
         if odd or not before or set(before) != set(after):
-            raise PatchMismatchError(f"{path} is malformed: expected matching before.<name>/after.<name> tensors, "
-                                     f"got {sorted(tensors)[:6]}")
+            raise PatchMismatchError(
+                f"{path} is malformed: expected matching before.<name>/after.<name> tensors, got {sorted(tensors)[:6]}"
+            )
         grown = set(metadata.get("grown", ()))
         for name in before:
-            resized = name in grown and before[name].dim() == after[name].dim() and sum(
-                b != a for b, a in zip(before[name].shape, after[name].shape)) <= 1
+            resized = (
+                name in grown
+                and before[name].dim() == after[name].dim()
+                and sum(b != a for b, a in zip(before[name].shape, after[name].shape)) <= 1
+            )
             if (before[name].shape != after[name].shape and not resized) or before[name].dtype != after[name].dtype:
-                raise PatchMismatchError(f"{path} is malformed: {name} is {tuple(before[name].shape)} "
-                                         f"{before[name].dtype} before but {tuple(after[name].shape)} "
-                                         f"{after[name].dtype} after")
+                raise PatchMismatchError(
+                    f"{path} is malformed: {name} is {tuple(before[name].shape)} "
+                    f"{before[name].dtype} before but {tuple(after[name].shape)} "
+                    f"{after[name].dtype} after"
+                )
             if not (torch.isfinite(before[name]).all() and torch.isfinite(after[name]).all()):
                 raise PatchMismatchError(f"{path} holds NaN/Inf weights in {name}; refusing to use it")
         return cls(before=before, after=after, metadata=metadata)

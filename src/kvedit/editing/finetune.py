@@ -32,14 +32,37 @@ Objective = Literal["teacher_forced", "prompt_last"]
 #: `FT/*_constr.json`: Adam lr 5e-4, 25 steps, prompt-last loss, stop below 1e-2, weights clamped
 #: within ±5e-4 of the original; `norm_constraint=0` gives EasyEdit's unconstrained FT-L);
 #: "default" was chosen by the sweep in benchmarks/ft_layer_sweep.py on the bundled model.
-FT_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
-    "default": dict(optimizer="adamw", lr=2e-3, weight_decay=0.0, max_steps=25, early_stop_nll=0.1, norm_constraint=0.0,
-                    objective="teacher_forced"),
-    "qiu2024": dict(optimizer="adam", lr=5e-4, weight_decay=0.5, max_steps=100, early_stop_nll=0.1, norm_constraint=0.0,
-                    objective="teacher_forced"),
-    "ft-l": dict(optimizer="adam", lr=5e-4, weight_decay=0.0, max_steps=25, early_stop_nll=1e-2, norm_constraint=5e-4,
-                 objective="prompt_last"),
-})
+FT_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets(
+    {
+        "default": dict(
+            optimizer="adamw",
+            lr=2e-3,
+            weight_decay=0.0,
+            max_steps=25,
+            early_stop_nll=0.1,
+            norm_constraint=0.0,
+            objective="teacher_forced",
+        ),
+        "qiu2024": dict(
+            optimizer="adam",
+            lr=5e-4,
+            weight_decay=0.5,
+            max_steps=100,
+            early_stop_nll=0.1,
+            norm_constraint=0.0,
+            objective="teacher_forced",
+        ),
+        "ft-l": dict(
+            optimizer="adam",
+            lr=5e-4,
+            weight_decay=0.0,
+            max_steps=25,
+            early_stop_nll=1e-2,
+            norm_constraint=5e-4,
+            objective="prompt_last",
+        ),
+    }
+)
 
 
 def default_layers(lm: LM) -> tuple[int, ...]:
@@ -153,8 +176,16 @@ def finetune_edit(lm: LM, requests: Sequence[EditRequest], hp: FTHyperParams) ->
     return EditOutcome(steps=steps, result={"loss": losses})
 
 
-def _ft_step(view: LM, batch: TargetBatch, hp: FTHyperParams, params: list[torch.nn.Parameter],
-             originals: list[torch.Tensor], optimizer: torch.optim.Optimizer, losses: list[float], steps: int) -> bool:
+def _ft_step(
+    view: LM,
+    batch: TargetBatch,
+    hp: FTHyperParams,
+    params: list[torch.nn.Parameter],
+    originals: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    losses: list[float],
+    steps: int,
+) -> bool:
     """One fine-tuning step on `view` (float32 `params` stepped); appends the mean NLL before it; True when done."""
     nll = score_batch(view, batch).nll
     losses.append(check_finite(float(nll.detach().mean()), "the fine-tuning loss"))

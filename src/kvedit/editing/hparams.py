@@ -92,9 +92,15 @@ class ClosedFormHyperParams:
         return self
 
     def target_options(self, **extra: Any) -> TargetOptions:
-        return TargetOptions(steps=self.max_steps, lr=self.lr, kl_factor=self.kl_factor,
-                             weight_decay=self.weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-                             stop_nll=self.stop_nll, **extra)
+        return TargetOptions(
+            steps=self.max_steps,
+            lr=self.lr,
+            kl_factor=self.kl_factor,
+            weight_decay=self.weight_decay,
+            clamp_norm_factor=self.clamp_norm_factor,
+            stop_nll=self.stop_nll,
+            **extra,
+        )
 
 
 @dataclass

@@ -30,12 +30,14 @@ from .presets import frozen_presets
 #: EasyEdit's KN settings (hparams/KN/*.yaml): integration steps (= batch size there) and the coarse threshold.
 #: Its llama rows integrate with one step (the gradient at zero × the activation); kvedit keeps 20 for every
 #: family it has no row for, as the paper does.
-KN_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
-    "gpt2-xl": {"max_steps": 20, "threshold": 0.2, "edit_factor": 2.0},
-    "gpt-j": {"max_steps": 20, "threshold": 0.1, "edit_factor": 2.0},
-    "llama": {"max_steps": 1, "threshold": 0.2, "edit_factor": 2.0},
-    "gpt-neox": {"max_steps": 20, "threshold": 0.2, "edit_factor": 2.0},
-})
+KN_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets(
+    {
+        "gpt2-xl": {"max_steps": 20, "threshold": 0.2, "edit_factor": 2.0},
+        "gpt-j": {"max_steps": 20, "threshold": 0.1, "edit_factor": 2.0},
+        "llama": {"max_steps": 1, "threshold": 0.2, "edit_factor": 2.0},
+        "gpt-neox": {"max_steps": 20, "threshold": 0.2, "edit_factor": 2.0},
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,10 @@ def kn_edit(lm: LM, requests: Sequence[EditRequest], hp: KNHyperParams) -> EditO
         if request.target_true is None:
             raise ValueError(f"case {request.case_id}: KN finds the neurons of the true object; give target_true")
         scores = attributions(lm, request.rewrite_prompt, request.target_true, hp.max_steps, layers)
-        neurons = sorted(((l, i, float(scores[layers.index(l), i])) for l, i in coarse_neurons(scores, layers,
-                                                                                             hp.threshold)),
-                         key=lambda n: -n[2])[: hp.max_neurons]
+        neurons = sorted(
+            ((l, i, float(scores[layers.index(l), i])) for l, i in coarse_neurons(scores, layers, hp.threshold)),
+            key=lambda n: -n[2],
+        )[: hp.max_neurons]
         new = lm.tokenizer(" " + request.target_new.strip(), add_special_tokens=False)["input_ids"]
         old = _greedy(lm, request.rewrite_prompt, len(new))
         factor = hp.edit_factor if len(new) == 1 else 1.0
@@ -123,5 +126,6 @@ def kn_edit(lm: LM, requests: Sequence[EditRequest], hp: KNHyperParams) -> EditO
                 rows = _value_rows(lm, layer)
                 rows[memory] += shift.to(rows.dtype)
         edited.append(neurons)
-    return EditOutcome(steps=len(requests) * hp.max_steps, records=KNRecords(edited),
-                       result={"neurons": [len(n) for n in edited]})
+    return EditOutcome(
+        steps=len(requests) * hp.max_steps, records=KNRecords(edited), result={"neurons": [len(n) for n in edited]}
+    )

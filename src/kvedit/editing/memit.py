@@ -68,16 +68,32 @@ class MEMITHyperParams(ClosedFormHyperParams):
 #: 48 settings on 50 tuning cases, the grid PMET shares): 3–7, λ 500, δ decay 0.5 score 100 / 96 / 74.
 #: "gemma3-270m" likewise (25 settings): 1–5, λ 1500 (tied down to λ 50: the largest), δ decay 0.5 (tied with
 #: 1e-3) score 98 / 96 / 82.
-MEMIT_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
-    "gpt2-xl": dict(layers=(13, 14, 15, 16, 17), max_steps=20, lr=0.5, weight_decay=0.5, mom2_update_weight=20000.0),
-    "gpt-j": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=25, lr=0.5, weight_decay=0.5, mom2_update_weight=15000.0),
-    "gpt-neox": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=20, lr=0.5, weight_decay=0.5, mom2_update_weight=15000.0),
-    "llama": dict(layers=(4, 5, 6, 7, 8), max_steps=25, lr=0.1, weight_decay=1e-3, mom2_update_weight=15000.0),
-    "smollm2": dict(layers=(3, 4, 5, 6, 7), max_steps=25, lr=0.5, weight_decay=0.5, mom2_update_weight=500.0,
-                    stats_tokens=20_000),
-    "gemma3-270m": dict(layers=(1, 2, 3, 4, 5), max_steps=25, lr=0.5, weight_decay=0.5, mom2_update_weight=1500.0,
-                        stats_tokens=20_000),
-})
+MEMIT_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets(
+    {
+        "gpt2-xl": dict(
+            layers=(13, 14, 15, 16, 17), max_steps=20, lr=0.5, weight_decay=0.5, mom2_update_weight=20000.0
+        ),
+        "gpt-j": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=25, lr=0.5, weight_decay=0.5, mom2_update_weight=15000.0),
+        "gpt-neox": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=20, lr=0.5, weight_decay=0.5, mom2_update_weight=15000.0),
+        "llama": dict(layers=(4, 5, 6, 7, 8), max_steps=25, lr=0.1, weight_decay=1e-3, mom2_update_weight=15000.0),
+        "smollm2": dict(
+            layers=(3, 4, 5, 6, 7),
+            max_steps=25,
+            lr=0.5,
+            weight_decay=0.5,
+            mom2_update_weight=500.0,
+            stats_tokens=20_000,
+        ),
+        "gemma3-270m": dict(
+            layers=(1, 2, 3, 4, 5),
+            max_steps=25,
+            lr=0.5,
+            weight_decay=0.5,
+            mom2_update_weight=1500.0,
+            stats_tokens=20_000,
+        ),
+    }
+)
 
 
 @dataclass
@@ -126,8 +142,9 @@ def written_remaining(lm: LM, target: Target, measured: torch.Tensor) -> torch.T
     if target.measure_site[0] != target.output_site:
         return target.goal.double() - measured
     layer = target.measure_site[1]
-    return (written_output(lm, layer, target.goal.double(), target.sublayer)
-            - written_output(lm, layer, measured, target.sublayer))
+    return written_output(lm, layer, target.goal.double(), target.sublayer) - written_output(
+        lm, layer, measured, target.sublayer
+    )
 
 
 def output_change(
@@ -150,8 +167,13 @@ def update_keys(c_inv: torch.Tensor, keys: torch.Tensor, lam: float) -> torch.Te
 
 
 def distribute(
-    lm: LM, requests: Sequence[EditRequest], layers: Sequence[int], targets: Sequence[Target],
-    hp: MEMITHyperParams, spread: Spread, templates: list[list[str]],
+    lm: LM,
+    requests: Sequence[EditRequest],
+    layers: Sequence[int],
+    targets: Sequence[Target],
+    hp: MEMITHyperParams,
+    spread: Spread,
+    templates: list[list[str]],
 ) -> None:
     """Write each target's missing residual into the layers' weights, in place (see module doc); `hp` gives
     the key statistics (stats_source, stats_tokens) and λ (mom2_update_weight): MEMIT's settings or PMET's."""
@@ -166,8 +188,9 @@ def distribute(
             target.goal = target.goal.to(dev)
             if has_post_norm(lm, target):
                 remaining = written_remaining(lm, target, measured)
-                assigned = output_change(lm, layer, target, requests,
-                                          remaining * spread_fraction(i, len(layers), spread))
+                assigned = output_change(
+                    lm, layer, target, requests, remaining * spread_fraction(i, len(layers), spread)
+                )
             else:
                 remaining = target.goal.double() - measured
                 assigned = remaining * spread_fraction(i, len(layers), spread)
@@ -181,9 +204,15 @@ def distribute(
 def summarize_records(targets: Sequence[Target]) -> list[dict[str, Any]]:
     """Per layer and target: norms of the remaining residual, of what it took on, and of ΔW."""
     return [
-        {"layer": r.layer, "module": t.module_path(r.layer), "remaining_norm": float(r.remaining.norm(dim=1).mean()),
-         "assigned_norm": float(r.assigned.norm(dim=1).mean()), "update_norm": float(r.update.norm())}
-        for t in targets for r in t.records
+        {
+            "layer": r.layer,
+            "module": t.module_path(r.layer),
+            "remaining_norm": float(r.remaining.norm(dim=1).mean()),
+            "assigned_norm": float(r.assigned.norm(dim=1).mean()),
+            "update_norm": float(r.update.norm()),
+        }
+        for t in targets
+        for r in t.records
     ]
 
 

@@ -5,6 +5,19 @@ Torch-free, so that the command line checks `--method` and prints its help witho
 """
 
 METHOD_NAMES: tuple[str, ...] = (
-    "ft-keys", "ft-key-gate", "ft-key-up", "ft-values", "rome", "memit", "pmet", "pmet-no-attn-delta",
-    "pmet-update-attn", "pmet-even-spread", "alphaedit", "rome-fast", "memit-fast", "kn", "t-patcher",
+    "ft-keys",
+    "ft-key-gate",
+    "ft-key-up",
+    "ft-values",
+    "rome",
+    "memit",
+    "pmet",
+    "pmet-no-attn-delta",
+    "pmet-update-attn",
+    "pmet-even-spread",
+    "alphaedit",
+    "rome-fast",
+    "memit-fast",
+    "kn",
+    "t-patcher",
 )

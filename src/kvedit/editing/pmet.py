@@ -61,17 +61,33 @@ class PMETHyperParams(MEMITHyperParams):
 #: (docs/presets.md; 48 settings on 50 tuning cases): 6–10, λ 50, δ decay 0.5 score 96 / 90 / 72 (84.7; 3–7 at
 #: λ 500, 96 / 84 / 76, scores 84.6). "gemma3-270m" likewise (25 settings): 2–6, λ 1500, δ decay 1e-3 score
 #: 96 / 80 / 84 (86.2; at decay 0.5, 88 / 76 / 84, 82.4).
-PMET_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
-    "gpt-j": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
-    "gpt-j-zsre": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=20, lr=0.5, kl_factor=1.0, mom2_update_weight=4500.0),
-    "gpt-neox": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
-    "gpt2-xl": dict(layers=(13, 14, 15, 16, 17), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
-    "llama": dict(layers=(4, 5, 6, 7, 8), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
-    "smollm2": dict(layers=(6, 7, 8, 9, 10), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=50.0,
-                    weight_decay=0.5, stats_tokens=20_000),
-    "gemma3-270m": dict(layers=(2, 3, 4, 5, 6), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=1500.0,
-                        weight_decay=1e-3, stats_tokens=20_000),
-})
+PMET_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets(
+    {
+        "gpt-j": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
+        "gpt-j-zsre": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=20, lr=0.5, kl_factor=1.0, mom2_update_weight=4500.0),
+        "gpt-neox": dict(layers=(3, 4, 5, 6, 7, 8), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
+        "gpt2-xl": dict(layers=(13, 14, 15, 16, 17), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
+        "llama": dict(layers=(4, 5, 6, 7, 8), max_steps=30, lr=0.2, kl_factor=1.0, mom2_update_weight=6000.0),
+        "smollm2": dict(
+            layers=(6, 7, 8, 9, 10),
+            max_steps=30,
+            lr=0.2,
+            kl_factor=1.0,
+            mom2_update_weight=50.0,
+            weight_decay=0.5,
+            stats_tokens=20_000,
+        ),
+        "gemma3-270m": dict(
+            layers=(2, 3, 4, 5, 6),
+            max_steps=30,
+            lr=0.2,
+            kl_factor=1.0,
+            mom2_update_weight=1500.0,
+            weight_decay=1e-3,
+            stats_tokens=20_000,
+        ),
+    }
+)
 
 
 def pmet_prepare(lm: LM, hparams: PMETHyperParams) -> None:
@@ -110,8 +126,7 @@ def pmet_edit(lm: LM, requests: Sequence[EditRequest], hparams: PMETHyperParams)
     ffn = Target(lm.values_path, "coefficients", "values", ffn_site, goals[ffn_site])
     targets = [ffn]
     if hparams.update_attn:
-        targets.append(Target(lm.attn_out_path, "attn_heads", "attn_out", attn_site, goals[attn_site],
-                              sublayer="attn"))
+        targets.append(Target(lm.attn_out_path, "attn_heads", "attn_out", attn_site, goals[attn_site], sublayer="attn"))
     distribute(lm, requests, layers, targets, hparams, hparams.spread, templates)
     records = PMETRecords(ffn.records, targets[1].records if hparams.update_attn else [])
     return EditOutcome(steps=sum(steps), records=records, result={"layers": summarize_records(targets)})

@@ -23,11 +23,21 @@ PresetTable = Mapping[str, Mapping[str, Any]]
 
 #: The closed-form editors' preset for each model_type without one of its own (gated pre-norm families
 #: take the Llama presets, the post-norm Gemma/OLMo-2 rows included); anything else starts from GPT-2 XL's.
-FAMILY_PRESETS: Mapping[str, str] = MappingProxyType({
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-    "gemma2": "llama", "gemma3_text": "llama", "olmo": "llama", "olmo2": "llama", "gptj": "gpt-j",
-    "gpt_neox": "gpt-neox",
-})
+FAMILY_PRESETS: Mapping[str, str] = MappingProxyType(
+    {
+        "llama": "llama",
+        "mistral": "llama",
+        "qwen2": "llama",
+        "qwen3": "llama",
+        "gemma": "llama",
+        "gemma2": "llama",
+        "gemma3_text": "llama",
+        "olmo": "llama",
+        "olmo2": "llama",
+        "gptj": "gpt-j",
+        "gpt_neox": "gpt-neox",
+    }
+)
 
 #: Presets chosen for one model ahead of its family's (benchmarks/select_presets.py): a part of the model's
 #: name (lower case) -> the preset row, used where the method's table has that row.
@@ -44,19 +54,37 @@ def frozen_presets(presets: Mapping[str, Mapping[str, Any]]) -> PresetTable:
 #: is named. SmolLM2: 35 settings per target (7 layers × 5 learning rates) on 50 tuning cases, keys 100/76/64
 #: (Score 77.4), values 100/74/64 (76.7, the layer grid's choice before the learning rates joined it).
 #: Gemma-3-270M: 30 settings per target on 50 tuning cases, keys 100/82/68 (81.3), values 100/88/64 (81.1).
-FT_MODEL_PRESETS: Mapping[str, PresetTable] = MappingProxyType({
-    "keys": frozen_presets({"smollm2": {"layers": (0,), "lr": 5e-4},
-                            "gemma3-270m": {"layers": (2,), "lr": 1.25e-4}}),
-    "values": frozen_presets({"smollm2": {"layers": (3,), "lr": 2e-3},
-                              "gemma3-270m": {"layers": (1,), "lr": 2.5e-4}}),
-})
+FT_MODEL_PRESETS: Mapping[str, PresetTable] = MappingProxyType(
+    {
+        "keys": frozen_presets(
+            {"smollm2": {"layers": (0,), "lr": 5e-4}, "gemma3-270m": {"layers": (2,), "lr": 1.25e-4}}
+        ),
+        "values": frozen_presets(
+            {"smollm2": {"layers": (3,), "lr": 2e-3}, "gemma3-270m": {"layers": (1,), "lr": 2.5e-4}}
+        ),
+    }
+)
 
 #: Fine-tuning's default edit layer as a fraction of depth, per model_type (its family row; 0.1 for any
 #: other); 0.0 is ROME's FT baseline layer.
-FT_FAMILY_DEPTH: Mapping[str, float] = MappingProxyType({
-    "llama": 0.1, "mistral": 0.1, "qwen2": 0.1, "qwen3": 0.1, "gpt2": 0.0, "gptj": 0.0, "gpt_neox": 0.1,
-    "opt": 0.1, "bert": 0.5, "gemma": 0.1, "gemma2": 0.1, "gemma3_text": 0.1, "olmo": 0.1, "olmo2": 0.1,
-})
+FT_FAMILY_DEPTH: Mapping[str, float] = MappingProxyType(
+    {
+        "llama": 0.1,
+        "mistral": 0.1,
+        "qwen2": 0.1,
+        "qwen3": 0.1,
+        "gpt2": 0.0,
+        "gptj": 0.0,
+        "gpt_neox": 0.1,
+        "opt": 0.1,
+        "bert": 0.5,
+        "gemma": 0.1,
+        "gemma2": 0.1,
+        "gemma3_text": 0.1,
+        "olmo": 0.1,
+        "olmo2": 0.1,
+    }
+)
 
 
 def given_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -66,8 +94,15 @@ def given_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in overrides.items() if value is not None}
 
 
-def make_hparams(cls: type[S], presets: PresetTable, preset: str | None, lm: LM | None, *,
-                 model_rows: PresetTable | None = None, **given: Any) -> S:
+def make_hparams(
+    cls: type[S],
+    presets: PresetTable,
+    preset: str | None,
+    lm: LM | None,
+    *,
+    model_rows: PresetTable | None = None,
+    **given: Any,
+) -> S:
     """Build `cls` from a named preset (default: the one matching the model), the row of `model_rows` chosen
     for this very model (only when no preset is named) and the settings `given` (no None: `given_overrides`)."""
     named = preset
@@ -112,4 +147,3 @@ def model_preset(lm: LM | None, table: PresetTable) -> Mapping[str, Any]:
 def ft_model_presets(target: str) -> PresetTable:
     """Fine-tuning's rows chosen per model for `target` (FT_MODEL_PRESETS; none for key:gate, key:up)."""
     return FT_MODEL_PRESETS.get(target, MappingProxyType({}))
-

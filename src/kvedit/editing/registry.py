@@ -67,15 +67,24 @@ def _finetune(name: str, target: str, summary: str) -> EditMethod[FTHyperParams]
         if "target" in given:
             raise ValueError(f"{name} fine-tunes the {target} target; choose the method for another target")
         # with no preset named, the row chosen for this model (FT_MODEL_PRESETS) is laid over "default"
-        return make_hparams(FTHyperParams, FT_PRESETS, preset, lm, model_rows=ft_model_presets(target),
-                            target=target, **given)
+        return make_hparams(
+            FTHyperParams, FT_PRESETS, preset, lm, model_rows=ft_model_presets(target), target=target, **given
+        )
 
-    return EditMethod(name, summary, build, finetune_parameters, finetune_edit, presets=tuple(FT_PRESETS),
-                      model_rows=lambda: ft_model_presets(target))
+    return EditMethod(
+        name,
+        summary,
+        build,
+        finetune_parameters,
+        finetune_edit,
+        presets=tuple(FT_PRESETS),
+        model_rows=lambda: ft_model_presets(target),
+    )
 
 
 def _from_table(cls: type[S], presets: PresetTable, **fixed: Any) -> Callable[..., S]:
     """The settings builder of an editor whose table has rows per family and per model (`default_preset`)."""
+
     def build(lm: LM | None, preset: str | None = None, **given: Any) -> S:
         return make_hparams(cls, presets, preset, lm, **{**fixed, **given})  # a setting the caller gives wins
 
@@ -83,16 +92,39 @@ def _from_table(cls: type[S], presets: PresetTable, **fixed: Any) -> Callable[..
 
 
 def _kn() -> EditMethod[KNHyperParams]:
-    return EditMethod("kn", "knowledge neurons of the true object: their value rows moved towards the new "
-                      "object's embedding (EasyEdit's KN)", _from_table(KNHyperParams, KN_PRESETS), kn_parameters,
-                      kn_edit, presets=tuple(KN_PRESETS), model_rows=lambda: KN_PRESETS)
+    return EditMethod(
+        "kn",
+        "knowledge neurons of the true object: their value rows moved towards the new "
+        "object's embedding (EasyEdit's KN)",
+        _from_table(KNHyperParams, KN_PRESETS),
+        kn_parameters,
+        kn_edit,
+        presets=tuple(KN_PRESETS),
+        model_rows=lambda: KN_PRESETS,
+    )
 
 
-def _closed_form(name: str, cls: type[S], presets: PresetTable, parameters: Callable[[LM, S], list[str]],
-                 run: Callable[..., EditOutcome], prepare: Callable[[LM, S], None], summary: str,
-                 **fixed: Any) -> EditMethod[S]:
-    return EditMethod(name, summary, _from_table(cls, presets, **fixed), parameters, run, prepare,
-                      presets=tuple(presets), uses_statistics=True, model_rows=lambda: presets)
+def _closed_form(
+    name: str,
+    cls: type[S],
+    presets: PresetTable,
+    parameters: Callable[[LM, S], list[str]],
+    run: Callable[..., EditOutcome],
+    prepare: Callable[[LM, S], None],
+    summary: str,
+    **fixed: Any,
+) -> EditMethod[S]:
+    return EditMethod(
+        name,
+        summary,
+        _from_table(cls, presets, **fixed),
+        parameters,
+        run,
+        prepare,
+        presets=tuple(presets),
+        uses_statistics=True,
+        model_rows=lambda: presets,
+    )
 
 
 _ROME = (ROMEHyperParams, ROME_PRESETS, rome_parameters, rome_edit, rome_prepare)
@@ -110,10 +142,15 @@ FAST_STOP_NLL = 0.1
 def _fast(base: EditMethod[C]) -> EditMethod[C]:
     def build(lm: LM | None, preset: str | None = None, **given: Any) -> C:
         hp = base.build(lm, preset, **given)
-        return replace(hp, lr=hp.lr if "lr" in given else hp.lr * FAST_LR_FACTOR,
-                       stop_nll=hp.stop_nll if "stop_nll" in given else FAST_STOP_NLL)
+        return replace(
+            hp,
+            lr=hp.lr if "lr" in given else hp.lr * FAST_LR_FACTOR,
+            stop_nll=hp.stop_nll if "stop_nll" in given else FAST_STOP_NLL,
+        )
 
-    summary = f"{base.name.upper()} with a faster target optimisation (lr ×{FAST_LR_FACTOR:g}, stop at NLL < {FAST_STOP_NLL})"
+    summary = (
+        f"{base.name.upper()} with a faster target optimisation (lr ×{FAST_LR_FACTOR:g}, stop at NLL < {FAST_STOP_NLL})"
+    )
     return replace(base, name=f"{base.name}-fast", summary=summary, build=build)
 
 
@@ -130,22 +167,31 @@ METHODS: Mapping[str, EditMethod[Any]] = MappingProxyType(
             _finetune("ft-values", "values", "fine-tune the FFN values (down projection)"),
             _ROME_METHOD,
             _MEMIT_METHOD,
-            _closed_form("pmet", *_PMET,
-                         "attention+FFN targets, FFN-only update, √ spread"),
-            _closed_form("pmet-no-attn-delta", *_PMET,
-                         "PMET ablation: optimise the FFN delta alone", attn_delta=False),
-            _closed_form("pmet-update-attn", *_PMET,
-                         "PMET ablation: also update the attention output weights", update_attn=True),
-            _closed_form("pmet-even-spread", *_PMET,
-                         "PMET ablation: MEMIT's even spread", spread="even"),
-            replace(_closed_form("alphaedit", *_ALPHAEDIT, "MEMIT's targets, update projected onto the null "
-                                 "space of preserved keys"), carries_history=True),
+            _closed_form("pmet", *_PMET, "attention+FFN targets, FFN-only update, √ spread"),
+            _closed_form("pmet-no-attn-delta", *_PMET, "PMET ablation: optimise the FFN delta alone", attn_delta=False),
+            _closed_form(
+                "pmet-update-attn", *_PMET, "PMET ablation: also update the attention output weights", update_attn=True
+            ),
+            _closed_form("pmet-even-spread", *_PMET, "PMET ablation: MEMIT's even spread", spread="even"),
+            replace(
+                _closed_form(
+                    "alphaedit", *_ALPHAEDIT, "MEMIT's targets, update projected onto the null space of preserved keys"
+                ),
+                carries_history=True,
+            ),
             _fast(_ROME_METHOD),
             _fast(_MEMIT_METHOD),
             _kn(),
-            _closed_form("t-patcher", TPatcherHyperParams, TPATCHER_PRESETS, tpatcher_parameters, tpatcher_edit,
-                         tpatcher_prepare, "adds memories (a key and a value each) to the last FFN layer, one per "
-                         "mistaken target token (T-Patcher)"),
+            _closed_form(
+                "t-patcher",
+                TPatcherHyperParams,
+                TPATCHER_PRESETS,
+                tpatcher_parameters,
+                tpatcher_edit,
+                tpatcher_prepare,
+                "adds memories (a key and a value each) to the last FFN layer, one per "
+                "mistaken target token (T-Patcher)",
+            ),
         )
     }
 )
@@ -177,7 +223,7 @@ def make_settings(lm: LM | None, method: str, **overrides: Any) -> EditorSetting
 def _layers_touched(lm: LM, names: Sequence[str]) -> list[int]:
     """Layer numbers of the parameters an edit changed (from their dotted names)."""
     prefix = lm.arch.layers + "."
-    return sorted({int(n[len(prefix):].split(".")[0]) for n in names if n.startswith(prefix)})
+    return sorted({int(n[len(prefix) :].split(".")[0]) for n in names if n.startswith(prefix)})
 
 
 def edit(
@@ -202,23 +248,32 @@ def edit(
     """
     chosen = get_method(method)
     if history is not None and not chosen.carries_history:
-        raise ValueError(f"{method} carries no history across batches; history= is for "
-                         f"{', '.join(n for n, m in METHODS.items() if m.carries_history)}")
+        raise ValueError(
+            f"{method} carries no history across batches; history= is for "
+            f"{', '.join(n for n, m in METHODS.items() if m.carries_history)}"
+        )
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
     if not requests:
         raise ValueError("requests is empty; expected at least one EditRequest")
     settings = hparams if hparams is not None else make_settings(lm, method, **overrides)
     names = chosen.parameters(lm, settings)
     if not names:
-        raise EditError(f"{method}'s settings name no weights to change; make them with make_settings(lm, "
-                        f"{method!r}, ...)")
+        raise EditError(
+            f"{method}'s settings name no weights to change; make them with make_settings(lm, {method!r}, ...)"
+        )
     offloaded = [n for n in names if lm.model.get_parameter(n).device.type == "meta"]
     if offloaded:
-        raise EditError(f"{method} changes {offloaded[0]}, which the device map offloaded (not in memory); keep "
-                        "the edit layers on a device (a device_map that does not offload them)")
+        raise EditError(
+            f"{method} changes {offloaded[0]}, which the device map offloaded (not in memory); keep "
+            "the edit layers on a device (a device_map that does not offload them)"
+        )
     metadata: dict[str, Any] = {
-        "method": method, "hparams": asdict(settings), "requests": [r.to_dict() for r in requests],
-        "model_name": lm.name, "model_fingerprint": lm.fingerprint(), "kvedit_version": __version__,
+        "method": method,
+        "hparams": asdict(settings),
+        "requests": [r.to_dict() for r in requests],
+        "model_name": lm.name,
+        "model_fingerprint": lm.fingerprint(),
+        "kvedit_version": __version__,
         "layers": _layers_touched(lm, names),
         "compute_dtype": lm.compute_dtype,  # precision of the inner loops; the weights written are exact regardless
     }

@@ -67,15 +67,18 @@ class ROMERecord:
 #: REFERENCE.md §3 presets. "smollm2": layer and δ decay chosen by benchmarks/select_presets.py (docs/presets.md;
 #: 10 settings on 50 tuning cases): layer 3, δ decay 0.5 (tied with 1e-3: the smaller edit) scores 98 / 86 / 78.
 #: "gemma3-270m" likewise (6 settings): layer 2, δ decay 0.5 (tied with 1e-3) scores 100 / 96 / 80.
-ROME_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets({
-    "gpt2-xl": dict(layers=(17,), max_steps=20, lr=0.5, weight_decay=0.5, mom2_adjustment=True),
-    "gpt-j": dict(layers=(5,), max_steps=20, lr=0.5, weight_decay=0.5, mom2_adjustment=True),
-    "gpt-neox": dict(layers=(15,), max_steps=20, lr=0.5, weight_decay=0.5, mom2_adjustment=True),
-    "llama": dict(layers=(5,), max_steps=25, lr=0.5, weight_decay=1e-3, mom2_adjustment=False),
-    "smollm2": dict(layers=(3,), max_steps=25, lr=0.5, weight_decay=0.5, mom2_adjustment=True, stats_tokens=20_000),
-    "gemma3-270m": dict(layers=(2,), max_steps=25, lr=0.5, weight_decay=0.5, mom2_adjustment=True,
-                        stats_tokens=20_000),
-})
+ROME_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets(
+    {
+        "gpt2-xl": dict(layers=(17,), max_steps=20, lr=0.5, weight_decay=0.5, mom2_adjustment=True),
+        "gpt-j": dict(layers=(5,), max_steps=20, lr=0.5, weight_decay=0.5, mom2_adjustment=True),
+        "gpt-neox": dict(layers=(15,), max_steps=20, lr=0.5, weight_decay=0.5, mom2_adjustment=True),
+        "llama": dict(layers=(5,), max_steps=25, lr=0.5, weight_decay=1e-3, mom2_adjustment=False),
+        "smollm2": dict(layers=(3,), max_steps=25, lr=0.5, weight_decay=0.5, mom2_adjustment=True, stats_tokens=20_000),
+        "gemma3-270m": dict(
+            layers=(2,), max_steps=25, lr=0.5, weight_decay=0.5, mom2_adjustment=True, stats_tokens=20_000
+        ),
+    }
+)
 
 
 def rome_prepare(lm: LM, hparams: ROMEHyperParams) -> None:
@@ -92,7 +95,10 @@ def inverse_statistics(lm: LM, hp: ROMEHyperParams) -> torch.Tensor:
 
 
 def rank_one_update(
-    weight_out_in: torch.Tensor, current: torch.Tensor, target: torch.Tensor, key: torch.Tensor,
+    weight_out_in: torch.Tensor,
+    current: torch.Tensor,
+    target: torch.Tensor,
+    key: torch.Tensor,
     c_inv_key: torch.Tensor,
 ) -> torch.Tensor:
     """ΔW `[out, in]` with ΔW k = target − current and ΔW ∝ (C⁻¹k)ᵀ (float64 inside)."""

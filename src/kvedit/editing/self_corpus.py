@@ -22,8 +22,26 @@ from ..models.lm import LM, cache_keyword, returned_cache
 
 #: openings of the sampled rows, cycled
 SELF_SEEDS = (
-    "The", "In", "A", "It", "This", "When", "After", "Many", "One", "There", "He", "She", "According to",
-    "During", "Although", "Most", "Some", "Since", "While", "However",
+    "The",
+    "In",
+    "A",
+    "It",
+    "This",
+    "When",
+    "After",
+    "Many",
+    "One",
+    "There",
+    "He",
+    "She",
+    "According to",
+    "During",
+    "Although",
+    "Most",
+    "Some",
+    "Since",
+    "While",
+    "However",
 )
 
 
@@ -51,8 +69,12 @@ def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def _save(lm: LM, path: Path, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    write_atomic(path, lambda tmp: save_file({"ids": ids.contiguous(), "mask": mask.contiguous()}, str(tmp),
-                                             metadata={"sha256": _digest(ids, mask)}))
+    write_atomic(
+        path,
+        lambda tmp: save_file(
+            {"ids": ids.contiguous(), "mask": mask.contiguous()}, str(tmp), metadata={"sha256": _digest(ids, mask)}
+        ),
+    )
     texts = lm.tokenizer.batch_decode([row[m.bool()] for row, m in zip(ids, mask)], skip_special_tokens=True)
     path.with_suffix(".txt").write_text("\n\n".join(t.replace("\n", " ") for t in texts) + "\n")
 
@@ -64,7 +86,9 @@ def cached_self_tokens(lm: LM, seq_len: int = 256, seed: int = 0, block_rows: in
 
 
 @torch.no_grad()
-def sample_block(lm: LM, block: int, seed: int, rows: int, seq_len: int, top_k: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_block(
+    lm: LM, block: int, seed: int, rows: int, seq_len: int, top_k: int = 50
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Block `block`: `rows` sequences of `seq_len` tokens, top-k sampling with a generator seeded by
     (seed, block), one cached forward per new token. Every row opens with the first token(s) of an opening
     word, cut to a common length so no row is padded (padding sends attention down a path ≈ 2.5× slower
@@ -89,7 +113,12 @@ def sample_block(lm: LM, block: int, seed: int, rows: int, seq_len: int, top_k: 
 
 
 def self_token_rows(
-    lm: LM, n_tokens: int, seq_len: int = 256, seed: int = 0, block_rows: int = 64, use_cache: bool = True,
+    lm: LM,
+    n_tokens: int,
+    seq_len: int = 256,
+    seed: int = 0,
+    block_rows: int = 64,
+    use_cache: bool = True,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """At least `n_tokens` valid tokens of model-sampled text as rows: (ids, mask), each `[rows, seq_len]`.
@@ -100,12 +129,21 @@ def self_token_rows(
         raise ValueError(f"n_tokens must be > 0, got {n_tokens}")
     path = _cache_path(lm, seed, seq_len, block_rows)
     cached = _load(path) if use_cache else None
-    ids, mask = cached if cached is not None else (torch.zeros(0, seq_len, dtype=torch.long),
-                                                    torch.zeros(0, seq_len, dtype=torch.long))
+    ids, mask = (
+        cached
+        if cached is not None
+        else (torch.zeros(0, seq_len, dtype=torch.long), torch.zeros(0, seq_len, dtype=torch.long))
+    )
     have = int(mask.sum())
     if have < n_tokens:
-        bar = tqdm(total=n_tokens, initial=have, unit="tok", unit_scale=True, disable=not progress,
-                   desc="sampling the model's own text (cached afterwards)")
+        bar = tqdm(
+            total=n_tokens,
+            initial=have,
+            unit="tok",
+            unit_scale=True,
+            disable=not progress,
+            desc="sampling the model's own text (cached afterwards)",
+        )
         blocks_ids, blocks_mask = [ids], [mask]
         block = ids.shape[0] // block_rows
         while have < n_tokens:

@@ -34,6 +34,7 @@ from .stats_notice import statistics_notice
 #: which module input a statistic is taken from -> Trace site kind
 STAT_SITES: Mapping[str, str] = MappingProxyType({"values": "coefficients", "attn_out": "attn_heads"})
 
+
 @dataclass
 class KeyStats:
     """Running uncentred second moment of keys: `sum_kkT` `[d, d]` float64 over `count` tokens."""
@@ -121,7 +122,13 @@ def _cache_path(lm: LM, kind: str, layer: int, source: str, n_tokens: int) -> Pa
 
 
 def _cache_meta(lm: LM, kind: str, layer: int, source: str, n_tokens: int) -> dict[str, str]:
-    return {"model": lm.base_fingerprint, "kind": kind, "layer": str(layer), "source": source, "n_tokens": str(n_tokens)}
+    return {
+        "model": lm.base_fingerprint,
+        "kind": kind,
+        "layer": str(layer),
+        "source": source,
+        "n_tokens": str(n_tokens),
+    }
 
 
 def _payload_digest(sum_kkT: torch.Tensor, meta: dict[str, str]) -> str:
@@ -153,8 +160,14 @@ def _load_cached(path: Path, expect: dict[str, str]) -> KeyStats | None:
 
 def _save_cached(path: Path, stats: KeyStats, meta: dict[str, str]) -> None:
     meta = meta | {"count": str(stats.count)}
-    write_atomic(path, lambda tmp: save_file({"sum_kkT": stats.sum_kkT.contiguous()}, str(tmp),
-                                             metadata=meta | {"sha256": _payload_digest(stats.sum_kkT, meta)}))
+    write_atomic(
+        path,
+        lambda tmp: save_file(
+            {"sum_kkT": stats.sum_kkT.contiguous()},
+            str(tmp),
+            metadata=meta | {"sha256": _payload_digest(stats.sum_kkT, meta)},
+        ),
+    )
 
 
 def key_statistics(
@@ -184,7 +197,8 @@ def key_statistics(
         for layer in layers:
             memo_key = ("key_statistics", kind, layer, source, n_tokens)
             cached = lm.memo.get(memo_key) or _load_cached(
-                _cache_path(lm, kind, layer, source, n_tokens), _cache_meta(lm, kind, layer, source, n_tokens))
+                _cache_path(lm, kind, layer, source, n_tokens), _cache_meta(lm, kind, layer, source, n_tokens)
+            )
             if cached is not None:
                 result[layer] = lm.memo[memo_key] = cached
     todo = [l for l in layers if l not in result]
@@ -197,7 +211,9 @@ def key_statistics(
     lm.memo["key_statistics_computed"] = lm.memo.get("key_statistics_computed", 0) + len(fresh)
     for layer, stats in fresh.items():
         if use_cache:
-            _save_cached(_cache_path(lm, kind, layer, source, n_tokens), stats, _cache_meta(lm, kind, layer, source, n_tokens))
+            _save_cached(
+                _cache_path(lm, kind, layer, source, n_tokens), stats, _cache_meta(lm, kind, layer, source, n_tokens)
+            )
             lm.memo[("key_statistics", kind, layer, source, n_tokens)] = stats
         result[layer] = stats
     return result
@@ -238,7 +254,7 @@ def _self_batches(lm: LM, n_tokens: int, seq_len: int, batch_size: int) -> Itera
     flat = mask.reshape(-1)
     flat[flat.cumsum(0) > n_tokens] = 0
     for start in range(0, ids.shape[0], batch_size):
-        yield ids[start:start + batch_size], mask[start:start + batch_size]
+        yield ids[start : start + batch_size], mask[start : start + batch_size]
 
 
 def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,8 +270,13 @@ def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _accumulate(lm, layers, source, n_tokens, kind, seq_len, batch_size, progress) -> dict[int, KeyStats]:
     site = STAT_SITES[kind]
     stats: dict[int, KeyStats] = {}
-    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"key statistics L{','.join(map(str, layers))}",
-               disable=not progress)
+    bar = tqdm(
+        total=n_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=f"key statistics L{','.join(map(str, layers))}",
+        disable=not progress,
+    )
     start = time.perf_counter()
     for ids, mask in statistics_batches(lm, source, n_tokens, seq_len, batch_size):
         with Trace(lm, read=[(site, l) for l in layers], stop=True) as tr:

@@ -33,8 +33,9 @@ def _seconds_per_token(lm: LM, rows: int, length: int, decode: bool) -> float:
     return (time.perf_counter() - start) / rows
 
 
-def statistics_notice(lm: LM, layers: Sequence[int], source: str, n_tokens: int, kind: str, seq_len: int,
-                      batch_size: int) -> str:
+def statistics_notice(
+    lm: LM, layers: Sequence[int], source: str, n_tokens: int, kind: str, seq_len: int, batch_size: int
+) -> str:
     """One paragraph: which statistics are missing, roughly how long they take here, that they are cached, and
     how to prepare them ahead with `kvedit stats`."""
     seconds = n_tokens * _seconds_per_token(lm, batch_size, min(PILOT_LEN, seq_len), decode=False)
@@ -47,7 +48,9 @@ def statistics_notice(lm: LM, layers: Sequence[int], source: str, n_tokens: int,
             what += f" ({missing:,} of them to sample first)"
     layer_list = ",".join(map(str, layers))
     minutes = max(0.5, round(seconds / 30) / 2)
-    return (f"kvedit: key statistics E[kkᵀ] ({kind}) for layers {layer_list} are not cached yet: reading {what}, "
-            f"about {minutes:g} min on this machine. They are computed once and cached for every later edit with "
-            f"these settings; `kvedit stats --layers {layer_list} --source {source} --tokens {n_tokens}"
-            f"{'' if kind == 'values' else ' --kind ' + kind}` prepares them ahead.")
+    return (
+        f"kvedit: key statistics E[kkᵀ] ({kind}) for layers {layer_list} are not cached yet: reading {what}, "
+        f"about {minutes:g} min on this machine. They are computed once and cached for every later edit with "
+        f"these settings; `kvedit stats --layers {layer_list} --source {source} --tokens {n_tokens}"
+        f"{'' if kind == 'values' else ' --kind ' + kind}` prepares them ahead."
+    )

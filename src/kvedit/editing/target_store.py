@@ -59,8 +59,17 @@ class TargetStore:
     @staticmethod
     def key(request: EditRequest, sites: Sequence[Site], templates: Sequence[Sequence[str]], options: Any) -> str:
         """One hex string per (request, sites, templates, options dataclass)."""
-        text = json.dumps([request.prompt, request.subject, request.target_new, [list(s) for s in sites],
-                           [list(g) for g in templates], asdict(options)], sort_keys=True)
+        text = json.dumps(
+            [
+                request.prompt,
+                request.subject,
+                request.target_new,
+                [list(s) for s in sites],
+                [list(g) for g in templates],
+                asdict(options),
+            ],
+            sort_keys=True,
+        )
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def get(self, key: str) -> Entry | None:
@@ -72,8 +81,11 @@ class TargetStore:
             with path.with_suffix(".json").open() as f:
                 meta = json.load(f)
             sites = [(s, int(layer)) for s, layer in meta["sites"]]
-            entry = ({site: (tensors[f"init.{i}"], tensors[f"delta.{i}"]) for i, site in enumerate(sites)},
-                     meta["steps"], meta["seconds"])
+            entry = (
+                {site: (tensors[f"init.{i}"], tensors[f"delta.{i}"]) for i, site in enumerate(sites)},
+                meta["steps"],
+                meta["seconds"],
+            )
             self.entries[key] = entry
         if entry is None:
             return None
@@ -89,8 +101,11 @@ class TargetStore:
         if path is None:
             return
         sites = list(vectors)
-        tensors = {f"{kind}.{i}": vectors[s][j].contiguous() for i, s in enumerate(sites)
-                   for j, kind in enumerate(("init", "delta"))}
+        tensors = {
+            f"{kind}.{i}": vectors[s][j].contiguous()
+            for i, s in enumerate(sites)
+            for j, kind in enumerate(("init", "delta"))
+        }
         meta = {"sites": [list(s) for s in sites], "steps": steps, "seconds": seconds}
         write_atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta)))
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))  # last: its presence means complete
@@ -115,8 +130,9 @@ def store_folder(lm: LM, directory: str | Path) -> Path:
 
 
 @contextmanager
-def reused_targets(lm: LM, directory: str | Path | None = None,
-                   store: TargetStore | None = None) -> Iterator[TargetStore]:
+def reused_targets(
+    lm: LM, directory: str | Path | None = None, store: TargetStore | None = None
+) -> Iterator[TargetStore]:
     """Within this block, `optimize_targets` serves a request it has optimised before (same sites, templates
     and options) from the store instead of optimising again; with `directory`, across processes too.
     `store`: one opened before (e.g. kept across the edits of a run), instead of a new one.

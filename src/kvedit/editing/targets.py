@@ -46,7 +46,11 @@ def _filled(context: str, request: EditRequest) -> str:
 
 @torch.no_grad()
 def subject_keys(
-    lm: LM, layer: int, requests: Sequence[EditRequest], templates: list[list[str]], site: str = "coefficients",
+    lm: LM,
+    layer: int,
+    requests: Sequence[EditRequest],
+    templates: list[list[str]],
+    site: str = "coefficients",
     batch_size: int = 64,
 ) -> torch.Tensor:
     """`[N, d_key]`: the `site` input at the subject's last token, averaged within each template
@@ -61,10 +65,12 @@ def subject_keys(
                 owners.append((i, g))
     chunks = []
     for start in range(0, len(texts), batch_size):
-        enc = lm.tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                           padding_side="right").to(lm.device)
-        with Trace(lm, read=[(site, layer)], positions=torch.tensor(positions[start : start + batch_size]),
-                   stop=True) as tr:
+        enc = lm.tokenizer(
+            texts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="right"
+        ).to(lm.device)
+        with Trace(
+            lm, read=[(site, layer)], positions=torch.tensor(positions[start : start + batch_size]), stop=True
+        ) as tr:
             lm.model(**enc)
         chunks.append(tr[site, layer].float().cpu())
     keys = torch.cat(chunks)
@@ -128,8 +134,7 @@ class _RequestRows:
 
 
 def _request_rows(lm: LM, request: EditRequest, contexts: Sequence[str]) -> _RequestRows:
-    rows = [encode_target(lm, _filled(c, request).replace("{}", request.subject), request.target_new)
-            for c in contexts]
+    rows = [encode_target(lm, _filled(c, request).replace("{}", request.subject), request.target_new) for c in contexts]
     if len({r.target_ids for r in rows}) != 1:
         raise ValueError(f"target {request.target_new!r} tokenises differently after different context templates")
     lookups = [subject_position(lm, _filled(c, request), request.subject) for c in contexts]
@@ -146,8 +151,9 @@ def _request_rows(lm: LM, request: EditRequest, contexts: Sequence[str]) -> _Req
 class _Group:
     """The rows of several requests as one `SplitBatch`, with the index maps the loss needs."""
 
-    def __init__(self, lm: LM, items: Sequence[_RequestRows], owners: Sequence[int], start: int,
-                 batch: SplitBatch | None = None) -> None:
+    def __init__(
+        self, lm: LM, items: Sequence[_RequestRows], owners: Sequence[int], start: int, batch: SplitBatch | None = None
+    ) -> None:
         """`batch`: these rows' `SplitBatch` taken from a larger group (`kept`), else it is computed."""
         self.owners = list(owners)  # request index per item
         input_ids: list[list[int]] = []  # one row per context prompt, then the item's KL prompt
@@ -190,12 +196,17 @@ class _Group:
             batch = self.batch.select(rows)
         except NotImplementedError:
             batch = None
-        return _Group(lm, [items[self.owners[k]] for k in keep], [self.owners[k] for k in keep], self.batch.start,
-                      batch)
+        return _Group(
+            lm, [items[self.owners[k]] for k in keep], [self.owners[k] for k in keep], self.batch.start, batch
+        )
 
 
 def optimize_targets(
-    lm: LM, requests: Sequence[EditRequest], sites: Sequence[Site], templates: list[list[str]], opts: TargetOptions,
+    lm: LM,
+    requests: Sequence[EditRequest],
+    sites: Sequence[Site],
+    templates: list[list[str]],
+    opts: TargetOptions,
     group_size: int = GROUP_SIZE,
 ) -> tuple[list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
     """Optimise one δ per site and request; returns ([{site: (init `[d]`, δ `[d]`)}] per request, steps).
@@ -215,8 +226,11 @@ def optimize_targets(
     if store is None:
         return _optimize_targets(lm, requests, sites, templates, opts, group_size)
     keys = [store.key(r, sites, templates, opts) for r in requests]
-    found = {i: ({s: (a.to(lm.device), b.to(lm.device)) for s, (a, b) in entry[0].items()}, *entry[1:])
-             for i, key in enumerate(keys) if (entry := store.get(key)) is not None}
+    found = {
+        i: ({s: (a.to(lm.device), b.to(lm.device)) for s, (a, b) in entry[0].items()}, *entry[1:])
+        for i, key in enumerate(keys)
+        if (entry := store.get(key)) is not None
+    }
     missing = [i for i in range(len(requests)) if i not in found]
     if missing:
         start = time.perf_counter()
@@ -229,7 +243,11 @@ def optimize_targets(
 
 
 def _optimize_targets(
-    lm: LM, requests: Sequence[EditRequest], sites: Sequence[Site], templates: list[list[str]], opts: TargetOptions,
+    lm: LM,
+    requests: Sequence[EditRequest],
+    sites: Sequence[Site],
+    templates: list[list[str]],
+    opts: TargetOptions,
     group_size: int,
 ) -> tuple[list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
     """`optimize_targets` without the reuse store."""
@@ -248,8 +266,9 @@ def _optimize_targets(
         for s in sites:
             for i, value in enumerate(site_values(lm, s, requests)):
                 inits[(i, s)] = value.to(lm.device)
-    with tqdm(total=len(requests), desc="target vectors", unit="request", leave=False,
-              disable=len(requests) <= group_size) as bar:
+    with tqdm(
+        total=len(requests), desc="target vectors", unit="request", leave=False, disable=len(requests) <= group_size
+    ) as bar:
         size = -(-len(requests) // -(-len(requests) // group_size))  # equal groups: 20 at most 16 → 10 + 10
         for start in range(0, len(requests), size):
             owners = list(range(start, min(start + size, len(requests))))
@@ -259,8 +278,13 @@ def _optimize_targets(
 
 
 def _optimize_group(
-    lm: LM, items: Sequence[_RequestRows], owners: list[int], sites: Sequence[Site], opts: TargetOptions,
-    results: list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], steps: list[int],
+    lm: LM,
+    items: Sequence[_RequestRows],
+    owners: list[int],
+    sites: Sequence[Site],
+    opts: TargetOptions,
+    results: list[dict[Site, tuple[torch.Tensor, torch.Tensor]]],
+    steps: list[int],
     inits: dict[tuple[int, Site], torch.Tensor],
 ) -> None:
     """Optimise the δs of requests `owners` together, writing `results` and `steps` in place.
@@ -281,8 +305,7 @@ def _optimize_group(
             group = group.kept(lm, items, [group.owners.index(i) for i in active])
         n = len(active)
         additions = {
-            s: Addition(torch.stack([deltas[(active[k], s)] for k in group.row_owner]), group.at_lookup)
-            for s in sites
+            s: Addition(torch.stack([deltas[(active[k], s)] for k in group.row_owner]), group.at_lookup) for s in sites
         }
         with Trace(lm, read=list(sites), add=additions, positions=group.at_lookup) as tr:
             hidden = group.batch.forward_suffix()
@@ -301,10 +324,12 @@ def _optimize_group(
         nll = torch.zeros(n, device=out).index_add_(0, group.ctx_owner, row_nll) / counts
         for k, i in enumerate(active):
             kl_init.setdefault(i, kl_logprobs[k].detach())
-        kl = torch.stack([F.kl_div(kl_init[i], kl_logprobs[k], log_target=True, reduction="sum")
-                          for k, i in enumerate(active)])
-        decay = torch.stack([sum(deltas[(i, s)].norm() / inits[(i, s)].norm() ** 2 for s in sites)
-                             for i in active]).to(out)
+        kl = torch.stack(
+            [F.kl_div(kl_init[i], kl_logprobs[k], log_target=True, reduction="sum") for k, i in enumerate(active)]
+        )
+        decay = torch.stack([sum(deltas[(i, s)].norm() / inits[(i, s)].norm() ** 2 for s in sites) for i in active]).to(
+            out
+        )
         factors = torch.tensor([nll_factor[i] for i in active], device=out)
         losses = factors * nll + opts.kl_factor * kl + opts.weight_decay * decay
         loss_values, nll_values = losses.detach().tolist(), nll.detach().tolist()
@@ -314,8 +339,11 @@ def _optimize_group(
         argmax_all = torch.zeros(n, device=out).index_add_(0, group.ctx_owner, row_hit) == counts
         finished = []
         for k, i in enumerate(active):
-            done = loss_values[k] < opts.early_stop_loss or step == opts.steps - 1 or (
-                opts.stop_nll is not None and nll_values[k] < opts.stop_nll)
+            done = (
+                loss_values[k] < opts.early_stop_loss
+                or step == opts.steps - 1
+                or (opts.stop_nll is not None and nll_values[k] < opts.stop_nll)
+            )
             if opts.pmet_schedule and not done:
                 nll_factor[i] = 0.1 if bool(argmax_all[k]) else 1.0
                 done = bool(argmax_all[k]) and opts.kl_factor * float(kl[k].detach()) <= 0.01
@@ -340,4 +368,3 @@ def _optimize_group(
                     if delta.norm() > limit:
                         delta.mul_(limit / delta.norm())
         active = [active[k] for k in still]
-

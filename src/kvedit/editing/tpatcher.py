@@ -45,10 +45,20 @@ from .hparams import EditOutcome, check_ranges
 from .presets import frozen_presets
 from .stats import statistics_batches
 
-TPATCHER_PRESETS = frozen_presets({
-    "reference": {"layers": (-1,), "lr": 1e-2, "weight_decay": 0.01, "max_steps": 2000, "memory_weight": 10.0,
-                  "max_neurons": 5, "stats_source": "self", "stats_tokens": 40_000},
-})
+TPATCHER_PRESETS = frozen_presets(
+    {
+        "reference": {
+            "layers": (-1,),
+            "lr": 1e-2,
+            "weight_decay": 0.01,
+            "max_steps": 2000,
+            "memory_weight": 10.0,
+            "max_neurons": 5,
+            "stats_source": "self",
+            "stats_tokens": 40_000,
+        },
+    }
+)
 HELD_OUT = 0.1  # share of the memory inputs kept for the stopping check (the reference's validation memory)
 EDIT_SMOOTHING, ACT_MARGIN, GAMMA, BETA, TOP_MEMORY, VALUE_AMPLITUDE, CLIP = 0.1, 0.0, 3.0, -3.0, 1000, 10.0, 5.0
 
@@ -81,7 +91,9 @@ class TPatcherHyperParams:
                 raise ValueError(f"T-Patcher here edits causal language models; {lm.arch.family} is a masked LM")
             lm.check_layer(self.layers[0])
             if not lm.arch.gated and not _first_bias(lm, lm.check_layer(self.layers[0])):
-                raise ValueError(f"{lm.arch.family}'s first FFN linear has no bias; T-Patcher needs one (or a gated FFN)")
+                raise ValueError(
+                    f"{lm.arch.family}'s first FFN linear has no bias; T-Patcher needs one (or a gated FFN)"
+                )
         return self
 
 
@@ -156,8 +168,7 @@ class _Hooked:
         self.handles: list = []
 
     def __enter__(self) -> "_Hooked":
-        self.handles = [self.keys.register_forward_pre_hook(self._read),
-                        self.values.register_forward_hook(self._add)]
+        self.handles = [self.keys.register_forward_pre_hook(self._read), self.values.register_forward_hook(self._add)]
         return self
 
     def _read(self, module, args):
@@ -195,8 +206,9 @@ def tpatcher_edit(lm: LM, requests: Sequence[EditRequest], hp: TPatcherHyperPara
     return EditOutcome(steps=steps, records=added, result={"memories_added": added, "layer": layer})
 
 
-def _patch_one(lm: LM, layer: int, request: EditRequest, memory: torch.Tensor, activation: str,
-               hp: TPatcherHyperParams, seed: int) -> tuple[int, int, torch.Tensor | None]:
+def _patch_one(
+    lm: LM, layer: int, request: EditRequest, memory: torch.Tensor, activation: str, hp: TPatcherHyperParams, seed: int
+) -> tuple[int, int, torch.Tensor | None]:
     enc = encode_target(lm, request.rewrite_prompt, request.target_new)
     ids = torch.tensor([enc.input_ids], device=lm.device)
     positions = torch.tensor(enc.positions, device=lm.device)
@@ -233,8 +245,11 @@ def _patch_one(lm: LM, layer: int, request: EditRequest, memory: torch.Tensor, a
             fixed = bool((out.argmax(-1) == targets).all())
             if step >= 100 and fixed:
                 with torch.no_grad():
-                    check = float(_memory_loss(patch.preactivation(val_mem), patch.preactivation(
-                        inputs[positions[wrong]]).diagonal()))
+                    check = float(
+                        _memory_loss(
+                            patch.preactivation(val_mem), patch.preactivation(inputs[positions[wrong]]).diagonal()
+                        )
+                    )
                 if check > best - 1e-3:
                     break
                 best = check

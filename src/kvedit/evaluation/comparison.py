@@ -64,9 +64,7 @@ def sign_test(differences: Sequence[float]) -> float | None:
     return min(1.0, 2 * tail)
 
 
-def paired_comparison(
-    a: Sequence[float], b: Sequence[float], scale: float = 1.0, **kwargs: Any
-) -> dict[str, Any]:
+def paired_comparison(a: Sequence[float], b: Sequence[float], scale: float = 1.0, **kwargs: Any) -> dict[str, Any]:
     """Paired difference a − b (× `scale`) over cases given in the same order in both lists.
 
     Returns {"mean_difference", "ci", "sign_test_p", "wins", "losses", "ties", "count"}.
@@ -75,8 +73,7 @@ def paired_comparison(
         raise ValueError(f"paired values must have equal lengths, got {len(a)} and {len(b)}")
     diff = (np.asarray(a, dtype=float) - np.asarray(b, dtype=float)) * scale
     if diff.size == 0:
-        return {"mean_difference": None, "ci": None, "sign_test_p": None, "wins": 0, "losses": 0, "ties": 0,
-                "count": 0}
+        return {"mean_difference": None, "ci": None, "sign_test_p": None, "wins": 0, "losses": 0, "ties": 0, "count": 0}
     ci = bootstrap_ci(lambda idx: float(diff[idx].mean()), diff.size, **kwargs)
     return {
         "mean_difference": float(diff.mean()),

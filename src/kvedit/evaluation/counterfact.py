@@ -36,9 +36,7 @@ def _group_prompts(request: EditRequest) -> dict[str, tuple[str, ...]]:
     }
 
 
-def counterfact_case_metrics(
-    lm: LM, requests: Sequence[EditRequest], batch_size: int = 32
-) -> list[dict[str, Any]]:
+def counterfact_case_metrics(lm: LM, requests: Sequence[EditRequest], batch_size: int = 32) -> list[dict[str, Any]]:
     """Score every request's prompt groups against target_new and target_true in batched passes.
 
     Returns one dict per request: for each group present, `<group>_success` and

@@ -29,13 +29,17 @@ def locality_unchanged(post: Predictions, pre: Predictions) -> float:
     """Mean over neighborhood prompts of the fraction of positions whose argmax token is the same
     after the edit as before it (a fraction in [0, 1])."""
     if len(post) != len(pre) or not post:
-        raise ValueError(f"got predictions for {len(post)} prompts after the edit and {len(pre)} before; "
-                         "expected the same non-zero number")
+        raise ValueError(
+            f"got predictions for {len(post)} prompts after the edit and {len(pre)} before; "
+            "expected the same non-zero number"
+        )
     fractions = []
     for after, before in zip(post, pre):
         if len(after) != len(before):
-            raise ValueError(f"a neighborhood target has {len(after)} tokens after the edit and {len(before)} "
-                             "before; the same prompts must be scored")
+            raise ValueError(
+                f"a neighborhood target has {len(after)} tokens after the edit and {len(before)} "
+                "before; the same prompts must be scored"
+            )
         fractions.append(sum(a == b for a, b in zip(after, before)) / len(after))
     return sum(fractions) / len(fractions)
 

@@ -40,9 +40,17 @@ class GeneralAbilityProbe:
     labels: Mapping[str, tuple[str, ...]]
 
     @classmethod
-    def build(cls, lm: LM, text: str | Path, tasks_dir: str | Path | None = None, tokens: int = 10_000,
-              window: int = 256, per_task: int = 50, tasks: Sequence[str] = PROBE_TASKS,
-              seed: int = 0) -> "GeneralAbilityProbe":
+    def build(
+        cls,
+        lm: LM,
+        text: str | Path,
+        tasks_dir: str | Path | None = None,
+        tokens: int = 10_000,
+        window: int = 256,
+        per_task: int = 50,
+        tasks: Sequence[str] = PROBE_TASKS,
+        seed: int = 0,
+    ) -> "GeneralAbilityProbe":
         """Tokenise the first `tokens` tokens of the text file `text` into full windows (the tail that does not
         fill one is dropped), and take `per_task` test examples of each task from `tasks_dir/<task>/` (a fixed
         seeded sample where a task has only an evaluation split)."""
@@ -69,7 +77,7 @@ class GeneralAbilityProbe:
         """exp(mean NLL) of every token after the first of each window."""
         total, count = 0.0, 0
         for start in range(0, len(self.windows), batch_size):
-            ids = self.windows[start:start + batch_size].to(lm.device)
+            ids = self.windows[start : start + batch_size].to(lm.device)
             logits = lm.model(input_ids=ids).logits[:, :-1].float()
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
             total, count = total + float(nll), count + ids[:, 1:].numel()

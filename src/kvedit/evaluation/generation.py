@@ -87,8 +87,13 @@ def generate_ids(
     cache = None
     step_ids = ids
     for _ in range(max(0, new_tokens)):
-        out = lm.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                       **cache_keyword(lm.model, cache), use_cache=True)
+        out = lm.model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **cache_keyword(lm.model, cache),
+            use_cache=True,
+        )
         cache = returned_cache(out)
         probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
         top_probs, top_ids = probs.topk(top_k, dim=-1)
@@ -100,12 +105,12 @@ def generate_ids(
     return [row[width - n : width - n + total_tokens].tolist() for row, n in zip(ids, lengths)]
 
 
-def generate_texts(
-    lm: LM, prompts: Sequence[str], total_tokens: int = 100, top_k: int = 5, seed: int = 0
-) -> list[str]:
+def generate_texts(lm: LM, prompts: Sequence[str], total_tokens: int = 100, top_k: int = 5, seed: int = 0) -> list[str]:
     """`generate_ids` decoded (prompt included) and cleaned as the reference does."""
-    return [clean_generation(str(lm.tokenizer.decode(ids, skip_special_tokens=True)))
-            for ids in generate_ids(lm, prompts, total_tokens, top_k, seed)]
+    return [
+        clean_generation(str(lm.tokenizer.decode(ids, skip_special_tokens=True)))
+        for ids in generate_ids(lm, prompts, total_tokens, top_k, seed)
+    ]
 
 
 def tfidf_vector(text: str, vocab: Mapping[str, int], idf: np.ndarray) -> np.ndarray:
@@ -148,7 +153,10 @@ def load_attribute_snippets(folder: Path | None = None) -> AttributeSnippets:
 
 
 def generation_case_metrics(
-    lm: LM, requests: Sequence[EditRequest], seed: int = 0, snippets: AttributeSnippets | None = None,
+    lm: LM,
+    requests: Sequence[EditRequest],
+    seed: int = 0,
+    snippets: AttributeSnippets | None = None,
 ) -> list[dict[str, Any]]:
     """Per request: {"fluency", "consistency"} where it can be computed, {} where the request has no
     generation prompts (the metric is then absent, not 0)."""
@@ -164,4 +172,3 @@ def generation_case_metrics(
             case["consistency"] = tfidf_similarity(" ".join(texts), " ".join(refs), snippets.vocab, snippets.idf)
         out.append(case)
     return out
-

@@ -47,8 +47,13 @@ DEFAULT_FEWSHOT = (
     "Q: What is the currency of the country where Mount Fuji is located? A: Japanese yen\n"
 )
 MULTIHOP_METRICS: tuple[str, ...] = (
-    "multihop_accuracy", "multihop_old_accuracy", "single_hop_accuracy",
-    "multihop_prob_accuracy", "multihop_prob_any", "multihop_nll_margin", "single_hop_prob_accuracy",
+    "multihop_accuracy",
+    "multihop_old_accuracy",
+    "single_hop_accuracy",
+    "multihop_prob_accuracy",
+    "multihop_prob_any",
+    "multihop_nll_margin",
+    "single_hop_prob_accuracy",
 )
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -88,10 +93,14 @@ def greedy_continuations(lm: LM, prompts: Sequence[str], max_new_tokens: int = 1
     tok = lm.tokenizer
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
+        chunk = list(prompts[start : start + batch_size])
         enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left").to(lm.device)
-        ids = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        ids = lm.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
         width = enc["input_ids"].shape[1]
         out += [str(tok.decode(row[width:], skip_special_tokens=True)) for row in ids]
     return out
@@ -129,18 +138,22 @@ def multihop_case_metrics(
         pairs = [(next(nll), next(nll)) for _ in case.questions]  # (new, old)
         hop_pairs = [(next(nll), next(nll)) for _ in case.edit_questions]
         new_wins = [new < old for new, old in pairs]
-        out.append({
-            "case_id": case.case_id,
-            "multihop_accuracy": float(any(answer_matches(a, case.new_answers) for a in answers)),
-            "multihop_old_accuracy": float(any(answer_matches(a, case.answers) for a in answers)),
-            "single_hop_accuracy": _mean([answer_matches(a, accepted) for a, accepted in zip(hops, case.edit_answers)]),
-            "multihop_prob_accuracy": _mean(new_wins),
-            "multihop_prob_any": float(any(new_wins)),
-            "multihop_nll_margin": _mean([old - new for new, old in pairs]),
-            "single_hop_prob_accuracy": _mean([new < old for new, old in hop_pairs]),
-            "multihop_answers": answers,
-            "single_hop_answers": hops,
-        })
+        out.append(
+            {
+                "case_id": case.case_id,
+                "multihop_accuracy": float(any(answer_matches(a, case.new_answers) for a in answers)),
+                "multihop_old_accuracy": float(any(answer_matches(a, case.answers) for a in answers)),
+                "single_hop_accuracy": _mean(
+                    [answer_matches(a, accepted) for a, accepted in zip(hops, case.edit_answers)]
+                ),
+                "multihop_prob_accuracy": _mean(new_wins),
+                "multihop_prob_any": float(any(new_wins)),
+                "multihop_nll_margin": _mean([old - new for new, old in pairs]),
+                "single_hop_prob_accuracy": _mean([new < old for new, old in hop_pairs]),
+                "multihop_answers": answers,
+                "single_hop_answers": hops,
+            }
+        )
     return out
 
 
@@ -159,8 +172,9 @@ def summarize_multihop(cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def known_multihop(lm: LM, cases: Sequence[MquakeCase], fewshot: str = DEFAULT_FEWSHOT,
-                   batch_size: int = 16) -> list[bool]:
+def known_multihop(
+    lm: LM, cases: Sequence[MquakeCase], fewshot: str = DEFAULT_FEWSHOT, batch_size: int = 16
+) -> list[bool]:
     """Per case: does the unedited model prefer the pre-edit answer to the new one (lower mean token NLL) on at
     least one of its questions? (docs/propagation.md: MQuAKE's "known" rule.)"""
     prompts: list[str] = []

@@ -134,8 +134,12 @@ def known_by_accuracy(
     flags = [False] * len(cases)
     if not with_truth:
         return flags
-    scores = score_targets(lm, [cases[i].request.rewrite_prompt for i in with_truth],
-                           [cases[i].request.target_true or "" for i in with_truth], batch_size)
+    scores = score_targets(
+        lm,
+        [cases[i].request.rewrite_prompt for i in with_truth],
+        [cases[i].request.target_true or "" for i in with_truth],
+        batch_size,
+    )
     for i, accuracy in zip(with_truth, scores.token_accuracy.tolist()):
         flags[i] = accuracy >= threshold - 1e-9
     return flags

@@ -17,9 +17,8 @@ class NoAnswerError(ValueError):
 def greedy_answer(lm: LM, prompt: str, max_new_tokens: int = 6) -> str:
     """The model's own greedy answer to `prompt`: its first generated word, without punctuation."""
     enc = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
-    out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=lm.tokenizer.pad_token_id)
-    words = str(lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)).split()
+    out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    words = str(lm.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)).split()
     answer = words[0].strip(".,;:!?\"'") if words else ""
     if not answer:
         raise NoAnswerError(f"the model gives no answer to {prompt!r}; pass the true object explicitly")

@@ -46,8 +46,9 @@ def mquake_case_metrics(lm: LM, cases: Sequence[MquakeCase]) -> list[dict[str, A
     edits = counterfact_case_metrics(lm, [r for c in cases for r in c.requests])
     out, start = [], 0
     for case, multihop in zip(cases, multihop_case_metrics(lm, cases)):
-        own = edits[start:start + len(case.requests)]
+        own = edits[start : start + len(case.requests)]
         start += len(case.requests)
-        out.append({"case_id": case.case_id,
-                    "efficacy_success": sum(e["efficacy_success"] for e in own) / len(own)} | multihop)
+        out.append(
+            {"case_id": case.case_id, "efficacy_success": sum(e["efficacy_success"] for e in own) / len(own)} | multihop
+        )
     return out

@@ -139,15 +139,16 @@ def score_batch(lm: LM, batch: TargetBatch) -> TokenScores:
 
 
 @torch.no_grad()
-def score_targets(
-    lm: LM, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32
-) -> TokenScores:
+def score_targets(lm: LM, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> TokenScores:
     """Score `targets[i]` after `prompts[i]` for all i, `batch_size` pairs per forward pass."""
     if len(prompts) != len(targets):
         raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets; expected one target per prompt")
     encoded = [encode_target(lm, p, t) for p, t in zip(prompts, targets)]
     pad = lm.tokenizer.pad_token_id
-    chunks = [score_batch(lm, TargetBatch.collate(encoded[i : i + batch_size], pad)) for i in range(0, len(encoded), batch_size)]
+    chunks = [
+        score_batch(lm, TargetBatch.collate(encoded[i : i + batch_size], pad))
+        for i in range(0, len(encoded), batch_size)
+    ]
     width = max(c.mask.shape[1] for c in chunks)
 
     def cat(name: str) -> torch.Tensor:

@@ -125,78 +125,131 @@ _PORTABILITY = Metric("Portability", "portability_accuracy")
 #: the portability sets' known rule (`portability.known_by_preference`); False without target_true
 _PREFERENCE = "P(target_true) > P(target_new) on the rewrite prompt (no target_true: not known)"
 
-SUITES: Mapping[str, Suite] = MappingProxyType({
-    "counterfact": Suite(
-        "counterfact", _COUNTERFACT, _CF_SCORE,
-        ("efficacy_token_accuracy", "paraphrase_token_accuracy", "neighborhood_unchanged"),
-        "CounterFact", scorer="counterfact:counterfact_case_metrics", generation=True, needs_target_true=True,
-    ),
-    "zsre": Suite(
-        # on zsRE EasyEdit's rewrite and rephrase accuracies are the reference efficacy and paraphrase
-        "zsre", _ZSRE, _ZSRE_SCORE, ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_unchanged"),
-        "zsRE", scorer="zsre:zsre_case_metrics", needs_neighborhood_target=True,
-    ),
-    "counterfact-portability": Suite(
-        "counterfact-portability", (*_COUNTERFACT, _PORTABILITY), _CF_SCORE,
-        ("efficacy_token_accuracy", "paraphrase_token_accuracy", "neighborhood_unchanged"),
-        "CounterFact portability", scorer="propagation:counterfact_portability_case_metrics", generation=True,
-        columns=("portability_accuracy",), compared=(*_CF_SCORE, "portability_accuracy"),
-        reads="counterfact-portability", known="portability:known_by_preference", known_rule=_PREFERENCE,
-        needs_target_true=True, sequential=False,
-    ),
-    "zsre-portability": Suite(
-        "zsre-portability", (*_ZSRE, _PORTABILITY), _ZSRE_SCORE,
-        ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_unchanged"),
-        "zsRE portability", scorer="propagation:zsre_portability_case_metrics",
-        columns=("portability_accuracy",), compared=(*_ZSRE_SCORE, "portability_accuracy"),
-        reads="zsre-portability", known="portability:known_by_preference", known_rule=_PREFERENCE,
-        needs_neighborhood_target=True, sequential=False,
-    ),
-    "knowedit": Suite(
-        "knowedit",
-        (
-            Metric("Efficacy", "efficacy_accuracy"),
-            Metric("Paraphrase", "paraphrase_accuracy"),
-            Metric("Locality", "relation_specificity_unchanged"),
-            _PORTABILITY,
-            Metric("Reasoning", "reasoning_accuracy"),
-            Metric("Subject aliasing", "subject_aliasing_accuracy"),
-            Metric("Logical generalisation", "logical_generalization_accuracy"),
-            Metric("Relation specificity acc", "relation_specificity_accuracy"),
+SUITES: Mapping[str, Suite] = MappingProxyType(
+    {
+        "counterfact": Suite(
+            "counterfact",
+            _COUNTERFACT,
+            _CF_SCORE,
+            ("efficacy_token_accuracy", "paraphrase_token_accuracy", "neighborhood_unchanged"),
+            "CounterFact",
+            scorer="counterfact:counterfact_case_metrics",
+            generation=True,
+            needs_target_true=True,
         ),
-        # KnowEdit's own columns: edit success, portability, locality (unchanged predictions: the true answers of
-        # the relation-specificity prompts are rarely the argmax of a small model, so their accuracy is near 0)
-        ("efficacy_accuracy", "paraphrase_accuracy", "relation_specificity_unchanged"),
-        ("efficacy_accuracy", "paraphrase_accuracy", "relation_specificity_unchanged"),
-        "KnowEdit", scorer="propagation:zsre_portability_case_metrics",
-        columns=("portability_accuracy", "reasoning_accuracy", "subject_aliasing_accuracy",
-                 "logical_generalization_accuracy", "relation_specificity_accuracy"),
-        compared=("efficacy_accuracy", "paraphrase_accuracy", "relation_specificity_unchanged",
-                  "portability_accuracy"),
-        reads="knowedit", known="portability:known_by_preference", known_rule=_PREFERENCE,
-        locality=(("relation_specificity_argmax", "relation_specificity_unchanged"),), sequential=False,
-    ),
-    "mquake": Suite(
-        "mquake",
-        (
-            Metric("Edit-wise", "efficacy_success"),
-            Metric("Single-hop", "single_hop_accuracy"),
-            Metric("Multi-hop", "multihop_accuracy"),
-            Metric("Multi-hop (old answer)", "multihop_old_accuracy"),
-            Metric("Single-hop prob.", "single_hop_prob_accuracy"),
-            Metric("Multi-hop prob.", "multihop_prob_accuracy"),
-            Metric("Multi-hop prob. (any)", "multihop_prob_any"),
-            Metric("NLL margin (nats)", "multihop_nll_margin", scale=1.0),
+        "zsre": Suite(
+            # on zsRE EasyEdit's rewrite and rephrase accuracies are the reference efficacy and paraphrase
+            "zsre",
+            _ZSRE,
+            _ZSRE_SCORE,
+            ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_unchanged"),
+            "zsRE",
+            scorer="zsre:zsre_case_metrics",
+            needs_neighborhood_target=True,
         ),
-        (), None, "MQuAKE", scorer="propagation:mquake_case_metrics",
-        columns=("efficacy_success", "single_hop_accuracy", "multihop_accuracy", "multihop_old_accuracy",
-                 "single_hop_prob_accuracy", "multihop_prob_accuracy", "multihop_nll_margin"),
-        compared=("efficacy_success", "single_hop_accuracy", "multihop_accuracy", "multihop_prob_accuracy"),
-        reads="mquake", known="multihop:known_multihop",
-        known_rule="the unedited model prefers the old answer to the new one (lower NLL) on one of the questions",
-        locality=(), needs_target_true=True, sequential=False,
-    ),
-})
+        "counterfact-portability": Suite(
+            "counterfact-portability",
+            (*_COUNTERFACT, _PORTABILITY),
+            _CF_SCORE,
+            ("efficacy_token_accuracy", "paraphrase_token_accuracy", "neighborhood_unchanged"),
+            "CounterFact portability",
+            scorer="propagation:counterfact_portability_case_metrics",
+            generation=True,
+            columns=("portability_accuracy",),
+            compared=(*_CF_SCORE, "portability_accuracy"),
+            reads="counterfact-portability",
+            known="portability:known_by_preference",
+            known_rule=_PREFERENCE,
+            needs_target_true=True,
+            sequential=False,
+        ),
+        "zsre-portability": Suite(
+            "zsre-portability",
+            (*_ZSRE, _PORTABILITY),
+            _ZSRE_SCORE,
+            ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_unchanged"),
+            "zsRE portability",
+            scorer="propagation:zsre_portability_case_metrics",
+            columns=("portability_accuracy",),
+            compared=(*_ZSRE_SCORE, "portability_accuracy"),
+            reads="zsre-portability",
+            known="portability:known_by_preference",
+            known_rule=_PREFERENCE,
+            needs_neighborhood_target=True,
+            sequential=False,
+        ),
+        "knowedit": Suite(
+            "knowedit",
+            (
+                Metric("Efficacy", "efficacy_accuracy"),
+                Metric("Paraphrase", "paraphrase_accuracy"),
+                Metric("Locality", "relation_specificity_unchanged"),
+                _PORTABILITY,
+                Metric("Reasoning", "reasoning_accuracy"),
+                Metric("Subject aliasing", "subject_aliasing_accuracy"),
+                Metric("Logical generalisation", "logical_generalization_accuracy"),
+                Metric("Relation specificity acc", "relation_specificity_accuracy"),
+            ),
+            # KnowEdit's own columns: edit success, portability, locality (unchanged predictions: the true answers of
+            # the relation-specificity prompts are rarely the argmax of a small model, so their accuracy is near 0)
+            ("efficacy_accuracy", "paraphrase_accuracy", "relation_specificity_unchanged"),
+            ("efficacy_accuracy", "paraphrase_accuracy", "relation_specificity_unchanged"),
+            "KnowEdit",
+            scorer="propagation:zsre_portability_case_metrics",
+            columns=(
+                "portability_accuracy",
+                "reasoning_accuracy",
+                "subject_aliasing_accuracy",
+                "logical_generalization_accuracy",
+                "relation_specificity_accuracy",
+            ),
+            compared=(
+                "efficacy_accuracy",
+                "paraphrase_accuracy",
+                "relation_specificity_unchanged",
+                "portability_accuracy",
+            ),
+            reads="knowedit",
+            known="portability:known_by_preference",
+            known_rule=_PREFERENCE,
+            locality=(("relation_specificity_argmax", "relation_specificity_unchanged"),),
+            sequential=False,
+        ),
+        "mquake": Suite(
+            "mquake",
+            (
+                Metric("Edit-wise", "efficacy_success"),
+                Metric("Single-hop", "single_hop_accuracy"),
+                Metric("Multi-hop", "multihop_accuracy"),
+                Metric("Multi-hop (old answer)", "multihop_old_accuracy"),
+                Metric("Single-hop prob.", "single_hop_prob_accuracy"),
+                Metric("Multi-hop prob.", "multihop_prob_accuracy"),
+                Metric("Multi-hop prob. (any)", "multihop_prob_any"),
+                Metric("NLL margin (nats)", "multihop_nll_margin", scale=1.0),
+            ),
+            (),
+            None,
+            "MQuAKE",
+            scorer="propagation:mquake_case_metrics",
+            columns=(
+                "efficacy_success",
+                "single_hop_accuracy",
+                "multihop_accuracy",
+                "multihop_old_accuracy",
+                "single_hop_prob_accuracy",
+                "multihop_prob_accuracy",
+                "multihop_nll_margin",
+            ),
+            compared=("efficacy_success", "single_hop_accuracy", "multihop_accuracy", "multihop_prob_accuracy"),
+            reads="mquake",
+            known="multihop:known_multihop",
+            known_rule="the unedited model prefers the old answer to the new one (lower NLL) on one of the questions",
+            locality=(),
+            needs_target_true=True,
+            sequential=False,
+        ),
+    }
+)
 
 
 def dataset_title(dataset: str | None, suite: str) -> str:
@@ -228,8 +281,11 @@ def summarize_run(records: Sequence[Mapping[str, Any]], suite: Suite, **ci: Any)
     if scored:
         columns = np.array([[r[k] for k in suite.score_of] for r in scored], dtype=float)
         interval = bootstrap_ci(lambda idx: _score(columns[idx]), len(scored), **ci)
-        summary["metrics"]["score"] = {"mean": _score(columns), "ci": list(interval) if interval else None,
-                                       "count": len(scored)}
+        summary["metrics"]["score"] = {
+            "mean": _score(columns),
+            "ci": list(interval) if interval else None,
+            "count": len(scored),
+        }
     elif suite.score_of:  # a suite without Score (MQuAKE) has no score entry
         summary["metrics"]["score"] = {"mean": None, "ci": None, "count": 0}
     timed = [r for r in records if r.get("time_s") is not None]
@@ -241,9 +297,7 @@ def summarize_run(records: Sequence[Mapping[str, Any]], suite: Suite, **ci: Any)
     return summary
 
 
-def compare_runs(
-    runs: Mapping[str, Sequence[Mapping[str, Any]]], suite: Suite, **ci: Any
-) -> list[dict[str, Any]]:
+def compare_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], suite: Suite, **ci: Any) -> list[dict[str, Any]]:
     """For every pair of runs (a, b) and metric, the paired difference a − b over their shared cases."""
     names = list(runs)
     by_case = {name: {r["case_id"]: r for r in records} for name, records in runs.items()}
@@ -276,15 +330,25 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]], suite: Suite, wit
     Specificity, Score, then its further columns such as Portability), [Fluency, Consistency when any run has
     them], Time (s per edit call). ± is half the 95 % interval."""
     titles = suite.metric_titles()
-    extra = [k for k in ("fluency", "consistency")
-             if any(s["metrics"].get(k, {}).get("mean") is not None for s in summaries.values())]
+    extra = [
+        k
+        for k in ("fluency", "consistency")
+        if any(s["metrics"].get(k, {}).get("mean") is not None for s in summaries.values())
+    ]
     keys = [*suite.table_keys(), *extra]
     header = ["Method", "#Edits", "Cases", *(titles.get(k, k) for k in keys), "Time (s)"]
     rows = []
     for name, s in summaries.items():
         time_s = s.get("edit_time_s")
-        rows.append([name, str(s.get("batch_size") or "–"), str(s.get("n", "–")), *(_cell(s["metrics"].get(k), with_ci) for k in keys),
-                     "–" if time_s is None else f"{time_s:.2f}"])
+        rows.append(
+            [
+                name,
+                str(s.get("batch_size") or "–"),
+                str(s.get("n", "–")),
+                *(_cell(s["metrics"].get(k), with_ci) for k in keys),
+                "–" if time_s is None else f"{time_s:.2f}",
+            ]
+        )
     return aligned_markdown(header, rows)
 
 
@@ -299,8 +363,15 @@ def easyedit_table(summaries: Mapping[str, Mapping[str, Any]], suite: Suite, wit
         return None
     header = ["Method", "#Edits", "Cases", *EASYEDIT_TITLES]
     # Cases: how many carry locality (a resumed older folder can have them for part of a run only)
-    rows = [[name, str(summaries[name].get("batch_size") or "–"), str(summaries[name]["metrics"][keys[-1]]["count"]),
-             *(_cell(summaries[name]["metrics"].get(k), with_ci) for k in keys)] for name in have]
+    rows = [
+        [
+            name,
+            str(summaries[name].get("batch_size") or "–"),
+            str(summaries[name]["metrics"][keys[-1]]["count"]),
+            *(_cell(summaries[name]["metrics"].get(k), with_ci) for k in keys),
+        ]
+        for name in have
+    ]
     return aligned_markdown(header, rows)
 
 
@@ -309,7 +380,11 @@ def aligned_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> st
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
 
     sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)]) + "\n"
@@ -319,17 +394,46 @@ def summary_csv(summaries: Mapping[str, Mapping[str, Any]], suite: Suite | None 
     """One row per run and metric: run, method, layer, batch_size, metric, mean, ci_low, ci_high, count,
     edit_time_s, metric_title (the metric's column title in `suite`'s table.md, e.g. Specificity for
     neighborhood_success; last, so readers of the older columns are unaffected)."""
-    titles = suite.metric_titles() if suite is not None else \
-        {k: t for s in reversed(list(SUITES.values())) for k, t in s.metric_titles().items()}  # the first's title
+    titles = (
+        suite.metric_titles()
+        if suite is not None
+        else {k: t for s in reversed(list(SUITES.values())) for k, t in s.metric_titles().items()}
+    )  # the first's title
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["run", "method", "layer", "batch_size", "sequential", "metric", "mean", "ci_low", "ci_high",
-                     "count", "edit_time_s", "metric_title"])
+    writer.writerow(
+        [
+            "run",
+            "method",
+            "layer",
+            "batch_size",
+            "sequential",
+            "metric",
+            "mean",
+            "ci_low",
+            "ci_high",
+            "count",
+            "edit_time_s",
+            "metric_title",
+        ]
+    )
     for name, s in summaries.items():
         for metric, stat in s["metrics"].items():
             low, high = stat["ci"] if stat.get("ci") else ("", "")
-            writer.writerow([name, s.get("method", name), s.get("layer", ""), s.get("batch_size", ""),
-                             s.get("sequential", ""), metric, "" if stat["mean"] is None else stat["mean"], low, high,
-                             stat["count"], "" if s.get("edit_time_s") is None else s["edit_time_s"],
-                             titles.get(metric, "")])
+            writer.writerow(
+                [
+                    name,
+                    s.get("method", name),
+                    s.get("layer", ""),
+                    s.get("batch_size", ""),
+                    s.get("sequential", ""),
+                    metric,
+                    "" if stat["mean"] is None else stat["mean"],
+                    low,
+                    high,
+                    stat["count"],
+                    "" if s.get("edit_time_s") is None else s["edit_time_s"],
+                    titles.get(metric, ""),
+                ]
+            )
     return buffer.getvalue()

@@ -58,8 +58,9 @@ def zsre_case_metrics(lm: LM, requests: Sequence[EditRequest], batch_size: int =
         per_group[i].setdefault(group, []).append(value)
         if group == "neighborhood":
             cases[i].setdefault("neighborhood_argmax", []).append(ids)
-    return [case | {f"{g}_accuracy": sum(v) / len(v) for g, v in groups.items()}
-            for case, groups in zip(cases, per_group)]
+    return [
+        case | {f"{g}_accuracy": sum(v) / len(v) for g, v in groups.items()} for case, groups in zip(cases, per_group)
+    ]
 
 
 def summarize_zsre(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -100,8 +100,12 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(session: ExploreSession, allowed_hosts: list[str] | None = None,
-               origins: Collection[str] | None = None, token: str | None = None) -> FastAPI:
+def create_app(
+    session: ExploreSession,
+    allowed_hosts: list[str] | None = None,
+    origins: Collection[str] | None = None,
+    token: str | None = None,
+) -> FastAPI:
     """The web app over `session`. `allowed_hosts`: Host headers to accept (None: any), which keeps pages
     of other sites from reaching a loopback server through DNS rebinding. `origins`: the page's origins, the
     only ones whose requests may change anything (None: the origin the Host header names); `token`: the
@@ -114,8 +118,13 @@ def create_app(session: ExploreSession, allowed_hosts: list[str] | None = None,
         await run_in_threadpool(session.jobs.shutdown)
 
     # no /docs or /redoc pages: FastAPI's load their scripts from a CDN; the schema stays at /openapi.json
-    app = FastAPI(title="kvedit explore", description="FFN key-value memories of one model: look, intervene, edit",
-                  docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="kvedit explore",
+        description="FFN key-value memories of one model: look, intervene, edit",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
     app.state.session = session
     app.state.token = token or new_token()
     app.add_middleware(PageOnly, token=app.state.token, origins=origins)
@@ -186,16 +195,26 @@ def create_app(session: ExploreSession, allowed_hosts: list[str] | None = None,
 
     @app.post("/api/edits", status_code=202)
     def start_edit(body: EditBody) -> JSONResponse:
-        form = EditForm(body.prompt, body.subject, body.target_new, body.target_true or None,
-                        tuple(p for p in body.paraphrases if p.strip()), tuple(p for p in body.neighbours if p.strip()),
-                        body.method, tuple(body.layers) if body.layers else None, body.lr, body.max_steps)
+        form = EditForm(
+            body.prompt,
+            body.subject,
+            body.target_new,
+            body.target_true or None,
+            tuple(p for p in body.paraphrases if p.strip()),
+            tuple(p for p in body.neighbours if p.strip()),
+            body.method,
+            tuple(body.layers) if body.layers else None,
+            body.lr,
+            body.max_steps,
+        )
         return JSONResponse(jsonable(session.start_edit(form).to_dict()), status_code=202)
 
     @app.post("/api/neurons", status_code=202)
     def neurons(body: NeuronsBody) -> JSONResponse:
         prompts = [p for p in body.prompts if p.strip()]
-        return JSONResponse(jsonable(session.start_neurons(prompts, body.answer, body.steps).to_dict()),
-                            status_code=202)
+        return JSONResponse(
+            jsonable(session.start_neurons(prompts, body.answer, body.steps).to_dict()), status_code=202
+        )
 
     @app.get("/api/edits")
     def edits() -> JSONResponse:
@@ -218,8 +237,11 @@ def create_app(session: ExploreSession, allowed_hosts: list[str] | None = None,
     async def upload(request: Request) -> JSONResponse:
         """The body is the patch file's bytes; `X-Filename` names it."""
         limit = session.patch_size_limit()
-        too_large = _error(413, f"the patch is larger than {limit:,} bytes (twice this model's weights); a kvedit "
-                                "patch of this model is never that large")
+        too_large = _error(
+            413,
+            f"the patch is larger than {limit:,} bytes (twice this model's weights); a kvedit "
+            "patch of this model is never that large",
+        )
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             return too_large

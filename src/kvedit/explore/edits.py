@@ -43,10 +43,18 @@ class AppliedEdit:
 
     def to_dict(self, detail: bool = False) -> dict[str, Any]:
         meta = self.delta.metadata
-        out = {"id": self.id, "label": self.label, "source": self.source, "state": self.state,
-               "method": meta.get("method"), "layers": meta.get("layers"), "parameters": sorted(self.names),
-               "time_s": (meta.get("result") or {}).get("time_s"), "steps": (meta.get("result") or {}).get("steps"),
-               "flipped": self.summary.get("flipped")}
+        out = {
+            "id": self.id,
+            "label": self.label,
+            "source": self.source,
+            "state": self.state,
+            "method": meta.get("method"),
+            "layers": meta.get("layers"),
+            "parameters": sorted(self.names),
+            "time_s": (meta.get("result") or {}).get("time_s"),
+            "steps": (meta.get("result") or {}).get("steps"),
+            "flipped": self.summary.get("flipped"),
+        }
         if detail:
             out |= {"summary": self.summary, "requests": meta.get("requests", [])}
         return out
@@ -98,7 +106,8 @@ class EditLog:
                 f"{', '.join(f'#{e.id} ({e.label})' for e in reversed(newer))} changed weights after it"
                 + (f" ({', '.join(shared[:3])}{', …' if len(shared) > 3 else ''})" if shared else "")
                 + f", and restoring #{edit_id}'s recorded weights would silently undo them too. Revert "
-                f"{', '.join(f'#{e.id}' for e in newer)} first (newest first), or revert them together with it")
+                f"{', '.join(f'#{e.id}' for e in newer)} first (newest first), or revert them together with it"
+            )
         done: list[AppliedEdit] = []
         try:
             for entry in plan:

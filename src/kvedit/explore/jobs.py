@@ -51,8 +51,16 @@ def open_bars() -> list[dict[str, Any]]:
         live = list(getattr(tqdm, "_instances", ()))
     for bar in live:
         info = bar.format_dict
-        bars.append({"desc": bar.desc or "", "n": info.get("n", 0), "total": info.get("total"),
-                     "unit": info.get("unit", "it"), "rate": info.get("rate"), "elapsed_s": info.get("elapsed")})
+        bars.append(
+            {
+                "desc": bar.desc or "",
+                "n": info.get("n", 0),
+                "total": info.get("total"),
+                "unit": info.get("unit", "it"),
+                "rate": info.get("rate"),
+                "elapsed_s": info.get("elapsed"),
+            }
+        )
     return bars
 
 
@@ -94,22 +102,48 @@ class Job:
         """How far the current phase is: the first open progress bar with a total, else the optimiser steps."""
         for bar in bars:
             if bar["total"]:
-                return {"what": bar["desc"] or self.phase, "done": bar["n"], "total": bar["total"],
-                        "unit": bar["unit"], "fraction": min(1.0, bar["n"] / bar["total"])}
+                return {
+                    "what": bar["desc"] or self.phase,
+                    "done": bar["n"],
+                    "total": bar["total"],
+                    "unit": bar["unit"],
+                    "fraction": min(1.0, bar["n"] / bar["total"]),
+                }
         if self.steps_total:
-            return {"what": self.steps_what, "done": self.steps_done, "total": self.steps_total, "unit": "step",
-                    "fraction": min(1.0, self.steps_done / self.steps_total)}
+            return {
+                "what": self.steps_what,
+                "done": self.steps_done,
+                "total": self.steps_total,
+                "unit": "step",
+                "fraction": min(1.0, self.steps_done / self.steps_total),
+            }
         return None
 
     def to_dict(self) -> dict[str, Any]:
         end = self.finished or time.time()
         bars = open_bars() if self.state == "running" else []
-        progress = self.progress(bars) if self.state == "running" else (
-            {"what": self.phase, "done": 1, "total": 1, "unit": "job", "fraction": 1.0} if self.state == "done" else None)
-        return {"id": self.id, "kind": self.kind, "title": self.title, "state": self.state, "phase": self.phase,
-                "elapsed_s": round(end - self.started, 2), "bars": bars, "progress": progress,
-                "cancel_requested": self.cancel_requested.is_set() and self.active,
-                "result": self.result, "error": self.error}
+        progress = (
+            self.progress(bars)
+            if self.state == "running"
+            else (
+                {"what": self.phase, "done": 1, "total": 1, "unit": "job", "fraction": 1.0}
+                if self.state == "done"
+                else None
+            )
+        )
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "title": self.title,
+            "state": self.state,
+            "phase": self.phase,
+            "elapsed_s": round(end - self.started, 2),
+            "bars": bars,
+            "progress": progress,
+            "cancel_requested": self.cancel_requested.is_set() and self.active,
+            "result": self.result,
+            "error": self.error,
+        }
 
 
 class JobRunner:
@@ -119,8 +153,13 @@ class JobRunner:
     cancel flag. `quick_wait`: how long a quick read waits for another quick read before it is refused.
     """
 
-    def __init__(self, model_lock: threading.Lock, keep: int = 50, cancel_points: Sequence[torch.nn.Module] = (),
-                 quick_wait: float = 1.0) -> None:
+    def __init__(
+        self,
+        model_lock: threading.Lock,
+        keep: int = 50,
+        cancel_points: Sequence[torch.nn.Module] = (),
+        quick_wait: float = 1.0,
+    ) -> None:
         self.model_lock = model_lock
         self.jobs: dict[int, Job] = {}
         self._ids = itertools.count(1)
@@ -148,8 +187,10 @@ class JobRunner:
         if self._closing:
             return Busy("the explorer is shutting down")
         if job is not None:
-            return Busy(f"the model is busy with job {job.id}: {job.title} ({job.phase}); wait for it to finish or "
-                        f"cancel it (DELETE /api/jobs/{job.id}, or Cancel in the page)")
+            return Busy(
+                f"the model is busy with job {job.id}: {job.title} ({job.phase}); wait for it to finish or "
+                f"cancel it (DELETE /api/jobs/{job.id}, or Cancel in the page)"
+            )
         return Busy(f"the model is busy with {self._holder or 'another request'}; try again in a moment")
 
     def _acquire(self, what: str, wait: float) -> None:
@@ -170,8 +211,10 @@ class JobRunner:
         with self._mutex:
             running = next((j for j in self.jobs.values() if j.active), None)
             if running is not None:
-                raise Busy(f"job {running.id}: {running.title} is still running ({running.phase}); wait for it to "
-                           f"finish or cancel it")
+                raise Busy(
+                    f"job {running.id}: {running.title} is still running ({running.phase}); wait for it to "
+                    f"finish or cancel it"
+                )
         self._acquire(title, self._quick_wait)  # only a quick read can hold it now: wait that long at most
         with self._mutex:
             job = Job(next(self._ids), kind, title)

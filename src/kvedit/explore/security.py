@@ -54,8 +54,10 @@ class PageOnly:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         origin = headers.get("origin")
         if not origin or origin == "null":
-            return ("this request has no Origin header: the explorer changes the model only for requests from its "
-                    "own page (open the page, or send Origin and X-Kvedit-Token as the page does)")
+            return (
+                "this request has no Origin header: the explorer changes the model only for requests from its "
+                "own page (open the page, or send Origin and X-Kvedit-Token as the page does)"
+            )
         allowed = self.origins
         if allowed is None:
             allowed = {f"{scope.get('scheme', 'http')}://{headers.get('host', '')}".lower()}
@@ -63,8 +65,10 @@ class PageOnly:
             return f"requests from {origin} are refused: the explorer accepts changes only from its own page"
         given = headers.get(TOKEN_HEADER, "")
         if not secrets.compare_digest(given.encode(), self.token.encode()):
-            return (f"{'a wrong' if given else 'no'} X-Kvedit-Token header: reload the explorer's page (the token "
-                    "changes whenever the server restarts)")
+            return (
+                f"{'a wrong' if given else 'no'} X-Kvedit-Token header: reload the explorer's page (the token "
+                "changes whenever the server restarts)"
+            )
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -90,23 +90,32 @@ class EditForm:
 def edit_template(prompt: str, subject: str) -> str:
     """The request template of a prompt that contains `subject` (its first occurrence becomes `{}`)."""
     if not prompt or not prompt.strip():
-        raise RequestError("the prompt is empty; type the sentence that should end in the new object, "
-                           "e.g. 'The Eiffel Tower is located in the city of'")
+        raise RequestError(
+            "the prompt is empty; type the sentence that should end in the new object, "
+            "e.g. 'The Eiffel Tower is located in the city of'"
+        )
     if not subject or not subject.strip():
         raise RequestError("the subject is empty; type the entity to edit, e.g. 'Eiffel Tower'")
     if "{}" in prompt:
         return prompt
     if subject not in prompt:
-        raise RequestError(f"the prompt {prompt!r} does not contain the subject {subject!r}; write the subject in "
-                           "the prompt exactly as in the subject field (or put {} where it goes)")
+        raise RequestError(
+            f"the prompt {prompt!r} does not contain the subject {subject!r}; write the subject in "
+            "the prompt exactly as in the subject field (or put {} where it goes)"
+        )
     return prompt.replace(subject, "{}", 1)
 
 
 class ExploreSession:
     """The model and everything the explorer keeps about it. Thread-safe: quick views and jobs share one lock."""
 
-    def __init__(self, lm: LM, settings: ExploreSettings | None = None, triggers: TriggerSet | None = None,
-                 triggers_origin: str = "") -> None:
+    def __init__(
+        self,
+        lm: LM,
+        settings: ExploreSettings | None = None,
+        triggers: TriggerSet | None = None,
+        triggers_origin: str = "",
+    ) -> None:
         self.lm = lm
         self.settings = settings or ExploreSettings()
         self.vocab = views.Vocabulary(token_strings(lm))
@@ -127,13 +136,20 @@ class ExploreSession:
         lm = self.lm
         active = self.jobs.active()
         return {
-            "model": lm.name, "family": lm.arch.family, "layers": lm.num_layers, "d_model": lm.d_model,
-            "d_ff": ffn_memory(lm, 0).d_ff, "vocab": len(self.vocab.strings),
+            "model": lm.name,
+            "family": lm.arch.family,
+            "layers": lm.num_layers,
+            "d_model": lm.d_model,
+            "d_ff": ffn_memory(lm, 0).d_ff,
+            "vocab": len(self.vocab.strings),
             "methods": [{"name": n, "summary": m.summary, "main": n in MAIN_METHODS} for n, m in METHODS.items()],
-            "mined_layers": sorted(self.triggers), "corpus": self.settings.corpus,
+            "mined_layers": sorted(self.triggers),
+            "corpus": self.settings.corpus,
             "value_tokens_ready": self.values.ready,
-            "mine_tokens": self.settings.mine_tokens, "limits": self.settings.limits.to_dict(),
-            "edits": [e.to_dict() for e in self.edits.entries], "applied": len(self.edits.applied()),
+            "mine_tokens": self.settings.mine_tokens,
+            "limits": self.settings.limits.to_dict(),
+            "edits": [e.to_dict() for e in self.edits.entries],
+            "applied": len(self.edits.applied()),
             "job": active.to_dict() if active else None,
         }
 
@@ -146,8 +162,9 @@ class ExploreSession:
         s = self.settings
         s.limits.text(self.lm, prompt, "prompt")
         with self.jobs.quick_use(f"a prompt view of {prompt[:40]!r}"):
-            return views.prompt_view(self.lm, self.vocab, prompt, s.top_memories, s.top_tokens, s.next_tokens, watch,
-                                     self.values.get)
+            return views.prompt_view(
+                self.lm, self.vocab, prompt, s.top_memories, s.top_tokens, s.next_tokens, watch, self.values.get
+            )
 
     def memory(self, layer: int, key: int, prompt: str | None = None) -> dict[str, Any]:
         if prompt:
@@ -175,8 +192,15 @@ class ExploreSession:
         def work(job: Job) -> dict[str, Any]:
             job.set_phase(f"mining layer {layer} over {tokens} tokens of {corpus}")
             edited = len(self.edits.applied())
-            found = mine_triggers(self.lm, corpus, layers=[layer], k=self.settings.mine_k, max_tokens=tokens,
-                                  rank=self.settings.mine_rank, progress=True)
+            found = mine_triggers(
+                self.lm,
+                corpus,
+                layers=[layer],
+                k=self.settings.mine_k,
+                max_tokens=tokens,
+                rank=self.settings.mine_rank,
+                progress=True,
+            )
             note = f"mined here from {found.meta['tokens']} tokens of {corpus}"
             self.triggers[layer] = (found, note + (f", with {edited} edit(s) applied" if edited else ""))
             return {"layer": layer, "tokens": found.meta["tokens"], "origin": self.triggers[layer][1]}
@@ -203,18 +227,27 @@ class ExploreSession:
             job.set_phase(f"integrated gradients over {len(prompts)} prompt(s) × {self.lm.num_layers} layers")
             fact = fact_neurons(self.lm, list(prompts), answer, steps, progress=True)
             effect = suppression_effect(self.lm, fact) if fact.neurons else None
-            return {"prompts": list(prompts), "answer": answer, "steps": steps,
-                    "neurons": [{"layer": l, "key": i, "attribution": a} for l, i, a in fact.neurons],
-                    "coarse": [len(c) for c in fact.coarse], "suppression": effect}
+            return {
+                "prompts": list(prompts),
+                "answer": answer,
+                "steps": steps,
+                "neurons": [{"layer": l, "key": i, "attribution": a} for l, i, a in fact.neurons],
+                "coarse": [len(c) for c in fact.coarse],
+                "suppression": effect,
+            }
 
         return self.jobs.submit("neurons", f"knowledge neurons of {answer!r}", work)
 
     # ---- editing ---------------------------------------------------------------------------------
     def _overrides(self, form: EditForm) -> dict[str, Any]:
         reads_statistics = METHODS[form.method].uses_statistics if form.method in METHODS else False
-        return dict(layers=form.layers, lr=form.lr, max_steps=form.max_steps,
-                    stats_source=self.settings.stats_source if reads_statistics else None,
-                    stats_tokens=self.settings.stats_tokens if reads_statistics else None)
+        return dict(
+            layers=form.layers,
+            lr=form.lr,
+            max_steps=form.max_steps,
+            stats_source=self.settings.stats_source if reads_statistics else None,
+            stats_tokens=self.settings.stats_tokens if reads_statistics else None,
+        )
 
     def start_edit(self, form: EditForm) -> Job:
         """Check the form (bad input raises here and changes nothing), then edit in the background:
@@ -226,17 +259,27 @@ class ExploreSession:
         for what, text in (("prompt", form.prompt), ("subject", form.subject)):
             limits.text(lm, text, what)
         template = edit_template(form.prompt, form.subject)
-        texts = {"prompt": form.prompt, "subject": form.subject, "new object": form.target_new,
-                 **({"true object": form.target_true} if form.target_true else {}),
-                 **{f"paraphrase {i + 1}": p for i, p in enumerate(form.paraphrases)},
-                 **{f"neighbourhood prompt {i + 1}": p for i, p in enumerate(form.neighbours)}}
+        texts = {
+            "prompt": form.prompt,
+            "subject": form.subject,
+            "new object": form.target_new,
+            **({"true object": form.target_true} if form.target_true else {}),
+            **{f"paraphrase {i + 1}": p for i, p in enumerate(form.paraphrases)},
+            **{f"neighbourhood prompt {i + 1}": p for i, p in enumerate(form.neighbours)},
+        }
         for what, text in texts.items():
             limits.text(lm, text, what)
             if not text.strip():
                 raise RequestError(f"the {what} is empty")
             views.check_known(lm, text, what)
-        probe = EditRequest(template, form.subject, form.target_new, form.target_true or None,
-                            tuple(form.paraphrases), tuple(form.neighbours))
+        probe = EditRequest(
+            template,
+            form.subject,
+            form.target_new,
+            form.target_true or None,
+            tuple(form.paraphrases),
+            tuple(form.neighbours),
+        )
         settings = make_settings(lm, form.method, **self._overrides(form))  # the edit uses them as they are
 
         def work(job: Job) -> dict[str, Any]:
@@ -247,16 +290,22 @@ class ExploreSession:
 
         return self.jobs.submit("edit", f"{form.method} edit of {form.subject!r} → {form.target_new!r}", work)
 
-    def _edit(self, job: Job, form: EditForm, template: str, probe: EditRequest,
-              settings: EditorSettings) -> AppliedEdit:
+    def _edit(
+        self, job: Job, form: EditForm, template: str, probe: EditRequest, settings: EditorSettings
+    ) -> AppliedEdit:
         """The edit job's steps; on failure the weights are as they were."""
         lm = self.lm
         request = probe
         if request.target_true is None:
             job.set_phase("reading the model's own answer")
-            request = EditRequest(template, form.subject, form.target_new,
-                                  greedy_answer(lm, probe.rewrite_prompt), probe.paraphrase_prompts,
-                                  probe.neighborhood_prompts)
+            request = EditRequest(
+                template,
+                form.subject,
+                form.target_new,
+                greedy_answer(lm, probe.rewrite_prompt),
+                probe.paraphrase_prompts,
+                probe.neighborhood_prompts,
+            )
         job.set_phase("scoring the prompts before the edit")
         before = target_probabilities(lm, request)
         next_before = views.next_token(lm, self.vocab, request.rewrite_prompt)
@@ -273,8 +322,11 @@ class ExploreSession:
         except BaseException:
             delta.revert(lm)
             raise
-        summary = _summary([request], before, after) | {"next_before": next_before, "next_after": next_after,
-                                                        "patch_view": report}
+        summary = _summary([request], before, after) | {
+            "next_before": next_before,
+            "next_after": next_after,
+            "patch_view": report,
+        }
         label = f"{request.subject}: {request.target_true} → {request.target_new}"
         return self.edits.add(delta, label, f"edited here ({form.method})", summary)
 
@@ -298,7 +350,9 @@ class ExploreSession:
     def patch_file(self, edit_id: int) -> Path:
         """The patch of edit `edit_id` as a file (written once into the session's folder)."""
         entry = self.edits.get(edit_id)
-        path = Path(self._files.name) / f"kvedit-edit-{entry.id}-{entry.delta.metadata.get('method', 'patch')}.safetensors"
+        path = (
+            Path(self._files.name) / f"kvedit-edit-{entry.id}-{entry.delta.metadata.get('method', 'patch')}.safetensors"
+        )
         if not path.is_file():
             entry.delta.save(path)
         return path
@@ -338,8 +392,10 @@ class ExploreSession:
         with self.jobs.quick_use(f"loading the patch {name}"), self.values.writing():
             missing = [n for n in delta.names if n not in dict(self.lm.model.named_parameters())]
             if missing:
-                raise PatchMismatchError(f"{name} was made for {meta.get('model_name', 'another model')!r}: this model "
-                                         f"({self.lm.name}) has no parameter {missing[0]}")
+                raise PatchMismatchError(
+                    f"{name} was made for {meta.get('model_name', 'another model')!r}: this model "
+                    f"({self.lm.name}) has no parameter {missing[0]}"
+                )
             before = [target_probabilities(self.lm, r) for r in requests]
             delta.apply(self.lm)  # checks every parameter first; raises before writing anything
             try:
@@ -351,8 +407,12 @@ class ExploreSession:
         self.values.invalidate(delta.names)
         summary = (_summary(requests, before, after) if requests else {}) | {"patch_view": report}
         label = "; ".join(f"{r.subject}: {r.target_true} → {r.target_new}" for r in requests[:3]) or name
-        entry = self.edits.add(delta, label + (f" (+{total - 3} more)" if total > 3 else ""),
-                               f"loaded from {name} ({meta.get('method', '?')})", summary)
+        entry = self.edits.add(
+            delta,
+            label + (f" (+{total - 3} more)" if total > 3 else ""),
+            f"loaded from {name} ({meta.get('method', '?')})",
+            summary,
+        )
         return entry.to_dict(detail=True)
 
     def cancel(self, job_id: int) -> dict[str, Any]:
@@ -375,19 +435,33 @@ def _summary(requests: Sequence[EditRequest], before: Any, after: Any) -> dict[s
         before, after = [before], [after]
     rows = []
     for request, b, a in zip(requests, before, after):
-        prompts = {"efficacy": [request.rewrite_prompt], "paraphrase": list(request.paraphrase_prompts),
-                   "neighborhood": list(request.neighborhood_prompts)}
+        prompts = {
+            "efficacy": [request.rewrite_prompt],
+            "paraphrase": list(request.paraphrase_prompts),
+            "neighborhood": list(request.neighborhood_prompts),
+        }
         for group, texts in prompts.items():
             for i, text in enumerate(texts):
-                rows.append({"kind": group, "prompt": text, "target_new": request.target_new,
-                             "target_true": request.target_true,
-                             "new_before": b[group][i]["target_new"], "new_after": a[group][i]["target_new"],
-                             "true_before": b[group][i]["target_true"], "true_after": a[group][i]["target_true"]})
+                rows.append(
+                    {
+                        "kind": group,
+                        "prompt": text,
+                        "target_new": request.target_new,
+                        "target_true": request.target_true,
+                        "new_before": b[group][i]["target_new"],
+                        "new_after": a[group][i]["target_new"],
+                        "true_before": b[group][i]["target_true"],
+                        "true_after": a[group][i]["target_true"],
+                    }
+                )
     for r in rows:
         if r["kind"] == "neighborhood":
             r["outcome"] = "kept" if r["true_after"] > r["new_after"] else "leaked"
         else:
             r["outcome"] = "flipped" if r["new_after"] > r["true_after"] else "not flipped"
     rewrites = [r for r in rows if r["kind"] == "efficacy"]
-    return {"rows": rows, "flipped": bool(rewrites) and all(r["outcome"] == "flipped" for r in rewrites),
-            "leaked": sum(r["outcome"] == "leaked" for r in rows)}
+    return {
+        "rows": rows,
+        "flipped": bool(rewrites) and all(r["outcome"] == "flipped" for r in rewrites),
+        "leaked": sum(r["outcome"] == "leaked" for r in rows),
+    }

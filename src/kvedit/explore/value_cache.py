@@ -73,7 +73,7 @@ class ValueTokenCache:
                 if role == "values":
                     stale.add(layer)
             elif name.startswith(prefix):
-                stale.add(int(name[len(prefix):].split(".")[0]))
+                stale.add(int(name[len(prefix) :].split(".")[0]))
             else:  # embedding, unembedding, final norm: every layer reads through them
                 every = True
                 break

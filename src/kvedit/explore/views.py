@@ -43,15 +43,17 @@ class Vocabulary:
         """
         if not text or not text.strip():
             raise ValueError("the token is empty; type one token of the vocabulary, e.g. ' Paris'")
-        for candidate in ((text,) if text[0].isspace() else (" " + text, text)):
+        for candidate in (text,) if text[0].isspace() else (" " + text, text):
             if candidate in self._ids:
                 return self._ids[candidate]
         ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids or lm.tokenizer.unk_token_id in ids:
             raise ValueError(f"{text!r} is not a token of this model's vocabulary (its tokenizer does not know it)")
         pieces = [self.strings[i] for i in ids]
-        raise ValueError(f"{text!r} is not one token of this model's vocabulary: the tokenizer splits it into "
-                         f"{pieces}; give a single token such as {pieces[0]!r}")
+        raise ValueError(
+            f"{text!r} is not one token of this model's vocabulary: the tokenizer splits it into "
+            f"{pieces}; give a single token such as {pieces[0]!r}"
+        )
 
     def follow(self, lm: LM, text: str | None) -> tuple[int | None, str | None]:
         """The token to follow for `text` and a note for the page: `text`'s own token (no note); the first
@@ -66,8 +68,10 @@ class Vocabulary:
             if not ids or lm.tokenizer.unk_token_id in ids:
                 return None, f"the follow column is off: {err}"
             pieces = [self.strings[i] for i in ids]
-            return ids[0], (f"{text!r} is {len(ids)} tokens of this model ({' + '.join(map(repr, pieces))}); "
-                            f"following its first token {pieces[0]!r}")
+            return ids[0], (
+                f"{text!r} is {len(ids)} tokens of this model ({' + '.join(map(repr, pieces))}); "
+                f"following its first token {pieces[0]!r}"
+            )
 
 
 def context_length(lm: LM) -> int | None:
@@ -81,8 +85,11 @@ def check_prompt(lm: LM, text: str, what: str, max_chars: int, max_tokens: int |
     `max_tokens` tokens and the model's context; returns its number of tokens. Raises RequestError naming `what`."""
     check_text(text, f"the {what}", max_chars=max_chars)
     n = len(lm.tokenizer(text)["input_ids"])
-    limits = [(m, why) for m, why in ((max_tokens, "the explorer's limit"),
-                                      (context_length(lm), f"{lm.name}'s context")) if m is not None]
+    limits = [
+        (m, why)
+        for m, why in ((max_tokens, "the explorer's limit"), (context_length(lm), f"{lm.name}'s context"))
+        if m is not None
+    ]
     for limit, why in sorted(limits, key=lambda x: x[0])[:1]:
         if n > limit:
             raise RequestError(f"the {what} is {n} tokens long; at most {limit} are accepted ({why})")
@@ -107,8 +114,10 @@ def check_known(lm: LM, text: str, what: str) -> None:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if unk in ids:
         words = [w for w in text.split() if unk in tok(w, add_special_tokens=False)["input_ids"]]
-        raise ValueError(f"the {what} {text!r} holds text this model's tokenizer does not know "
-                         f"({', '.join(map(repr, words)) or 'some of it'} becomes {tok.unk_token}); rephrase it")
+        raise ValueError(
+            f"the {what} {text!r} holds text this model's tokenizer does not know "
+            f"({', '.join(map(repr, words)) or 'some of it'} becomes {tok.unk_token}); rephrase it"
+        )
 
 
 def _top(probs: torch.Tensor, vocab: Vocabulary, k: int) -> list[dict[str, Any]]:
@@ -164,16 +173,27 @@ def prompt_view(
     for layer, (coefs, contribs, keys) in zip(layers, picks):
         memories = []
         for key, coef, contrib in zip(keys, coefs, contribs):
-            memories.append({"key": key, "coefficient": coef, "contribution": contrib,
-                             "value_tokens": [vocab[t] for t in tokens[layer, key]]})
+            memories.append(
+                {
+                    "key": key,
+                    "coefficient": coef,
+                    "contribution": contrib,
+                    "value_tokens": [vocab[t] for t in tokens[layer, key]],
+                }
+            )
         entry = {"layer": layer, "memories": memories, "lens": _top(lens[layer], vocab, top_tokens)}
         if watch_id is not None:
             entry["watch"] = _watch(lens[layer], watch_id, vocab)
         out_layers.append(entry)
     probs = torch.softmax(logits, -1)
     ids = enc["input_ids"][0].tolist()
-    result: dict[str, Any] = {"prompt": prompt, "tokens": [vocab[t] for t in ids], "final_norm": False,
-                              "layers": out_layers, "next_token": _top(probs, vocab, next_tokens)}
+    result: dict[str, Any] = {
+        "prompt": prompt,
+        "tokens": [vocab[t] for t in ids],
+        "final_norm": False,
+        "layers": out_layers,
+        "next_token": _top(probs, vocab, next_tokens),
+    }
     if watch_id is not None:
         result["watch"] = _watch(probs, watch_id, vocab)
     if watch_note:
@@ -203,11 +223,19 @@ def memory_view(
     v = written[key]
     scores = project(lm, torch.stack([v, -v]))  # [2, vocab]
     top = scores.topk(top_tokens, dim=-1)
-    tokens = [[{"token": vocab[t], "logit": float(s)} for t, s in zip(i.tolist(), x.tolist())]
-              for i, x in zip(top.indices, top.values)]
-    result: dict[str, Any] = {"layer": layer, "key": key, "d_ff": mem.d_ff, "value_norm": float(v.norm()),
-                              "key_norm": float(mem.key[key].detach().float().norm()),
-                              "promotes": tokens[0], "promotes_if_negative": tokens[1]}
+    tokens = [
+        [{"token": vocab[t], "logit": float(s)} for t, s in zip(i.tolist(), x.tolist())]
+        for i, x in zip(top.indices, top.values)
+    ]
+    result: dict[str, Any] = {
+        "layer": layer,
+        "key": key,
+        "d_ff": mem.d_ff,
+        "value_norm": float(v.norm()),
+        "key_norm": float(mem.key[key].detach().float().norm()),
+        "promotes": tokens[0],
+        "promotes_if_negative": tokens[1],
+    }
     if prompt is not None:
         enc = encode(lm, prompt)
         with Trace(lm, read=[("coefficients", layer)], stop=True) as tr:
@@ -228,10 +256,12 @@ def memory_view(
 
 
 def _example(lm: LM, vocab: Vocabulary, ex) -> dict[str, Any]:
-    return {"coefficient": ex.coefficient,
-            "context": lm.tokenizer.decode(list(ex.ids[:-1]), skip_special_tokens=True),
-            "trigger": vocab[ex.ids[-1]],
-            "next": vocab[ex.next_id] if ex.next_id is not None else None}
+    return {
+        "coefficient": ex.coefficient,
+        "context": lm.tokenizer.decode(list(ex.ids[:-1]), skip_special_tokens=True),
+        "trigger": vocab[ex.ids[-1]],
+        "next": vocab[ex.next_id] if ex.next_id is not None else None,
+    }
 
 
 @torch.no_grad()
@@ -257,8 +287,11 @@ def intervene(
     moved = (after - before).abs().topk(k).indices.tolist()
     result: dict[str, Any] = {
         "prompt": prompt,
-        "interventions": [{"layer": lm.check_layer(iv.layer), "key": iv.key, "factor": iv.factor} for iv in interventions],
-        "before": _top(before, vocab, k), "after": _top(after, vocab, k),
+        "interventions": [
+            {"layer": lm.check_layer(iv.layer), "key": iv.key, "factor": iv.factor} for iv in interventions
+        ],
+        "before": _top(before, vocab, k),
+        "after": _top(after, vocab, k),
         "kl_before_after": float((before * (before.clamp_min(1e-12).log() - after.clamp_min(1e-12).log())).sum()),
         "top_changed": int(before.argmax()) != int(after.argmax()),
         "largest_changes": [{"token": vocab[t], "before": float(before[t]), "after": float(after[t])} for t in moved],

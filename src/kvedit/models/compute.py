@@ -77,7 +77,9 @@ def bf16_support(device: torch.device | str = "cpu") -> Bf16Support:
     device = torch.device(device)
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported() and _bf16_matmul_works(device)
-        return Bf16Support(ok, f"CUDA {torch.cuda.get_device_name(device)}: bf16 {'supported' if ok else 'not supported'}")
+        return Bf16Support(
+            ok, f"CUDA {torch.cuda.get_device_name(device)}: bf16 {'supported' if ok else 'not supported'}"
+        )
     if device.type != "cpu":
         return Bf16Support(False, f"{device.type}: bf16 matrix units unknown")
     capability = torch.backends.cpu.get_cpu_capability()
@@ -85,8 +87,11 @@ def bf16_support(device: torch.device | str = "cpu") -> Bf16Support:
     if flags is None:
         arm_mac = platform.system() == "Darwin" and platform.machine() == "arm64"
         units = arm_mac and _bf16_matmul_works(device)
-        return Bf16Support(units, f"CPU ({platform.machine()}, torch capability {capability}): "
-                                  f"{'bf16 matrix instructions' if units else 'no bf16 matrix units known'}")
+        return Bf16Support(
+            units,
+            f"CPU ({platform.machine()}, torch capability {capability}): "
+            f"{'bf16 matrix instructions' if units else 'no bf16 matrix units known'}",
+        )
     found = [name for flag, name in _CPU_FLAGS.items() if flag in flags]
     if not found and "bf16" in flags:  # aarch64 (BF16 dot products, e.g. Graviton 3)
         found = ["ARM BF16"]
@@ -105,7 +110,8 @@ def check_compute_dtype(name: str, device: torch.device | str = "cpu") -> str:
             raise ComputeDtypeError(
                 f"--compute-dtype bfloat16 needs bfloat16 matrix units, and this device has none ({support.detail}): "
                 "torch would emulate bfloat16 matrix multiplies, 30-70x slower than float32. Use --compute-dtype "
-                "float32 (the default).")
+                "float32 (the default)."
+            )
     return name
 
 
@@ -150,8 +156,14 @@ def compute_view(lm: LM, attn_implementation: str = "eager") -> LM:
     view = lm.memo.get(key)
     if view is None:
         model = _bf16_copy(lm.model, attn_implementation)
-        view = LM(model=model, tokenizer=lm.tokenizer, arch=lm.arch, name=lm.name,
-                  base_fingerprint=lm.base_fingerprint, compute_dtype=dtype)
+        view = LM(
+            model=model,
+            tokenizer=lm.tokenizer,
+            arch=lm.arch,
+            name=lm.name,
+            base_fingerprint=lm.base_fingerprint,
+            compute_dtype=dtype,
+        )
         lm.memo[key] = view
     else:
         _sync(lm.model, view.model)
@@ -181,8 +193,13 @@ def trained_through(view: LM, masters: Mapping[str, nn.Parameter]) -> Iterator[N
             dtype = current.dtype
             swapped.append((owner, attr, owner._parameters.pop(attr)))
 
-            def cast(module: nn.Module, args: object, attr: str = attr, master: nn.Parameter = master,
-                     dtype: torch.dtype = dtype) -> None:
+            def cast(
+                module: nn.Module,
+                args: object,
+                attr: str = attr,
+                master: nn.Parameter = master,
+                dtype: torch.dtype = dtype,
+            ) -> None:
                 object.__setattr__(module, attr, master.to(dtype))
 
             cast(owner, ())

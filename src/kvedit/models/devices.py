@@ -24,8 +24,10 @@ def resolve_device(name: str | torch.device = "cpu") -> torch.device:
         raise ValueError(f"unknown device {name!r}; expected cpu, cuda, cuda:N, mps or auto") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but this machine has no CUDA GPU (torch "
-                             f"{torch.__version__}); use --device cpu or auto")
+            raise ValueError(
+                f"device {name!r} asked for, but this machine has no CUDA GPU (torch "
+                f"{torch.__version__}); use --device cpu or auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

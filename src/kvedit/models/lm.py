@@ -109,9 +109,7 @@ class LM:
         roles = tuple(self.arch.keys) if roles is None else roles
         unknown = [r for r in roles if r not in self.arch.keys]
         if unknown:
-            raise ValueError(
-                f"{self.arch.family} has no key module {unknown}; its keys are {sorted(self.arch.keys)}"
-            )
+            raise ValueError(f"{self.arch.family} has no key module {unknown}; its keys are {sorted(self.arch.keys)}")
         return {role: self.layer_path(layer, self.arch.keys[role]) for role in roles}
 
     def values_path(self, layer: int) -> str:

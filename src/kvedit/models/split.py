@@ -100,10 +100,14 @@ class SplitBatch:
         self.as_tuple = False
         with torch.no_grad():
             if self.width:
-                self.cache = returned_cache(lm.model.base_model(
-                    input_ids=self.prefix.to(lm.device), attention_mask=self.prefix_mask.to(lm.device),
-                    position_ids=(self.prefix_mask.cumsum(-1) - 1).clamp(min=0).to(lm.device), use_cache=True,
-                ))
+                self.cache = returned_cache(
+                    lm.model.base_model(
+                        input_ids=self.prefix.to(lm.device),
+                        attention_mask=self.prefix_mask.to(lm.device),
+                        position_ids=(self.prefix_mask.cumsum(-1) - 1).clamp(min=0).to(lm.device),
+                        use_cache=True,
+                    )
+                )
             if self.start:
                 self._store_entry()
 
@@ -149,8 +153,10 @@ class SplitBatch:
         # tensors: the append makes new ones)
         cache = appendable_copy(self.cache) if self.cache is not None else None
         return self.lm.model.base_model(
-            input_ids=self.suffix.to(device), attention_mask=mask.to(device),
-            position_ids=self.suffix_positions.to(device), **cache_keyword(self.lm.model.base_model, cache),
+            input_ids=self.suffix.to(device),
+            attention_mask=mask.to(device),
+            position_ids=self.suffix_positions.to(device),
+            **cache_keyword(self.lm.model.base_model, cache),
             use_cache=cache is not None,
         )
 
@@ -168,7 +174,8 @@ def layer_returns_tuple(lm: LM) -> bool:
     """Whether the family's decoder layers return a tuple (what `replayed_layers`' stand-ins must return too)."""
     seen: list[bool] = []
     handle = lm.module(f"{lm.arch.layers}.0").register_forward_hook(
-        lambda module, args, output: seen.append(isinstance(output, tuple)))
+        lambda module, args, output: seen.append(isinstance(output, tuple))
+    )
     try:
         token = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else 0
         lm.model.base_model(input_ids=torch.tensor([[token]], device=lm.device))

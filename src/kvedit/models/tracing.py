@@ -207,6 +207,7 @@ class Trace:
         for site in sites:
             module, where = _resolve(self.lm, site)
             if where == "pre":
+
                 def pre_hook(mod, args, kwargs, site=site):
                     if not args:  # attention modules of some families take hidden_states by keyword
                         return args, {**kwargs, "hidden_states": self._transform(site, kwargs["hidden_states"])}
@@ -214,6 +215,7 @@ class Trace:
 
                 self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             else:
+
                 def post_hook(mod, args, output, site=site):
                     if isinstance(output, tuple):
                         return (self._transform(site, output[0]), *output[1:])

@@ -20,6 +20,7 @@ from ..evaluation.summary import SUITES, Suite, dataset_title, easyedit_table, m
 from .lifelong_report import lifelong_section
 from .plotting import pyplot
 
+
 def _plotted_keys(suite: Suite) -> list[str]:
     """The suite's headline metrics (E, P, S; portability or multi-hop where the set has them) and Score."""
     return [*suite.headline, *(["score"] if suite.score_of else [])]
@@ -135,15 +136,19 @@ def plot_sequential(records: Sequence[Mapping[str, Any]], suite: Suite, path: Pa
 
 def _comparison_table(comparisons: Sequence[Mapping[str, Any]], suite: Suite) -> str:
     keys, titles = suite.headline, _titles(suite)
-    lines = ["| A | B | Metric | A − B | 95 % interval | A better / worse / tied | sign test p |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| A | B | Metric | A − B | 95 % interval | A better / worse / tied | sign test p |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for c in comparisons:
         if c["metric"] not in keys or c["mean_difference"] is None:
             continue
         ci = f"[{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]" if c.get("ci") else "–"
         p = "–" if c["sign_test_p"] is None else f"{c['sign_test_p']:.3g}"
-        lines.append(f"| {c['a']} | {c['b']} | {titles[c['metric']]} | {c['mean_difference']:.2f} | {ci} | "
-                     f"{c['wins']} / {c['losses']} / {c['ties']} | {p} |")
+        lines.append(
+            f"| {c['a']} | {c['b']} | {titles[c['metric']]} | {c['mean_difference']:.2f} | {ci} | "
+            f"{c['wins']} / {c['losses']} / {c['ties']} | {p} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -153,8 +158,9 @@ def write_report(folder: str | Path) -> Path:
     folder = Path(folder)
     summary_path = folder / "summary.json"
     if not summary_path.exists():
-        raise FileNotFoundError(f"{summary_path} not found; run `kvedit bench --out {folder}` or "
-                                f"`kvedit tune --out {folder}` first")
+        raise FileNotFoundError(
+            f"{summary_path} not found; run `kvedit bench --out {folder}` or `kvedit tune --out {folder}` first"
+        )
     summary = json.loads(summary_path.read_text())
     if "kind" in summary:
         from .tune_report import write_tune_report
@@ -165,21 +171,33 @@ def write_report(folder: str | Path) -> Path:
     info = summary["cases"]
     lines = [f"# kvedit bench: {dataset_title(summary.get('dataset'), summary['suite'])} on {summary['model']}", ""]
     rule = f" ({info['known_rule']})" if info.get("known_rule") else ""
-    known = f", {info['known_kept']} of {info['dataset_records']} known to the unedited model{rule}" \
-        if "known_kept" in info else ""
-    lines.append(f"Dataset `{summary['dataset']}`: {info['cases']} cases{known}. "
-                 "Means × 100; ± is half the 95 % bootstrap interval; Time is the wall time of one edit call (s).")
+    known = (
+        f", {info['known_kept']} of {info['dataset_records']} known to the unedited model{rule}"
+        if "known_kept" in info
+        else ""
+    )
+    lines.append(
+        f"Dataset `{summary['dataset']}`: {info['cases']} cases{known}. "
+        "Means × 100; ± is half the 95 % bootstrap interval; Time is the wall time of one edit call (s)."
+    )
     names = ", ".join(f"{_titles(suite)[k]} is `{k}`" for k in suite.table_keys() if k != "score")
-    lines.append(f"\nIn summary.json and summary.csv: {names}."
-                 + (" The propagation columns are defined in docs/propagation.md." if suite.reads else ""))
+    lines.append(
+        f"\nIn summary.json and summary.csv: {names}."
+        + (" The propagation columns are defined in docs/propagation.md." if suite.reads else "")
+    )
     if not summary.get("complete", True):
         lines.append("\n**Incomplete:** some runs have not covered every case yet (resume the bench).")
     lines += ["", markdown_table(runs, suite), "![metrics](metrics.png)", ""]
     if (easyedit := easyedit_table(runs, suite)) is not None:
-        lines += ["## Under EasyEdit's definitions", "",
-                  "Rewrite and rephrase accuracy: teacher-forced token accuracy of the new target; locality: the "
-                  "fraction of tokens along each neighborhood prompt's true answer whose prediction the edit left "
-                  "unchanged. Not comparable with the table above.", "", easyedit]
+        lines += [
+            "## Under EasyEdit's definitions",
+            "",
+            "Rewrite and rephrase accuracy: teacher-forced token accuracy of the new target; locality: the "
+            "fraction of tokens along each neighborhood prompt's true answer whose prediction the edit left "
+            "unchanged. Not comparable with the table above.",
+            "",
+            easyedit,
+        ]
     plot_metrics(runs, suite, folder / "metrics.png")
     for field, label, name in (("layer", "layer", "layers.png"), ("batch_size", "edits per call", "batch_size.png")):
         if plot_against(runs, suite, field, label, folder / name):
@@ -188,9 +206,14 @@ def write_report(folder: str | Path) -> Path:
         lines += ["## Sequential editing", "", "![sequential](sequential.png)", ""]
     lines += lifelong_section(folder)  # sequential runs: the collapse plot and the table at 100/500/1,000 edits
     if summary.get("comparisons"):
-        lines += ["## Paired comparisons", "",
-                  "Same cases, per-case differences of A and B; bootstrap interval of the mean difference and an "
-                  "exact two-sided sign test (ties dropped).", "", _comparison_table(summary["comparisons"], suite)]
+        lines += [
+            "## Paired comparisons",
+            "",
+            "Same cases, per-case differences of A and B; bootstrap interval of the mean difference and an "
+            "exact two-sided sign test (ties dropped).",
+            "",
+            _comparison_table(summary["comparisons"], suite),
+        ]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -25,9 +25,12 @@ Stat = Mapping[str, Any] | None
 
 #: (title, how to read a record) of each panel and table column; values × 100 except perplexity and weights
 PANELS: tuple[tuple[str, str], ...] = (
-    ("Retention: efficacy", "retention.efficacy"), ("Retention: paraphrase", "retention.paraphrase"),
-    ("Specificity (unrelated facts)", "specificity"), ("New batch: efficacy", "new.efficacy"),
-    ("Perplexity", "general.perplexity"), ("Label accuracy (zero-shot)", "general.label_accuracy.mean"),
+    ("Retention: efficacy", "retention.efficacy"),
+    ("Retention: paraphrase", "retention.paraphrase"),
+    ("Specificity (unrelated facts)", "specificity"),
+    ("New batch: efficacy", "new.efficacy"),
+    ("Perplexity", "general.perplexity"),
+    ("Label accuracy (zero-shot)", "general.label_accuracy.mean"),
     ("max ‖ΔW‖/‖W₀‖ × 100", "weights"),
 )
 
@@ -79,7 +82,7 @@ def plot_collapse(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("edits applied", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -88,8 +91,9 @@ def plot_collapse(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -
     return path
 
 
-def milestone_rows(records: Sequence[Mapping[str, Any]],
-                   milestones: Sequence[int] = MILESTONES) -> list[tuple[int, Mapping[str, Any]]]:
+def milestone_rows(
+    records: Sequence[Mapping[str, Any]], milestones: Sequence[int] = MILESTONES
+) -> list[tuple[int, Mapping[str, Any]]]:
     """(milestone, record) for each milestone: the batch whose edit count is nearest (each batch once)."""
     edited = [r for r in records if r["batch"] >= 0]
     chosen: list[tuple[int, Mapping[str, Any]]] = []
@@ -116,8 +120,19 @@ def perplexity_change(records: Sequence[Mapping[str, Any]], record: Mapping[str,
     return 100 * (record["general"]["perplexity"] / base["general"]["perplexity"] - 1)
 
 
-HEADER = ("Run", "Edits", "Retention E", "Retention P", "Specificity", "New E", "Perplexity (Δ %)", "Label acc",
-          "max ‖ΔW‖/‖W₀‖ × 100", "Edit s / batch", "Eval s / batch")
+HEADER = (
+    "Run",
+    "Edits",
+    "Retention E",
+    "Retention P",
+    "Specificity",
+    "New E",
+    "Perplexity (Δ %)",
+    "Label acc",
+    "max ‖ΔW‖/‖W₀‖ × 100",
+    "Edit s / batch",
+    "Eval s / batch",
+)
 
 
 def table_rows(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[list[str]]:
@@ -129,10 +144,16 @@ def table_rows(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[list[str
         mean_eval = sum(r.get("eval_s", 0.0) for r in edited) / len(edited) if edited else None
         for _, r in milestone_rows(records):
             ppl, change = value(r, "general.perplexity")[0], perplexity_change(records, r)
-            cells = [name, str(r["n_edited"]), *(_fmt(*value(r, key)) for _, key in PANELS[:4]),
-                     "–" if ppl is None else f"{ppl:.2f}" + ("" if change is None else f" ({change:+.1f})"),
-                     _fmt(*value(r, "general.label_accuracy.mean")), _fmt(value(r, "weights")[0], None, 2),
-                     _fmt(mean_edit, None, 2), _fmt(mean_eval, None, 2)]
+            cells = [
+                name,
+                str(r["n_edited"]),
+                *(_fmt(*value(r, key)) for _, key in PANELS[:4]),
+                "–" if ppl is None else f"{ppl:.2f}" + ("" if change is None else f" ({change:+.1f})"),
+                _fmt(*value(r, "general.label_accuracy.mean")),
+                _fmt(value(r, "weights")[0], None, 2),
+                _fmt(mean_edit, None, 2),
+                _fmt(mean_eval, None, 2),
+            ]
             rows.append(cells)
     return rows
 
@@ -142,10 +163,12 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
-NOTE = ("Means × 100 with ± half the 95 % interval (bootstrap over the sampled cases; Wilson over the pooled "
-        "examples for label accuracy). Retention: earlier edits' efficacy and paraphrase on a fixed sample; "
-        "specificity: the neighbourhood prompts of a fixed sample of cases (unrelated facts); each milestone is the "
-        "nearest batch present. Edit and eval s / batch: means over the run's batches.")
+NOTE = (
+    "Means × 100 with ± half the 95 % interval (bootstrap over the sampled cases; Wilson over the pooled "
+    "examples for label accuracy). Retention: earlier edits' efficacy and paraphrase on a fixed sample; "
+    "specificity: the neighbourhood prompts of a fixed sample of cases (unrelated facts); each milestone is the "
+    "nearest batch present. Edit and eval s / batch: means over the run's batches."
+)
 
 
 def lifelong_section(folder: str | Path) -> list[str]:
@@ -162,8 +185,9 @@ def lifelong_section(folder: str | Path) -> list[str]:
     return lines
 
 
-def write_lifelong_comparison(folders: Sequence[str | Path], out: str | Path,
-                              labels: Sequence[str] | None = None) -> Path:
+def write_lifelong_comparison(
+    folders: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None
+) -> Path:
     """lifelong-compare.md (every folder's table, one column block per folder) and lifelong-compare.json."""
     if labels is not None and len(labels) != len(folders):
         raise ValueError(f"{len(labels)} labels for {len(folders)} folders")
@@ -174,8 +198,9 @@ def write_lifelong_comparison(folders: Sequence[str | Path], out: str | Path,
     for i, folder in enumerate(folders):
         runs = sequence_runs(folder)
         if not runs:
-            raise FileNotFoundError(f"{Path(folder) / SEQUENCE_FILE} not found or empty; expected a folder of "
-                                    "`kvedit bench --sequential`")
+            raise FileNotFoundError(
+                f"{Path(folder) / SEQUENCE_FILE} not found or empty; expected a folder of `kvedit bench --sequential`"
+            )
         label = labels[i] if labels is not None else _label(Path(folder))
         folder_rows = table_rows(runs)
         data[label] = [dict(zip(HEADER, row)) for row in folder_rows]

@@ -18,9 +18,12 @@ def _panels(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, Mapping[str
     if summary["kind"] == "instruct":
         return [("MMLU accuracy (macro over subjects)", {n: r["mmlu"] for n, r in runs.items()})]
     return [(f"Avg: {METRIC_TITLES[m]}", {n: r["average"][m] for n, r in runs.items()}) for m in METRIC_TITLES] + [
-        (f"{TASK_TITLES.get(t, t)}: {METRIC_TITLES['exact'].split(' (')[0]}",
-         {n: r["tasks"][t]["exact"] for n, r in runs.items() if t in r["tasks"]})
-        for t in sorted({t for r in runs.values() for t in r["tasks"]})]
+        (
+            f"{TASK_TITLES.get(t, t)}: {METRIC_TITLES['exact'].split(' (')[0]}",
+            {n: r["tasks"][t]["exact"] for n, r in runs.items() if t in r["tasks"]},
+        )
+        for t in sorted({t for r in runs.values() for t in r["tasks"]})
+    ]
 
 
 def plot_targets(summary: Mapping[str, Any], path: Path) -> Path:
@@ -36,14 +39,15 @@ def plot_targets(summary: Mapping[str, Any], path: Path) -> Path:
         means = [stats.get(n, {}).get("mean") or 0.0 for n in names]
         lows = [m - (stats[n]["ci"][0] if stats.get(n, {}).get("ci") else m) for n, m in zip(names, means)]
         highs = [(stats[n]["ci"][1] if stats.get(n, {}).get("ci") else m) - m for n, m in zip(names, means)]
-        ax.barh(range(len(names)), means, xerr=[lows, highs], capsize=3,
-                color=[colors(i % 10) for i in range(len(names))])
+        ax.barh(
+            range(len(names)), means, xerr=[lows, highs], capsize=3, color=[colors(i % 10) for i in range(len(names))]
+        )
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
         ax.set_title(title, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.supxlabel("accuracy × 100 (bars: 95 % bootstrap interval)", fontsize=9)
     fig.tight_layout()
@@ -67,7 +71,9 @@ def plot_losses(folder: Path, summary: Mapping[str, Any], path: Path, smooth: in
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for name, losses in curves.items():
         k = max(1, min(smooth, len(losses)))
-        avg = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+        avg = [
+            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))
+        ]
         ax.plot(range(1, len(losses) + 1), avg, label=name)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel(f"loss per target token (nats, {k}-step mean)")

@@ -15,13 +15,20 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 
-def save_adapter(peft_model: PeftModel, folder: Path, targets: TargetSet, config: TrainConfig,
-                 lm: LM, manifest: dict[str, Any]) -> None:
+def save_adapter(
+    peft_model: PeftModel, folder: Path, targets: TargetSet, config: TrainConfig, lm: LM, manifest: dict[str, Any]
+) -> None:
     """peft's adapter files plus the kvedit targets/settings and the data manifest."""
     peft_model.save_pretrained(str(folder))
-    meta = {"targets": targets.name, "roles": list(targets.roles), "layers": list(targets.layers),
-            "modules": list(targets.modules), "train_config": config.to_dict(), "model": lm.name,
-            "model_fingerprint": lm.base_fingerprint}
+    meta = {
+        "targets": targets.name,
+        "roles": list(targets.roles),
+        "layers": list(targets.layers),
+        "modules": list(targets.modules),
+        "train_config": config.to_dict(),
+        "model": lm.name,
+        "model_fingerprint": lm.base_fingerprint,
+    }
     (folder / "kvedit_adapter.json").write_text(json.dumps(meta, indent=1))
     (folder / "data_manifest.json").write_text(json.dumps(manifest, indent=1))
 

@@ -37,9 +37,16 @@ class Prediction:
         return self.generated == self.gold
 
     def record(self) -> dict[str, Any]:
-        return {"uid": self.uid, "task": self.task, "gold": self.gold, "generated": self.generated,
-                "ranked": self.ranked, "exact": int(self.exact), "rank_correct": int(self.ranked == self.gold),
-                "label_logprobs": list(self.label_logprobs)}
+        return {
+            "uid": self.uid,
+            "task": self.task,
+            "gold": self.gold,
+            "generated": self.generated,
+            "ranked": self.ranked,
+            "exact": int(self.exact),
+            "rank_correct": int(self.ranked == self.gold),
+            "label_logprobs": list(self.label_logprobs),
+        }
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,14 +59,19 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def _step(lm: LM, ids: torch.Tensor, mask: torch.Tensor, cache: Any, last_only: bool = False
-          ) -> tuple[torch.Tensor, Any]:
+def _step(
+    lm: LM, ids: torch.Tensor, mask: torch.Tensor, cache: Any, last_only: bool = False
+) -> tuple[torch.Tensor, Any]:
     """Feed `ids` `[B, t]` after the cached tokens (`mask` covers cache + ids); log-probs `[B, t, vocab]`
     (`[B, 1, vocab]` with `last_only`: only the last position is unembedded)."""
     positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-    out = lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                              position_ids=positions.to(lm.device), **cache_keyword(lm.model.base_model, cache),
-                              use_cache=True)
+    out = lm.model.base_model(
+        input_ids=ids.to(lm.device),
+        attention_mask=mask.to(lm.device),
+        position_ids=positions.to(lm.device),
+        **cache_keyword(lm.model.base_model, cache),
+        use_cache=True,
+    )
     hidden = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
     logits = lm.unembed(hidden).float()
     return F.log_softmax(logits, -1).cpu(), returned_cache(out)
@@ -113,13 +125,22 @@ def predict_batch(lm: LM, examples: Sequence[Example], labels: Sequence[str], ma
     out = []
     for i, e in enumerate(examples):
         text = str(tok.decode(generated[i], skip_special_tokens=True)).strip()
-        out.append(Prediction(e.uid, e.task, e.label, text, labels[int(scores[i].argmax())],
-                              tuple(float(s) for s in scores[i])))
+        out.append(
+            Prediction(
+                e.uid, e.task, e.label, text, labels[int(scores[i].argmax())], tuple(float(s) for s in scores[i])
+            )
+        )
     return out
 
 
-def predict(lm: LM, examples: Sequence[Example], labels: Mapping[str, Sequence[str]], batch_size: int = 8,
-            max_new_tokens: int | None = None, desc: str = "evaluate") -> list[Prediction]:
+def predict(
+    lm: LM,
+    examples: Sequence[Example],
+    labels: Mapping[str, Sequence[str]],
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    desc: str = "evaluate",
+) -> list[Prediction]:
     """Predictions for `examples` (any mix of tasks; `labels[task]` are that task's label words).
 
     `max_new_tokens` defaults to the longest label's token count + 2: a longer continuation cannot equal a

@@ -17,11 +17,15 @@ from .records import read_records
 from .tasks import Example, TaskDataError
 from .tokens import encode_prompt
 
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                 "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                       "context. Write a response that appropriately completes the request.\n\n"
-                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 CHOICES = ("A", "B", "C", "D")
 
 
@@ -61,8 +65,11 @@ def load_mmlu(path: str | Path, n: int | None = None) -> list[MMLUItem]:
     """Zero-shot MMLU records `subject, input, output` (qlora's format). With `n`, `n` records taken
     round-robin over subjects (the first of each subject, then the second, …), so every subject counts."""
     records = read_records(path)
-    items = [MMLUItem(f"mmlu:{i}", str(r["subject"]), str(r["input"]), str(r["output"]).strip())
-             for i, r in enumerate(records) if r.get("input") and str(r.get("output", "")).strip() in CHOICES]
+    items = [
+        MMLUItem(f"mmlu:{i}", str(r["subject"]), str(r["input"]), str(r["output"]).strip())
+        for i, r in enumerate(records)
+        if r.get("input") and str(r.get("output", "")).strip() in CHOICES
+    ]
     if not items:
         raise TaskDataError(f"{path}: no MMLU records (expected JSON lines with subject, input, output A-D)")
     if n is None or n >= len(items):
@@ -107,14 +114,22 @@ def mmlu_predictions(lm: LM, items: Sequence[MMLUItem], batch_size: int = 8, des
             for i, r in enumerate(rows):
                 ids[i, : len(r)] = torch.tensor(r)
                 mask[i, : len(r)] = 1
-            hidden = lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                                         use_cache=False).last_hidden_state
+            hidden = lm.model.base_model(
+                input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False
+            ).last_hidden_state
             last = hidden[torch.arange(len(rows)), mask.sum(1).to(lm.device) - 1]
             logits = lm.unembed(last).float()[:, letters].cpu()
             for it, row in zip(batch, logits):
                 guess = CHOICES[int(row.argmax())]
-                out.append({"uid": it.uid, "subject": it.subject, "gold": it.answer, "predicted": guess,
-                            "correct": int(guess == it.answer)})
+                out.append(
+                    {
+                        "uid": it.uid,
+                        "subject": it.subject,
+                        "gold": it.answer,
+                        "predicted": guess,
+                        "correct": int(guess == it.answer),
+                    }
+                )
     finally:
         lm.model.train(was_training)
     position = {it.uid: i for i, it in enumerate(items)}
@@ -137,6 +152,10 @@ def macro_accuracy(records: Sequence[Mapping[str, Any]], level: float = 0.95) ->
 
     all_idx = np.arange(len(records))
     ci = bootstrap_ci(macro, len(records), level=level)
-    return {"mean": macro(all_idx) if len(records) else None, "ci": list(ci) if ci else None,
-            "count": len(records), "subjects": len(names),
-            "micro": float(100 * correct.mean()) if len(records) else None}
+    return {
+        "mean": macro(all_idx) if len(records) else None,
+        "ci": list(ci) if ci else None,
+        "count": len(records),
+        "subjects": len(names),
+        "micro": float(100 * correct.mean()) if len(records) else None,
+    }

@@ -55,8 +55,13 @@ class TrainConfig:
     preset: str = "default"
 
     def __post_init__(self) -> None:
-        positive = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "max_length": self.max_length, "checkpoint_every": self.checkpoint_every}
+        positive = {
+            "rank": self.rank,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "max_length": self.max_length,
+            "checkpoint_every": self.checkpoint_every,
+        }
         bad = [f"{k}={v}" for k, v in positive.items() if not isinstance(v, int) or v < 1]
         if self.max_steps is not None and self.max_steps < 1:
             bad.append(f"max_steps={self.max_steps}")
@@ -77,11 +82,21 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-PRESETS: Mapping[str, TrainConfig] = MappingProxyType({
-    "default": TrainConfig(),
-    "qiu2024": TrainConfig(lr=2e-4, epochs=5.0, batch_size=4, grad_accum=16, max_length=512, packing=True,
-                           loss_on="all", preset="qiu2024"),
-})
+PRESETS: Mapping[str, TrainConfig] = MappingProxyType(
+    {
+        "default": TrainConfig(),
+        "qiu2024": TrainConfig(
+            lr=2e-4,
+            epochs=5.0,
+            batch_size=4,
+            grad_accum=16,
+            max_length=512,
+            packing=True,
+            loss_on="all",
+            preset="qiu2024",
+        ),
+    }
+)
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:

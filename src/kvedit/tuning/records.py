@@ -56,8 +56,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise RecordFormatError(f"{path} line {i}: not a JSON object ({err.msg}); expected JSON lines, a JSON "
-                                    "list, CSV or TSV") from None
+            raise RecordFormatError(
+                f"{path} line {i}: not a JSON object ({err.msg}); expected JSON lines, a JSON list, CSV or TSV"
+            ) from None
         if not isinstance(record, dict):
             raise RecordFormatError(f"{path} line {i}: expected a JSON object, got {type(record).__name__}")
         records.append(record)

@@ -60,9 +60,18 @@ class TuneData:
         return {
             "kind": self.kind,
             "train": len(self.train),
-            "tasks": {n: {"train": len(t.train), "test": len(t.test), "source": t.source, "note": t.note,
-                          "labels": list(t.labels)} for n, t in self.tasks.items()},
-            "mmlu": {"questions": len(self.mmlu), "subjects": len({it.subject for it in self.mmlu})} if self.mmlu
+            "tasks": {
+                n: {
+                    "train": len(t.train),
+                    "test": len(t.test),
+                    "source": t.source,
+                    "note": t.note,
+                    "labels": list(t.labels),
+                }
+                for n, t in self.tasks.items()
+            },
+            "mmlu": {"questions": len(self.mmlu), "subjects": len({it.subject for it in self.mmlu})}
+            if self.mmlu
             else None,
             "notes": self.notes,
             "sha256": digest.hexdigest(),
@@ -75,8 +84,14 @@ class TuneData:
             raise ValueError("no test examples: every task's test split is empty")
 
 
-def classification_data(tasks: Sequence[str], data_dir: str | Path | None, n_train: int, n_test: int,
-                        seed: int = 0, sources: dict[str, str | Path] | None = None) -> TuneData:
+def classification_data(
+    tasks: Sequence[str],
+    data_dir: str | Path | None,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    sources: dict[str, str | Path] | None = None,
+) -> TuneData:
     """Built-in tasks (`cb`, `boolq`, `copa`, `qnli`, `race`, `20ng`) trained jointly: each read from
     `sources[task]` (a file or folder) or `data_dir/<task>/`; the first `n_train`/`n_test` clean records."""
     sources = dict(sources or {})
@@ -91,15 +106,19 @@ def classification_data(tasks: Sequence[str], data_dir: str | Path | None, n_tra
         if source is None:
             raise ValueError(f"task {task}: no source; pass --data-dir or {task}=PATH")
         loaded[task] = load_task(TASKS[task], source, n_train, n_test, seed)
-    return TuneData([e for t in loaded.values() for e in t.train], loaded,
-                    notes=[f"{t}: {d.note}" for t, d in loaded.items()])
+    return TuneData(
+        [e for t in loaded.values() for e in t.train], loaded, notes=[f"{t}: {d.note}" for t, d in loaded.items()]
+    )
 
 
 def instruct_data(alpaca: str | Path, mmlu: str | Path, n_train: int, n_test: int | None) -> TuneData:
     """Alpaca-format training examples, evaluated by zero-shot MMLU."""
     items = load_mmlu(mmlu, n_test)
-    return TuneData(load_alpaca(alpaca, n_train), mmlu=items,
-                    notes=[f"MMLU: {len(items)} questions over {len({i.subject for i in items})} subjects"])
+    return TuneData(
+        load_alpaca(alpaca, n_train),
+        mmlu=items,
+        notes=[f"MMLU: {len(items)} questions over {len({i.subject for i in items})} subjects"],
+    )
 
 
 def evaluate_model(lm: LM, data: TuneData, batch_size: int, desc: str) -> list[dict[str, Any]]:
@@ -111,13 +130,27 @@ def evaluate_model(lm: LM, data: TuneData, batch_size: int, desc: str) -> list[d
 
 
 def _settings(lm: LM, data: TuneData, config: TrainConfig, layers: Sequence[int] | None) -> dict[str, Any]:
-    return {"model": lm.name, "model_fingerprint": lm.base_fingerprint, "data": data.manifest(),
-            "train_config": config.to_dict(), "layers": None if layers is None else list(layers)}
+    return {
+        "model": lm.name,
+        "model_fingerprint": lm.base_fingerprint,
+        "data": data.manifest(),
+        "train_config": config.to_dict(),
+        "layers": None if layers is None else list(layers),
+    }
 
 
-def run_tune(lm: LM, targets: Sequence[str], data: TuneData, out: str | Path, config: TrainConfig,
-             layers: Sequence[int] | None = None, untuned: bool = True, eval_batch_size: int = 8,
-             log: Callable[[str], None] = print, stop_after: int | None = None) -> dict[str, Any]:
+def run_tune(
+    lm: LM,
+    targets: Sequence[str],
+    data: TuneData,
+    out: str | Path,
+    config: TrainConfig,
+    layers: Sequence[int] | None = None,
+    untuned: bool = True,
+    eval_batch_size: int = 8,
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Train and evaluate one adapter per target set (plus the untuned model) on `data`; write `out`.
 
     Every target set is resolved (bad roles or layers raise) before anything is written. Rerunning on the same
@@ -177,8 +210,17 @@ def _write_predictions(path: Path, run: str, records: list[dict[str, Any]]) -> N
     append_jsonl(path, [{"run": run} | r for r in records], sync=False)
 
 
-def _run_one(lm: LM, target: TargetSet, data: TuneData, out: Path, config: TrainConfig, eval_batch_size: int,
-             log: Callable[[str], None], pred_path: Path, stop_after: int | None) -> None:
+def _run_one(
+    lm: LM,
+    target: TargetSet,
+    data: TuneData,
+    out: Path,
+    config: TrainConfig,
+    eval_batch_size: int,
+    log: Callable[[str], None],
+    pred_path: Path,
+    stop_after: int | None,
+) -> None:
     folder = out / "runs" / run_dir_name(target.name)
     folder.mkdir(parents=True, exist_ok=True)
     peft_model = attach_adapter(lm, target, config.adapter, config.rank, config.alpha, config.dropout, config.seed)
@@ -196,16 +238,24 @@ def _run_one(lm: LM, target: TargetSet, data: TuneData, out: Path, config: Train
                 record = json.loads(train_path.read_text())
             else:
                 began = time.perf_counter()
-                result = train_adapter(lm, peft_model, data.train, config, folder, desc=target.name,
-                                       stop_after=stop_after)
+                result = train_adapter(
+                    lm, peft_model, data.train, config, folder, desc=target.name, stop_after=stop_after
+                )
                 if not result.finished:
                     return  # stopped early (`stop_after`): the checkpoint waits for the next call
                 save_adapter(peft_model, adapter_dir, target, config, lm, data.manifest())
-                record = {"trainable": trainable, "total": total, "losses": result.losses, "steps": result.steps,
-                          "tokens": result.tokens, "train_time_s": result.time_s,
-                          "tokens_per_s": result.tokens / result.time_s if result.time_s else None,
-                          "session_time_s": time.perf_counter() - began, "modules": list(target.modules),
-                          "notes": list(target.notes)}
+                record = {
+                    "trainable": trainable,
+                    "total": total,
+                    "losses": result.losses,
+                    "steps": result.steps,
+                    "tokens": result.tokens,
+                    "train_time_s": result.time_s,
+                    "tokens_per_s": result.tokens / result.time_s if result.time_s else None,
+                    "session_time_s": time.perf_counter() - began,
+                    "modules": list(target.modules),
+                    "notes": list(target.notes),
+                }
             started = time.perf_counter()
             records = evaluate_model(lm, data, eval_batch_size, target.name)
             record["eval_time_s"] = time.perf_counter() - started
@@ -217,17 +267,28 @@ def _run_one(lm: LM, target: TargetSet, data: TuneData, out: Path, config: Train
         lm.model = detach_adapter(peft_model)
 
 
-def evaluate_adapter(lm: LM, adapter: str | Path, data: TuneData, out: str | Path,
-                     eval_batch_size: int = 8) -> dict[str, Any]:
+def evaluate_adapter(
+    lm: LM, adapter: str | Path, data: TuneData, out: str | Path, eval_batch_size: int = 8
+) -> dict[str, Any]:
     """Evaluate a saved adapter on `data` into `out` (a run named after the adapter's targets)."""
     data.check()
     meta = adapter_metadata(adapter)
     name = f"adapter:{meta.get('targets', Path(adapter).name)}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(
-        {"model": lm.name, "model_fingerprint": lm.base_fingerprint, "data": data.manifest(),
-         "train_config": meta.get("train_config", {}), "layers": meta.get("layers"), "targets": [name]}, indent=1))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "model": lm.name,
+                "model_fingerprint": lm.base_fingerprint,
+                "data": data.manifest(),
+                "train_config": meta.get("train_config", {}),
+                "layers": meta.get("layers"),
+                "targets": [name],
+            },
+            indent=1,
+        )
+    )
     peft_model = load_adapter(lm, adapter)
     try:
         records = evaluate_model(lm, data, eval_batch_size, name)

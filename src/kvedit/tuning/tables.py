@@ -26,8 +26,10 @@ from .evaluate import accuracy_and_f1
 from .instruct import macro_accuracy
 
 METRICS = {"exact": ("generated", "exact"), "rank": ("ranked", "rank_correct")}
-METRIC_TITLES = {"exact": "exact match of the greedy answer (the seed's metric)",
-                 "rank": "label words ranked by likelihood"}
+METRIC_TITLES = {
+    "exact": "exact match of the greedy answer (the seed's metric)",
+    "rank": "label words ranked by likelihood",
+}
 TASK_TITLES = {"20ng": "20NG", "boolq": "BoolQ", "cb": "CB", "copa": "COPA", "race": "RACE", "qnli": "QNLI"}
 
 
@@ -70,7 +72,9 @@ def compare_pairs(by_run: Mapping[str, Sequence[Mapping[str, Any]]], keys: Seque
         for b in names[i + 1 :]:
             shared = [u for u in index[a] if u in index[b]]
             for key in keys:
-                result = paired_comparison([index[a][u][key] for u in shared], [index[b][u][key] for u in shared], 100.0)
+                result = paired_comparison(
+                    [index[a][u][key] for u in shared], [index[b][u][key] for u in shared], 100.0
+                )
                 out.append({"a": a, "b": b, "metric": key} | result)
     return out
 
@@ -93,8 +97,19 @@ def summarize_tune(folder: str | Path, kind: str) -> dict[str, Any]:
     for name in order:
         train_path = folder / "runs" / run_dir_name(name) / "train.json"
         train = json.loads(train_path.read_text()) if train_path.exists() else {}
-        run: dict[str, Any] = {k: train.get(k) for k in ("trainable", "total", "steps", "tokens", "train_time_s", "tokens_per_s",
-                                          "eval_time_s", "peak_memory_mb")}
+        run: dict[str, Any] = {
+            k: train.get(k)
+            for k in (
+                "trainable",
+                "total",
+                "steps",
+                "tokens",
+                "train_time_s",
+                "tokens_per_s",
+                "eval_time_s",
+                "peak_memory_mb",
+            )
+        }
         run["share"] = 100 * run["trainable"] / run["total"] if run.get("total") else None
         run["final_loss"] = float(np.mean(train["losses"][-10:])) if train.get("losses") else None
         if kind == "instruct":
@@ -104,9 +119,16 @@ def summarize_tune(folder: str | Path, kind: str) -> dict[str, Any]:
         runs[name] = run
     keys = ["correct"] if kind == "instruct" else ["exact", "rank_correct"]
     complete = set(order) == set(config["targets"])
-    return {"kind": kind, "model": config["model"], "data": config["data"], "train_config": config["train_config"],
-            "layers": config.get("layers"), "runs": runs, "complete": complete,
-            "comparisons": compare_pairs({n: records[n] for n in order}, keys)}
+    return {
+        "kind": kind,
+        "model": config["model"],
+        "data": config["data"],
+        "train_config": config["train_config"],
+        "layers": config.get("layers"),
+        "runs": runs,
+        "complete": complete,
+        "comparisons": compare_pairs({n: records[n] for n in order}, keys),
+    }
 
 
 def _cell(stat: Mapping[str, Any] | None) -> str:
@@ -131,21 +153,33 @@ def table2(summary: Mapping[str, Any], metric: str = "exact") -> str:
     runs = summary["runs"]
     if summary["kind"] == "instruct":
         header = ["Target", "Trainable (share)", "MMLU (macro)", "MMLU (micro)", "Train (min)", "Peak MB"]
-        rows = [[n, _cost_cells(r)[0], _cell(r["mmlu"]), f"{r['mmlu']['micro']:.1f}", *_cost_cells(r)[1:]]
-                for n, r in runs.items()]
+        rows = [
+            [n, _cost_cells(r)[0], _cell(r["mmlu"]), f"{r['mmlu']['micro']:.1f}", *_cost_cells(r)[1:]]
+            for n, r in runs.items()
+        ]
         return aligned_markdown(header, rows)
     tasks = sorted({t for r in runs.values() for t in r["tasks"]})
     header = ["Target", "Trainable (share)", *(TASK_TITLES.get(t, t) for t in tasks), "Avg", "Train (min)", "Peak MB"]
-    rows = [[n, _cost_cells(r)[0], *(_cell(r["tasks"].get(t, {}).get(metric)) for t in tasks),
-             _cell(r["average"][metric]), *_cost_cells(r)[1:]] for n, r in runs.items()]
+    rows = [
+        [
+            n,
+            _cost_cells(r)[0],
+            *(_cell(r["tasks"].get(t, {}).get(metric)) for t in tasks),
+            _cell(r["average"][metric]),
+            *_cost_cells(r)[1:],
+        ]
+        for n, r in runs.items()
+    ]
     return aligned_markdown(header, rows)
 
 
 def f1_table(summary: Mapping[str, Any], metric: str) -> str:
     runs = summary["runs"]
     tasks = sorted({t for r in runs.values() for t in r["tasks"]})
-    rows = [[n, *(f"{r['tasks'][t][metric]['macro_f1']:.1f}" if t in r["tasks"] else "–" for t in tasks)]
-            for n, r in runs.items()]
+    rows = [
+        [n, *(f"{r['tasks'][t][metric]['macro_f1']:.1f}" if t in r["tasks"] else "–" for t in tasks)]
+        for n, r in runs.items()
+    ]
     return aligned_markdown(["Target", *(TASK_TITLES.get(t, t) for t in tasks)], rows)
 
 
@@ -159,10 +193,21 @@ def comparison_table(comparisons: Sequence[Mapping[str, Any]], pairs: Sequence[t
             continue
         ci = f"[{c['ci'][0]:.1f}, {c['ci'][1]:.1f}]" if c.get("ci") else "–"
         p = "–" if c["sign_test_p"] is None else f"{c['sign_test_p']:.3g}"
-        rows.append([c["a"], c["b"], c["metric"], f"{c['mean_difference']:+.1f}", ci,
-                     f"{c['wins']} / {c['losses']} / {c['ties']}", p, str(c["count"])])
-    return aligned_markdown(["A", "B", "metric", "A − B", "95 % interval", "A better / worse / tied", "sign test p",
-                             "examples"], rows)
+        rows.append(
+            [
+                c["a"],
+                c["b"],
+                c["metric"],
+                f"{c['mean_difference']:+.1f}",
+                ci,
+                f"{c['wins']} / {c['losses']} / {c['ties']}",
+                p,
+                str(c["count"]),
+            ]
+        )
+    return aligned_markdown(
+        ["A", "B", "metric", "A − B", "95 % interval", "A better / worse / tied", "sign test p", "examples"], rows
+    )
 
 
 def summary_csv(summary: Mapping[str, Any]) -> str:
@@ -170,17 +215,45 @@ def summary_csv(summary: Mapping[str, Any]) -> str:
     share, train_time_s, peak_memory_mb."""
     buffer = io.StringIO()
     w = csv.writer(buffer, lineterminator="\n")
-    w.writerow(["run", "task", "metric", "mean", "ci_low", "ci_high", "count", "macro_f1", "trainable", "share",
-                "train_time_s", "peak_memory_mb"])
+    w.writerow(
+        [
+            "run",
+            "task",
+            "metric",
+            "mean",
+            "ci_low",
+            "ci_high",
+            "count",
+            "macro_f1",
+            "trainable",
+            "share",
+            "train_time_s",
+            "peak_memory_mb",
+        ]
+    )
     for name, r in summary["runs"].items():
         cost = [r.get("trainable"), r.get("share"), r.get("train_time_s"), r.get("peak_memory_mb")]
-        cells = ([("mmlu", "macro_accuracy", r["mmlu"])] if summary["kind"] == "instruct" else
-                 [(t, m, s) for t, by in r["tasks"].items() for m, s in by.items()]
-                 + [("average", m, s) for m, s in r["average"].items()])
+        cells = (
+            [("mmlu", "macro_accuracy", r["mmlu"])]
+            if summary["kind"] == "instruct"
+            else [(t, m, s) for t, by in r["tasks"].items() for m, s in by.items()]
+            + [("average", m, s) for m, s in r["average"].items()]
+        )
         for task, metric, s in cells:
             low, high = s["ci"] if s.get("ci") else ("", "")
-            w.writerow([name, task, metric, s["mean"], low, high, s["count"], s.get("macro_f1", ""),
-                        *("" if v is None else v for v in cost)])
+            w.writerow(
+                [
+                    name,
+                    task,
+                    metric,
+                    s["mean"],
+                    low,
+                    high,
+                    s["count"],
+                    s.get("macro_f1", ""),
+                    *("" if v is None else v for v in cost),
+                ]
+            )
     return buffer.getvalue()
 
 
@@ -189,23 +262,44 @@ def markdown(summary: Mapping[str, Any]) -> str:
     data = summary["data"]
     lines = [f"# kvedit tune on {summary['model']}", ""]
     cfg = summary["train_config"]
-    lines.append(f"Preset `{cfg['preset']}`: {cfg['adapter']} r {cfg['rank']}, lr {cfg['lr']}, {data['train']} training "
-                 f"examples, {cfg['batch_size']}×{cfg['grad_accum']} sequences per step, max length {cfg['max_length']}, "
-                 f"loss on {cfg['loss_on']}. Accuracy × 100; ± is half the 95 % bootstrap interval.")
+    lines.append(
+        f"Preset `{cfg['preset']}`: {cfg['adapter']} r {cfg['rank']}, lr {cfg['lr']}, {data['train']} training "
+        f"examples, {cfg['batch_size']}×{cfg['grad_accum']} sequences per step, max length {cfg['max_length']}, "
+        f"loss on {cfg['loss_on']}. Accuracy × 100; ± is half the 95 % bootstrap interval."
+    )
     for name, t in (data.get("tasks") or {}).items():
         lines.append(f"- {TASK_TITLES.get(name, name)}: {t['train']} train / {t['test']} test ({t['note']})")
     if not summary["complete"]:
         lines.append("\n**Incomplete:** some target sets have not finished (run the same command again to resume).")
     if summary["kind"] == "instruct":
-        lines += ["", table2(summary), "", "## Paired comparisons (per question correct)", "",
-                  comparison_table(summary["comparisons"])]
+        lines += [
+            "",
+            table2(summary),
+            "",
+            "## Paired comparisons (per question correct)",
+            "",
+            comparison_table(summary["comparisons"]),
+        ]
         return "\n".join(lines)
     for metric in METRICS:
-        lines += ["", f"## Accuracy: {METRIC_TITLES[metric]}", "", table2(summary, metric),
-                  "", "Macro-F1:", "", f1_table(summary, metric)]
-    lines += ["## Paired comparisons", "", "Same test examples; per-example correctness of A minus B; bootstrap "
-              "interval of the mean difference; exact two-sided sign test (ties dropped).", "",
-              comparison_table(summary["comparisons"])]
+        lines += [
+            "",
+            f"## Accuracy: {METRIC_TITLES[metric]}",
+            "",
+            table2(summary, metric),
+            "",
+            "Macro-F1:",
+            "",
+            f1_table(summary, metric),
+        ]
+    lines += [
+        "## Paired comparisons",
+        "",
+        "Same test examples; per-example correctness of A minus B; bootstrap "
+        "interval of the mean difference; exact two-sided sign test (ties dropped).",
+        "",
+        comparison_table(summary["comparisons"]),
+    ]
     return "\n".join(lines)
 
 

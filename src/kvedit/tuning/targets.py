@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 AdapterType = Literal["lora", "ia3"]
 
 
-
 def role_modules(lm: LM) -> dict[str, tuple[str, ...]]:
     """Every role this model has → its per-layer module paths (relative to a layer), from the table."""
     arch = lm.arch
@@ -84,8 +83,10 @@ def parse_targets(lm: LM, spec: str, layers: Sequence[int] | None = None) -> Tar
     chosen = tuple(range(n)) if layers is None else tuple(layers)
     bad = [l for l in chosen if not isinstance(l, int) or not -n <= l < n]
     if bad or not chosen:
-        raise ValueError(f"layers {list(bad) or list(chosen)} out of range: this model has layers 0..{n - 1} "
-                         "(negative numbers count from the last)")
+        raise ValueError(
+            f"layers {list(bad) or list(chosen)} out of range: this model has layers 0..{n - 1} "
+            "(negative numbers count from the last)"
+        )
     chosen = tuple(dict.fromkeys(l % n for l in chosen))
     relative: list[str] = []
     for role in roles:
@@ -97,28 +98,50 @@ def parse_targets(lm: LM, spec: str, layers: Sequence[int] | None = None) -> Tar
     return TargetSet(spec, roles, tuple(sorted(chosen)), tuple(relative), modules, notes, lm.arch.layers)
 
 
-def adapter_config(lm: LM, targets: TargetSet, adapter: AdapterType = "lora", rank: int = 8, alpha: float = 16,
-                   dropout: float = 0.1):
+def adapter_config(
+    lm: LM, targets: TargetSet, adapter: AdapterType = "lora", rank: int = 8, alpha: float = 16, dropout: float = 0.1
+):
     """The peft config adapting exactly `targets.modules` (full names, so no suffix can match a neighbour)."""
     from peft import IA3Config, LoraConfig, TaskType
 
-    common: dict[str, Any] = dict(target_modules=list(targets.modules), layers_to_transform=list(targets.layers),
-                  layers_pattern=targets.layers_pattern, task_type=TaskType.CAUSAL_LM)
+    common: dict[str, Any] = dict(
+        target_modules=list(targets.modules),
+        layers_to_transform=list(targets.layers),
+        layers_pattern=targets.layers_pattern,
+        task_type=TaskType.CAUSAL_LM,
+    )
     if adapter == "lora":
         if rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank}")
         # peft annotates lora_alpha as int; a float works (its scale is alpha / r), and `kvedit tune --alpha` takes one
-        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",  # type: ignore[arg-type]
-                          fan_in_fan_out=lm.arch.transposed, **common)
+        return LoraConfig(
+            r=rank,
+            lora_alpha=alpha,  # type: ignore[arg-type]
+            lora_dropout=dropout,
+            bias="none",
+            fan_in_fan_out=lm.arch.transposed,
+            **common,
+        )
     if adapter == "ia3":  # IA3Config has no layers_to_transform: the full module names already pick the layers
         ffn_inputs = [m for m in targets.modules if m.endswith("." + lm.arch.values)]
-        return IA3Config(target_modules=list(targets.modules), feedforward_modules=ffn_inputs,
-                         fan_in_fan_out=lm.arch.transposed, task_type=TaskType.CAUSAL_LM)
+        return IA3Config(
+            target_modules=list(targets.modules),
+            feedforward_modules=ffn_inputs,
+            fan_in_fan_out=lm.arch.transposed,
+            task_type=TaskType.CAUSAL_LM,
+        )
     raise ValueError(f"adapter must be 'lora' or 'ia3', got {adapter!r}")
 
 
-def attach_adapter(lm: LM, targets: TargetSet, adapter: AdapterType = "lora", rank: int = 8, alpha: float = 16,
-                   dropout: float = 0.1, seed: int = 0) -> PeftModel:
+def attach_adapter(
+    lm: LM,
+    targets: TargetSet,
+    adapter: AdapterType = "lora",
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.1,
+    seed: int = 0,
+) -> PeftModel:
     """Wrap `lm.model` in a peft model adapting `targets` (adapter weights initialised from `seed`).
 
     The wrapped model shares the base weights; `lm.model` is left as it was (call
@@ -178,6 +201,8 @@ def describe(targets: TargetSet, trainable: int, total: int) -> str:
     """One line for the user before training: which modules, on which layers, how many parameters."""
     layers = targets.layers
     span = f"{layers[0]}..{layers[-1]}" if list(layers) == list(range(layers[0], layers[-1] + 1)) else str(list(layers))
-    text = (f"{targets.name}: {', '.join(targets.relative)} on layers {span} ({len(targets.modules)} modules); "
-            f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f} %)")
+    text = (
+        f"{targets.name}: {', '.join(targets.relative)} on layers {span} ({len(targets.modules)} modules); "
+        f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f} %)"
+    )
     return "\n".join([text, *(f"  note: {n}" for n in targets.notes)])

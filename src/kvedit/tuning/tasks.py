@@ -79,8 +79,9 @@ def _label_of(value: Any, names: Sequence[str]) -> str | None:
 
 
 def parse_cb(r: Mapping[str, Any]) -> dict[str, str] | None:
-    return _clean({"premise": r.get("premise"), "hypothesis": r.get("hypothesis"),
-                   "label": _label_of(r.get("label"), NLI3)}, NLI3)
+    return _clean(
+        {"premise": r.get("premise"), "hypothesis": r.get("hypothesis"), "label": _label_of(r.get("label"), NLI3)}, NLI3
+    )
 
 
 def parse_boolq(r: Mapping[str, Any]) -> dict[str, str] | None:
@@ -91,8 +92,10 @@ def parse_boolq(r: Mapping[str, Any]) -> dict[str, str] | None:
             return None
         answer = str(r["choices"][int(r["gold"])]).strip().lower()
         label = {"yes": "true", "no": "false"}.get(answer)
-        return _clean({"question": question.removesuffix("?"), "passage": passage.removeprefix("Passage: "),
-                       "label": label}, ("true", "false"))
+        return _clean(
+            {"question": question.removesuffix("?"), "passage": passage.removeprefix("Passage: "), "label": label},
+            ("true", "false"),
+        )
     value = r.get("label", r.get("answer"))
     label = str(value).strip().lower() if isinstance(value, (bool, str)) else {0: "false", 1: "true"}.get(value)
     return _clean({"question": r.get("question"), "passage": r.get("passage"), "label": label}, ("true", "false"))
@@ -111,17 +114,34 @@ def parse_copa(r: Mapping[str, Any]) -> dict[str, str] | None:
         else:
             return None
         c1, c2 = (c.strip() for c in r["choices"])
-        return _clean({"premise": premise, "choice1": c1[:1].upper() + c1[1:], "choice2": c2[:1].upper() + c2[1:],
-                       "question": question, "label": f"Choice{int(r['gold']) + 1}"}, ("Choice1", "Choice2"))
-    return _clean({"premise": r.get("premise"), "choice1": r.get("choice1"), "choice2": r.get("choice2"),
-                   "question": r.get("question"), "label": _label_of(r.get("label"), ("Choice1", "Choice2"))},
-                  ("Choice1", "Choice2"))
+        return _clean(
+            {
+                "premise": premise,
+                "choice1": c1[:1].upper() + c1[1:],
+                "choice2": c2[:1].upper() + c2[1:],
+                "question": question,
+                "label": f"Choice{int(r['gold']) + 1}",
+            },
+            ("Choice1", "Choice2"),
+        )
+    return _clean(
+        {
+            "premise": r.get("premise"),
+            "choice1": r.get("choice1"),
+            "choice2": r.get("choice2"),
+            "question": r.get("question"),
+            "label": _label_of(r.get("label"), ("Choice1", "Choice2")),
+        },
+        ("Choice1", "Choice2"),
+    )
 
 
 def parse_qnli(r: Mapping[str, Any]) -> dict[str, str] | None:
     labels = ("entailment", "not_entailment")
-    return _clean({"question": r.get("question"), "sentence": r.get("sentence"),
-                   "label": _label_of(r.get("label"), labels)}, labels)
+    return _clean(
+        {"question": r.get("question"), "sentence": r.get("sentence"), "label": _label_of(r.get("label"), labels)},
+        labels,
+    )
 
 
 def parse_race(r: Mapping[str, Any]) -> dict[str, str] | None:
@@ -138,20 +158,47 @@ def parse_20ng(r: Mapping[str, Any]) -> dict[str, str] | None:
     return _clean({"text": r.get("text"), "label": label}, None)
 
 
-TASKS: Mapping[str, TaskSpec] = MappingProxyType({
-    "cb": TaskSpec("cb", "### Premise:{premise} ### Hypothesis:{hypothesis} ### Relationship (entailment, "
-                         "contradiction or neutral):", NLI3, parse_cb),
-    "boolq": TaskSpec("boolq", "Read the Passage and answer the Question with true or false ### Question:{question} "
-                               "### Passage: {passage} ### Answer:", ("true", "false"), parse_boolq),
-    "copa": TaskSpec("copa", "### Premise:{premise} ### Choice1:{choice1} ### Choice2:{choice2} ### "
-                             "Question:{question} ### Choice:", ("Choice1", "Choice2"), parse_copa),
-    "qnli": TaskSpec("qnli", "### Premise:{question} ### Hypothesis:{sentence} ### Relationship (choose between "
-                             "'entailment' and 'not entailment'):", ("entailment", "not_entailment"), parse_qnli),
-    "race": TaskSpec("race", "Read Context and answer question ### Context:{article} ### Question:{question} "
-                             "### Options:A.{A}. B.{B}. C.{C}. D.{D}### Choice:", tuple("ABCD"), parse_race,
-                     eval_splits=("dev/high", "val", "validation", "dev"), train_splits=("train/high", "train")),
-    "20ng": TaskSpec("20ng", "### Sentence:{text} ### Class:", (), parse_20ng, eval_splits=("test",)),
-})
+TASKS: Mapping[str, TaskSpec] = MappingProxyType(
+    {
+        "cb": TaskSpec(
+            "cb",
+            "### Premise:{premise} ### Hypothesis:{hypothesis} ### Relationship (entailment, "
+            "contradiction or neutral):",
+            NLI3,
+            parse_cb,
+        ),
+        "boolq": TaskSpec(
+            "boolq",
+            "Read the Passage and answer the Question with true or false ### Question:{question} "
+            "### Passage: {passage} ### Answer:",
+            ("true", "false"),
+            parse_boolq,
+        ),
+        "copa": TaskSpec(
+            "copa",
+            "### Premise:{premise} ### Choice1:{choice1} ### Choice2:{choice2} ### Question:{question} ### Choice:",
+            ("Choice1", "Choice2"),
+            parse_copa,
+        ),
+        "qnli": TaskSpec(
+            "qnli",
+            "### Premise:{question} ### Hypothesis:{sentence} ### Relationship (choose between "
+            "'entailment' and 'not entailment'):",
+            ("entailment", "not_entailment"),
+            parse_qnli,
+        ),
+        "race": TaskSpec(
+            "race",
+            "Read Context and answer question ### Context:{article} ### Question:{question} "
+            "### Options:A.{A}. B.{B}. C.{C}. D.{D}### Choice:",
+            tuple("ABCD"),
+            parse_race,
+            eval_splits=("dev/high", "val", "validation", "dev"),
+            train_splits=("train/high", "train"),
+        ),
+        "20ng": TaskSpec("20ng", "### Sentence:{text} ### Class:", (), parse_20ng, eval_splits=("test",)),
+    }
+)
 
 
 # ---- locating split files ---------------------------------------------------------------------------------------
@@ -228,12 +275,16 @@ def load_task(spec: TaskSpec, source: str | Path, n_train: int, n_test: int, see
     train_path = split_source(source, spec.train_splits) if source.is_dir() else None
     test_path = split_source(source, spec.eval_splits) if source.is_dir() else source
     if test_path is None:
-        raise TaskDataError(f"task {spec.name}: no evaluation split in {source}; expected one of "
-                            f"{', '.join(n + s for n in spec.eval_splits for s in SUFFIXES[:4])}")
+        raise TaskDataError(
+            f"task {spec.name}: no evaluation split in {source}; expected one of "
+            f"{', '.join(n + s for n in spec.eval_splits for s in SUFFIXES[:4])}"
+        )
     test_all, dropped = take_clean(spec, raw_records(test_path))
     if not test_all:
-        raise TaskDataError(f"task {spec.name}: no clean records in {test_path} (dropped {dropped}); expected the "
-                            f"fields of {spec.template!r} and labels {list(spec.labels) or 'strings'}")
+        raise TaskDataError(
+            f"task {spec.name}: no clean records in {test_path} (dropped {dropped}); expected the "
+            f"fields of {spec.template!r} and labels {list(spec.labels) or 'strings'}"
+        )
     if train_path is not None:
         train, _ = take_clean(spec, raw_records(train_path))
         note = f"train from {_rel(train_path, source)}, test from {_rel(test_path, source)}"
@@ -242,8 +293,10 @@ def load_task(spec: TaskSpec, source: str | Path, n_train: int, n_test: int, see
     random.Random(seed).shuffle(order)
     test = [test_all[i] for i in sorted(order[:n_test])]
     train = [test_all[i] for i in sorted(order[n_test:])][:n_train]
-    note = (f"only {_rel(test_path, source)} available: split with seed {seed} into {len(train)} train / "
-            f"{len(test)} test of {len(test_all)} clean records")
+    note = (
+        f"only {_rel(test_path, source)} available: split with seed {seed} into {len(train)} train / "
+        f"{len(test)} test of {len(test_all)} clean records"
+    )
     return TaskData(spec.name, train, test, str(source), note, spec.labels)
 
 
@@ -269,8 +322,9 @@ def user_task(name: str, template: str, label_field: str, label_words: Mapping[s
     return TaskSpec(name, template, spec.labels, parse)
 
 
-def check_user_records(spec: TaskSpec, records: Sequence[Mapping[str, Any]], label_field: str, path: Path,
-                       label_words: Mapping[str, str]) -> None:
+def check_user_records(
+    spec: TaskSpec, records: Sequence[Mapping[str, Any]], label_field: str, path: Path, label_words: Mapping[str, str]
+) -> None:
     """Raise a clear error if the file lacks a template field or the label field, or no record's label is one
     of `label_words` (the error lists the labels the file has)."""
     if not records:
@@ -281,8 +335,10 @@ def check_user_records(spec: TaskSpec, records: Sequence[Mapping[str, Any]], lab
     found = list(dict.fromkeys(str(r.get(label_field)).strip() for r in records))
     if not set(found) & {str(k) for k in label_words}:
         shown = ", ".join(map(repr, found[:10])) + (f" and {len(found) - 10} more" if len(found) > 10 else "")
-        raise TaskDataError(f"{path}: no record's {label_field!r} is one of the --label-words values "
-                            f"{sorted(label_words)}; the file's labels are {shown}")
+        raise TaskDataError(
+            f"{path}: no record's {label_field!r} is one of the --label-words values "
+            f"{sorted(label_words)}; the file's labels are {shown}"
+        )
 
 
 def parse_label_words(text: str) -> dict[str, str]:
@@ -297,9 +353,17 @@ def _word_pair(item: str) -> tuple[str, str]:
     return (value, word) if "=" in item else (item, item)
 
 
-def load_user_task(path: str | Path, template: str, label_field: str, label_words: Mapping[str, str],
-                   n_train: int, n_test: int, test_path: str | Path | None = None, seed: int = 0,
-                   name: str | None = None) -> TaskData:
+def load_user_task(
+    path: str | Path,
+    template: str,
+    label_field: str,
+    label_words: Mapping[str, str],
+    n_train: int,
+    n_test: int,
+    test_path: str | Path | None = None,
+    seed: int = 0,
+    name: str | None = None,
+) -> TaskData:
     """A user's task file (and optional separate test file) as train/test examples, with clear errors."""
     path = Path(path)
     spec = user_task(name or path.stem, template, label_field, label_words)
@@ -316,4 +380,6 @@ def load_user_task(path: str | Path, template: str, label_field: str, label_word
     test, _ = take_clean(spec, test_records)
     if not train or not test:
         raise TaskDataError(f"no clean records with a label in {sorted(label_words)} in {path} or {test_path}")
-    return TaskData(spec.name, train[:n_train], test[:n_test], str(path), f"train {path.name}, test {Path(test_path).name}")
+    return TaskData(
+        spec.name, train[:n_train], test[:n_test], str(path), f"train {path.name}, test {Path(test_path).name}"
+    )

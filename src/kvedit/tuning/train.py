@@ -53,8 +53,11 @@ def training_sequences(lm: LM, examples: Sequence[Example], config: TrainConfig)
     ids = [t for i in order for t in rows[i][0]]
     loss = [m for i in order for m in rows[i][1]]
     L = config.max_length
-    return [TrainRow(tuple(ids[s : s + L]), (False, *loss[s + 1 : s + L])) for s in range(0, len(ids), L)
-            if any(loss[s + 1 : s + L])]
+    return [
+        TrainRow(tuple(ids[s : s + L]), (False, *loss[s + 1 : s + L]))
+        for s in range(0, len(ids), L)
+        if any(loss[s + 1 : s + L])
+    ]
 
 
 def batch_schedule(sequences: Sequence[TrainRow], config: TrainConfig) -> list[list[int]]:
@@ -65,8 +68,11 @@ def batch_schedule(sequences: Sequence[TrainRow], config: TrainConfig) -> list[l
     """
     n, bs = len(sequences), config.batch_size
     per_epoch = math.ceil(n / bs)
-    micro_total = (config.max_steps * config.grad_accum if config.max_steps is not None
-                   else math.ceil(config.epochs * per_epoch / config.grad_accum) * config.grad_accum)
+    micro_total = (
+        config.max_steps * config.grad_accum
+        if config.max_steps is not None
+        else math.ceil(config.epochs * per_epoch / config.grad_accum) * config.grad_accum
+    )
     out: list[list[int]] = []
     epoch = 0
     while len(out) < micro_total:
@@ -75,8 +81,11 @@ def batch_schedule(sequences: Sequence[TrainRow], config: TrainConfig) -> list[l
         rng.shuffle(order)
         if not config.packing:
             window = 50 * bs
-            order = [i for s in range(0, n, window)
-                     for i in sorted(order[s : s + window], key=lambda i: len(sequences[i].ids))]
+            order = [
+                i
+                for s in range(0, n, window)
+                for i in sorted(order[s : s + window], key=lambda i: len(sequences[i].ids))
+            ]
         batches = [order[s : s + bs] for s in range(0, n, bs)]
         rng.shuffle(batches)
         out += batches
@@ -102,8 +111,9 @@ def batch_loss(lm: LM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
     """(summed cross-entropy over the batch's target tokens, their count); only target positions are
     unembedded, so a 49k vocabulary costs `[targets, vocab]`, not `[B, T, vocab]`."""
     batch = {k: v.to(lm.device) for k, v in batch.items()}
-    hidden = lm.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).last_hidden_state
+    hidden = lm.model.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
     targets = batch["loss_mask"][:, 1:]
     logits = lm.unembed(hidden[:, :-1][targets]).float()
     gold = batch["input_ids"][:, 1:][targets]
@@ -168,15 +178,16 @@ class TrainState(TypedDict):
     time_s: float
 
 
-def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
-                    state: TrainState) -> None:
+def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: TrainState) -> None:
     """Write the checkpoint to a temporary folder, then swap it in (a kill never leaves a half-written one)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(model).items()}, tmp / "adapter.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
-               tmp / "optimizer.pt")
+    torch.save(
+        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
+        tmp / "optimizer.pt",
+    )
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -221,9 +232,15 @@ class TrainResult:
         return self.session_tokens / self.session_time_s if self.session_time_s else float("nan")
 
 
-def train_adapter(lm: LM, peft_model: nn.Module, examples: Sequence[Example], config: TrainConfig,
-                  checkpoint_dir: str | Path | None = None, desc: str = "train",
-                  stop_after: int | None = None) -> TrainResult:
+def train_adapter(
+    lm: LM,
+    peft_model: nn.Module,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    checkpoint_dir: str | Path | None = None,
+    desc: str = "train",
+    stop_after: int | None = None,
+) -> TrainResult:
     """Train the adapter of `peft_model` (wrapping `lm.model`) on `examples`.
 
     With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every` steps and at the end,
@@ -238,8 +255,15 @@ def train_adapter(lm: LM, peft_model: nn.Module, examples: Sequence[Example], co
         return _train(lm, peft_model, examples, config, checkpoint_dir, desc, stop_after)
 
 
-def _train(lm: LM, peft_model: nn.Module, examples: Sequence[Example], config: TrainConfig,
-           checkpoint_dir: str | Path | None, desc: str, stop_after: int | None) -> TrainResult:
+def _train(
+    lm: LM,
+    peft_model: nn.Module,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    checkpoint_dir: str | Path | None,
+    desc: str,
+    stop_after: int | None,
+) -> TrainResult:
     sequences = training_sequences(lm, examples, config)
     schedule = batch_schedule(sequences, config)
     total = len(schedule) // config.grad_accum
@@ -257,8 +281,10 @@ def _train(lm: LM, peft_model: nn.Module, examples: Sequence[Example], config: T
     bar = tqdm(range(start, total), desc=desc, initial=start, total=total, unit="step", leave=False)
     try:
         for step in bar:
-            micro = [collate([sequences[i] for i in idx], pad) for idx in
-                     schedule[step * config.grad_accum : (step + 1) * config.grad_accum]]
+            micro = [
+                collate([sequences[i] for i in idx], pad)
+                for idx in schedule[step * config.grad_accum : (step + 1) * config.grad_accum]
+            ]
             n_targets = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
             step_loss = 0.0
             for batch in micro:
@@ -276,13 +302,26 @@ def _train(lm: LM, peft_model: nn.Module, examples: Sequence[Example], config: T
             bar.set_postfix(loss=f"{state['losses'][-1]:.3f}", tok_s=f"{tokens_now / elapsed:.0f}")
             done = step + 1 == total or (stop_after is not None and step + 1 >= stop_after)
             if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or done):
-                save_checkpoint(ckpt, peft_model, opt, sched,
-                                {**state, "tokens": state["tokens"] + tokens_now, "time_s": state["time_s"] + elapsed})
+                save_checkpoint(
+                    ckpt,
+                    peft_model,
+                    opt,
+                    sched,
+                    {**state, "tokens": state["tokens"] + tokens_now, "time_s": state["time_s"] + elapsed},
+                )
             if stop_after is not None and step + 1 >= stop_after:
                 break
     finally:
         bar.close()
         peft_model.eval()
     elapsed = time.perf_counter() - began
-    return TrainResult(state["losses"], state["tokens"] + tokens_now, state["step"], state["time_s"] + elapsed, start,
-                       tokens_now, elapsed, total)
+    return TrainResult(
+        state["losses"],
+        state["tokens"] + tokens_now,
+        state["step"],
+        state["time_s"] + elapsed,
+        start,
+        tokens_now,
+        elapsed,
+        total,
+    )
