@@ -104,3 +104,18 @@ def test_fine_tuning_takes_its_family_layer_from_the_preset_table():
         lm = tiny(family)
         expected = (round(OLD_FT_DEFAULT_DEPTH[family] * (lm.num_layers - 1)),)
         assert default_layers(lm) == expected == make_settings(lm, "ft-keys").layers
+
+
+def test_a_bfloat16_compute_model_is_refused_by_the_float32_only_editors():
+    """KN and T-Patcher run in float32 whatever lm.compute_dtype says: asking them for bfloat16 is an error that
+    names the editors that follow it, never a silent float32 run."""
+    lm = tiny("llama")
+    lm.compute_dtype = "bfloat16"  # as --compute-dtype bfloat16 sets it (no bf16 pass runs here)
+    only_float32 = sorted(name for name, m in METHODS.items() if not m.follows_compute_dtype)
+    assert only_float32 == ["kn", "t-patcher"]
+    for name in only_float32:
+        with pytest.raises(ValueError, match=f"{name} runs in float32 only.*ft-keys"):
+            make_settings(lm, name)
+    assert make_settings(lm, "ft-keys").layers  # the editors that follow it are unaffected
+    lm.compute_dtype = "float32"
+    assert make_settings(lm, "kn") is not None

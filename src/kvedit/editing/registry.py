@@ -55,6 +55,7 @@ class EditMethod(Generic[S]):
     presets: tuple[str, ...] = ()
     carries_history: bool = False
     uses_statistics: bool = False  # reads key statistics (stats_source / stats_tokens settings, `prepare`)
+    follows_compute_dtype: bool = True  # its inner loops run in `lm.compute_dtype` (`models.compute`)
     model_rows: Callable[[], Collection[str]] = _no_rows
 
     def make_hparams(self, lm: LM | None, **overrides: Any) -> S:
@@ -101,6 +102,7 @@ def _kn() -> EditMethod[KNHyperParams]:
         kn_edit,
         presets=tuple(KN_PRESETS),
         model_rows=lambda: KN_PRESETS,
+        follows_compute_dtype=False,
     )
 
 
@@ -182,15 +184,18 @@ METHODS: Mapping[str, EditMethod[Any]] = MappingProxyType(
             _fast(_ROME_METHOD),
             _fast(_MEMIT_METHOD),
             _kn(),
-            _closed_form(
-                "t-patcher",
-                TPatcherHyperParams,
-                TPATCHER_PRESETS,
-                tpatcher_parameters,
-                tpatcher_edit,
-                tpatcher_prepare,
-                "adds memories (a key and a value each) to the last FFN layer, one per "
-                "mistaken target token (T-Patcher)",
+            replace(
+                _closed_form(
+                    "t-patcher",
+                    TPatcherHyperParams,
+                    TPATCHER_PRESETS,
+                    tpatcher_parameters,
+                    tpatcher_edit,
+                    tpatcher_prepare,
+                    "adds memories (a key and a value each) to the last FFN layer, one per "
+                    "mistaken target token (T-Patcher)",
+                ),
+                follows_compute_dtype=False,
             ),
         )
     }
@@ -215,9 +220,16 @@ def make_settings(lm: LM | None, method: str, **overrides: Any) -> EditorSetting
 
     With `lm` None only what needs no model is checked (method, preset, setting names and ranges), so a
     command can refuse bad input before loading anything; with a model, layers and modules too, and the result
-    can be given to `edit(..., hparams=)` as it is. Overrides that are None mean "the preset's value".
+    can be given to `edit(..., hparams=)` as it is. Overrides that are None mean "the preset's value". A model
+    set to compute in bfloat16 is refused for a method whose loops run in float32 only (KN, T-Patcher).
     """
-    return get_method(method).make_hparams(lm, **overrides).validate(lm)
+    chosen = get_method(method)
+    if lm is not None and lm.compute_dtype != "float32" and not chosen.follows_compute_dtype:
+        raise ValueError(
+            f"{method} runs in float32 only; --compute-dtype {lm.compute_dtype} applies to "
+            f"{', '.join(n for n, m in METHODS.items() if m.follows_compute_dtype)}"
+        )
+    return chosen.make_hparams(lm, **overrides).validate(lm)
 
 
 def _layers_touched(lm: LM, names: Sequence[str]) -> list[int]:
