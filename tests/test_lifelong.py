@@ -21,7 +21,8 @@ from kvedit.editing.alphaedit_state import AlphaEditHistory
 from kvedit.evaluation.counterfact import counterfact_case_metrics
 from kvedit.evaluation.general_ability import GeneralAbilityProbe, weight_change
 from kvedit.reports.bench_report import write_report
-from kvedit.reports.lifelong_report import milestone_rows, write_lifelong_comparison
+from kvedit.reports.lifelong_pairs import milestone_rows
+from kvedit.reports.lifelong_report import write_lifelong_comparison
 
 FACTS = [
     ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
@@ -248,3 +249,35 @@ def test_cli_sequential_options_and_refused_changes(files, tiny_folder, tmp_path
     assert main([*args[:10], "--out", str(tmp_path / "x"), "--general-text", str(tmp_path / "absent.txt")]) == 2
     assert "--general-text" in capsys.readouterr().err
     assert Path(out / "state" / "lifelong.json").is_file()
+
+
+def _seq_record(method, cases, efficacy, paraphrase, specificity):
+    return {
+        "batch": 0,
+        "n_edited": 100,
+        "batch_size": 100,
+        "method": method,
+        "retention_cases": cases,
+        "retention_values": {"efficacy": efficacy, "paraphrase": paraphrase},
+        "specificity_values": specificity,
+    }
+
+
+def test_runs_are_paired_case_by_case_on_the_folders_samples():
+    """Keys − values on retention matches cases by id (the runs list them in different orders), specificity by
+    position; hand-computed: efficacy diffs (1, 0, 0), paraphrase (0, −1, −1), specificity (1, 0)."""
+    from kvedit.reports.lifelong_pairs import lifelong_pairs, pairs_table
+
+    keys = [{"batch": -1, "n_edited": 0}, _seq_record("ft-keys", [1, 2, 3], [1, 1, 0], [1, 0, 0], [1, 0])]
+    values = [{"batch": -1, "n_edited": 0}, _seq_record("ft-values", [3, 1, 2], [0, 0, 1], [1, 1, 1], [0, 0])]
+    pairs = lifelong_pairs([("values", "s", "ft-values", values), ("keys", "s", "ft-keys", keys)])
+    assert [(p["a"], p["b"]) for p in pairs] == [("keys", "values")]  # A is always the pair's first editor
+    row = pairs[0]["rows"][0]
+    assert row["n_edited"] == 100
+    assert row["efficacy"]["mean_difference"] == pytest.approx(100 / 3)
+    assert (row["efficacy"]["wins"], row["efficacy"]["ties"], row["efficacy"]["losses"]) == (1, 2, 0)
+    assert row["paraphrase"]["mean_difference"] == pytest.approx(-200 / 3)
+    assert row["specificity"]["mean_difference"] == pytest.approx(50.0)
+    assert "| keys − values | 100 | +33.3" in pairs_table(pairs)
+    # other samples (another data set, --n or seed): nothing is paired
+    assert lifelong_pairs([("values", "s", "ft-values", values), ("keys", "t", "ft-keys", keys)]) == []

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.seqrun import SEQUENCE_FILE, sequence_records
+from .lifelong_pairs import lifelong_pairs, milestone_rows, pairs_table, samples_digest
 from .plotting import pyplot
 
-#: the table's milestones (number of edits); the nearest batch present stands for each
-MILESTONES = (100, 500, 1000)
 Stat = Mapping[str, Any] | None
 
 #: (title, how to read a record) of each panel and table column; values × 100 except perplexity and weights
@@ -91,21 +90,6 @@ def plot_collapse(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -
     return path
 
 
-def milestone_rows(
-    records: Sequence[Mapping[str, Any]], milestones: Sequence[int] = MILESTONES
-) -> list[tuple[int, Mapping[str, Any]]]:
-    """(milestone, record) for each milestone: the batch whose edit count is nearest (each batch once)."""
-    edited = [r for r in records if r["batch"] >= 0]
-    chosen: list[tuple[int, Mapping[str, Any]]] = []
-    for m in milestones:
-        if not edited:
-            break
-        best = min(edited, key=lambda r: (abs(r["n_edited"] - m), r["n_edited"]))
-        if all(best is not c for _, c in chosen):
-            chosen.append((m, best))
-    return chosen
-
-
 def _fmt(mean: float | None, ci: list[float] | None, digits: int = 1) -> str:
     if mean is None:
         return "–"
@@ -171,6 +155,12 @@ NOTE = (
 )
 
 
+PAIRS_NOTE = (
+    "Paired on the same cases (A − B × 100, 95 % bootstrap interval, exact sign test p, cases): retention over the "
+    "sampled earlier edits both runs measured, specificity over the same unrelated facts."
+)
+
+
 def lifelong_section(folder: str | Path) -> list[str]:
     """The report's lines for a folder with sequence.jsonl (writes collapse.png and lifelong.md); [] without."""
     folder = Path(folder)
@@ -178,6 +168,10 @@ def lifelong_section(folder: str | Path) -> list[str]:
     if not runs:
         return []
     table = markdown(HEADER, table_rows(runs))
+    digest = samples_digest(folder)
+    pairs = lifelong_pairs([(name, digest, records[0]["method"], records) for name, records in runs.items()])
+    if pairs:
+        table += f"\n{PAIRS_NOTE}\n\n{pairs_table(pairs)}"
     (folder / "lifelong.md").write_text(f"# Lifelong editing: {folder.name}\n\n{NOTE}\n\n{table}")
     lines = ["## Lifelong editing", "", NOTE, "", table]
     if plot_collapse(runs, folder / "collapse.png"):
@@ -193,8 +187,9 @@ def write_lifelong_comparison(
         raise ValueError(f"{len(labels)} labels for {len(folders)} folders")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data: dict[str, list[dict[str, str]]] = {}
+    data: dict[str, Any] = {}
     rows: list[list[str]] = []
+    every_run: list[tuple[str, str | None, str, list[dict[str, Any]]]] = []
     for i, folder in enumerate(folders):
         runs = sequence_runs(folder)
         if not runs:
@@ -205,8 +200,15 @@ def write_lifelong_comparison(
         folder_rows = table_rows(runs)
         data[label] = [dict(zip(HEADER, row)) for row in folder_rows]
         rows += [[label, *row] for row in folder_rows]
+        digest = samples_digest(folder)
+        every_run += [(f"{label}: {name}", digest, records[0]["method"], records) for name, records in runs.items()]
     header = ("Folder", *HEADER)
-    (out / "lifelong-compare.md").write_text(f"# Lifelong editing side by side\n\n{NOTE}\n\n{markdown(header, rows)}")
+    text = f"# Lifelong editing side by side\n\n{NOTE}\n\n{markdown(header, rows)}"
+    pairs = lifelong_pairs(every_run)
+    if pairs:
+        text += f"\n{PAIRS_NOTE}\n\n{pairs_table(pairs)}"
+        data["paired"] = pairs
+    (out / "lifelong-compare.md").write_text(text)
     (out / "lifelong-compare.json").write_text(json.dumps(data, indent=1) + "\n")
     return out / "lifelong-compare.md"
 
