@@ -103,6 +103,7 @@ def browser():
 
 
 def test_prompt_memory_edit_revert_in_a_browser(served, browser, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -120,7 +121,8 @@ def test_prompt_memory_edit_revert_in_a_browser(served, browser, tmp_path):
             browser.save_screenshot(str(folder / f"explore-{name}.png"))
 
     def wait(seconds: float = 60) -> WebDriverWait:
-        return WebDriverWait(browser, seconds, poll_frequency=0.1)
+        # the page re-renders tables as results arrive: an element read mid-render is stale, so poll again
+        return WebDriverWait(browser, seconds, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
 
     def find(css: str):
         return browser.find_element(By.CSS_SELECTOR, css)
