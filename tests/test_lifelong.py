@@ -281,3 +281,17 @@ def test_runs_are_paired_case_by_case_on_the_folders_samples():
     assert "| keys − values | 100 | +33.3" in pairs_table(pairs)
     # other samples (another data set, --n or seed): nothing is paired
     assert lifelong_pairs([("values", "s", "ft-values", values), ("keys", "t", "ft-keys", keys)]) == []
+
+
+def test_a_sequential_run_still_going_on_gets_its_lifelong_report(tmp_path):
+    """No summary.json yet (the run writes it at the end): `kvedit report` draws what sequence.jsonl holds."""
+    out = tmp_path / "running"
+    out.mkdir()
+    record = _seq_record("ft-keys", [1, 2], [1, 0], [1, 1], [1, 0])
+    base = {"run": "ft-keys x100 seq", "layer": 0, "n_batches": 10, "time_s": 1.0, "eval_s": 2.0, "weights": {}}
+    lines = [base | {"batch": -1, "n_edited": 0, "specificity": {"mean": 50.0, "ci": [0.0, 100.0]}}]
+    lines.append(base | record | {"retention": {"efficacy": {"mean": 50.0, "ci": [0.0, 100.0]}}})
+    (out / "sequence.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    text = write_report(out).read_text()
+    assert "in progress" in text and "| ft-keys x100 seq | 100 | 50.0" in text
+    assert (out / "lifelong.md").is_file()

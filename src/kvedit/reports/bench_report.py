@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.folder import load_cases_file
+from ..bench.seqrun import SEQUENCE_FILE
 from ..evaluation.summary import SUITES, Suite, dataset_title, easyedit_table, markdown_table
 from .lifelong_report import lifelong_section
 from .plotting import pyplot
@@ -157,6 +158,10 @@ def write_report(folder: str | Path) -> Path:
     `kvedit tune` folder."""
     folder = Path(folder)
     summary_path = folder / "summary.json"
+    if not summary_path.exists() and (folder / SEQUENCE_FILE).exists():  # a sequential run still going on
+        lines = [f"# kvedit bench (sequential, in progress): {folder.name}", "", *lifelong_section(folder)]
+        (folder / "report.md").write_text("\n".join(lines) + "\n")
+        return folder / "report.md"
     if not summary_path.exists():
         raise FileNotFoundError(
             f"{summary_path} not found; run `kvedit bench --out {folder}` or `kvedit tune --out {folder}` first"

@@ -95,7 +95,7 @@ def pairs_table(pairs: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lifelong_pairs(runs: Sequence[tuple[str, str | None, str, Records]], seed: int = 0) -> list[dict[str, Any]]:
+def lifelong_pairs(runs: Sequence[tuple[str, str | None, str | None, Records]], seed: int = 0) -> list[dict[str, Any]]:
     """`runs`: (label, samples digest, method, records) of every run, across one folder or several. Each pair of
     `LIFELONG_PAIRS` is compared wherever an A run and a B run share a batch size and a samples digest."""
     out = []
@@ -104,7 +104,7 @@ def lifelong_pairs(runs: Sequence[tuple[str, str | None, str, Records]], seed: i
             for label_b, digest_b, m_b, records_b in runs:
                 if (m_a, m_b) != (method_a, method_b) or digest_a is None or digest_a != digest_b:
                     continue
-                if not records_a or records_a[0].get("batch_size") != records_b[0].get("batch_size"):
+                if not records_a or records_a[-1].get("batch_size") != records_b[-1].get("batch_size"):
                     continue
                 rows = paired_at_milestones(records_a, records_b, same_unrelated=True, seed=seed)
                 if rows:

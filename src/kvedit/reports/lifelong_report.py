@@ -169,7 +169,7 @@ def lifelong_section(folder: str | Path) -> list[str]:
         return []
     table = markdown(HEADER, table_rows(runs))
     digest = samples_digest(folder)
-    pairs = lifelong_pairs([(name, digest, records[0]["method"], records) for name, records in runs.items()])
+    pairs = lifelong_pairs([(name, digest, _method(records), records) for name, records in runs.items()])
     if pairs:
         table += f"\n{PAIRS_NOTE}\n\n{pairs_table(pairs)}"
     (folder / "lifelong.md").write_text(f"# Lifelong editing: {folder.name}\n\n{NOTE}\n\n{table}")
@@ -189,7 +189,7 @@ def write_lifelong_comparison(
     out.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {}
     rows: list[list[str]] = []
-    every_run: list[tuple[str, str | None, str, list[dict[str, Any]]]] = []
+    every_run: list[tuple[str, str | None, str | None, list[dict[str, Any]]]] = []
     for i, folder in enumerate(folders):
         runs = sequence_runs(folder)
         if not runs:
@@ -201,7 +201,7 @@ def write_lifelong_comparison(
         data[label] = [dict(zip(HEADER, row)) for row in folder_rows]
         rows += [[label, *row] for row in folder_rows]
         digest = samples_digest(folder)
-        every_run += [(f"{label}: {name}", digest, records[0]["method"], records) for name, records in runs.items()]
+        every_run += [(f"{label}: {name}", digest, _method(records), records) for name, records in runs.items()]
     header = ("Folder", *HEADER)
     text = f"# Lifelong editing side by side\n\n{NOTE}\n\n{markdown(header, rows)}"
     pairs = lifelong_pairs(every_run)
@@ -220,3 +220,8 @@ def _label(folder: Path) -> str:
         return folder.name
     summary = json.loads(path.read_text())
     return f"{Path(str(summary.get('model', '?'))).name} · {Path(str(summary.get('dataset', '?'))).name}"
+
+
+def _method(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """The editor a run's records name (None for records written without one)."""
+    return next((r["method"] for r in records if "method" in r), None)
