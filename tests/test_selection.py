@@ -10,6 +10,7 @@ import torch
 from helpers import tiny
 
 import kvedit.bench.selection as selection
+import kvedit.evaluation.known as known_module
 from kvedit import EditRequest
 from kvedit.data.loaders import load_requests
 
@@ -19,13 +20,35 @@ FIXTURE = Path(__file__).parent / "fixtures" / "counterfact_small.json"
 def test_the_splits_are_known_cases_in_file_order_and_disjoint(monkeypatch):
     requests = load_requests(FIXTURE)
     flags = [i % 3 != 1 for i in range(len(requests))]  # the "unedited model knows" pattern
-    monkeypatch.setattr(selection, "known_filter", lambda lm, reqs: flags[: len(reqs)])
+    knows = {id(r): ok for r, ok in zip(requests, flags)}
+    monkeypatch.setattr(known_module, "known_filter", lambda lm, reqs: [knows[id(r)] for r in reqs])
     known = [r for r, ok in zip(requests, flags) if ok]
     split = selection.known_split(None, requests, n_tune=2, n_report=10)
     assert list(split.tune) == known[:2] and list(split.report) == known[2:12]
     assert not {id(r) for r in split.tune} & {id(r) for r in split.report}
     with pytest.raises(ValueError, match="known cases"):
         selection.known_split(None, requests, n_tune=len(known) + 1, n_report=0)
+
+
+def test_first_known_reads_only_as_far_as_it_needs_and_keeps_file_order(monkeypatch):
+    requests = load_requests(FIXTURE)
+    flags = [i % 3 != 1 for i in range(len(requests))]
+    knows = {id(r): ok for r, ok in zip(requests, flags)}
+    scored: list[int] = []
+
+    def fake_filter(lm, reqs):
+        scored.append(len(reqs))
+        return [knows[id(r)] for r in reqs]
+
+    monkeypatch.setattr(known_module, "known_filter", fake_filter)
+    known = [r for r, ok in zip(requests, flags) if ok]
+    kept, read = known_module.first_known(None, requests, n=3, chunk=2, progress=False)
+    assert kept == known[:3]
+    assert read == 4 and scored == [2, 2]  # cases 0, 2 and 3 are known: two chunks of 2, no third
+    everything, read_all = known_module.first_known(None, requests, chunk=4, progress=False)
+    assert everything == known and read_all == len(requests)
+    with pytest.raises(ValueError, match="chunk"):
+        known_module.first_known(None, requests, chunk=0)
 
 
 def test_grids_are_shared_by_memit_and_pmet_and_fit_the_model():

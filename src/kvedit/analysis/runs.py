@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from tqdm.auto import tqdm
 
 from ..models.ffn_width import ffn_width
 from ..models.lm import LM
@@ -282,32 +281,20 @@ def counterfact_prompts(
     `known_only` the first `n` whose true target the model prefers to the new one (P(true) > P(new)).
     The known-fact filter scores `batch_size` cases per step, with a progress bar, and stops once `n` are found."""
     from ..data.loaders import load_requests
-    from ..evaluation.scoring import target_nll
+    from ..evaluation.known import first_known
 
     requests = load_requests(path)
     if not known_only:
         return [r.rewrite_prompt for r in requests[:n]]
     if any(r.target_true is None for r in requests):
         raise ValueError(f"{path}: known_only needs target_true for every case")
-    kept: list[str] = []
-    bar = tqdm(total=len(requests), unit="case", desc="known-fact filter", disable=not progress)
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start : start + batch_size]
-        prompts = [r.rewrite_prompt for r in chunk]
-        true = target_nll(lm, prompts, [r.target_true or "" for r in chunk], batch_size)
-        new = target_nll(lm, prompts, [r.target_new for r in chunk], batch_size)
-        kept += [p for p, t, w in zip(prompts, true.tolist(), new.tolist()) if t < w]
-        bar.update(len(chunk))
-        bar.set_postfix(known=len(kept))
-        if n is not None and len(kept) >= n:
-            break
-    bar.close()
+    kept, _ = first_known(lm, requests, n, batch_size, progress)
     if not kept:
         raise ValueError(
             f"{path}: the model prefers the true object in none of its {len(requests)} cases; "
             "leave out known_only (--known-only)"
         )
-    return kept[:n]
+    return [r.rewrite_prompt for r in kept]
 
 
 def analyze_components(

@@ -36,7 +36,7 @@ from ..data.requests import EditRequest
 from ..editing.registry import edit, get_method, prepare
 from ..editing.target_store import reused_targets
 from ..evaluation.counterfact import counterfact_case_metrics
-from ..evaluation.known import known_filter
+from ..evaluation.known import first_known
 from ..models.lm import LM
 
 METRICS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
@@ -75,12 +75,7 @@ def known_split(lm: LM, requests: Sequence[EditRequest], n_tune: int, n_report: 
     """The first `n_tune` known cases, then the next `n_report` (fewer if the file runs out of known cases)."""
     if n_tune < 1 or n_report < 0:
         raise ValueError(f"n_tune must be >= 1 and n_report >= 0, got {n_tune} and {n_report}")
-    known: list[EditRequest] = []
-    for start in range(0, len(requests), 64):  # only as far into the file as the splits need
-        chunk = requests[start : start + 64]
-        known += [r for r, ok in zip(chunk, known_filter(lm, chunk)) if ok]
-        if len(known) >= n_tune + n_report:
-            break
+    known, _ = first_known(lm, requests, n_tune + n_report)  # only as far into the file as the splits need
     if len(known) < n_tune:
         raise ValueError(f"only {len(known)} known cases; the tuning split needs {n_tune}")
     return Split(tuple(known[:n_tune]), tuple(known[n_tune : n_tune + n_report]))

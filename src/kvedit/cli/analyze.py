@@ -427,19 +427,14 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 def _cmd_neurons(args: argparse.Namespace) -> int:
     from ..analysis.neuron_runs import find_neurons, write_neuron_results
     from ..data.loaders import load_requests
-    from ..evaluation.known import known_filter
+    from ..evaluation.known import first_known
 
     if not Path(args.dataset).is_file():
         raise FileNotFoundError(f"--dataset {args.dataset} is not a file")
     requests = load_requests(args.dataset)
     lm = load(args)
     if not args.all_facts:
-        kept: list = []
-        read = 0
-        while read < len(requests) and len(kept) < args.n:  # the known-fact filter, until n are found
-            chunk = requests[read : read + 64]
-            kept += [r for r, known in zip(chunk, known_filter(lm, chunk)) if known]
-            read += len(chunk)
+        kept, read = first_known(lm, requests, args.n)
         print(f"known-fact filter: {len(kept)} facts with P(true) > P(new) in the first {read}")
         requests = kept
     records = find_neurons(lm, args.out, requests[: args.n], args.steps, args.threshold, args.bag_ratio)
