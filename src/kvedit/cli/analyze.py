@@ -1,16 +1,17 @@
-"""Analysis commands: `analyze triggers|values|layers|components|all` and `inspect`."""
+"""Analysis commands: `analyze triggers|values|layers|components|all` and `inspect` (`analyze trace|neurons`:
+locate.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common import add_model_args, layer_list, load, non_negative_int, positive_int
+from .common import add_model_args, layer_list, load, positive_int
 from .folders import results_folder
+from .locate import LOCATE_COMMANDS, add_locate_parsers, print_files
 
 
 def key_list(text: str) -> tuple[tuple[int, int], ...]:
@@ -22,25 +23,6 @@ def key_list(text: str) -> tuple[tuple[int, int], ...]:
     if not pairs or any(len(p) != 2 or p[1] < 0 for p in pairs):
         raise argparse.ArgumentTypeError(f"expected LAYER:MEMORY pairs like 3:7,12:345; got {text!r}")
     return pairs  # type: ignore[return-value]
-
-
-def unit_fraction(text: str) -> float:
-    """Parse a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def trace_kinds(text: str) -> tuple[str, ...]:
-    """Parse `residual,ffn` into the states causal tracing restores."""
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    if not kinds or any(k not in ("residual", "ffn", "attn") for k in kinds) or len(set(kinds)) != len(kinds):
-        raise argparse.ArgumentTypeError(f"expected distinct kinds out of residual, ffn, attn; got {text!r}")
-    return kinds
 
 
 def _corpus(p: argparse.ArgumentParser) -> None:
@@ -141,74 +123,14 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     _layers_opts(al, "--layer-tokens")
     _components_opts(al, required=False)
 
-    tr = asub.add_parser(
-        "trace",
-        help="causal tracing (ROME): which states carry a fact, per token and layer, "
-        "restoring the residual stream, FFN or attention output",
-    )
-    tr.add_argument(
-        "--dataset",
-        required=True,
-        help="facts with their true object (any format kvedit loads, e.g. CounterFact); facts the model "
-        "does not predict are skipped, as ROME does",
-    )
-    tr.add_argument("--n", type=positive_int, default=200, help="facts to trace (default 200)")
-    tr.add_argument(
-        "--kinds",
-        type=trace_kinds,
-        default=("residual", "ffn", "attn"),
-        help="states to restore: residual, ffn, attn (comma-separated; default all three)",
-    )
-    tr.add_argument("--samples", type=positive_int, default=10, help="noisy copies per fact (default 10, ROME's)")
-    tr.add_argument(
-        "--window",
-        type=positive_int,
-        default=10,
-        help="layers restored at once for ffn and attn (default 10, ROME's [l−5, l+5))",
-    )
-    tr.add_argument("--plots", type=non_negative_int, default=3, help="facts drawn as heat maps (default 3)")
-
-    kn = asub.add_parser(
-        "neurons",
-        help="knowledge neurons (Dai et al.): the memories each fact's answer depends "
-        "on, by integrated gradients, and what suppressing them does",
-    )
-    kn.add_argument(
-        "--dataset",
-        required=True,
-        help="facts with their true object (any format kvedit loads); each is asked by its rewrite "
-        "prompt and its paraphrases",
-    )
-    kn.add_argument("--n", type=positive_int, default=100, help="facts (default 100)")
-    kn.add_argument(
-        "--all-facts",
-        action="store_true",
-        help="also facts the model does not know (default: only those with P(true) > P(new))",
-    )
-    kn.add_argument("--steps", type=positive_int, default=20, help="integration steps (default 20, the paper's)")
-    kn.add_argument(
-        "--threshold",
-        type=unit_fraction,
-        default=0.2,
-        help="coarse neurons: attribution ≥ this × the prompt's largest (default 0.2)",
-    )
-    kn.add_argument(
-        "--bag-ratio",
-        type=unit_fraction,
-        default=0.7,
-        help="knowledge neurons: coarse in at least this share of the fact's prompts (default 0.7)",
-    )
-
-    for p in (t, v, l, c, al, tr, kn):
+    add_locate_parsers(asub)
+    for p in (t, v, l, c, al):
         p.add_argument(
             "--out",
             type=results_folder("analyze"),
             required=True,
             help="results folder (mined triggers in it are reused)",
         )
-        if p in (tr, kn):
-            add_model_args(p)
-            continue
         if p in (t, v):
             p.add_argument("--layers", type=layer_list, default=None, help="layers (default all)")
         if p in (v, l, al):
@@ -261,17 +183,11 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     return {"analyze": cmd_analyze, "inspect": cmd_inspect}
 
 
-def _print_files(files) -> None:
-    print("wrote " + ", ".join(str(f) for f in files))
-
-
 def cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis import runs
 
-    if args.analysis == "trace":
-        return _cmd_trace(args)
-    if args.analysis == "neurons":
-        return _cmd_neurons(args)
+    if args.analysis in LOCATE_COMMANDS:
+        return LOCATE_COMMANDS[args.analysis](args)
     if args.analysis in ("components", "all") and args.dataset is not None and not Path(args.dataset).is_file():
         raise FileNotFoundError(f"--dataset {args.dataset} is not a file")
     threshold = getattr(args, "active_threshold", None)
@@ -323,7 +239,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             projections=projections,
         )
         print((args.out / "layers.md").read_text())
-        _print_files(p for p in done["files"] if p.suffix == ".png")
+        print_files(p for p in done["files"] if p.suffix == ".png")
     if args.analysis == "components" or (args.analysis == "all" and args.dataset):
         prompts = runs.counterfact_prompts(lm, args.dataset, args.n, args.known_only)
         note = f"the first {len(prompts)} rewrite prompts of {Path(args.dataset).name}" + (
@@ -331,7 +247,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         )
         done = runs.analyze_components(lm, args.out, prompts, note)
         print((args.out / "components.md").read_text())
-        _print_files(p for p in done["files"] if p.suffix == ".png")
+        print_files(p for p in done["files"] if p.suffix == ".png")
     return 0
 
 
@@ -395,50 +311,3 @@ def _progress(prompts: list[str]):
     from tqdm.auto import tqdm
 
     return tqdm(prompts, desc="inspect", unit="prompt", disable=len(prompts) < 2)
-
-
-def _cmd_trace(args: argparse.Namespace) -> int:
-    from ..analysis.trace_effects import trace_facts, write_trace_results
-    from ..data.loaders import load_requests
-    from ..editing.registry import make_settings
-
-    if not Path(args.dataset).is_file():
-        raise FileNotFoundError(f"--dataset {args.dataset} is not a file")
-    requests = load_requests(args.dataset)
-    lm = load(args)
-    marks = {}
-    for method in ("rome", "memit"):  # where the editors' presets edit, drawn beside the effects
-        try:
-            marks[method.upper()] = list(getattr(make_settings(lm, method), "layers", ()))
-        except ValueError:  # no preset fits this model (e.g. its layers are fewer than the family's)
-            pass
-    facts = trace_facts(lm, args.out, requests, args.n, args.samples, args.window, args.kinds, source=str(args.dataset))
-    if not facts:
-        raise ValueError(
-            f"the model predicts the true object of none of the {len(requests)} facts in "
-            f"{args.dataset}; nothing to trace"
-        )
-    files = write_trace_results(args.out, facts, lm.name, marks, args.plots)
-    print(files[0].read_text())
-    _print_files(files)
-    return 0
-
-
-def _cmd_neurons(args: argparse.Namespace) -> int:
-    from ..analysis.neuron_runs import find_neurons, write_neuron_results
-    from ..data.loaders import load_requests
-    from ..evaluation.known import first_known
-
-    if not Path(args.dataset).is_file():
-        raise FileNotFoundError(f"--dataset {args.dataset} is not a file")
-    requests = load_requests(args.dataset)
-    lm = load(args)
-    if not args.all_facts:
-        kept, read = first_known(lm, requests, args.n)
-        print(f"known-fact filter: {len(kept)} facts with P(true) > P(new) in the first {read}")
-        requests = kept
-    records = find_neurons(lm, args.out, requests[: args.n], args.steps, args.threshold, args.bag_ratio)
-    files = write_neuron_results(args.out, records, lm.name, lm.num_layers)
-    print(files[0].read_text())
-    _print_files(files)
-    return 0

@@ -9,6 +9,7 @@ coefficients on the prompt), interventions, and edits with their patch view, lis
 """
 
 from .api import create_app
-from .session import EditForm, ExploreSession, ExploreSettings
+from .forms import EditForm, ExploreSettings
+from .session import ExploreSession
 
 __all__ = ["EditForm", "ExploreSession", "ExploreSettings", "create_app"]

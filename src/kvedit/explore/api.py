@@ -29,7 +29,8 @@ from ..analysis.inspect import Intervention
 from .edits import RevertConflict
 from .jobs import Busy, JobFinished, NotFound
 from .security import PageOnly, new_token
-from .session import EditForm, ExploreSession
+from .forms import EditForm
+from .session import ExploreSession
 
 STATIC = Path(str(resources.files("kvedit.explore") / "static"))
 
