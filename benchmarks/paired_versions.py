@@ -14,7 +14,8 @@ import json
 import statistics
 from pathlib import Path
 
-from kvedit.evaluation.summary import SUITES, compare_runs
+from kvedit.evaluation.summary import compare_runs
+from kvedit.evaluation.suites import SUITES
 
 METRICS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
 

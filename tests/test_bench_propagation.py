@@ -31,7 +31,7 @@ from kvedit.data.propagation import load_propagation
 from kvedit.editing.registry import edit
 from kvedit.evaluation.multihop import answer_matches, known_multihop, question_prompt
 from kvedit.evaluation.portability import known_by_preference
-from kvedit.evaluation.summary import SUITES
+from kvedit.evaluation.suites import SUITES
 
 FT = {"max_steps": 20}  # enough for FT-keys to land its edit on the tiny model (and move the probes below)
 #: a KnowEdit record whose subject-aliasing probe asks the rephrased question: FT-keys carries the edit to it

@@ -25,7 +25,8 @@ from kvedit.evaluation.generation import (
     ngram_entropy,
     tfidf_similarity,
 )
-from kvedit.evaluation.summary import SUITES, easyedit_table, markdown_table, summarize_run, summary_csv
+from kvedit.evaluation.summary import easyedit_table, markdown_table, summarize_run, summary_csv
+from kvedit.evaluation.suites import SUITES
 from kvedit.evaluation.zsre import summarize_zsre, zsre_case_metrics
 
 

@@ -18,7 +18,7 @@ from kvedit.editing.finetune import FT_PRESETS
 from kvedit.editing.memit import MEMIT_PRESETS
 from kvedit.editing.pmet import PMET_PRESETS
 from kvedit.editing.rome import ROME_PRESETS
-from kvedit.evaluation.summary import SUITES
+from kvedit.evaluation.suites import SUITES
 from kvedit.models import ARCHITECTURES
 from kvedit.tuning.presets import PRESETS as TUNE_PRESETS
 from kvedit.tuning.tasks import TASKS

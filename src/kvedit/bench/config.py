@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..data.loaders import SUPPORTED_FORMATS, load_requests
 from ..data.propagation import case_edits, load_propagation
 from ..editing.method_names import METHOD_NAMES
-from ..evaluation.summary import SUITES, Suite
+from ..evaluation.suites import SUITES, Suite
 from .folder import BenchError, file_sha256
 from .lifelong import LifelongSettings
 

@@ -36,15 +36,8 @@ from ..data.loaders import DatasetError
 from ..data.propagation import case_edits, dataset_format
 from ..editing.registry import make_settings
 from ..evaluation.generation import AttributeSnippets, load_attribute_snippets
-from ..evaluation.summary import (
-    Suite,
-    compare_runs,
-    dataset_title,
-    easyedit_table,
-    markdown_table,
-    summarize_run,
-    summary_csv,
-)
+from ..evaluation.summary import compare_runs, easyedit_table, markdown_table, summarize_run, summary_csv
+from ..evaluation.suites import Suite, dataset_title
 from ..models.lm import LM
 from .config import BenchConfig, RunSpec, choose_suite, load_cases, suite_for
 from .folder import BenchError, append_records, check_bench_folder, load_cases_file, lock_bench_folder, runs_on_file

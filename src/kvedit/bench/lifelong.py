@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # the CLI reads the defaults here before any model library is
     from ..data.requests import EditRequest
     from ..editing.delta import WeightDelta
     from ..evaluation.general_ability import GeneralAbilityProbe
-    from ..evaluation.summary import Suite
+    from ..evaluation.suites import Suite
     from ..models.lm import LM
 
 #: the shared data the CLI measures general ability on by default (relative to the working directory)

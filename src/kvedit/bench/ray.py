@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.requests import EditRequest
-from ..evaluation.summary import SUITES
+from ..evaluation.suites import SUITES
 from ..extras import RAY_INSTALL
 from ..models.cache import cache_dir, write_atomic
 from ..models.lm import LM

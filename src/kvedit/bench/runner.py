@@ -20,7 +20,7 @@ from ..editing.target_store import TargetStore, reused_targets, store_folder
 from ..data.propagation import case_edits
 from ..evaluation.easyedit import Predictions, locality_unchanged
 from ..evaluation.generation import AttributeSnippets, generation_case_metrics
-from ..evaluation.summary import Suite
+from ..evaluation.suites import Suite
 from ..models.cache import cache_dir
 from ..models.lm import LM
 from .config import RunSpec

@@ -9,7 +9,7 @@ from pathlib import Path
 from .common import add_model_args, layer_list, load, method_list, non_negative_int, positive_ints
 from .folders import results_folder
 
-#: `--suite` choices: the names of `evaluation.summary.SUITES` (kept here so that parsing imports no torch;
+#: `--suite` choices: the names of `evaluation.suites.SUITES` (kept here so that parsing imports no torch;
 #: tests/test_bench_propagation.py checks they agree)
 SUITE_NAMES = ("counterfact", "zsre", "counterfact-portability", "zsre-portability", "knowedit", "mquake")
 

@@ -1,4 +1,4 @@
-"""The propagation suites' scorers (`summary.SUITES`): the set's edit metrics and its propagation metrics per case.
+"""The propagation suites' scorers (`suites.SUITES`): the set's edit metrics and its propagation metrics per case.
 
 - CounterFact portability: CounterFact's probability metrics of the case's request (`counterfact_case_metrics`:
   efficacy, paraphrase, specificity, magnitudes, EasyEdit's token accuracies and neighbourhood argmax) and its

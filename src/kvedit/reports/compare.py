@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.summary import SUITES, dataset_title
+from ..evaluation.suites import SUITES, dataset_title
 from .plotting import pyplot
 
 #: The seed papers' comparisons (A, B), A the method a paper says is better: keys vs values (Qiu et al. 2024),
