@@ -144,6 +144,24 @@ def test_compare_puts_the_four_sets_side_by_side(cli_folders, tmp_path):
     assert "MQuAKE: Edit-wise / Single-hop / Multi-hop / Multi-hop prob." in text
 
 
+def test_report_and_compare_load_neither_torch_nor_transformers(cli_folders, tmp_path):
+    """They read summaries only: a report answers in seconds, not after torch's and transformers' imports."""
+    import subprocess
+    import sys
+
+    folders = [str(cli_folders[fmt][0]) for fmt in ("knowedit", "mquake")]
+    code = (
+        "import sys; from kvedit.cli import main\n"
+        f"assert main(['report', {folders[0]!r}]) == 0\n"
+        f"assert main(['compare', *{folders!r}, '--out', {str(tmp_path / 'cmp')!r}, '--pairs', 'ft-keys:ft-values']) == 0\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "cmp" / "compare.md").is_file()
+
+
 # ---------------------------------------------------------------- records against hand computation
 
 

@@ -22,6 +22,8 @@ from ..data.jsonl import append_jsonl, read_jsonl
 
 #: the lock file in a bench folder: an flock held by the process that runs the folder, and who that is (JSON)
 LOCK_FILE = ".kvedit-lock"
+#: a sequential run's per-batch records (`bench.seqrun`), read by the reports
+SEQUENCE_FILE = "sequence.jsonl"
 
 
 class BenchError(ValueError):
@@ -220,3 +222,12 @@ def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """Append records as JSON lines and flush them to disk (a finished batch is never lost); a torn last line
     left by a killed run is cut off first."""
     append_jsonl(path, records)
+
+
+def sequence_records(out: Path, run: str | None = None) -> list[dict[str, Any]]:
+    """sequence.jsonl's records (of `run`), the last one per (run, batch), in batch order."""
+    last: dict[tuple[str, int], dict[str, Any]] = {}
+    for record in read_jsonl(out / SEQUENCE_FILE):
+        if run is None or record["run"] == run:
+            last[(record["run"], record["batch"])] = record
+    return sorted(last.values(), key=lambda r: (r["run"], r["batch"]))

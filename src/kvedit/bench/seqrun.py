@@ -24,19 +24,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..data.jsonl import append_jsonl, read_jsonl
+from ..data.jsonl import append_jsonl
 from ..data.requests import EditRequest
 from ..editing.alphaedit_state import AlphaEditHistory
 from ..editing.delta import WeightDelta
 from ..editing.registry import get_method
 from .config import RunSpec
+from .folder import SEQUENCE_FILE, sequence_records
 from .lifelong import LifelongMeter, Samples, check_settings
 from .sequential import chain, edit_in_order
 
 if TYPE_CHECKING:
     from .harness import Bench, Done
-
-SEQUENCE_FILE = "sequence.jsonl"
 
 
 def run_dir(out: Path, spec: RunSpec) -> Path:
@@ -46,15 +45,6 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
 
 def history_path(folder: Path, batches_done: int) -> Path:
     return folder / f"history-{batches_done:05d}.safetensors"
-
-
-def sequence_records(out: Path, run: str | None = None) -> list[dict[str, Any]]:
-    """sequence.jsonl's records (of `run`), the last one per (run, batch), in batch order."""
-    last: dict[tuple[str, int], dict[str, Any]] = {}
-    for record in read_jsonl(out / SEQUENCE_FILE):
-        if run is None or record["run"] == run:
-            last[(record["run"], record["batch"])] = record
-    return sorted(last.values(), key=lambda r: (r["run"], r["batch"]))
 
 
 def load_chain(folder: Path) -> tuple[int, WeightDelta | None]:

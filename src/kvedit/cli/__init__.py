@@ -8,6 +8,7 @@ errors answer at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -46,37 +47,54 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     return parser, handlers
 
 
+#: (module, class) of the errors a command reports as one line and exit code 2, not a traceback
+USER_ERRORS = (
+    ("kvedit.data.requests", "RequestError"),
+    ("kvedit.editing.delta", "EditError"),
+    ("kvedit.editing.delta", "PatchMismatchError"),
+    ("kvedit.models.architectures", "UnsupportedModelError"),
+    ("kvedit.models.loading", "ModelLoadError"),
+    ("kvedit.bench.ray", "DistributedError"),
+)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The error classes of `USER_ERRORS` whose modules were imported (an error cannot come from a module that
+    never loaded, and importing one here would load torch just to answer `kvedit report`), plus
+    FileNotFoundError and ValueError."""
+    loaded = [getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules]
+    return (*loaded, FileNotFoundError, ValueError)
+
+
+def quiet_transformers() -> None:
+    """transformers' warnings at error level and its progress bars off (loading from the cache takes well under
+    a second). Set through its environment variables when it is not loaded yet, so that commands which never load
+    a model (report, compare) do not import it; a user's own TRANSFORMERS_VERBOSITY is kept."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
     from ..runtime import configure_threads
 
     configure_threads(args.threads)  # before torch loads: its thread pool reads the settings once
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # loading from the cache takes well under a second
-    from ..bench.ray import DistributedError
-    from ..data.requests import RequestError
-    from ..editing.delta import EditError, PatchMismatchError
-    from ..models.architectures import UnsupportedModelError
-    from ..models.loading import ModelLoadError
-
+    quiet_transformers()
     out = getattr(args, "out", None)
     folder = claimed(out, args.command) if out is not None and args.command in WRITES_INTO else nullcontext()
     try:
         with folder:
             return handlers[args.command](args)
-    except (
-        RequestError,
-        EditError,
-        PatchMismatchError,
-        UnsupportedModelError,
-        ModelLoadError,
-        FileNotFoundError,
-        DistributedError,
-        ValueError,
-    ) as err:
+    except Exception as err:
+        if not isinstance(err, user_errors()):
+            raise
         print(f"kvedit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

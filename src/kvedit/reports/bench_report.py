@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.folder import load_cases_file
-from ..bench.seqrun import SEQUENCE_FILE
+from ..bench.folder import SEQUENCE_FILE
 from ..evaluation.summary import easyedit_table, markdown_table
 from ..evaluation.suites import SUITES, Suite, dataset_title
 from .lifelong_report import lifelong_section

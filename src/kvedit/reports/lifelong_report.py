@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..bench.seqrun import SEQUENCE_FILE, sequence_records
+from ..bench.folder import SEQUENCE_FILE, sequence_records
 from .lifelong_pairs import lifelong_pairs, milestone_rows, pairs_table, samples_digest
 from .plotting import pyplot
 
