@@ -12,24 +12,15 @@
 # runs in one folder go one after another; two invocations on different STAGES use two cores. --ray is passed
 # through (runs that are not sequential go to the workers; sequential runs stay in the process, kvedit says so).
 set -euo pipefail
-positional=()
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do positional+=("$1"); shift; done
-[ $# -gt 0 ] && shift
-extra=("$@")
-set -- ${positional[@]+"${positional[@]}"}
+source "$(dirname "$0")/script_setup.sh"
 model=${1:-smollm2-135m}
 out=${2:-results/lifelong-$model}
 n=${3:-1000}
-here="$(cd "$(dirname "$0")/.." && pwd)"
-shared="$(cd "$here/.." && pwd)/shared/data"
-kvedit="${KVEDIT:-$here/.venv/bin/kvedit}"
-[ -x "$kvedit" ] || kvedit=kvedit
 stages=${STAGES:-"cf:10 cf:100 zsre:10 zsre:100 cf:1 zsre:1"}
 # The first N cases of each file (all 1,000 for N=1000): --known-only would leave fewer than 1,000 CounterFact cases
 # (the unedited model prefers the true object on fewer than that), and retention measures the new objects, which no
 # case starts out knowing. ROME edits one fact per call: batch size 1 only.
 general=(--general-text "$shared/corpus/wikitext-2/test.txt" --general-tasks "$shared/tasks")
-step() { local start=$SECONDS; "$@"; echo "$(date -u +%FT%TZ) $((SECONDS - start)) s: ${*:2}" >> "$out/timing.log"; }
 mkdir -p "$out"
 for stage in $stages; do
   data=${stage%%:*}; batch=${stage##*:}

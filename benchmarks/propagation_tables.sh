@@ -10,21 +10,13 @@
 # SETS: any of cf zsre knowedit mquake (default all four); METHODS: the editors (default the five of the seed tables).
 # Each set is its own folder OUT/<set>; two invocations on different SETS use two cores.
 set -euo pipefail
-positional=()
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do positional+=("$1"); shift; done
-[ $# -gt 0 ] && shift
-extra=("$@")
-set -- ${positional[@]+"${positional[@]}"}
+source "$(dirname "$0")/script_setup.sh"
 model=${1:-smollm2-135m}
 out=${2:-results/propagation-$model}
 n=${3:-200}
-here="$(cd "$(dirname "$0")/.." && pwd)"
-data="$(cd "$here/.." && pwd)/shared/data/editing"
-kvedit="${KVEDIT:-$here/.venv/bin/kvedit}"
-[ -x "$kvedit" ] || kvedit=kvedit
+data="$shared/editing"
 sets=${SETS:-"cf zsre knowedit mquake"}
 methods=${METHODS:-ft-keys,ft-values,rome,memit,pmet}
-step() { local start=$SECONDS; "$@"; echo "$(date -u +%FT%TZ) $((SECONDS - start)) s: ${*:2}" >> "$out/timing.log"; }
 mkdir -p "$out"
 for set_name in $sets; do
   case "$set_name" in

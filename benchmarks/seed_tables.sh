@@ -12,17 +12,13 @@
 #        OMP_NUM_THREADS=1 benchmarks/seed_tables.sh smollm2-135m zsre results/tables-smollm2 &
 #        benchmarks/seed_tables.sh gemma3-270m zsre results/tables-gemma3 50 200 -- --ray --workers 2   # 2 cores, 1 folder
 set -euo pipefail
-positional=()
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do positional+=("$1"); shift; done
-[ $# -gt 0 ] && shift
-extra=("$@")  # after --: passed to both bench calls, e.g. --ray --workers 2
-set -- ${positional[@]+"${positional[@]}"}
+source "$(dirname "$0")/script_setup.sh"  # after --: passed to both bench calls, e.g. --ray --workers 2
 model=${1:?usage: seed_tables.sh MODEL cf|zsre OUT [TUNING_CASES] [N]}
 dataset=${2:?cf or zsre}
 out=${3:?output folder}
 skip=${4:-50}
 n=${5:-200}
-data="$(cd "$(dirname "$0")/../.." && pwd)/shared/data/editing"
+data="$shared/editing"
 one_at_a_time=ft-keys,ft-values,rome,memit,pmet,pmet-no-attn-delta,pmet-update-attn,pmet-even-spread
 case "$dataset" in
   cf) args=(--dataset "$data/counterfact/counterfact-edit-1k.json" --known-only --skip "$skip" --n "$n") ;;
@@ -43,6 +39,6 @@ EOF
 # timing.log: one line per step and invocation (a resumed table adds lines; its cost is their sum)
 step() { local start=$SECONDS; "$@"; echo "$(date -u +%FT%TZ) $((SECONDS - start)) s: ${*:2}" >> "$out/$dataset/timing.log"; }
 mkdir -p "$out/$dataset"
-step kvedit bench --model "$model" "${args[@]}" --methods "$one_at_a_time" --reuse-targets --out "$out/$dataset" ${extra[@]+"${extra[@]}"}
-step kvedit bench --model "$model" "${args[@]}" --methods memit,pmet --batch-size 100 --reuse-targets --out "$out/$dataset" ${extra[@]+"${extra[@]}"}
-kvedit report "$out/$dataset"
+step "$kvedit" bench --model "$model" "${args[@]}" --methods "$one_at_a_time" --reuse-targets --out "$out/$dataset" ${extra[@]+"${extra[@]}"}
+step "$kvedit" bench --model "$model" "${args[@]}" --methods memit,pmet --batch-size 100 --reuse-targets --out "$out/$dataset" ${extra[@]+"${extra[@]}"}
+"$kvedit" report "$out/$dataset"
