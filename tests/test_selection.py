@@ -391,7 +391,7 @@ def test_select_presets_runs_kn_and_tpatcher_end_to_end(tmp_path, monkeypatch, t
     ]
     data = tmp_path / "facts.json"
     data.write_text(json.dumps(records))
-    monkeypatch.setattr(selection, "known_filter", lambda lm, reqs: [True] * len(reqs))
+    monkeypatch.setattr(known_module, "known_filter", lambda lm, reqs: [True] * len(reqs))
     real = selection.default_grid
 
     def small(lm, method, rows=()):
