@@ -8,6 +8,7 @@
 #   e.g. OMP_NUM_THREADS=1 SETS="knowedit" METHODS=ft-keys,ft-values benchmarks/propagation_tables.sh smollm2-135m
 #        SETS="cf zsre" benchmarks/propagation_tables.sh gemma3-270m results/propagation-gemma3 200 -- --ray --workers 2
 # SETS: any of cf zsre knowedit mquake (default all four); METHODS: the editors (default the five of the seed tables).
+# BENCH_ARGS `--group-targets`: ROME/MEMIT/PMET/AlphaEdit target vectors optimised ahead in groups (docs/bench.md).
 # Each set is its own folder OUT/<set>; two invocations on different SETS use two cores.
 set -euo pipefail
 source "$(dirname "$0")/script_setup.sh"

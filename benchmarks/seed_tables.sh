@@ -8,6 +8,7 @@
 # zsRE: its first 200 valid records. Resumable: run it again after a kill. Uses the presets chosen for the model
 # (it stops if an editor has none); table.md and summary.json name the settings each run used.
 # Usage: benchmarks/seed_tables.sh MODEL cf|zsre OUT [TUNING_CASES=50] [N=200] [-- BENCH_ARGS...]
+#   METHODS=kn,t-patcher: only these editors (rows added to an existing folder; ×100 calls for MEMIT/PMET among them)
 #   e.g. OMP_NUM_THREADS=1 benchmarks/seed_tables.sh smollm2-135m cf results/tables-smollm2 &
 #        OMP_NUM_THREADS=1 benchmarks/seed_tables.sh smollm2-135m zsre results/tables-smollm2 &
 #        benchmarks/seed_tables.sh gemma3-270m zsre results/tables-gemma3 50 200 -- --ray --workers 2   # 2 cores, 1 folder
@@ -19,7 +20,8 @@ out=${3:?output folder}
 skip=${4:-50}
 n=${5:-200}
 data="$shared/editing"
-one_at_a_time=ft-keys,ft-values,rome,memit,pmet,pmet-no-attn-delta,pmet-update-attn,pmet-even-spread
+one_at_a_time=${METHODS:-ft-keys,ft-values,rome,memit,pmet,pmet-no-attn-delta,pmet-update-attn,pmet-even-spread}
+batched=$(tr , '\n' <<< "$one_at_a_time" | grep -x -E 'memit|pmet' | paste -sd, || true)  # ×100 calls: those of the list
 case "$dataset" in
   cf) args=(--dataset "$data/counterfact/counterfact-edit-1k.json" --known-only --skip "$skip" --n "$n") ;;
   zsre) args=(--dataset "$data/zsre/zsre_mend_train-1k.json" --n "$n") ;;
@@ -40,5 +42,7 @@ EOF
 step() { local start=$SECONDS; "$@"; echo "$(date -u +%FT%TZ) $((SECONDS - start)) s: ${*:2}" >> "$out/$dataset/timing.log"; }
 mkdir -p "$out/$dataset"
 step "$kvedit" bench --model "$model" "${args[@]}" --methods "$one_at_a_time" --reuse-targets --out "$out/$dataset" ${extra[@]+"${extra[@]}"}
-step "$kvedit" bench --model "$model" "${args[@]}" --methods memit,pmet --batch-size 100 --reuse-targets --out "$out/$dataset" ${extra[@]+"${extra[@]}"}
+if [ -n "$batched" ]; then
+  step "$kvedit" bench --model "$model" "${args[@]}" --methods "$batched" --batch-size 100 --reuse-targets --out "$out/$dataset" ${extra[@]+"${extra[@]}"}
+fi
 "$kvedit" report "$out/$dataset"

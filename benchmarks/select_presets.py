@@ -9,7 +9,8 @@ differ only in λ share their target vectors (optimised once per case), so their
 ROME, MEMIT and PMET search δ decay in a second stage (selection.default_grid): the best first-stage setting again
 at decay 1e-3, run by the process that finds the first stage complete. Two processes may share one --out with
 different --methods or shards (each appends its own lines); the tables are written from everything grid.jsonl
-holds, so run the script once more when both have finished (it also runs a second stage left undone).
+holds, every method in it, so run the script once more when both have finished (it also runs a second stage left
+undone), or with --tables-only.
 KN and T-Patcher (`--methods kn,t-patcher`) have one layer choice each, so --shard shares their grids out setting
 by setting; grid.md puts the settings without a column of their own (threshold, steps, …) under "other".
 Usage: python benchmarks/select_presets.py --out runs/select-smollm2 [--model gemma3-270m] [--n-tune 50]
@@ -41,6 +42,7 @@ from kvedit.data.loaders import load_requests
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+ALL_METHODS = ("memit", "pmet", "rome", "ft-keys", "ft-values", "kn", "t-patcher")  # the tables' order
 TABLE_KEYS = ("layers", "mom2_update_weight", "weight_decay", "lr")  # grid.md's own columns; others go to "other"
 
 
@@ -168,12 +170,15 @@ def main() -> None:
                 base_preset=args.base_preset,
             )
     rows = list(_read_grid(path).values())  # with what another process sharing --out has written
+    # the tables cover every method the folder holds (a later run of other --methods keeps the earlier choices)
+    shown = list(dict.fromkeys([*ALL_METHODS, *methods]))
+    shown = [m for m in shown if m in methods or any(r["method"] == m for r in rows)]
     chosen = {}
     lines = [
         "| method | layers | λ | δ decay | lr | other | Efficacy | Paraphrase | Specificity | Score | edit s |",
         "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for m in methods:
+    for m in shown:
         grid = default_grid(lm, m, rows)
         order = {setting_key(m, s): i for i, s in enumerate(grid)}
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: order.get(_key(r), len(order)))
@@ -202,7 +207,7 @@ def main() -> None:
     (out / "grid.md").write_text("\n".join(lines) + "\n")
     sweeps = [
         f"**{m}** (Score on the tuning split)\n\n{sweep_table(m, rows, default_grid(lm, m, rows))}"
-        for m in methods
+        for m in shown
         if any(r["method"] == m for r in rows)
     ]
     (out / "sweep.md").write_text("\n\n".join(sweeps) + "\n")

@@ -430,3 +430,32 @@ def test_select_presets_runs_kn_and_tpatcher_end_to_end(tmp_path, monkeypatch, t
     cases = (out / "cases.jsonl").read_text()
     script.main()  # everything is done: nothing is edited again, the same choice
     assert (out / "cases.jsonl").read_text() == cases and json.loads((out / "chosen.json").read_text()) == chosen
+    monkeypatch.setattr(sys, "argv", [*argv[:-1], "kn", "--tables-only"])
+    script.main()  # the tables of another --methods still hold every method the folder has
+    assert json.loads((out / "chosen.json").read_text()) == chosen
+    assert "| t-patcher" in (out / "grid.md").read_text()
+
+
+def test_seed_tables_script_refuses_editors_without_presets_chosen_for_the_model(tmp_path, tiny_folder):
+    """benchmarks/seed_tables.sh runs a table only on presets chosen for the model: on a tiny model (no rows of
+    its own) it stops before editing and names the editors of METHODS."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_tables.sh"
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "METHODS": "kn,t-patcher",
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        ["bash", str(script), str(tiny_folder), "zsre", str(tmp_path / "tables")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "has no presets of its own for kn, t-patcher" in done.stderr
+    assert not (tmp_path / "tables" / "zsre" / "cases.jsonl").exists()

@@ -65,6 +65,7 @@ class BenchConfig:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # hparam overrides for every method
     reuse_targets: bool = False  # runs not sequential share target vectors (BatchRunner); scores unchanged
+    group_targets: bool = False  # with reuse_targets: a run's target vectors optimised ahead in groups (BatchRunner)
     suite: str | None = None  # a name in SUITES; None: the dataset format's (FORMAT_SUITES)
     lifelong: LifelongSettings = field(default_factory=LifelongSettings)  # what --sequential measures per batch
 
@@ -81,6 +82,8 @@ class BenchConfig:
             raise BenchError(f"--n must be >= 1, got {self.n}")
         if self.skip < 0:
             raise BenchError(f"--skip must be >= 0, got {self.skip}")
+        if self.group_targets and not self.reuse_targets:
+            raise BenchError("--group-targets stores the vectors it optimises ahead: it needs --reuse-targets too")
 
     def specs(self) -> list[RunSpec]:
         """The runs: every batch size × method × layer (None: the method's preset layers)."""

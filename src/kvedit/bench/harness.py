@@ -94,6 +94,7 @@ class Bench:
             self._snippets(),
             progress=progress,
             reuse_targets=config.reuse_targets,
+            group_targets=config.group_targets,
         )
         self.run_settings = {spec.key: self._resolved_settings(spec) for spec in self.specs}
         self._check_run_settings()
@@ -229,6 +230,8 @@ class Bench:
         ray: spread the batches over Ray workers (`kvedit.bench.ray`); sequential runs stay in this
         process. on_progress: called with the worker pool after each batch a worker finishes.
         """
+        if ray is not None and self.config.group_targets:
+            raise BenchError("--group-targets optimises in this process; drop it or --ray")
         existing = load_cases_file(self.cases_file)
         done = {(r["run"], r["case_id"]) for r in existing}
         self.runner.unedited_predictions = neighborhood_predictions(
@@ -306,6 +309,7 @@ class Bench:
         batches = self._pending(spec, done)
         if batches:
             self.runner.prepare(spec)
+            self.runner.optimize_targets_ahead(spec, [batch for _, batch in batches])
         for index, batch in tqdm(batches, desc=spec.key, unit="batch", disable=not self.progress, leave=False):
             self._append_new(spec, self.runner.run_batch(spec, batch, index), done)
 

@@ -21,17 +21,28 @@ def settings_line(settings: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def reuse_line(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
-    """One line naming the runs whose edits took stored target vectors (--reuse-targets), or ""."""
-    parts = [
-        f"{name} ({sum('targets_reused_s' in r for r in records)} of {len(records)} cases)"
-        for name, records in runs.items()
-        if any("targets_reused_s" in r for r in records)
-    ]
-    return (
-        (
-            "Target vectors served from the cache (optimised by an earlier run with the same settings; the edit "
-            "time counts their optimisation time as then measured): " + ", ".join(parts) + "."
+    """The lines naming the runs whose edits took stored target vectors (--reuse-targets), and those optimised
+    ahead in groups (--group-targets), or ""."""
+
+    def counted(key: str) -> list[str]:
+        return [
+            f"{name} ({sum(key in r for r in records)} of {len(records)} cases)"
+            for name, records in runs.items()
+            if any(key in r for r in records)
+        ]
+
+    reused, grouped = counted("targets_reused_s"), counted("targets_grouped")
+    lines = []
+    if reused:
+        lines.append(
+            "Target vectors served from the cache (optimised by an earlier run with the same settings, or ahead "
+            "in groups; the edit time counts their optimisation time as then measured): " + ", ".join(reused) + "."
         )
-        if parts
-        else ""
-    )
+    if grouped:
+        size = max(r["targets_grouped"] for records in runs.values() for r in records if "targets_grouped" in r)
+        lines.append(
+            f"Target vectors optimised ahead in groups of up to {size} requests (--group-targets; the same vectors "
+            "as one at a time, in less time per request): the edit time counts each case's share of its group's "
+            "time, not a lone edit's: " + ", ".join(grouped) + "."
+        )
+    return "\n\n".join(lines)

@@ -15,8 +15,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..editing.delta import WeightDelta
-from ..editing.registry import edit, get_method, prepare
+from ..data.requests import EditRequest
+from ..editing.registry import edit, get_method, optimize_edit_targets, prepare
 from ..editing.target_store import TargetStore, reused_targets, store_folder
+from ..editing.targets import GROUP_SIZE
 from ..data.propagation import case_edits
 from ..evaluation.easyedit import Predictions, locality_unchanged
 from ..evaluation.generation import AttributeSnippets, generation_case_metrics
@@ -59,6 +61,9 @@ class BatchRunner:
     reuse_targets: runs whose every batch starts from the unedited weights (one at a time, or batches that are
         not sequential) take target vectors optimised before for the same case, settings and weights from the
         cache (`target_store`); their edit time adds the stored optimisation time.
+    group_targets: with reuse_targets, `optimize_targets_ahead` optimises a run's target vectors in groups of
+        GROUP_SIZE before its edits (≈ 2.5× less time per request than one at a time); each edit's time then
+        counts its share of its group's optimisation.
     """
 
     lm: LM
@@ -69,6 +74,7 @@ class BatchRunner:
     unedited_predictions: UneditedPredictions = field(default_factory=dict)
     progress: bool = True
     reuse_targets: bool = False
+    group_targets: bool = False
     _targets: TargetStore | None = field(default=None, init=False, repr=False)  # opened at the first reuse
 
     def evaluate(self, cases: Sequence[Any]) -> list[dict[str, Any]]:
@@ -133,9 +139,7 @@ class BatchRunner:
         target vectors never depend on the others in its batch). history: a sequential run's state for methods that
         carry one (`EditMethod.carries_history`); the next one is `delta.records.history`."""
         reuse = self.reuse_targets and not spec.sequential
-        if reuse and self._targets is None:  # the weights are the unedited ones here: the folder's fingerprint
-            self._targets = TargetStore(store_folder(self.lm, cache_dir() / "targets"))
-        with reused_targets(self.lm, store=self._targets) if reuse else nullcontext() as store:
+        with reused_targets(self.lm, store=self._store()) if reuse else nullcontext() as store:
             start = time.perf_counter()
             extra = {"history": history} if history is not None else {}
             requests = [r for case in batch for r in case_edits(case)]
@@ -144,10 +148,44 @@ class BatchRunner:
         reused = store.take_reused_s() if store is not None else 0.0
         return delta, elapsed + reused, reused
 
+    def _store(self) -> TargetStore:
+        """The run's target store on disk, opened at the first use: the weights are the unedited ones then, and the
+        folder is named by their fingerprint."""
+        if self._targets is None:
+            self._targets = TargetStore(store_folder(self.lm, cache_dir() / "targets"))
+        return self._targets
+
+    def optimize_targets_ahead(self, spec: RunSpec, batches: Sequence[Sequence[Any]]) -> None:
+        """With `group_targets` (and `reuse_targets`, not sequential): the target vectors of `batches`' edits,
+        optimised in groups into the store before the edits take them (`optimize_edit_targets`). Stored group by
+        group, so a killed run keeps what it finished. A no-op for editors with no target vectors."""
+        if not (self.group_targets and self.reuse_targets) or spec.sequential:
+            return
+        if get_method(spec.method).target_plan is None:
+            return
+        calls = [[r for case in batch for r in case_edits(case)] for batch in batches]
+        chunks: list[list[list[EditRequest]]] = [[]]
+        for call in calls:  # chunks of whole calls holding at least GROUP_SIZE requests
+            if sum(map(len, chunks[-1])) >= GROUP_SIZE:
+                chunks.append([])
+            chunks[-1].append(call)
+        store = self._store()
+        with tqdm(
+            total=len(calls), desc=f"{spec.key}: target vectors ahead", unit="edit", disable=not self.progress
+        ) as bar:
+            for chunk in chunks:
+                with reused_targets(self.lm, store=store):
+                    optimize_edit_targets(self.lm, chunk, spec.method, **self.edit_kwargs(spec))
+                bar.update(len(chunk))
+        store.take_reused_s()  # targets found here are served again to the edits, which count them then
+
     def run_batch(self, spec: RunSpec, batch: Sequence[Any], index: int) -> list[dict[str, Any]]:
         """Edit, score and revert one batch (the model is left as it was, bit for bit: `WeightDelta.revert`)."""
         delta, elapsed, reused = self.edit(spec, batch)
+        extra: dict[str, Any] = {"targets_reused_s": reused} if reused else {}
+        if reused and self.group_targets:
+            extra["targets_grouped"] = GROUP_SIZE  # optimised ahead, in groups of up to this many requests
         try:
-            return self.records(spec, batch, delta, elapsed, index, {"targets_reused_s": reused} if reused else None)
+            return self.records(spec, batch, delta, elapsed, index, extra)
         finally:
             delta.revert(self.lm)

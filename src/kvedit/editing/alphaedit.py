@@ -42,6 +42,7 @@ from .memit import (
     LayerRecord,
     Target,
     has_post_norm,
+    memit_target_plan,
     output_change,
     spread_fraction,
     summarize_records,
@@ -49,7 +50,7 @@ from .memit import (
 )
 from .presets import frozen_presets
 from .stats import key_statistics
-from .targets import optimize_targets, site_values, subject_keys
+from .targets import site_values, subject_keys
 
 
 @dataclass(frozen=True)
@@ -182,9 +183,9 @@ def alphaedit_edit(
             f"{empty}, so P = 0 there and those layers cannot change; raise nullspace_threshold",
             stacklevel=2,
         )
-    templates = context_templates(lm, MEMIT_TEMPLATES)
-    site = ("residual", layers[-1])
-    vectors, steps = optimize_targets(lm, requests, [site], templates, hparams.target_options())
+    plan = memit_target_plan(lm, hparams)
+    templates, (site,) = plan.templates, plan.sites
+    vectors, steps = plan.optimize(lm, requests)
     goals = torch.stack([v[site][0] + v[site][1] for v in vectors])
     target = Target(lm.values_path, "coefficients", "values", site, goals)
     for i, layer in enumerate(layers):

@@ -35,7 +35,7 @@ from .context import MEMIT_TEMPLATES, context_templates
 from .hparams import ClosedFormHyperParams, EditOutcome
 from .presets import frozen_presets
 from .stats import inverse_mom2, key_statistics
-from .targets import optimize_targets, site_values, subject_keys
+from .targets import TargetPlan, site_values, subject_keys
 
 Spread = Literal["even", "sqrt"]
 
@@ -230,12 +230,18 @@ def memit_parameters(lm: LM, hp: MEMITHyperParams) -> list[str]:
     return [f"{lm.values_path(l)}.weight" for l in hp.layers]
 
 
+def memit_target_plan(lm: LM, hparams: ClosedFormHyperParams) -> TargetPlan:
+    """z at the residual stream after the last edit layer, over MEMIT's context templates (AlphaEdit's too)."""
+    last = lm.check_layer(hparams.edit_layers()[-1])
+    return TargetPlan((("residual", last),), context_templates(lm, MEMIT_TEMPLATES), hparams.target_options())
+
+
 def memit_edit(lm: LM, requests: Sequence[EditRequest], hparams: MEMITHyperParams) -> EditOutcome:
     """Edit all `requests` at once into the values of `hparams.layers`, in place."""
     layers = [lm.check_layer(l) for l in hparams.layers]
-    templates = context_templates(lm, MEMIT_TEMPLATES)
-    site = ("residual", layers[-1])
-    vectors, steps = optimize_targets(lm, requests, [site], templates, hparams.target_options())
+    plan = memit_target_plan(lm, hparams)
+    templates, (site,) = plan.templates, plan.sites
+    vectors, steps = plan.optimize(lm, requests)
     goals = torch.stack([v[site][0] + v[site][1] for v in vectors])
     target = Target(lm.values_path, "coefficients", "values", site, goals)
     distribute(lm, requests, layers, [target], hparams, "even", templates)

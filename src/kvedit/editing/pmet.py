@@ -29,7 +29,7 @@ from .hparams import EditOutcome
 from .memit import LayerRecord, MEMITHyperParams, Spread, Target, distribute, memit_prepare, summarize_records
 from .presets import frozen_presets
 from .stats import inverse_mom2, key_statistics
-from .targets import TargetOptions, optimize_targets
+from .targets import TargetOptions, TargetPlan
 
 
 @dataclass(frozen=True)
@@ -113,15 +113,22 @@ def pmet_parameters(lm: LM, hp: PMETHyperParams) -> list[str]:
     return names + ([f"{lm.attn_out_path(l)}.weight" for l in hp.layers] if hp.update_attn else [])
 
 
+def pmet_target_plan(lm: LM, hparams: PMETHyperParams) -> TargetPlan:
+    """δ_a and δ_m at the attention and FFN outputs of the last edit layer (δ_m alone without `attn_delta`)."""
+    last = lm.check_layer(hparams.layers[-1])
+    ffn_site, attn_site = ("ffn_out", last), ("attn_out", last)
+    sites = (attn_site, ffn_site) if hparams.attn_delta else (ffn_site,)
+    return TargetPlan(sites, context_templates(lm, MEMIT_TEMPLATES), hparams.target_options())
+
+
 def pmet_edit(lm: LM, requests: Sequence[EditRequest], hparams: PMETHyperParams) -> EditOutcome:
     """Edit all `requests` at once with PMET, in place (FFN values, plus attention output projections
     with `update_attn`)."""
     layers = [lm.check_layer(l) for l in hparams.layers]
-    last = layers[-1]
-    templates = context_templates(lm, MEMIT_TEMPLATES)
-    ffn_site, attn_site = ("ffn_out", last), ("attn_out", last)
-    sites = [attn_site, ffn_site] if hparams.attn_delta else [ffn_site]
-    vectors, steps = optimize_targets(lm, requests, sites, templates, hparams.target_options())
+    plan = pmet_target_plan(lm, hparams)
+    templates, sites = plan.templates, plan.sites
+    ffn_site, attn_site = ("ffn_out", layers[-1]), ("attn_out", layers[-1])
+    vectors, steps = plan.optimize(lm, requests)
     goals = {s: torch.stack([v[s][0] + v[s][1] for v in vectors]) for s in sites}
     ffn = Target(lm.values_path, "coefficients", "values", ffn_site, goals[ffn_site])
     targets = [ffn]

@@ -17,10 +17,12 @@ from .alphaedit import ALPHAEDIT_PRESETS, AlphaEditHyperParams, alphaedit_edit, 
 from .hparams import ClosedFormHyperParams, EditorSettings, EditOutcome
 from .kn import KN_PRESETS, KNHyperParams, kn_edit, kn_parameters
 from .tpatcher import TPATCHER_PRESETS, TPatcherHyperParams, tpatcher_edit, tpatcher_parameters, tpatcher_prepare
-from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_parameters, memit_prepare
-from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit, pmet_parameters, pmet_prepare
+from .memit import MEMIT_PRESETS, MEMITHyperParams, memit_edit, memit_parameters, memit_prepare, memit_target_plan
+from .pmet import PMET_PRESETS, PMETHyperParams, pmet_edit, pmet_parameters, pmet_prepare, pmet_target_plan
+from .target_store import open_store
+from .targets import GROUP_SIZE, TargetPlan
 from .presets import PresetTable, ft_model_presets, given_overrides, make_hparams, model_row
-from .rome import ROME_PRESETS, ROMEHyperParams, rome_edit, rome_parameters, rome_prepare
+from .rome import ROME_PRESETS, ROMEHyperParams, rome_edit, rome_parameters, rome_prepare, rome_target_plan
 
 S = TypeVar("S", bound=EditorSettings)
 C = TypeVar("C", bound=ClosedFormHyperParams)
@@ -42,6 +44,8 @@ class EditMethod(Generic[S]):
     edit's time is its own; `model_rows()`: the MODEL_PRESETS rows its tables hold a row for.
 
     Overrides every method accepts: preset, layers, lr, max_steps (`presets`: the names a preset may take).
+    target_plan(lm, hp): for editors that optimise target vectors from the weights they start on (ROME, MEMIT,
+    PMET, AlphaEdit), their sites, templates and options (`optimize_edit_targets`).
     carries_history: `run` also takes `history=` (state a sequential run carries from batch to batch, e.g.
     AlphaEdit's Σ K Kᵀ) and returns the next one in its outcome's records (`records.history`).
     """
@@ -57,6 +61,7 @@ class EditMethod(Generic[S]):
     uses_statistics: bool = False  # reads key statistics (stats_source / stats_tokens settings, `prepare`)
     follows_compute_dtype: bool = True  # its inner loops run in `lm.compute_dtype` (`models.compute`)
     model_rows: Callable[[], Collection[str]] = _no_rows
+    target_plan: Callable[[LM, S], TargetPlan] | None = None  # the target vectors `run` optimises (closed forms)
 
     def make_hparams(self, lm: LM | None, **overrides: Any) -> S:
         """Its settings for `lm` from the preset and `overrides` (None: the preset's value), not yet checked."""
@@ -113,6 +118,7 @@ def _closed_form(
     parameters: Callable[[LM, S], list[str]],
     run: Callable[..., EditOutcome],
     prepare: Callable[[LM, S], None],
+    target_plan: Callable[[LM, S], TargetPlan] | None,
     summary: str,
     **fixed: Any,
 ) -> EditMethod[S]:
@@ -126,13 +132,21 @@ def _closed_form(
         presets=tuple(presets),
         uses_statistics=True,
         model_rows=lambda: presets,
+        target_plan=target_plan,
     )
 
 
-_ROME = (ROMEHyperParams, ROME_PRESETS, rome_parameters, rome_edit, rome_prepare)
-_MEMIT = (MEMITHyperParams, MEMIT_PRESETS, memit_parameters, memit_edit, memit_prepare)
-_PMET = (PMETHyperParams, PMET_PRESETS, pmet_parameters, pmet_edit, pmet_prepare)
-_ALPHAEDIT = (AlphaEditHyperParams, ALPHAEDIT_PRESETS, alphaedit_parameters, alphaedit_edit, alphaedit_prepare)
+_ROME = (ROMEHyperParams, ROME_PRESETS, rome_parameters, rome_edit, rome_prepare, rome_target_plan)
+_MEMIT = (MEMITHyperParams, MEMIT_PRESETS, memit_parameters, memit_edit, memit_prepare, memit_target_plan)
+_PMET = (PMETHyperParams, PMET_PRESETS, pmet_parameters, pmet_edit, pmet_prepare, pmet_target_plan)
+_ALPHAEDIT = (
+    AlphaEditHyperParams,
+    ALPHAEDIT_PRESETS,
+    alphaedit_parameters,
+    alphaedit_edit,
+    alphaedit_prepare,
+    memit_target_plan,
+)
 
 #: The `-fast` variants (not the reference algorithm): the preset's learning rate × FAST_LR_FACTOR, and each request
 #: stops once target_new's mean NLL is below FAST_STOP_NLL nats. Chosen from traces of the optimisation on
@@ -192,6 +206,7 @@ METHODS: Mapping[str, EditMethod[Any]] = MappingProxyType(
                     tpatcher_parameters,
                     tpatcher_edit,
                     tpatcher_prepare,
+                    None,
                     "adds memories (a key and a value each) to the last FFN layer, one per "
                     "mistaken target token (T-Patcher)",
                 ),
@@ -304,3 +319,24 @@ def prepare(lm: LM, method: str = "ft-keys", **overrides: Any) -> None:
     chosen = get_method(method)
     if chosen.prepare is not None:
         chosen.prepare(lm, make_settings(lm, method, **overrides))
+
+
+def optimize_edit_targets(
+    lm: LM, calls: Sequence[Sequence[EditRequest]], method: str, group_size: int = GROUP_SIZE, **overrides: Any
+) -> int:
+    """Optimise ahead, in groups of up to `group_size`, the target vectors that `edit(lm, call, method,
+    **overrides)` would optimise from these weights for each call in `calls`, into the `reused_targets` store
+    open on `lm`: each such edit then takes its own from the store, at its share of its group's time. A request's
+    targets never depend on the others optimised beside it, so they are those of one-at-a-time optimisation.
+    For an editor that applies a call's requests in turn (ROME) only each call's first request is optimised.
+    Returns the number of requests optimised or found; 0 for an editor with no target vectors (fine-tuning, KN,
+    T-Patcher)."""
+    target_plan = get_method(method).target_plan
+    if target_plan is None:
+        return 0
+    if open_store(lm) is None:
+        raise RuntimeError("optimize_edit_targets stores what it optimises: call it inside reused_targets(lm)")
+    plan = target_plan(lm, make_settings(lm, method, **overrides))
+    requests = [r for call in calls for r in (call[:1] if plan.in_turn else call)]
+    plan.optimize(lm, requests, group_size)
+    return len(requests)

@@ -31,7 +31,7 @@ from .context import ROME_TEMPLATES, context_templates
 from .hparams import ClosedFormHyperParams, EditOutcome
 from .presets import frozen_presets
 from .stats import inverse_mom2
-from .targets import optimize_targets, subject_keys
+from .targets import TargetPlan, subject_keys
 
 
 @dataclass(frozen=True)
@@ -111,19 +111,25 @@ def rome_parameters(lm: LM, hp: ROMEHyperParams) -> list[str]:
     return [f"{lm.values_path(hp.layer)}.weight"]
 
 
+def rome_target_plan(lm: LM, hp: ROMEHyperParams) -> TargetPlan:
+    """v* at the FFN output of ROME's layer, over ROME's context templates."""
+    site = ("ffn_out", lm.check_layer(hp.layer))
+    return TargetPlan((site,), context_templates(lm, ROME_TEMPLATES), hp.target_options(), in_turn=True)
+
+
 def rome_edit(lm: LM, requests: Sequence[EditRequest], hp: ROMEHyperParams) -> EditOutcome:
     """Apply ROME for each request in turn (ROME edits one fact at a time), in place."""
     layer = lm.check_layer(hp.layer)
     module = lm.module(lm.values_path(layer))
-    templates = context_templates(lm, ROME_TEMPLATES)
+    plan = rome_target_plan(lm, hp)
+    templates, (site,) = plan.templates, plan.sites
     flat = [[c for group in templates for c in group]]  # ROME averages k* over all templates at once
     c_inv = inverse_statistics(lm, hp) if hp.mom2_adjustment else None
     total_steps = 0
     records: list[ROMERecord] = []
-    for request in requests:
+    for k, request in enumerate(requests):
         key = subject_keys(lm, layer, [request], flat)[0]
-        site = ("ffn_out", layer)
-        vectors, steps = optimize_targets(lm, [request], [site], templates, hp.target_options())
+        vectors, steps = plan.optimize(lm, [request], reuse=k == 0)  # later ones: weights the earlier changed
         init, delta = vectors[0][site]
         total_steps += steps[0]
         w = tensor_attr(module, "weight")

@@ -5,6 +5,7 @@
 - `optimize_targets`: vectors δ added at chosen sites (FFN output, attention output or the
   residual stream) at the subject's last token, optimised so the model predicts target_new
   (ROME's v*, MEMIT's z, PMET's δ_a and δ_m).
+- `TargetPlan`: an editor's sites, templates and options, for optimising targets ahead of its edits.
 - `reused_targets` (target_store.py): within it, a request optimised before with the same settings is
   served from a store (sweeps over λ, PMET's ablations), on disk too if asked.
 """
@@ -123,6 +124,28 @@ class TargetOptions:
     compute_dtype: str = "float32"  # precision of the loop's forward/backward (`models.compute`); set from the LM
 
 
+@dataclass(frozen=True)
+class TargetPlan:
+    """What an editor optimises its target vectors for: sites, context templates (groups) and options.
+
+    Editors build it from their settings (`EditMethod.target_plan`), so a caller can optimise a whole set of
+    requests' targets in groups before editing them one at a time (`bench --group-targets`).
+    in_turn: the editor applies a call's requests one after another (ROME), so only the first request's
+    targets are optimised on the weights the call starts from."""
+
+    sites: tuple[Site, ...]
+    templates: list[list[str]]
+    options: TargetOptions
+    in_turn: bool = False
+
+    def optimize(
+        self, lm: LM, requests: Sequence[EditRequest], group_size: int = GROUP_SIZE, reuse: bool = True
+    ) -> tuple[list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
+        """`optimize_targets` of `requests` at this plan's sites, templates and options. reuse=False: never
+        from or into an open `reused_targets` store (weights an earlier request of the same call changed)."""
+        return optimize_targets(lm, requests, self.sites, self.templates, self.options, group_size, reuse)
+
+
 @dataclass
 class _RequestRows:
     """One request's rows: a row per context template, then the KL row "{subject} is a"."""
@@ -208,6 +231,7 @@ def optimize_targets(
     templates: list[list[str]],
     opts: TargetOptions,
     group_size: int = GROUP_SIZE,
+    reuse: bool = True,
 ) -> tuple[list[dict[Site, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
     """Optimise one δ per site and request; returns ([{site: (init `[d]`, δ `[d]`)}] per request, steps).
 
@@ -219,10 +243,10 @@ def optimize_targets(
     batch. The model's weights are not changed. Tokens before the subject's last token and layers
     below the lowest site do not depend on δ, so they are computed once (see `SplitBatch`). A progress bar shows when there
     is more than one group. Inside `reused_targets`, a request optimised before with the same sites, templates and
-    options is served from the store.
+    options is served from the store (unless `reuse` is False: the weights are no longer the store's).
     """
     opts = replace(opts, compute_dtype=lm.compute_dtype)  # part of a stored result's key
-    store = open_store(lm)
+    store = open_store(lm) if reuse else None
     if store is None:
         return _optimize_targets(lm, requests, sites, templates, opts, group_size)
     keys = [store.key(r, sites, templates, opts) for r in requests]
