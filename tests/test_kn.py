@@ -112,3 +112,30 @@ def test_kvedit_edit_method_kn(capsys, tiny_folder, tmp_path):
     )
     result = json.loads(capsys.readouterr().out)
     assert result["method"] == "kn" and patch.is_file()
+
+
+def test_a_threshold_sweep_inside_reused_attributions_integrates_once_with_the_same_updates(monkeypatch):
+    from kvedit.editing import kn
+
+    lm = tiny("llama")
+    other = kvedit.EditRequest("{} is the capital of", "berlin", target_new="spain", target_true="germany")
+
+    def updates(request, **settings):
+        delta = kvedit.edit(lm, request, "kn", preset="gpt2-xl", **settings)
+        try:
+            return {name: delta.update(name).clone() for name in delta.names}
+        finally:
+            delta.revert(lm)
+
+    fresh = [updates(REQUEST, threshold=t, edit_factor=f) for t, f in ((0.3, 2.0), (0.1, 8.0))]
+    calls = []
+    real = kn.attributions
+    monkeypatch.setattr(kn, "attributions", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    with kn.reused_attributions(lm):
+        reused = [updates(REQUEST, threshold=t, edit_factor=f) for t, f in ((0.3, 2.0), (0.1, 8.0))]
+        assert calls == [REQUEST.rewrite_prompt]  # one integration for both settings
+        updates(REQUEST, max_steps=1)  # another step count: integrated anew
+        updates([other, REQUEST])  # a call's later request sees the earlier one's edit: never from the memo
+    assert calls == [REQUEST.rewrite_prompt] * 2 + [other.rewrite_prompt, REQUEST.rewrite_prompt]
+    for one, two in zip(fresh, reused):
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

@@ -10,7 +10,8 @@ The procedure (issue 13):
    integration steps and edit factor; T-Patcher: memory-loss weight, neurons per edit and learning rate), one
    edit at a time on every tuning case, reverted after scoring. Every edit starts from the unedited weights, so
    the target vectors of settings that differ only in λ are optimised once and reused (`reused_targets`); their
-   edit times are then the solve alone.
+   edit times are then the solve alone. Likewise KN's attributions are integrated once per case and step count
+   and reused across thresholds and edit factors (`reused_attributions`).
 3. The setting with the highest Score (harmonic mean of efficacy, paraphrase and specificity success, × 100) is
    chosen; ties go to the setting listed first in the grid, which lists the smaller edit first (larger λ, larger
    δ decay, smaller learning rate) within each layer choice.
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from ..data.jsonl import append_jsonl, read_jsonl
 from ..data.requests import EditRequest
 from ..editing.registry import edit, get_method, prepare
+from ..editing.kn import reused_attributions
 from ..editing.target_store import reused_targets
 from ..evaluation.counterfact import counterfact_case_metrics
 from ..evaluation.known import first_known
@@ -242,7 +244,7 @@ def select(
     """
     rows: list[dict[str, Any]] = []
     chosen: dict[str, dict[str, Any]] = {}
-    with reused_targets(lm):
+    with reused_targets(lm), reused_attributions(lm):
         for method in methods:
             given = {**fixed, "preset": base_preset} if base_preset in get_method(method).presets else fixed
             chosen[method] = _select_one(lm, requests, method, (grids or {}).get(method), rows, on_result, log, given)

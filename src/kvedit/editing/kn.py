@@ -11,11 +11,14 @@ embedding space:
 
 `greedy` is the model's own continuation of the rewrite prompt (not the true object), as in EasyEdit. The only
 weights written are the value rows of the neurons found; requests of one call are edited one after another.
+Inside `reused_attributions(lm)` a call's first request takes attributions computed before in the block for the
+same prompt, answer, steps and layers (a sweep over thresholds and edit factors integrates once per case).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,15 +107,51 @@ def _value_rows(lm: LM, layer: int) -> torch.Tensor:
     return weight.data if lm.arch.transposed else weight.data.T
 
 
+_MEMO_KEY = "reused_attributions"  # lm.memo key of the open attribution memo
+
+#: (rewrite prompt, true object, steps, layers) → attributions `[layers, d_ff]`
+AttributionMemo = dict[tuple[str, str, int, tuple[int, ...]], torch.Tensor]
+
+
+@contextmanager
+def reused_attributions(lm: LM) -> Iterator[AttributionMemo]:
+    """Within this block, a KN edit's first request takes the attributions computed before in the block for the
+    same prompt, true object, integration steps and layers, instead of integrating again. Attributions depend on
+    the weights, so this is for callers that start every edit from the weights the block opened on (edit, score,
+    revert), e.g. a sweep over thresholds and edit factors."""
+    if _MEMO_KEY in lm.memo:
+        raise RuntimeError("reused_attributions is already active on this model")
+    memo: AttributionMemo = {}
+    lm.memo[_MEMO_KEY] = memo
+    try:
+        yield memo
+    finally:
+        del lm.memo[_MEMO_KEY]
+
+
+def _attributions(lm: LM, request: EditRequest, hp: KNHyperParams, layers: list[int], first: bool) -> torch.Tensor:
+    """The request's attributions on the rewrite prompt; from/into the open memo for a call's first request (later
+    ones see weights the earlier requests changed)."""
+    assert request.target_true is not None
+    memo: AttributionMemo | None = lm.memo.get(_MEMO_KEY) if first else None
+    key = (request.rewrite_prompt, request.target_true, hp.max_steps, tuple(layers))
+    if memo is not None and key in memo:
+        return memo[key]
+    scores = attributions(lm, request.rewrite_prompt, request.target_true, hp.max_steps, layers)
+    if memo is not None:
+        memo[key] = scores
+    return scores
+
+
 def kn_edit(lm: LM, requests: Sequence[EditRequest], hp: KNHyperParams) -> EditOutcome:
     """Edit each request in turn (module docstring); returns the neurons edited in `records`."""
     layers = hp.edit_layers(lm)
     embed = tensor_attr(lm.model.get_input_embeddings(), "weight").detach()
     edited: list[list[tuple[int, int, float]]] = []
-    for request in requests:
+    for k, request in enumerate(requests):
         if request.target_true is None:
             raise ValueError(f"case {request.case_id}: KN finds the neurons of the true object; give target_true")
-        scores = attributions(lm, request.rewrite_prompt, request.target_true, hp.max_steps, layers)
+        scores = _attributions(lm, request, hp, layers, first=k == 0)
         neurons = sorted(
             ((l, i, float(scores[layers.index(l), i])) for l, i in coarse_neurons(scores, layers, hp.threshold)),
             key=lambda n: -n[2],
