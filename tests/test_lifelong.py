@@ -11,6 +11,7 @@ import torch
 from conftest import SHARED_DATA
 from tiny_models import tiny_lm
 
+from kvedit.runtime import peak_rss_gb
 from kvedit.bench import Bench, BenchConfig
 from kvedit.bench.lifelong import LifelongSettings
 from kvedit.bench.runner import BatchRunner
@@ -101,8 +102,8 @@ def _alphaedit_config(files):
 
 
 def _stable(records):
-    """Records without wall times (which differ run to run)."""
-    return [{k: v for k, v in r.items() if k not in ("time_s", "eval_s")} for r in records]
+    """Records without wall times and memory peaks (which differ run to run)."""
+    return [{k: v for k, v in r.items() if k not in ("time_s", "eval_s", "peak_rss_gb")} for r in records]
 
 
 @pytest.mark.parametrize("kill", ["edit", "commit"])
@@ -172,6 +173,7 @@ def test_per_batch_records_equal_a_direct_computation_and_the_chain_reverts_bit_
     assert "new" not in base and "retention" not in base and "retention" not in first
     assert {"new", "retention", "specificity", "general", "weights", "time_s", "eval_s"} <= set(last)
     assert set(last["new"]) == {"efficacy", "paraphrase", "specificity"}
+    assert 0 < first["peak_rss_gb"] <= last["peak_rss_gb"] <= peak_rss_gb()  # this process's peak, as it grew
 
     _, chain = load_chain(run_dir(out, config.specs()[0]))
     chain.apply(lm)  # the model after the last batch
@@ -201,6 +203,7 @@ def test_per_batch_records_equal_a_direct_computation_and_the_chain_reverts_bit_
     assert (out / "collapse.png").is_file() and "## Lifelong editing" in text
     rows = [line for line in (out / "lifelong.md").read_text().splitlines() if line.startswith("| ft-values")]
     assert [row.split(" | ")[1] for row in rows] == ["4"]  # 100, 500, 1000 edits: the nearest batch, once
+    assert rows[0].split(" | ")[-1] == f"{last['peak_rss_gb']:.2f} |"  # Peak GB: the largest up to that batch
     compared = write_lifelong_comparison([out, out], tmp_path / "cmp", labels=["a", "b"]).read_text()
     assert "| a | ft-values x2 seq | 4 |" in compared and "| b | ft-values x2 seq | 4 |" in compared
 

@@ -49,3 +49,11 @@ def configure_threads(threads: int | None) -> None:
         import torch  # only here: the environment above must be in place before torch loads libgomp
 
         torch.set_num_threads(threads)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (2³⁰ bytes), as the OS counts it (`ru_maxrss`)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20

@@ -29,6 +29,7 @@ from ..data.requests import EditRequest
 from ..editing.alphaedit_state import AlphaEditHistory
 from ..editing.delta import WeightDelta
 from ..editing.registry import get_method
+from ..runtime import peak_rss_gb
 from .config import RunSpec
 from .folder import SEQUENCE_FILE, sequence_records
 from .lifelong import LifelongMeter, Samples, check_settings
@@ -148,6 +149,7 @@ class SequentialRun:
                         r["earlier_efficacy"] = measured["retention"]["efficacy"]["mean"]
                 history = delta.records.history if self.carries_history else None
                 record = base | {"batch": index, "n_edited": n_edited, "time_s": elapsed} | measured
+                record["peak_rss_gb"] = peak_rss_gb()  # the process's peak so far (model, edit and evaluation)
                 if history is not None:
                     record["history_digest"] = history.digest()
                     now.metadata["history_digest"] = history.digest()

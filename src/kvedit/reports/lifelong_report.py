@@ -116,6 +116,7 @@ HEADER = (
     "max ‖ΔW‖/‖W₀‖ × 100",
     "Edit s / batch",
     "Eval s / batch",
+    "Peak GB",
 )
 
 
@@ -127,6 +128,7 @@ def table_rows(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[list[str
         mean_edit = sum(r.get("time_s", 0.0) for r in edited) / len(edited) if edited else None
         mean_eval = sum(r.get("eval_s", 0.0) for r in edited) / len(edited) if edited else None
         for _, r in milestone_rows(records):
+            peaks = [e["peak_rss_gb"] for e in edited if e["n_edited"] <= r["n_edited"] and "peak_rss_gb" in e]
             ppl, change = value(r, "general.perplexity")[0], perplexity_change(records, r)
             cells = [
                 name,
@@ -137,6 +139,7 @@ def table_rows(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[list[str
                 _fmt(value(r, "weights")[0], None, 2),
                 _fmt(mean_edit, None, 2),
                 _fmt(mean_eval, None, 2),
+                _fmt(max(peaks) if peaks else None, None, 2),
             ]
             rows.append(cells)
     return rows
@@ -151,7 +154,8 @@ NOTE = (
     "Means × 100 with ± half the 95 % interval (bootstrap over the sampled cases; Wilson over the pooled "
     "examples for label accuracy). Retention: earlier edits' efficacy and paraphrase on a fixed sample; "
     "specificity: the neighbourhood prompts of a fixed sample of cases (unrelated facts); each milestone is the "
-    "nearest batch present. Edit and eval s / batch: means over the run's batches."
+    "nearest batch present. Edit and eval s / batch: means over the run's batches. Peak GB: the largest resident "
+    "memory of the process(es) that ran the batches up to the milestone."
 )
 
 
