@@ -34,10 +34,12 @@ for stage in $stages; do
     10|100) methods=ft-keys,ft-values,memit,pmet,alphaedit ;;
     *) echo "stage $stage: batch size must be 1, 10 or 100" >&2; exit 2 ;;
   esac
-  every=$((100 / batch))  # general ability every 100 edits (one probe costs minutes); the rest after every batch
+  every=$((100 / batch))  # general ability every 100 edits (one probe costs minutes)
+  checks=$((batch < 50 ? 50 / batch : 1))  # retention and specificity every 50 edits (≈ 1 min each); the new batch always
   folder="$out/$data-x$batch"
   step "$kvedit" bench --model "$model" "${args[@]}" --n "$n" --sequential --batch-size "$batch" \
-    --methods "$methods" "${general[@]}" --general-every "$every" --out "$folder" ${extra[@]+"${extra[@]}"}
+    --methods "$methods" "${general[@]}" --general-every "$every" --retention-every "$checks" --out "$folder" \
+    ${extra[@]+"${extra[@]}"}
   "$kvedit" report "$folder"
 done
 for batch in 10 100; do

@@ -4,6 +4,7 @@ per-batch records equal to a direct computation on the model at that point, reve
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,9 @@ import torch
 from conftest import SHARED_DATA
 from tiny_models import tiny_lm
 
-from kvedit.runtime import peak_rss_gb
 from kvedit.bench import Bench, BenchConfig
-from kvedit.bench.lifelong import LifelongSettings
+from kvedit.bench.folder import BenchError
+from kvedit.bench.lifelong import LifelongSettings, check_settings
 from kvedit.bench.runner import BatchRunner
 from kvedit.bench.seqrun import SequentialRun, load_chain, run_dir, sequence_records
 from kvedit.cli import main
@@ -24,6 +25,7 @@ from kvedit.evaluation.general_ability import GeneralAbilityProbe, weight_change
 from kvedit.reports.bench_report import write_report
 from kvedit.reports.lifelong_pairs import milestone_rows
 from kvedit.reports.lifelong_report import write_lifelong_comparison
+from kvedit.runtime import peak_rss_gb
 
 FACTS = [
     ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
@@ -236,6 +238,8 @@ def test_cli_sequential_options_and_refused_changes(files, tiny_folder, tmp_path
         "--no-general-tasks",
         "--general-every",
         "2",
+        "--retention-every",
+        "2",
         "--general-window",
         "16",
         "--general-tokens",
@@ -245,6 +249,7 @@ def test_cli_sequential_options_and_refused_changes(files, tiny_folder, tmp_path
     records = sequence_records(out)
     assert [r["batch"] for r in records] == [-1, 0, 1] and records[-1]["general"]["label_accuracy"] == {}
     assert "general" not in records[1]  # --general-every 2: batches 2, 4, … and the last
+    assert "specificity" not in records[1] and "specificity" in records[2]  # --retention-every 2: likewise
     assert main(["report", str(out)]) == 0 and (out / "lifelong.md").is_file()
     capsys.readouterr()
     assert main([*args[:-1], "128", "--n", "3"]) == 2  # a resumed run measures as it began
@@ -298,3 +303,32 @@ def test_a_sequential_run_still_going_on_gets_its_lifelong_report(tmp_path):
     text = write_report(out).read_text()
     assert "in progress" in text and "| ft-keys x100 seq | 100 | 50.0" in text
     assert (out / "lifelong.md").is_file()
+
+
+def test_retention_every_k_batches_and_a_folder_from_before_the_setting_resumes(files, tmp_path):
+    lm = tiny_lm("llama")
+    settings = _lifelong(files, general=False, retention_sample=2, specificity_sample=1, retention_every=2)
+    config = BenchConfig(
+        dataset=str(files["data"]),
+        methods=("ft-values",),
+        n=3,
+        batch_sizes=(1,),
+        sequential=True,
+        extra={"layers": (1,), "max_steps": 2, "lr": 1e-2},
+        lifelong=settings,
+    )
+    out = tmp_path / "seq"
+    stored = out / "state" / "lifelong.json"
+    check_settings(stored, settings)
+    old = json.loads(stored.read_text())
+    del old["retention_every"]  # as written before the setting existed
+    stored.write_text(json.dumps(old))
+    with pytest.raises(BenchError, match="retention_every: 1 vs 2"):  # it was 1 then: not the same runs
+        check_settings(stored, settings)
+    check_settings(stored, replace(settings, retention_every=1))  # the default: the folder resumes
+    stored.unlink()
+    Bench(lm, config, out, progress=False).run()
+    records = {r["batch"]: r for r in sequence_records(out)}
+    assert [b for b in records if "retention" in records[b]] == [1, 2]  # the 2nd batch and the last
+    assert [b for b in records if "specificity" in records[b]] == [-1, 1, 2]
+    assert all("new" in records[b] for b in (0, 1, 2))  # the new batch is scored after every batch

@@ -27,7 +27,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class LifelongSettings:
     general_window: int = 256
     general_per_task: int = 50
     general_every: int = 1  # probe general ability after every k-th batch (and the last); it costs minutes per call
+    retention_every: int = 1  # retention and specificity after every k-th batch (and the last); ≈ 1 min per call
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,8 +71,11 @@ class LifelongSettings:
                 f"--retention-sample must be >= 1 and --specificity-sample >= 0, got "
                 f"{self.retention_sample} and {self.specificity_sample}"
             )
-        if self.general_every < 1:
-            raise BenchError(f"--general-every must be >= 1, got {self.general_every}")
+        if self.general_every < 1 or self.retention_every < 1:
+            raise BenchError(
+                f"--general-every and --retention-every must be >= 1, got {self.general_every} and "
+                f"{self.retention_every}"
+            )
         if self.general_tokens < self.general_window or self.general_window < 2 or self.general_per_task < 1:
             raise BenchError(
                 f"need --general-tokens >= --general-window >= 2 and --general-per-task >= 1, got "
@@ -193,10 +197,11 @@ class LifelongMeter:
         earlier: Sequence[EditRequest],
         chain: WeightDelta | None,
         general: bool = True,
+        checks: bool = True,
     ) -> dict[str, Any]:
         """One record's measurements (metrics × 100); `new_cases`: the new batch's per-case metrics (None: the
-        record before the first batch); `earlier`: the cases edited before the new batch; `chain`: W₀ → now; `general`: run the
-        general-ability probe (if there is one)."""
+        record before the first batch); `earlier`: the cases edited before the new batch; `chain`: W₀ → now;
+        `general`: run the general-ability probe (if there is one); `checks`: measure retention and specificity."""
         from ..evaluation.general_ability import weight_change
 
         start = time.perf_counter()
@@ -204,13 +209,13 @@ class LifelongMeter:
         record: dict[str, Any] = {}
         if new_cases is not None:
             record["new"] = self._stats(new_cases, keys, SHORT)
-        sample = self.samples.retention(earlier, self.settings.retention_sample)
+        sample = self.samples.retention(earlier, self.settings.retention_sample) if checks else []
         if sample:
             scored = self.suite.case_metrics(self.lm, [replace(r, neighborhood_prompts=()) for r in sample])
             record["retention"] = self._stats(scored, keys[:2], SHORT[:2])
             record["retention_cases"] = [r.case_id for r in sample]
             record["retention_values"] = {n: [c.get(k) for c in scored] for k, n in zip(keys[:2], SHORT[:2])}
-        if self.unrelated:
+        if self.unrelated and checks:
             scored = self.suite.case_metrics(self.lm, self.unrelated)
             record["specificity"] = self._stats(scored, keys[2:], SHORT[2:])["specificity"]
             record["specificity_values"] = [c.get(keys[2]) for c in scored]
@@ -239,7 +244,8 @@ def check_settings(path: Path, settings: LifelongSettings) -> None:
     """Store the settings at `path`, or refuse ones that differ from those stored (a resumed run must match)."""
     key = settings.key()
     if path.exists():
-        old = json.loads(path.read_text())
+        # a setting added after the folder was written was at its default then
+        old = {f.name: f.default for f in fields(LifelongSettings)} | json.loads(path.read_text())
         diff = sorted(k for k in key if old.get(k) != key[k])
         if diff:
             raise BenchError(

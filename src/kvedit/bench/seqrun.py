@@ -140,9 +140,13 @@ class SequentialRun:
                 n_edited = len(earlier) + len(batch)
                 records = bench.runner.records(spec, batch, delta, elapsed, index, {"n_edited": n_edited})
                 now = chain([d for d in (state["chain"], delta) if d is not None], self._chain_meta(index + 1))
-                every = bench.config.lifelong.general_every
+                settings, last = bench.config.lifelong, index == len(self.batches) - 1
                 measured = meter.measure(
-                    records, earlier, now, (index + 1) % every == 0 or index == len(self.batches) - 1
+                    records,
+                    earlier,
+                    now,
+                    general=(index + 1) % settings.general_every == 0 or last,
+                    checks=(index + 1) % settings.retention_every == 0 or last,
                 )
                 if "retention" in measured:
                     for r in records:
@@ -159,9 +163,9 @@ class SequentialRun:
             except BaseException:
                 delta.revert(lm)  # the batches before it are reverted by edit_in_order
                 raise
-            state.update(
-                chain=now, history=history, retention=measured.get("retention", {}).get("efficacy", {}).get("mean")
-            )
+            state.update(chain=now, history=history)
+            if "retention" in measured:  # between checks the bar keeps the last measured retention
+                state["retention"] = measured["retention"]["efficacy"]["mean"]
             return delta
 
         def status() -> Mapping[str, Any]:

@@ -119,6 +119,13 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         help="probe general ability after every k-th batch and the last (default 1: every batch; "
         "one probe costs minutes on 2 cores)",
     )
+    lifelong.add_argument(
+        "--retention-every",
+        type=int,
+        default=1,
+        help="measure retention of earlier edits and specificity after every k-th batch and the last (default 1; "
+        "≈ 1 min per check on the bundled model: with --batch-size 1, e.g. 50)",
+    )
     lifelong.add_argument("--no-general", action="store_true", help="no general-ability probe")
     lifelong.add_argument("--no-general-tasks", action="store_true", help="perplexity only, no label ranking")
     b.add_argument(
@@ -253,6 +260,7 @@ def _lifelong(args: argparse.Namespace):
         general_tokens=args.general_tokens,
         general_window=args.general_window,
         general_every=args.general_every,
+        retention_every=args.retention_every,
         general_per_task=args.general_per_task,
         seed=args.seed,
     )
