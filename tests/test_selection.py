@@ -322,14 +322,20 @@ def test_gemma3_takes_the_closed_form_presets_chosen_for_it():
 def test_preset_tables_hold_what_the_selection_chose(folder, row):
     """Each model's preset rows equal the chosen.json its selection wrote (results/ in this repository), so a
     table run on the model's defaults runs the settings docs/presets.md reports."""
+    from kvedit.editing.kn import KN_PRESETS
     from kvedit.editing.memit import MEMIT_PRESETS
     from kvedit.editing.pmet import PMET_PRESETS
     from kvedit.editing.presets import FT_MODEL_PRESETS
     from kvedit.editing.rome import ROME_PRESETS
+    from kvedit.editing.tpatcher import TPATCHER_PRESETS
 
     chosen = json.loads((Path(__file__).parents[1] / "results" / folder / "chosen.json").read_text())
     tables = {"rome": ROME_PRESETS, "memit": MEMIT_PRESETS, "pmet": PMET_PRESETS}
-    assert set(chosen) == {"ft-keys", "ft-values", *tables}
+    located = {"kn": KN_PRESETS, "t-patcher": TPATCHER_PRESETS}  # chosen in a later selection, model by model
+    assert {"ft-keys", "ft-values", *tables} <= set(chosen) <= {"ft-keys", "ft-values", *tables, *located}
+    for method, table in located.items():  # a model has its own row exactly when its selection chose one
+        assert (row in table) == (method in chosen), method
+    tables |= located
     for method, settings in chosen.items():
         preset = FT_MODEL_PRESETS[method.removeprefix("ft-")][row] if method.startswith("ft-") else tables[method][row]
         assert {k: list(v) if k == "layers" else v for k, v in preset.items() if k in settings} == settings, method

@@ -32,13 +32,16 @@ from .presets import frozen_presets
 
 #: EasyEdit's KN settings (hparams/KN/*.yaml): integration steps (= batch size there) and the coarse threshold.
 #: Its llama rows integrate with one step (the gradient at zero × the activation); kvedit keeps 20 for every
-#: family it has no row for, as the paper does.
+#: family it has no row for, as the paper does. A model's own row (MODEL_PRESETS) is the setting
+#: benchmarks/select_presets.py chose on its tuning split (docs/presets.md): SmolLM2 1 step, threshold 0.1, factor 8
+#: (E / P / S 60 / 62 / 40, Score 51.9; 20 steps at the same threshold and factor 51.6).
 KN_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets(
     {
         "gpt2-xl": {"max_steps": 20, "threshold": 0.2, "edit_factor": 2.0},
         "gpt-j": {"max_steps": 20, "threshold": 0.1, "edit_factor": 2.0},
         "llama": {"max_steps": 1, "threshold": 0.2, "edit_factor": 2.0},
         "gpt-neox": {"max_steps": 20, "threshold": 0.2, "edit_factor": 2.0},
+        "smollm2": {"layers": tuple(range(30)), "max_steps": 1, "threshold": 0.1, "edit_factor": 8.0},
     }
 )
 

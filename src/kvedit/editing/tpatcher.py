@@ -45,18 +45,23 @@ from .hparams import EditOutcome, check_ranges
 from .presets import frozen_presets
 from .stats import statistics_batches
 
+_REFERENCE = {
+    "layers": (-1,),
+    "lr": 1e-2,
+    "weight_decay": 0.01,
+    "max_steps": 2000,
+    "memory_weight": 10.0,
+    "max_neurons": 5,
+    "stats_source": "self",
+    "stats_tokens": 40_000,
+}
+#: "reference": the reference's zsRE settings (REFERENCE-2 §2). A model's own row (MODEL_PRESETS) is the setting
+#: benchmarks/select_presets.py chose on its tuning split (docs/presets.md): SmolLM2 memory weight 5, 5 neurons,
+#: lr 3e-3 (E / P / S 100 / 18 / 72, Score 37.8; the grid spans 34.6-37.8, one or two tuning cases).
 TPATCHER_PRESETS = frozen_presets(
     {
-        "reference": {
-            "layers": (-1,),
-            "lr": 1e-2,
-            "weight_decay": 0.01,
-            "max_steps": 2000,
-            "memory_weight": 10.0,
-            "max_neurons": 5,
-            "stats_source": "self",
-            "stats_tokens": 40_000,
-        },
+        "reference": _REFERENCE,
+        "smollm2": {**_REFERENCE, "layers": (29,), "lr": 3e-3, "memory_weight": 5.0, "max_neurons": 5},
     }
 )
 HELD_OUT = 0.1  # share of the memory inputs kept for the stopping check (the reference's validation memory)
