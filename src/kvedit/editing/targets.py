@@ -95,8 +95,8 @@ def site_values(lm: LM, site: Site, requests: Sequence[EditRequest]) -> torch.Te
     return tr[site].float()
 
 
-#: requests optimised in one batched pass at most. Per fact, 10 MEMIT facts in one group of 10 cost 13.4 s against
-#: 17.9 s in groups of 8 + 2 and 33–38 s one at a time (float32, 1 thread, interleaved; benchmarks/compute_speed.py);
+#: requests optimised in one batched pass at most. Per fact, 16 MEMIT facts in one group cost 4.66 s against 7.91 s
+#: one at a time at 2 threads, 8.39 s against 8.94 s at one (float32, quiet machine; benchmarks/compute_speed.py);
 #: memory grows by ≈ 120 MB per fact in the group (peak RSS 4.9 GB for one step of 32), so 16 keeps the peak within
 #: twice the 2.2 GB of 8.
 GROUP_SIZE = 16
