@@ -90,6 +90,19 @@ def _lifelong(files, general=True, **kw):
     )
 
 
+def _ft_values_config(files, settings, n, batch, steps):
+    """A sequential FT-values run of the first `n` cases in batches of `batch`, `steps` steps per edit."""
+    return BenchConfig(
+        dataset=str(files["data"]),
+        methods=("ft-values",),
+        n=n,
+        batch_sizes=(batch,),
+        sequential=True,
+        extra={"layers": (1,), "max_steps": steps, "lr": 1e-2},
+        lifelong=settings,
+    )
+
+
 def _alphaedit_config(files):
     return BenchConfig(
         dataset=str(files["data"]),
@@ -158,15 +171,7 @@ def test_per_batch_records_equal_a_direct_computation_and_the_chain_reverts_bit_
     lm = tiny_lm("llama")
     original = _weights(lm)
     settings = _lifelong(files, retention_sample=1, specificity_sample=2)
-    config = BenchConfig(
-        dataset=str(files["data"]),
-        methods=("ft-values",),
-        n=4,
-        batch_sizes=(2,),
-        sequential=True,
-        extra={"layers": (1,), "max_steps": 5, "lr": 1e-2},
-        lifelong=settings,
-    )
+    config = _ft_values_config(files, settings, n=4, batch=2, steps=5)
     out = tmp_path / "seq"
     Bench(lm, config, out, progress=False).run()
     records = sequence_records(out)
@@ -308,15 +313,7 @@ def test_a_sequential_run_still_going_on_gets_its_lifelong_report(tmp_path):
 def test_retention_every_k_batches_and_a_folder_from_before_the_setting_resumes(files, tmp_path):
     lm = tiny_lm("llama")
     settings = _lifelong(files, general=False, retention_sample=2, specificity_sample=1, retention_every=2)
-    config = BenchConfig(
-        dataset=str(files["data"]),
-        methods=("ft-values",),
-        n=3,
-        batch_sizes=(1,),
-        sequential=True,
-        extra={"layers": (1,), "max_steps": 2, "lr": 1e-2},
-        lifelong=settings,
-    )
+    config = _ft_values_config(files, settings, n=3, batch=1, steps=2)
     out = tmp_path / "seq"
     stored = out / "state" / "lifelong.json"
     check_settings(stored, settings)
