@@ -34,7 +34,8 @@ from .presets import frozen_presets
 #: Its llama rows integrate with one step (the gradient at zero × the activation); kvedit keeps 20 for every
 #: family it has no row for, as the paper does. A model's own row (MODEL_PRESETS) is the setting
 #: benchmarks/select_presets.py chose on its tuning split (docs/presets.md): SmolLM2 1 step, threshold 0.1, factor 8
-#: (E / P / S 60 / 62 / 40, Score 51.9; 20 steps at the same threshold and factor 51.6).
+#: (E / P / S 60 / 62 / 40, Score 51.9; 20 steps at the same threshold and factor 51.6); Gemma-3 20 steps, threshold
+#: 0.1, factor 8 (54 / 60 / 44, Score 51.8; one step 47.5).
 KN_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets(
     {
         "gpt2-xl": {"max_steps": 20, "threshold": 0.2, "edit_factor": 2.0},
@@ -42,6 +43,7 @@ KN_PRESETS: Mapping[str, Mapping[str, Any]] = frozen_presets(
         "llama": {"max_steps": 1, "threshold": 0.2, "edit_factor": 2.0},
         "gpt-neox": {"max_steps": 20, "threshold": 0.2, "edit_factor": 2.0},
         "smollm2": {"layers": tuple(range(30)), "max_steps": 1, "threshold": 0.1, "edit_factor": 8.0},
+        "gemma3-270m": {"layers": tuple(range(18)), "max_steps": 20, "threshold": 0.1, "edit_factor": 8.0},
     }
 )
 
