@@ -28,7 +28,7 @@ case "$dataset" in
   *) echo "dataset must be cf or zsre, got $dataset" >&2; exit 2 ;;
 esac
 # The table compares editors at presets chosen for this model; refuse to run on family fallbacks by accident
-python - "$model" "$one_at_a_time" <<'EOF'
+"$python" - "$model" "$one_at_a_time" <<'EOF'
 import sys
 from kvedit import load_model
 from kvedit.editing.registry import chosen_for_model

@@ -46,6 +46,21 @@ def test_the_value_rows_of_the_neurons_move_by_the_embedding_difference():
     assert all(torch.equal(snapshot(lm)[n], before[n]) for n in before)
 
 
+def test_without_a_true_object_the_neurons_are_those_of_the_models_own_answer():
+    """zsRE as MEMIT loads it has no true object: KN attributes the model's own next token (token id, not text)."""
+    lm = tiny("llama")
+    request = kvedit.EditRequest(REQUEST.prompt, REQUEST.subject, target_new="rome")
+    ids = lm.tokenizer(request.rewrite_prompt, return_tensors="pt")["input_ids"]
+    greedy = int(lm.model(input_ids=ids).logits[0, -1].argmax())
+    layers = list(range(lm.num_layers))
+    expected = sorted(coarse_neurons(attributions(lm, request.rewrite_prompt, greedy, 20, layers), layers, 0.2))
+    before = snapshot(lm)
+    delta = kvedit.edit(lm, request, "kn", preset="gpt2-xl")
+    assert expected and sorted((l, i) for l, i, _ in delta.records.neurons[0]) == expected
+    delta.revert(lm)
+    assert all(torch.equal(snapshot(lm)[n], before[n]) for n in before)
+
+
 def test_a_multi_token_new_object_adds_each_token_once():
     lm = tiny("llama")
     request = kvedit.EditRequest(REQUEST.prompt, REQUEST.subject, target_new="big ben", target_true="paris")

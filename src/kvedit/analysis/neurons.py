@@ -48,8 +48,10 @@ class FactNeurons:
     coarse: list[list[Neuron]]
 
 
-def _answer_token(lm: LM, answer: str) -> int:
-    """The first token of ` answer` (with its leading space, as it follows a prompt)."""
+def _answer_token(lm: LM, answer: str | int) -> int:
+    """The first token of ` answer` (with its leading space, as it follows a prompt); a token id passes through."""
+    if isinstance(answer, int):
+        return answer
     ids = lm.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"the answer {answer!r} has no tokens")
@@ -59,13 +61,13 @@ def _answer_token(lm: LM, answer: str) -> int:
 def attributions(
     lm: LM,
     prompt: str,
-    answer: str,
+    answer: str | int,
     steps: int = STEPS,
     layers: Sequence[int] | None = None,
     on_layer: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Integrated-gradient attributions `[layers, d_ff]` (float32) of P(answer's first token) to every memory
-    coefficient at the prompt's last token; rows follow `layers` (default: all). `on_layer` is called after each
+    coefficient at the prompt's last token; rows follow `layers` (default: all); `answer` a string or a token id. `on_layer` is called after each
     layer (progress)."""
     if lm.arch.objective != "causal":
         raise ValueError(f"knowledge neurons are read at the last token of a causal LM; {lm.arch.family} is masked")

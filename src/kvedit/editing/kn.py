@@ -9,7 +9,9 @@ embedding space:
 - one-token new object: v ← v − 2·e(greedy) + 2·e(new);
 - longer ones: v ← v − Σₖ e(greedyₖ) + Σₖ e(newₖ), over as many greedy tokens as the new object has.
 
-`greedy` is the model's own continuation of the rewrite prompt (not the true object), as in EasyEdit. The only
+`greedy` is the model's own continuation of the rewrite prompt (not the true object), as in EasyEdit. A request
+without a true object (zsRE as MEMIT loads it: the new object is the data set's answer) takes the neurons of the
+model's own next token, the answer the edit replaces. The only
 weights written are the value rows of the neurons found; requests of one call are edited one after another.
 Inside `reused_attributions(lm)` a call's first request takes attributions computed before in the block for the
 same prompt, answer, steps and layers (a sweep over thresholds and edit factors integrates once per case).
@@ -115,7 +117,7 @@ def _value_rows(lm: LM, layer: int) -> torch.Tensor:
 _MEMO_KEY = "reused_attributions"  # lm.memo key of the open attribution memo
 
 #: (rewrite prompt, true object, steps, layers) → attributions `[layers, d_ff]`
-AttributionMemo = dict[tuple[str, str, int, tuple[int, ...]], torch.Tensor]
+AttributionMemo = dict[tuple[str, str | int, int, tuple[int, ...]], torch.Tensor]
 
 
 @contextmanager
@@ -137,12 +139,14 @@ def reused_attributions(lm: LM) -> Iterator[AttributionMemo]:
 def _attributions(lm: LM, request: EditRequest, hp: KNHyperParams, layers: list[int], first: bool) -> torch.Tensor:
     """The request's attributions on the rewrite prompt; from/into the open memo for a call's first request (later
     ones see weights the earlier requests changed)."""
-    assert request.target_true is not None
+    answer: str | int = (
+        request.target_true if request.target_true is not None else _greedy(lm, request.rewrite_prompt, 1)[0]
+    )
     memo: AttributionMemo | None = lm.memo.get(_MEMO_KEY) if first else None
-    key = (request.rewrite_prompt, request.target_true, hp.max_steps, tuple(layers))
+    key = (request.rewrite_prompt, answer, hp.max_steps, tuple(layers))
     if memo is not None and key in memo:
         return memo[key]
-    scores = attributions(lm, request.rewrite_prompt, request.target_true, hp.max_steps, layers)
+    scores = attributions(lm, request.rewrite_prompt, answer, hp.max_steps, layers)
     if memo is not None:
         memo[key] = scores
     return scores
@@ -154,8 +158,6 @@ def kn_edit(lm: LM, requests: Sequence[EditRequest], hp: KNHyperParams) -> EditO
     embed = tensor_attr(lm.model.get_input_embeddings(), "weight").detach()
     edited: list[list[tuple[int, int, float]]] = []
     for k, request in enumerate(requests):
-        if request.target_true is None:
-            raise ValueError(f"case {request.case_id}: KN finds the neurons of the true object; give target_true")
         scores = _attributions(lm, request, hp, layers, first=k == 0)
         neurons = sorted(
             ((l, i, float(scores[layers.index(l), i])) for l, i in coarse_neurons(scores, layers, hp.threshold)),
