@@ -450,8 +450,11 @@ def test_seed_tables_script_refuses_editors_without_presets_chosen_for_the_model
     import sys
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_tables.sh"
+    bin_dir = Path(sys.executable).parent  # kvedit's interpreter is not on PATH: the script finds it beside kvedit
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != bin_dir)
     env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PATH": path,
+        "KVEDIT": str(bin_dir / "kvedit"),
         "METHODS": "kn,t-patcher",
         "OMP_NUM_THREADS": "1",
     }
