@@ -204,7 +204,7 @@ def score_setting(
     Cases `log` already holds for this setting are read from it, not edited again; new ones are added to it."""
     key = setting_key(method, setting)
     rows, times = [], []
-    for request in requests:
+    for request in tqdm(requests, desc=f"{method} cases", unit="case", leave=False):
         logged = log.done(key).get(request.case_id) if log is not None else None
         if logged is None:
             start = time.perf_counter()
