@@ -27,7 +27,7 @@ def _probability_with(lm, layer, coefficients_at_last):
 
     def put(module, args):
         h = args[0].clone()
-        h[:, -1] = coefficients_at_last
+        h.view(-1, h.shape[-1])[-1] = coefficients_at_last  # the last row is the last token (OPT flattens to 2-D)
         return (h, *args[1:])
 
     handle = values.register_forward_pre_hook(put)
@@ -37,11 +37,40 @@ def _probability_with(lm, layer, coefficients_at_last):
         handle.remove()
 
 
+def _direct_riemann_sum(lm, layer, steps):
+    """m̄ · (1/steps) Σ_k ∂P/∂m at (k/steps)·m̄, each gradient from a full forward pass with a plain hook."""
+    captured = {}
+    handle = lm.module(lm.values_path(layer)).register_forward_pre_hook(
+        lambda m, a: captured.setdefault("m", a[0].reshape(-1, a[0].shape[-1])[-1].detach().clone())
+    )
+    with torch.no_grad():
+        lm.model(input_ids=lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"])
+    handle.remove()
+    m_bar = captured["m"]
+    grads = []
+    for k in range(steps):
+        point = (k / steps * m_bar).requires_grad_(True)
+        (g,) = torch.autograd.grad(_probability_with(lm, layer, point), point)
+        grads.append(g)
+    return m_bar * torch.stack(grads).sum(0) / steps
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "opt", "gptj", "olmo2", "qwen2", "gemma2"])
+def test_attributions_run_the_last_token_alone_on_every_family(family):
+    """The earlier tokens come from the prompt's KV cache and only the last one runs per step: the first and the
+    last layer (no replayed layers; replay up to the top) equal the direct sum on the families not tested below."""
+    lm = tiny(family)
+    for layer in (0, lm.num_layers - 1):
+        got = attributions(lm, PROMPT, "paris", steps=4, layers=[layer])[0]
+        torch.testing.assert_close(got, _direct_riemann_sum(lm, layer, 4), atol=1e-7, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
 def test_attributions_equal_a_direct_riemann_sum_and_approach_the_integral(family):
     lm = tiny(family)
     layer = 1
     got = attributions(lm, PROMPT, "paris", steps=8, layers=[layer])[0]
+    torch.testing.assert_close(got, _direct_riemann_sum(lm, layer, 8), atol=1e-7, rtol=1e-4)  # α = k/8, k = 0…7
     captured = {}
     handle = lm.module(lm.values_path(layer)).register_forward_pre_hook(
         lambda m, a: captured.setdefault("m", a[0][0, -1].detach().clone())
@@ -50,13 +79,6 @@ def test_attributions_equal_a_direct_riemann_sum_and_approach_the_integral(famil
         lm.model(input_ids=lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"])
     handle.remove()
     m_bar = captured["m"]
-    grads = []
-    for k in range(8):  # the reference's grid: α = k/8, k = 0…7
-        point = (k / 8 * m_bar).requires_grad_(True)
-        (g,) = torch.autograd.grad(_probability_with(lm, layer, point), point)
-        grads.append(g)
-    want = m_bar * torch.stack(grads).sum(0) / 8
-    torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-4)
     # completeness: with a fine grid the attributions add up to P(m̄) − P(0)
     fine = attributions(lm, PROMPT, "paris", steps=400, layers=[layer])[0]
     with torch.no_grad():

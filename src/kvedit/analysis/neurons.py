@@ -19,14 +19,16 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..models.ffn_width import ffn_width
-from ..models.lm import LM
-from ..models.split import layer_returns_tuple, replayed_layers
+from ..models.lm import LM, cache_keyword, returned_cache
+from ..models.split import appendable_copy, layer_returns_tuple, replayed_layers
 from ..models.tracing import Replacement, Scaling, Trace
 
 STEPS = 20  # integration steps (Dai et al.: m = 20)
@@ -78,29 +80,48 @@ def attributions(
     ids = torch.tensor([lm.tokenizer(prompt)["input_ids"]], device=lm.device)
     last = ids.shape[1] - 1
     block_sites = [("residual", l - 1) for l in layers if l > 0]
-    with torch.no_grad(), Trace(lm, read=[*(("coefficients", l) for l in layers), *block_sites]) as clean:
-        lm.model.base_model(input_ids=ids)
+    with torch.no_grad():  # the tokens before the last one once (their KV cache), then the last one, read
+        prefix = returned_cache(lm.model.base_model(input_ids=ids[:, :last], use_cache=True)) if last else None
+        with Trace(lm, read=[*(("coefficients", l) for l in layers), *block_sites]) as clean:
+            lm.model.base_model(input_ids=ids[:, last:], **_after(lm, prefix, last, 1))
     as_tuple = layer_returns_tuple(lm)
     alphas = torch.arange(steps, dtype=torch.float32, device=lm.device) / steps
-    rows = ids.expand(steps, -1)
+    rows = ids[:, last:].expand(steps, -1)  # only the last token runs: the earlier ones cannot see its coefficients
     result = []
     for layer in layers:
-        coefficients = clean["coefficients", layer][0, last]  # [d_ff]
+        coefficients = clean["coefficients", layer][0, 0]  # [d_ff]
         scaled = (alphas[:, None] * coefficients[None]).detach().requires_grad_(True)
-        replace = {("coefficients", layer): Replacement(scaled, torch.full((steps,), last, device=lm.device))}
+        replace = {("coefficients", layer): Replacement(scaled, torch.zeros(steps, dtype=torch.long, device=lm.device))}
         with torch.enable_grad(), Trace(lm, replace=replace):
-            if layer > 0:  # layers below run once: their output enters layer `layer` for every step's row
-                entry = clean["residual", layer - 1].expand(steps, -1, -1)
-                with replayed_layers(lm, layer, entry, as_tuple):
-                    hidden = lm.model.base_model(input_ids=rows).last_hidden_state[:, -1]
-            else:
-                hidden = lm.model.base_model(input_ids=rows).last_hidden_state[:, -1]
+            replay = (  # layers below run once: their output enters layer `layer` for every step's row
+                replayed_layers(lm, layer, clean["residual", layer - 1].expand(steps, -1, -1), as_tuple)
+                if layer > 0
+                else nullcontext()
+            )
+            with replay:
+                hidden = lm.model.base_model(input_ids=rows, **_after(lm, prefix, last, steps)).last_hidden_state[:, -1]
             p = lm.unembed(hidden).float().softmax(-1)[:, target]
             (grad,) = torch.autograd.grad(p.sum(), scaled)
         result.append((coefficients.float() * grad.float().sum(0) / steps).detach().cpu())
         if on_layer is not None:
             on_layer()
     return torch.stack(result)
+
+
+def _after(lm: LM, prefix: Any, last: int, rows: int) -> dict[str, Any]:
+    """Forward arguments that run token `last` of `rows` copies of a prompt after `prefix`, the KV cache of its
+    tokens 0 … last−1 (a copy: the pass appends to it); none for a one-token prompt."""
+    if prefix is None:
+        return {}
+    cache = appendable_copy(prefix)
+    if rows > 1:
+        cache.batch_repeat_interleave(rows)
+    return {
+        "position_ids": torch.full((rows, 1), last, dtype=torch.long, device=lm.device),
+        "attention_mask": torch.ones(rows, last + 1, dtype=torch.long, device=lm.device),
+        "use_cache": True,
+        **cache_keyword(lm.model.base_model, cache),
+    }
 
 
 def coarse_neurons(scores: torch.Tensor, layers: Sequence[int], threshold: float = THRESHOLD) -> list[Neuron]:
