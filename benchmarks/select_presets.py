@@ -13,9 +13,12 @@ holds, every method in it, so run the script once more when both have finished (
 undone), or with --tables-only.
 KN and T-Patcher (`--methods kn,t-patcher`) have one layer choice each, so --shard shares their grids out setting
 by setting; grid.md puts the settings without a column of their own (threshold, steps, …) under "other".
+--where KEY=VALUE (repeatable) keeps only the settings of each grid that have KEY = VALUE (methods whose grid has
+no KEY keep theirs): a reduced grid where the full one costs too much, said in grid.md. The folder remembers it
+(restrict.json), so later runs and --tables-only use the same grid; a different --where is refused.
 Usage: python benchmarks/select_presets.py --out runs/select-smollm2 [--model gemma3-270m] [--n-tune 50]
        [--n-report 200] [--methods memit,pmet,rome,ft-keys,ft-values,kn,t-patcher] [--base-preset smollm2]
-       [--shard 0/2]
+       [--shard 0/2] [--where memory_weight=5 --where max_neurons=5]
 """
 
 from __future__ import annotations
@@ -95,6 +98,37 @@ def shard_of(grid: list[dict], k: int, n: int) -> list[dict]:
     return [s for s in grid if layer_choices.index(tuple(s.get("layers", ()))) % n == k]
 
 
+def _where(items: list[str]) -> dict[str, float | str]:
+    """{"memory_weight": 5.0} from ["memory_weight=5"] (numbers as floats, anything else as text)."""
+    where: dict[str, float | str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--where: expected KEY=VALUE such as memory_weight=5, got {item!r}")
+        try:
+            where[key] = float(value)
+        except ValueError:
+            where[key] = value
+    return where
+
+
+def restricted(grid: list[dict], where: dict[str, float | str]) -> list[dict]:
+    """The settings of `grid` that agree with `where` on every key they have."""
+    return [s for s in grid if all(s[k] == v for k, v in where.items() if k in s)]
+
+
+def _folder_where(out: Path, given: dict[str, float | str]) -> dict[str, float | str]:
+    """The folder's grid restriction: `given` on first use (saved to restrict.json), else what it saved; a
+    different one is refused, since the tables would mix two grids."""
+    path = out / "restrict.json"
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved is not None and given and given != saved:
+        raise SystemExit(f"--where {given} differs from the restriction {saved} this folder was made with")
+    if saved is None and given:
+        path.write_text(json.dumps(given, indent=1))
+    return given or saved or {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -121,11 +155,28 @@ def main() -> None:
         help="preset row the closed-form editors start from when the model has none of its own "
         "(e.g. smollm2); the grid sets layers, λ and δ decay",
     )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep only the grid settings with KEY = VALUE (repeatable; e.g. memory_weight=5); saved in the folder",
+    )
     args = parser.parse_args()
     shard, shards = _shard(args.shard)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(args.model)
+    methods = args.methods.split(",")
+    given = _where(args.where)
+    unknown = set(given) - {k for m in methods for s in default_grid(lm, m) for k in s}
+    if unknown:
+        raise SystemExit(f"--where: no grid of {', '.join(methods)} has {', '.join(sorted(unknown))}")
+    where = _folder_where(out, given)
+
+    def grid_of(method: str, rows: list[dict]) -> list[dict]:
+        return restricted(default_grid(lm, method, rows), where)
+
     if not args.tables_only:
         split = known_split(lm, load_requests(args.dataset), args.n_tune, args.n_report)
         (out / "split.json").write_text(
@@ -142,7 +193,6 @@ def main() -> None:
         )
     path = out / "grid.jsonl"
     cut_torn_tail(path)
-    methods = args.methods.split(",")
 
     def write(row: dict) -> None:
         with path.open("a") as f:
@@ -152,11 +202,7 @@ def main() -> None:
     for _stage in range(0 if args.tables_only else 2):  # the δ-decay stage follows a complete first stage
         done = _read_grid(path)
         grids = {
-            m: [
-                s
-                for s in shard_of(default_grid(lm, m, list(done.values())), shard, shards)
-                if setting_key(m, s) not in done
-            ]
+            m: [s for s in shard_of(grid_of(m, list(done.values())), shard, shards) if setting_key(m, s) not in done]
             for m in methods
         }
         if any(grids.values()):
@@ -179,7 +225,7 @@ def main() -> None:
         "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for m in shown:
-        grid = default_grid(lm, m, rows)
+        grid = grid_of(m, rows)
         order = {setting_key(m, s): i for i, s in enumerate(grid)}
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: order.get(_key(r), len(order)))
         if not mine:
@@ -203,10 +249,17 @@ def main() -> None:
         "Success rates × 100 over the tuning split; Score their harmonic mean; edit s the median edit "
         "time (for a setting whose target vectors were reused from one that differs only in λ, the solve "
         "alone).",
+        *(
+            [
+                f"Grid restricted to {', '.join(f'{k} = {v:g}' if isinstance(v, float) else f'{k} = {v}' for k, v in where.items())} (--where, restrict.json)."
+            ]
+            if where
+            else []
+        ),
     ]
     (out / "grid.md").write_text("\n".join(lines) + "\n")
     sweeps = [
-        f"**{m}** (Score on the tuning split)\n\n{sweep_table(m, rows, default_grid(lm, m, rows))}"
+        f"**{m}** (Score on the tuning split)\n\n{sweep_table(m, rows, grid_of(m, rows))}"
         for m in shown
         if any(r["method"] == m for r in rows)
     ]

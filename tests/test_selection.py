@@ -440,6 +440,18 @@ def test_select_presets_runs_kn_and_tpatcher_end_to_end(tmp_path, monkeypatch, t
     script.main()  # the tables of another --methods still hold every method the folder has
     assert json.loads((out / "chosen.json").read_text()) == chosen
     assert "| t-patcher" in (out / "grid.md").read_text()
+    monkeypatch.setattr(sys, "argv", [*argv, "--tables-only", "--where", "nonsense=1"])
+    with pytest.raises(SystemExit, match="has nonsense"):
+        script.main()
+    monkeypatch.setattr(sys, "argv", [*argv, "--tables-only", "--where", "lr=0.01"])
+    script.main()  # a reduced grid (T-Patcher's second setting only; KN has no lr): its choice, said in grid.md
+    second = next(r for r in rows if r["method"] == "t-patcher" and r["lr"] == 0.01)
+    reduced = json.loads((out / "chosen.json").read_text())
+    assert reduced["kn"] == chosen["kn"] and reduced["t-patcher"] == selection.setting_of(second)
+    assert "Grid restricted to lr = 0.01" in (out / "grid.md").read_text()
+    monkeypatch.setattr(sys, "argv", [*argv, "--tables-only", "--where", "lr=0.003"])
+    with pytest.raises(SystemExit, match="differs from the restriction"):
+        script.main()
 
 
 def test_seed_tables_script_refuses_editors_without_presets_chosen_for_the_model(tmp_path, tiny_folder):
