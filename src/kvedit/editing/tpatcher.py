@@ -57,11 +57,13 @@ _REFERENCE = {
 }
 #: "reference": the reference's zsRE settings (REFERENCE-2 §2). A model's own row (MODEL_PRESETS) is the setting
 #: benchmarks/select_presets.py chose on its tuning split (docs/presets.md): SmolLM2 memory weight 5, 5 neurons,
-#: lr 3e-3 (E / P / S 100 / 18 / 72, Score 37.8; the grid spans 34.6-37.8, one or two tuning cases).
+#: lr 3e-3 (E / P / S 100 / 18 / 72, Score 37.8; the grid spans 34.6-37.8, one or two tuning cases); Gemma-3, on a
+#: grid reduced to SmolLM2's memory weight and neurons, lr 3e-2 (100 / 32 / 62, Score 52.3; 1e-2 50.9, 3e-3 41.5).
 TPATCHER_PRESETS = frozen_presets(
     {
         "reference": _REFERENCE,
         "smollm2": {**_REFERENCE, "layers": (29,), "lr": 3e-3, "memory_weight": 5.0, "max_neurons": 5},
+        "gemma3-270m": {**_REFERENCE, "layers": (17,), "lr": 3e-2, "memory_weight": 5.0, "max_neurons": 5},
     }
 )
 HELD_OUT = 0.1  # share of the memory inputs kept for the stopping check (the reference's validation memory)
