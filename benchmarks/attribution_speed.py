@@ -11,9 +11,6 @@ Usage: OMP_NUM_THREADS=1 python benchmarks/attribution_speed.py [--model gemma3-
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,27 +19,11 @@ import torch
 from kvedit import load_model
 from kvedit.analysis import neurons
 from kvedit.data.loaders import load_requests
+from old_code import module_at
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 BEFORE = "b91ba88"  # neurons.py with every token run per step
-
-
-def load_before(commit: str):
-    """`kvedit.analysis.neurons` as it was at `commit`, imported beside the current one."""
-    source = subprocess.run(
-        ["git", "show", f"{commit}:src/kvedit/analysis/neurons.py"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    name = "kvedit.analysis._neurons_before"
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
-    module.__package__ = "kvedit.analysis"
-    sys.modules[name] = module
-    exec(compile(source, f"{commit}:neurons.py", "exec"), module.__dict__)
-    return module
 
 
 def main() -> None:
@@ -56,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
-    versions = {"before": load_before(args.before), "after": neurons}
+    versions = {"before": module_at(args.before, "kvedit.analysis.neurons"), "after": neurons}
     print(f"{lm.name}: {lm.num_layers} layers, {args.steps} steps, {args.threads} thread(s); before = {args.before}")
     print("| case | tokens | before CPU s | after CPU s | CPU ratio | before wall s | after wall s | max rel. diff |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

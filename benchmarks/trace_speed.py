@@ -13,9 +13,6 @@ Usage: OMP_NUM_THREADS=1 python benchmarks/trace_speed.py [--n 3] [--threads 1] 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,29 +21,11 @@ import torch
 from kvedit import load_model
 from kvedit.analysis import causal_trace
 from kvedit.data.loaders import load_requests
+from old_code import module_at
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 BEFORE = "6468ab7"  # causal_trace.py as first committed (83e89b5), unchanged up to this commit
-
-
-def load_before(commit: str):
-    """`kvedit.analysis.causal_trace` as it was at `commit`, imported as a sibling module (its relative imports
-    resolve against the current package)."""
-    source = subprocess.run(
-        ["git", "show", f"{commit}:src/kvedit/analysis/causal_trace.py"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    name = "kvedit.analysis._causal_trace_before"
-    spec = importlib.util.spec_from_loader(name, loader=None)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "kvedit.analysis"
-    sys.modules[name] = module
-    exec(compile(source, f"{commit}:causal_trace.py", "exec"), module.__dict__)
-    return module
 
 
 def timed(fn, *args, **kwargs):
@@ -76,7 +55,7 @@ def main() -> None:
     lm = load_model(args.model)
     requests = load_requests(args.dataset)
     nu = causal_trace.embedding_noise_scale(lm, [r.subject for r in requests])
-    before = None if args.skip_before else load_before(args.before)
+    before = None if args.skip_before else module_at(args.before, "kvedit.analysis.causal_trace")
     print(f"{lm.name}: {lm.num_layers} layers, {args.threads} thread(s), ν = {nu:.4f}; before = {args.before}")
     print(
         "| fact | tokens | subject | before CPU s | after CPU s | CPU ratio | before wall s | after wall s "
