@@ -8,6 +8,7 @@
 #   e.g. OMP_NUM_THREADS=1 nohup benchmarks/lifelong.sh smollm2-135m results/lifelong-smollm2 > lifelong.log 2>&1 &
 #        benchmarks/lifelong.sh gemma3-270m results/lifelong-gemma3 1000 -- --ray --workers 2
 #        STAGES="cf:100" benchmarks/lifelong.sh   # one data set and batch size (cf|zsre : 1|10|100)
+#        STAGES="cf:100" METHODS=alphaedit benchmarks/lifelong.sh   # one method of the stage (others later, same folder)
 # Each (data set, batch size) is its own folder OUT/<cf|zsre>-x<B>: a sequential run edits one model in order, so
 # runs in one folder go one after another; two invocations on different STAGES use two cores. --ray is passed
 # through (runs that are not sequential go to the workers; sequential runs stay in the process, kvedit says so).
@@ -34,6 +35,7 @@ for stage in $stages; do
     10|100) methods=ft-keys,ft-values,memit,pmet,alphaedit ;;
     *) echo "stage $stage: batch size must be 1, 10 or 100" >&2; exit 2 ;;
   esac
+  methods=${METHODS:-$methods}
   every=$((100 / batch))  # general ability every 100 edits (one probe costs minutes)
   checks=$((batch < 50 ? 50 / batch : 1))  # retention and specificity every 50 edits (≈ 1 min each); the new batch always
   folder="$out/$data-x$batch"

@@ -329,3 +329,37 @@ def test_retention_every_k_batches_and_a_folder_from_before_the_setting_resumes(
     assert [b for b in records if "retention" in records[b]] == [1, 2]  # the 2nd batch and the last
     assert [b for b in records if "specificity" in records[b]] == [-1, 1, 2]
     assert all("new" in records[b] for b in (0, 1, 2))  # the new batch is scored after every batch
+
+
+def test_lifelong_script_runs_one_stage_and_method_and_reports(tiny_folder, tmp_path):
+    """benchmarks/lifelong.sh with STAGES and METHODS runs that one sequential run (the first 3 CounterFact cases in
+    batches of 10 on a tiny model, general ability on a small slice) and writes its report."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lifelong.sh"
+    env = os.environ | {
+        "KVEDIT": str(Path(sys.executable).parent / "kvedit"),
+        "STAGES": "cf:10",
+        "METHODS": "ft-keys",
+        "OMP_NUM_THREADS": "1",
+    }
+    out = tmp_path / "lifelong"
+    small = ["--general-tokens", "256", "--general-window", "64", "--general-per-task", "2", "--retention-sample", "2"]
+    done = subprocess.run(
+        ["bash", str(script), str(tiny_folder), str(out), "3", "--", *small, "--specificity-sample", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = sequence_records(out / "cf-x10")
+    assert {r["run"] for r in records} == {"ft-keys x10 seq"} and [r["batch"] for r in records] == [-1, 0]
+    assert records[-1]["general"]["perplexity"] > 0
+    cases = [json.loads(line) for line in (out / "cf-x10" / "cases.jsonl").read_text().splitlines()]
+    assert sorted({c["case_id"] for c in cases}) == sorted(
+        r.case_id for r in load_requests(SHARED_DATA / "editing/counterfact/counterfact-edit-1k.json", limit=3)
+    )
+    assert (out / "cf-x10" / "lifelong.md").is_file() and not (out / "zsre-x10").exists()
