@@ -60,6 +60,16 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+#: five CounterFact-style facts (prompt, subject, target_new, target_true) the bench, lifelong and compare tests edit
+FACTS = (
+    ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
+    ("{} is located in the city of", "the colosseum", "london", "rome"),
+    ("{} is the capital of", "berlin", "spain", "germany"),
+    ("{} is located in the city of", "big ben", "madrid", "london"),
+    ("the official language of {} is", "france", "german", "french"),
+)
+
+
 def write_facts(path: Path, rows: Iterable, **extra) -> Path:
     """Write CounterFact-style facts to `path` (JSON): `rows` are (prompt, subject, target_new, target_true)
     tuples or EditRequests; each record gets its index as case_id, "<subject> lies in" as paraphrase and
@@ -80,6 +90,23 @@ def write_facts(path: Path, rows: Iterable, **extra) -> Path:
             }
         )
     path.write_text(json.dumps(records))
+    return path
+
+
+#: one record in zsRE's (MEND) format
+ZSRE_RECORD = {
+    "subject": "rome",
+    "src": "where is rome?",
+    "answers": ["italy"],
+    "rephrase": "rome is in?",
+    "loc": "nq question: who is",
+    "loc_ans": "paris",
+}
+
+
+def write_zsre(path: Path) -> Path:
+    """A zsRE-format file at `path` holding `ZSRE_RECORD` alone."""
+    path.write_text(json.dumps([ZSRE_RECORD]))
     return path
 
 

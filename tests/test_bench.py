@@ -3,28 +3,17 @@ known-fact filter, sequential runs, restored weights, and clear errors."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from types import MappingProxyType
 
 import pytest
-from helpers import same, snapshot, write_facts
+from helpers import FACTS, ZSRE_RECORD, same, snapshot, write_facts, write_zsre
 
 import kvedit.bench.runner as batch_runner_module
 from kvedit.bench.config import BenchConfig
 from kvedit.bench.folder import (
-    LOCK_FILE,
     BenchError,
-    FolderInUseError,
-    check_bench_folder,
     load_cases_file,
-    lock_bench_folder,
 )
 from kvedit.bench.harness import Bench
 from kvedit.cli import main
@@ -32,15 +21,6 @@ from kvedit.data.download import download, resolve_dataset
 from kvedit.data.loaders import DatasetError, load_requests
 from kvedit.evaluation import target_nll
 from kvedit.evaluation.known import known_filter
-from kvedit.reports.bench_report import write_report
-
-FACTS = [
-    ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
-    ("{} is located in the city of", "the colosseum", "london", "rome"),
-    ("{} is the capital of", "berlin", "spain", "germany"),
-    ("{} is located in the city of", "big ben", "madrid", "london"),
-    ("the official language of {} is", "france", "german", "french"),
-]
 
 
 @pytest.fixture
@@ -313,21 +293,7 @@ def test_bad_settings_are_clear_errors(tiny_llama, dataset, tmp_path):
         BenchConfig(dataset=str(dataset), methods=("ft-everything",)).specs()
     with pytest.raises(BenchError, match="--batch-size"):
         BenchConfig(dataset=str(dataset), methods=("ft-keys",), batch_sizes=(0,)).specs()
-    zsre = tmp_path / "zsre.json"
-    zsre.write_text(
-        json.dumps(
-            [
-                {
-                    "subject": "rome",
-                    "src": "where is rome?",
-                    "answers": ["italy"],
-                    "rephrase": "rome is in?",
-                    "loc": "nq question: who is",
-                    "loc_ans": "paris",
-                }
-            ]
-        )
-    )
+    zsre = write_zsre(tmp_path / "zsre.json")
     with pytest.raises(BenchError, match="target_true"):
         Bench(tiny_llama, BenchConfig(dataset=str(zsre), methods=("ft-keys",), known_only=True), tmp_path / "z")
     with pytest.raises(DatasetError, match="neither a file nor an official name"):
@@ -335,21 +301,7 @@ def test_bad_settings_are_clear_errors(tiny_llama, dataset, tmp_path):
 
 
 def test_zsre_bench_reports_token_accuracy(tiny_llama, tmp_path):
-    zsre = tmp_path / "zsre.json"
-    zsre.write_text(
-        json.dumps(
-            [
-                {
-                    "subject": "rome",
-                    "src": "where is rome?",
-                    "answers": ["italy"],
-                    "rephrase": "rome is in?",
-                    "loc": "nq question: who is",
-                    "loc_ans": "paris",
-                }
-            ]
-        )
-    )
+    zsre = write_zsre(tmp_path / "zsre.json")
     summary = Bench(
         tiny_llama, BenchConfig(dataset=str(zsre), methods=("ft-keys",)), tmp_path / "z", progress=False
     ).run()
@@ -436,16 +388,7 @@ def test_official_dataset_downloads_once_into_the_cache(tmp_path, kvedit_cache, 
 
     served = tmp_path / "served"
     served.mkdir()
-    records = [
-        {
-            "subject": "rome",
-            "src": "where is rome?",
-            "answers": ["italy"],
-            "rephrase": "rome is in?",
-            "loc": "nq question: who is",
-            "loc_ans": "paris",
-        }
-    ]
+    records = [ZSRE_RECORD]
     (served / "zsre_mend_eval.json").write_text(json.dumps(records))
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
@@ -467,242 +410,3 @@ def test_official_dataset_downloads_once_into_the_cache(tmp_path, kvedit_cache, 
         assert resolve_dataset("zsre")[0] == path
     finally:
         server.shutdown()
-
-
-# ---------------------------------------------------------------- the suite is explicit (issue 34)
-
-
-def _own_facts(tmp_path, name="my_facts.json", **extra):
-    """kvedit-format records without target_true: what a user writing zsRE-style facts would have."""
-    path = tmp_path / name
-    path.write_text(
-        json.dumps(
-            [
-                {
-                    "prompt": p,
-                    "subject": s,
-                    "target_new": n,
-                    "case_id": f"fact-{i}",
-                    "paraphrase_prompts": [f"{s} lies in"],
-                    **extra,
-                }
-                for i, (p, s, n, _) in enumerate(FACTS[:2])
-            ]
-        )
-    )
-    return path
-
-
-def test_a_file_without_target_true_is_not_silently_scored_as_zsre(tiny_llama, tmp_path):
-    path = _own_facts(tmp_path)
-    with pytest.raises(BenchError, match=r"case 'fact-0' has no target_true.*--suite zsre"):
-        Bench(tiny_llama, BenchConfig(dataset=str(path), methods=("ft-keys",)), tmp_path / "a", progress=False)
-    assert not (tmp_path / "a").exists()  # refused before anything is written
-
-
-def test_suite_zsre_asked_for_scores_token_accuracy_and_says_so(tiny_llama, tmp_path):
-    path = _own_facts(tmp_path, neighborhood_prompts=["the louvre is located in"], neighborhood_target="paris")
-    out = tmp_path / "z"
-    summary = Bench(
-        tiny_llama, BenchConfig(dataset=str(path), methods=("ft-keys",), suite="zsre"), out, progress=False
-    ).run()
-    assert summary["suite"] == "zsre" and "efficacy_accuracy" in summary["runs"]["ft-keys"]["metrics"]
-    title = (out / "table.md").read_text().splitlines()[0]
-    assert title.startswith("my_facts.json, zsRE metrics on ") and summary["title"] == title
-    assert json.loads((out / "config.json").read_text())["suite"] == "zsre"
-    # the same folder cannot be resumed under the other suite: its records hold the other metrics
-    with pytest.raises(BenchError, match="suite"):
-        Bench(
-            tiny_llama, BenchConfig(dataset=str(path), methods=("ft-keys",), suite="counterfact"), out, progress=False
-        )
-
-
-def test_a_file_that_does_not_fit_the_suite_asked_for_names_case_and_field(tiny_llama, dataset, tmp_path):
-    with pytest.raises(BenchError, match=r"case 0 has neighborhood_prompts but no neighborhood_target.*--suite zsre"):
-        Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), suite="zsre"), tmp_path / "a")
-    zsre = tmp_path / "zsre.json"
-    zsre.write_text(
-        json.dumps(
-            [
-                {
-                    "subject": "rome",
-                    "src": "where is rome?",
-                    "answers": ["italy"],
-                    "rephrase": "rome is in?",
-                    "loc": "nq question: who is",
-                    "loc_ans": "paris",
-                }
-            ]
-        )
-    )
-    with pytest.raises(BenchError, match=r"case 0 has no target_true, which --suite counterfact needs"):
-        Bench(tiny_llama, BenchConfig(dataset=str(zsre), methods=("ft-keys",), suite="counterfact"), tmp_path / "b")
-    with pytest.raises(BenchError, match="--suite 'squad'"):
-        BenchConfig(dataset=str(zsre), methods=("ft-keys",), suite="squad").specs()
-
-
-def test_a_users_file_is_titled_by_its_name_and_metrics_are_named_as_in_the_table(tiny_llama, dataset, tmp_path):
-    out = tmp_path / "run"
-    summary = Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=2), out, progress=False).run()
-    table = (out / "table.md").read_text()
-    assert table.startswith("facts.json, CounterFact metrics on ") and not table.startswith("counterfact on")
-    assert summary["suite"] == "counterfact"
-    titles = summary["metric_titles"]
-    assert titles["neighborhood_success"] == "Specificity" and titles["efficacy_success"] == "Efficacy"
-    assert all(key in titles for key in summary["runs"]["ft-keys"]["metrics"])
-    rows = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
-    assert {r["metric_title"] for r in rows if r["metric"] == "neighborhood_success"} == {"Specificity"}
-    # report and compare still read a summary written before titles were recorded, and name the file
-    old = {k: v for k, v in summary.items() if k not in ("title", "metric_titles")}
-    (out / "summary.json").write_text(json.dumps(old))
-    report = write_report(out).read_text()
-    assert report.startswith("# kvedit bench: facts.json, CounterFact metrics on ")
-    assert "Specificity is `neighborhood_success`" in report
-
-
-def test_a_folder_written_before_the_suite_was_recorded_resumes(tiny_llama, dataset, tmp_path):
-    out = tmp_path / "run"
-    config = BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=2)
-    Bench(tiny_llama, config, out, progress=False).run()
-    stored = json.loads((out / "config.json").read_text())
-    del stored["suite"]
-    (out / "config.json").write_text(json.dumps(stored))
-    summary = Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=3), out, progress=False).run()
-    assert summary["complete"] and summary["runs"]["ft-keys"]["n"] == 3
-
-
-def test_a_folder_run_in_one_compute_precision_is_not_resumed_in_another(tiny_llama, dataset, tmp_path):
-    out = tmp_path / "run"
-    Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=2), out, progress=False).run()
-    assert json.loads((out / "config.json").read_text())["compute_dtype"] == "float32"
-    tiny_llama.compute_dtype = "bfloat16"  # as --compute-dtype bfloat16 sets it (no bf16 pass runs here)
-    try:
-        with pytest.raises(BenchError, match="compute_dtype"):
-            Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=3), out, progress=False)
-    finally:
-        tiny_llama.compute_dtype = "float32"
-
-
-def test_cli_bench_suite_flag(capsys, tiny_folder, tmp_path):
-    path = _own_facts(tmp_path, neighborhood_prompts=["the louvre is located in"], neighborhood_target="paris")
-    out = tmp_path / "cli"
-    assert (
-        main(
-            [
-                "bench",
-                "--model",
-                str(tiny_folder),
-                "--dataset",
-                str(path),
-                "--suite",
-                "zsre",
-                "--methods",
-                "ft-keys",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    assert "my_facts.json, zsRE metrics on" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["bench", "--dataset", str(path), "--suite", "squad", "--out", str(tmp_path / "x")])
-    assert "invalid choice: 'squad'" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------------------------- one process per folder
-
-CLI = "import sys; from kvedit.cli import main; sys.exit(main())"
-HOLD = (
-    "import sys, time; from kvedit.bench.folder import lock_bench_folder; lock_bench_folder(sys.argv[1]); "
-    "print('locked', flush=True); time.sleep(float(sys.argv[2]))"
-)
-
-
-def _holder_pid(out):
-    try:
-        return json.loads((out / LOCK_FILE).read_text() or "{}").get("pid")
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def test_a_second_bench_process_on_a_folder_in_use_is_refused(tiny_folder, tmp_path):
-    """Two `kvedit bench` processes on one --out both ran every case (24 lines for 12 records): the second is now
-    refused, naming the first, while the first runs; the folder ends with each case once."""
-    dataset = tmp_path / "facts.json"
-    records = [
-        {"prompt": p, "subject": s, "target_new": n, "target_true": t, "case_id": 10 * k + i}
-        for k in range(3)
-        for i, (p, s, n, t) in enumerate(FACTS)
-    ]
-    dataset.write_text(json.dumps(records))
-    out = tmp_path / "run"
-    argv = [
-        sys.executable,
-        "-c",
-        CLI,
-        "bench",
-        "--model",
-        str(tiny_folder),
-        "--dataset",
-        str(dataset),
-        "--methods",
-        "ft-keys",
-        "--out",
-        str(out),
-    ]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while _holder_pid(out) != first.pid:
-            assert first.poll() is None, f"the first process ended before locking the folder: {first.stderr.read()}"
-            assert time.monotonic() < deadline, "the first process never locked the folder"
-            time.sleep(0.005)
-        os.kill(first.pid, signal.SIGSTOP)  # keep it mid-run, holding the folder, while the second one starts
-        assert first.poll() is None, "the first process finished before the second could start; use more cases"
-        second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
-        os.kill(first.pid, signal.SIGCONT)
-        assert second.returncode == 2, second.stderr
-        assert f"is in use by another kvedit process: pid {first.pid} on host " in second.stderr
-        assert "running `" in second.stderr and f"--out {out}`" in second.stderr and " since " in second.stderr
-        assert "Traceback" not in second.stderr
-        output, errors = first.communicate(timeout=300)
-    finally:
-        first.kill() if first.poll() is None else None
-    assert first.returncode == 0, errors
-    keys = [(r["run"], r["case_id"]) for r in load_cases_file(out / "cases.jsonl")]
-    assert len(keys) == len(set(keys)) == 2 * len(records)
-    assert (out / LOCK_FILE).read_text() == ""  # a clean exit clears the holder's entry
-
-
-def test_a_killed_holder_leaves_no_false_lock(tmp_path):
-    """The lock is the kernel's (flock): a holder killed with SIGKILL holds nothing; its entry is taken over with a
-    warning naming it. The process holding the lock may take it again."""
-    out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), "600"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(FolderInUseError, match=rf"pid {holder.pid} on host .*running `.*lock_bench_folder"):
-            check_bench_folder(out)  # the look before any model work
-        with pytest.raises(FolderInUseError, match=rf"in use by another kvedit process: pid {holder.pid}"):
-            lock_bench_folder(out, wait=0.1)
-    finally:
-        holder.kill()
-        holder.wait()
-    assert _holder_pid(out) == holder.pid  # kill -9 ran no clean-up: the entry is left, the lock is not
-    check_bench_folder(out)
-    with pytest.warns(UserWarning, match=rf"taking over the lock left by pid {holder.pid} .* is no longer running"):
-        lock_bench_folder(out)
-    assert _holder_pid(out) == os.getpid()
-    lock_bench_folder(out)  # again in the process that holds it: nothing happens
-    check_bench_folder(out)
-    # a holder that exits normally clears its entry: the next one takes the folder without a warning
-    done = tmp_path / "done"
-    subprocess.run([sys.executable, "-c", HOLD, str(done), "0"], check=True, capture_output=True, timeout=60)
-    assert (done / LOCK_FILE).read_text() == ""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        lock_bench_folder(done)

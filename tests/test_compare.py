@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import FACTS as ALL_FACTS
 from helpers import tiny, write_facts
 
 from kvedit.bench.config import BenchConfig
@@ -13,12 +14,7 @@ from kvedit.bench.harness import Bench
 from kvedit.cli import main
 from kvedit.reports.compare import parse_pairs
 
-FACTS = [
-    ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
-    ("{} is located in the city of", "the colosseum", "london", "rome"),
-    ("{} is the capital of", "berlin", "spain", "germany"),
-    ("the official language of {} is", "france", "german", "french"),
-]
+FACTS = ALL_FACTS[:3] + ALL_FACTS[4:]
 
 
 @pytest.fixture

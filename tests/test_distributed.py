@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import FACTS as ALL_FACTS
 from helpers import write_facts
 
 from kvedit.bench.config import BenchConfig
@@ -20,12 +21,7 @@ from kvedit.models import load_model
 ray = pytest.importorskip("ray")
 from kvedit.bench.ray import BenchWorker, RaySettings  # noqa: E402
 
-FACTS = [
-    ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
-    ("{} is located in the city of", "the colosseum", "london", "rome"),
-    ("{} is the capital of", "berlin", "spain", "germany"),
-    ("{} is located in the city of", "big ben", "madrid", "london"),
-]
+FACTS = ALL_FACTS[:4]
 SENTENCE = "the eiffel tower is located in the city of paris and rome is the capital of italy"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SHARED_DATA
+from helpers import FACTS
 from tiny_models import tiny_lm
 
 from kvedit.bench import Bench, BenchConfig
@@ -27,13 +28,6 @@ from kvedit.reports.lifelong_pairs import milestone_rows
 from kvedit.reports.lifelong_report import write_lifelong_comparison
 from kvedit.runtime import peak_rss_gb
 
-FACTS = [
-    ("{} is located in the city of", "the eiffel tower", "rome", "paris"),
-    ("{} is located in the city of", "the colosseum", "london", "rome"),
-    ("{} is the capital of", "berlin", "spain", "germany"),
-    ("{} is located in the city of", "big ben", "madrid", "london"),
-    ("the official language of {} is", "france", "german", "french"),
-]
 TASKS = SHARED_DATA / "tasks"
 CORPUS = [
     "the louvre is a famous landmark and it stands in france",
