@@ -159,6 +159,25 @@ def test_bench_refuses_a_folder_with_other_settings(tiny_llama, dataset, tmp_pat
     assert json.loads((tmp_path / "extra" / "config.json").read_text())["extra"] == {"layers": [0, 1]}
 
 
+def test_the_unedited_pass_keeps_every_finished_chunk_after_a_kill(tiny_llama, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    bench = Bench(tiny_llama, BenchConfig(dataset=str(dataset), methods=("ft-keys",), n=4), out, progress=False)
+    real, calls = bench.runner.evaluate, []
+
+    def evaluate_then_die(cases):
+        calls.append([c.case_id for c in cases])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second chunk
+        return real(cases)
+
+    monkeypatch.setattr(bench.runner, "evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        bench._evaluate_unedited(bench.cases, chunk=2)
+    assert calls == [[0, 1], [2, 3]]
+    records = load_cases_file(out / "cases.jsonl")
+    assert [(r["run"], r["case_id"]) for r in records] == [("unedited", 0), ("unedited", 1)]
+
+
 def test_a_run_resumed_after_its_preset_changed_is_refused(tiny_llama, dataset, tmp_path, monkeypatch):
     from kvedit.editing import finetune
 

@@ -213,6 +213,16 @@ class Bench:
 
     # ------------------------------------------------------------------ evaluation
 
+    def _evaluate_unedited(self, cases: Sequence[Any], chunk: int = 10) -> None:
+        """The unedited model's records of `cases`, `chunk` cases at a time, each chunk appended as it finishes (a
+        kill keeps the finished chunks; generation-scored sets take minutes per chunk)."""
+        for start in tqdm(range(0, len(cases), chunk), desc="unedited", unit="chunk", disable=not self.progress):
+            part = cases[start : start + chunk]
+            records = [m | {"run": "unedited", "method": "unedited"} for m in self.runner.evaluate(part)]
+            self.runner.unedited_predictions |= neighborhood_predictions(records, self.suite)
+            add_unchanged(records, self.runner.unedited_predictions, self.suite)
+            append_records(self.cases_file, records)
+
     def _predict_unedited(self, cases: Sequence[Any]) -> None:
         """Unedited argmax ids (locality) for cases scored before cases.jsonl kept them (held in memory)."""
         if not cases:
@@ -246,12 +256,7 @@ class Bench:
                     if ("unedited", c.case_id) in done and c.case_id not in self.runner.unedited_predictions
                 ]
             )
-        if any(("unedited", c.case_id) not in done for c in self.cases):
-            todo = [c for c in self.cases if ("unedited", c.case_id) not in done]
-            records = [m | {"run": "unedited", "method": "unedited"} for m in self.runner.evaluate(todo)]
-            self.runner.unedited_predictions |= neighborhood_predictions(records, self.suite)
-            add_unchanged(records, self.runner.unedited_predictions, self.suite)
-            append_records(self.cases_file, records)
+        self._evaluate_unedited([c for c in self.cases if ("unedited", c.case_id) not in done])
         if ray is not None:
             self._run_distributed(ray, done, on_progress)
         for spec in tqdm(self.specs, desc="runs", unit="run", disable=not self.progress or len(self.specs) == 1):
